@@ -1,0 +1,284 @@
+"""Every setting of qlora-llm and its default, in one place.
+
+One pydantic model per layer (model, data, lora, train, eval, serve), gathered in `Config`. YAML files
+under `configs/` carry only what differs from these defaults; `key=value` overrides on the command line
+(`train.max_steps=20 lora.r=8`) come last. An unknown key or a wrong type is a `ConfigError` that names
+the key and where it came from.
+
+    cfg = load_config("configs/smollm2-cpu.yaml", ["train.max_steps=20"])
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message says where and how to fix it."""
+
+
+class _Section(BaseModel):
+    # Field docstrings become descriptions, so `qlora-llm` can show them and the defaults stay documented.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+SEED_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ModelConfig(_Section):
+    name: str = "mistralai/Mistral-7B-Instruct-v0.2"
+    """Base model: a Hub id, a local folder, or a built-in name (`qlora-llm models`)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to pin; None takes the default branch."""
+    quantization: Literal["nf4", "fp4", "none"] = "nf4"
+    """4-bit storage type of the frozen base weights; `none` trains plain LoRA on full weights."""
+    double_quant: bool = True
+    """Quantize the quantization constants too (saves ~0.4 GB on a 7B model)."""
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Matmul dtype: auto = bf16 on CUDA that supports it, else fp16 on CUDA, fp32 on CPU."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to run: auto picks CUDA when present, else CPU; never falls back silently."""
+    template: Literal["mistral", "auto"] = "mistral"
+    """Prompt format: the seed's Mistral `[INST]` format, or `auto` for the tokenizer's own chat template."""
+    cache_dir: Path = Path("~/.cache/qlora-llm")
+    """Where built-in models are converted to HF folders (once)."""
+    trust_remote_code: bool = False
+    """Run model code shipped with a Hub repository; off unless you trust it."""
+
+
+class DataConfig(_Section):
+    train_file: Path = Path("data/train.jsonl")
+    """Validated training JSONL written by `qlora-llm prepare`."""
+    eval_file: Path | None = None
+    """Evaluation JSONL; None splits `eval_fraction` off the training file."""
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    """Share of examples held out for evaluation (the seed's 90/10 split)."""
+    max_seq_length: int = Field(512, gt=0)
+    """Longest example in tokens (prompt + completion, counted with the model's tokenizer)."""
+    overlength: Literal["drop", "truncate", "error"] = "drop"
+    """What to do with an example longer than `max_seq_length`."""
+    min_examples: int = Field(10, ge=1)
+    """Fewer valid examples than this is an error: too little data to fine-tune on."""
+    seed: int = 42
+    """Seed of the train/eval split."""
+
+
+class LoraSettings(_Section):
+    r: int = Field(16, gt=0)
+    """LoRA rank."""
+    alpha: int = Field(32, gt=0)
+    """LoRA scaling numerator (alpha / r = 2)."""
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = Field(default_factory=lambda: list(SEED_TARGET_MODULES))
+    """Linear layers that get adapters: the 7 attention and MLP projections."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases to train."""
+
+
+class TrainConfig(_Section):
+    output_dir: Path = Path("models/qlora-model")
+    """Run folder: checkpoints, final adapter, metrics, plots."""
+    num_epochs: float = Field(3.0, gt=0)
+    """Passes over the training set (ignored when max_steps > 0)."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps; -1 runs num_epochs."""
+    batch_size: int = Field(2, gt=0)
+    """Examples per device per step."""
+    gradient_accumulation_steps: int = Field(4, gt=0)
+    """Micro-batches summed into one optimizer step."""
+    learning_rate: float = Field(2e-4, gt=0)
+    """Peak learning rate."""
+    lr_scheduler: str = "cosine"
+    """transformers scheduler name."""
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    """Share of steps spent warming the learning rate up."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW weight decay."""
+    max_grad_norm: float = Field(0.3, gt=0)
+    """Gradient clipping norm (QLoRA paper value)."""
+    optim: str = "paged_adamw_32bit"
+    """Optimizer: paged AdamW keeps optimizer state off the GPU when memory runs short."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass: ~30% less memory for more compute."""
+    group_by_length: bool = True
+    """Batch examples of similar length together to waste less padding."""
+    packing: bool = False
+    """Padding-free packing of several examples per row, without attention across examples."""
+    train_on_prompt: bool = False
+    """Also learn the prompt tokens; off = loss on the completion only."""
+    early_stopping_patience: int = Field(3, ge=0)
+    """Evaluations without eval_loss improvement before stopping; 0 disables early stopping."""
+    eval_steps: int = Field(50, gt=0)
+    """Evaluate every this many steps."""
+    save_steps: int = Field(50, gt=0)
+    """Write a checkpoint every this many steps."""
+    save_total_limit: int | None = 3
+    """Keep at most this many checkpoints (the best is always kept); None keeps all."""
+    logging_steps: int = Field(10, gt=0)
+    """Log loss and throughput every this many steps."""
+    seed: int = 42
+    """Seed of weights init, dropout and data order."""
+
+
+class EvalConfig(_Section):
+    data_file: Path | None = None
+    """Eval JSONL; None takes the run's eval split."""
+    output_dir: Path | None = None
+    """Where the report goes; None writes `<run>/eval`."""
+    batch_size: int = Field(4, gt=0)
+    """Examples per forward pass for perplexity."""
+    max_examples: int | None = None
+    """Evaluate at most this many examples; None takes all."""
+    max_new_tokens: int = Field(128, gt=0)
+    """Generation length for ROUGE and benchmark prompts."""
+    speed_runs: int = Field(3, gt=0)
+    """Timed runs of the speed benchmark, after one warm-up pass."""
+    benchmark_prompts: Path = Path("configs/benchmark_prompts.json")
+    """Prompts with expected keywords for the qualitative check."""
+
+
+class ServeConfig(_Section):
+    host: str = "127.0.0.1"
+    """Interface to bind; loopback by default."""
+    port: int = Field(8000, gt=0, lt=65536)
+    """TCP port."""
+    max_new_tokens: int = Field(512, gt=0)
+    """Default generation length."""
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    """Sampling temperature: 0.1 near-deterministic, 0.9 creative; 0 is greedy."""
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    """Nucleus sampling mass."""
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "lora": LoraSettings,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "serve": ServeConfig,
+}
+
+
+def _known_keys() -> list[str]:
+    return [f"{s}.{k}" for s, cls in SECTIONS.items() for k in cls.model_fields]
+
+
+def _unknown_key_message(key: str, where: str) -> str:
+    hint = difflib.get_close_matches(key, _known_keys(), n=1)
+    fix = f" Did you mean '{hint[0]}'?" if hint else " Run `qlora-llm config --keys` to list them."
+    return f"{where}: unknown key '{key}'.{fix}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.max_steps=20` -> (['train', 'max_steps'], 20); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{text}': expected section.key=value, e.g. train.max_steps=20")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # an unquoted string YAML cannot read (e.g. "a: b") is still a string
+    return key.strip().split("."), value
+
+
+def _set_path(tree: dict, path: list[str], value: Any) -> None:
+    for part in path[:-1]:
+        node = tree.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"'{part}' is a value, not a section")
+        tree = node
+    tree[path[-1]] = value
+
+
+def _check_keys(tree: dict, sources: dict[str, str]) -> None:
+    """Name every unknown key before pydantic sees it, with where it came from and a near match."""
+    problems = []
+    for section, body in tree.items():
+        if section not in SECTIONS:
+            where = sources.get(section, "config")
+            problems.append(f"{where}: unknown section '{section}'; sections are {', '.join(SECTIONS)}.")
+            continue
+        if not isinstance(body, dict):
+            where = sources.get(section, "config")
+            problems.append(f"{where}: '{section}' must be a mapping of keys, got {type(body).__name__}")
+            continue
+        for key in body:
+            if key not in SECTIONS[section].model_fields:
+                dotted = f"{section}.{key}"
+                problems.append(_unknown_key_message(dotted, sources.get(dotted, sources.get(section, "config"))))
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file, then `key=value` overrides; validated once, here."""
+    tree: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found. The shipped ones are in configs/.")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            at = f", line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{at}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected sections (model:, train:, ...) at the top level")
+        tree = loaded
+        for section, body in tree.items():
+            sources[section] = str(path)
+            if isinstance(body, dict):
+                for key in body:
+                    sources[f"{section}.{key}"] = str(path)
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        if len(keys) != 2:
+            raise ConfigError(f"override '{text}': keys have two parts, section.key (e.g. lora.r=8)")
+        _set_path(tree, keys, value)
+        sources[".".join(keys)] = f"override '{text}'"
+        sources.setdefault(keys[0], f"override '{text}'")
+    _check_keys(tree, sources)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            dotted = ".".join(str(p) for p in e["loc"])
+            where = sources.get(".".join(str(p) for p in e["loc"][:2]), "config")
+            lines.append(f"{where}: {dotted}: {e['msg']} (got {e.get('input')!r})")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """Write the resolved config (every value, defaults included) so a run can be reproduced alone."""
+    from qlora_llm.atomic import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def describe_keys() -> list[tuple[str, str, str]]:
+    """(key, default, description) for every setting: the reference table in the README and CLI."""
+    rows = []
+    defaults = Config().model_dump(mode="json")
+    for section, cls in SECTIONS.items():
+        for key, field in cls.model_fields.items():
+            rows.append((f"{section}.{key}", repr(defaults[section][key]), field.description or ""))
+    return rows

@@ -1,0 +1,722 @@
+"""The data layer: raw CSV / JSONL / JSON / HF datasets -> validated, canonical training JSONL.
+
+    report = prepare(cfg, ["raw.csv"], Path("data/out"), columns={"output": "answer"})
+
+Reading keeps every record's file and 1-based line (CSV: the row's first line; datasets: the row
+number), so each problem names file, line and field, with a hint on how to fix it. Records are
+normalised to one canonical shape, so the same records give byte-identical output from any input kind:
+- `{"instruction", "input", "output"}` for single-turn records (the seed's format; `{prompt,
+  completion}` becomes instruction + output),
+- `{"messages": [{"role", "content"}, ...]}` for conversations (system/user/assistant).
+Lengths are counted with the model's real tokenizer on the rendered template, exactly as training
+sees them. Outputs are written atomically: a failed run leaves no partial file behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import random
+import re
+import statistics
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from qlora_llm.atomic import atomic_file, atomic_write_text
+from qlora_llm.config import Config
+from qlora_llm.templates import ROLES, render
+
+log = logging.getLogger(__name__)
+
+OUTPUT_FILES = ("train.jsonl", "eval.jsonl", "prepare_report.json", "token_lengths.png")
+FIELDS = ("instruction", "input", "output")
+MAX_PROBLEMS_IN_REPORT = 10_000
+
+
+class PrepareError(RuntimeError):
+    """Nothing (or too little) valid to write, or the overlength policy says stop; no output was written."""
+
+    def __init__(self, message: str, report: PrepareReport | None = None):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    line: int
+    field: str | None
+    message: str
+    hint: str = ""
+    severity: Literal["error", "warning"] = "error"
+    kind: str = "invalid"
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" + (f": {self.field}" if self.field else "")
+        hint = f" {self.hint}" if self.hint else ""
+        return f"{where}: {self.message}.{hint}"
+
+
+@dataclass
+class Record:
+    file: str
+    line: int
+    data: dict[str, Any]
+    """The canonical record (see the module docstring)."""
+
+
+@dataclass
+class PrepareReport:
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    records_read: int = 0
+    train_written: int = 0
+    eval_written: int = 0
+    invalid: int = 0
+    duplicates: int = 0
+    overlength_dropped: int = 0
+    truncated: int = 0
+    eval_leaks_removed: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    token_lengths: dict[str, float] = field(default_factory=dict)
+    model: str = ""
+    template: str = ""
+    max_seq_length: int = 0
+    overlength: str = ""
+    example: dict[str, str] = field(default_factory=dict)
+    outputs: list[str] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "warning"]
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["problems"] = [asdict(p) for p in self.problems[:MAX_PROBLEMS_IN_REPORT]]
+        d["problems_total"] = len(self.problems)
+        d["problem_counts"] = dict(Counter(p.kind for p in self.problems))
+        return d
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading: every reader yields (line, object-or-None, problems) and never stops at the first bad record.
+
+
+@dataclass
+class _Raw:
+    line: int
+    obj: Any
+    problem: Problem | None = None
+
+
+_BOM = b"\xef\xbb\xbf"
+
+
+def _decode_line(raw: bytes, file: str, line: int, offset: int) -> tuple[str | None, Problem | None]:
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError as err:
+        return None, Problem(
+            file, line, None,
+            f"invalid UTF-8 at byte {offset + err.start} (byte 0x{raw[err.start]:02x})",
+            "Re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).",
+            kind="encoding",
+        )
+
+
+def _read_jsonl(path: Path, data: bytes) -> Iterator[_Raw]:
+    name = str(path)
+    offset = 0
+    if data.startswith(_BOM):  # accepted: Windows editors write it
+        offset = len(_BOM)
+    lines = data[offset:].split(b"\n")
+    for i, raw in enumerate(lines, start=1):
+        start = offset
+        offset += len(raw) + 1
+        raw = raw.removesuffix(b"\r")  # CRLF accepted
+        if not raw.strip():
+            continue
+        text, problem = _decode_line(raw, name, i, start)
+        if problem:
+            yield _Raw(i, None, problem)
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as err:
+            yield _Raw(i, None, Problem(
+                name, i, None, f"invalid JSON at column {err.colno}: {err.msg}",
+                "Each line must be one complete JSON object; check quotes, commas and escapes.",
+                kind="json",
+            ))
+            continue
+        yield _Raw(i, obj)
+
+
+def _invalid_utf8_offsets(data: bytes) -> list[int]:
+    offsets, pos = [], 0
+    while pos < len(data):
+        try:
+            data[pos:].decode("utf-8")
+            break
+        except UnicodeDecodeError as err:
+            offsets.append(pos + err.start)
+            pos += err.end
+    return offsets
+
+
+def _read_json_array(path: Path, data: bytes) -> Iterator[_Raw]:
+    name = str(path)
+    bad = _invalid_utf8_offsets(data)
+    if bad:
+        line = data[: bad[0]].count(b"\n") + 1
+        yield _Raw(line, None, Problem(
+            name, line, None, f"invalid UTF-8 at byte {bad[0]} (byte 0x{data[bad[0]]:02x})",
+            "Re-save the file as UTF-8; a JSON array cannot be read past a bad byte.", kind="encoding",
+        ))
+        return
+    text = data.decode("utf-8-sig").replace("\r\n", "\n")
+    decoder = json.JSONDecoder()
+    ws = re.compile(r"\s*")
+    pos = ws.match(text, 0).end()
+    line_at = _LineCounter(text)
+    if not text.startswith("[", pos):
+        yield _Raw(line_at(pos), None, Problem(
+            name, line_at(pos), None, "expected a JSON array of objects or JSON Lines",
+            "Write [{...}, {...}] or one object per line (.jsonl).", kind="json",
+        ))
+        return
+    pos = ws.match(text, pos + 1).end()
+    if text.startswith("]", pos):
+        return
+    while True:
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as err:
+            yield _Raw(err.lineno, None, Problem(
+                name, err.lineno, None, f"invalid JSON at column {err.colno}: {err.msg}",
+                "Fix this element; a JSON array cannot be read past a syntax error.", kind="json",
+            ))
+            return
+        yield _Raw(line_at(pos), obj)
+        pos = ws.match(text, end).end()
+        if text.startswith(",", pos):
+            pos = ws.match(text, pos + 1).end()
+        elif text.startswith("]", pos):
+            return
+        else:
+            line = line_at(pos)
+            col = pos - text.rfind("\n", 0, pos)
+            yield _Raw(line, None, Problem(
+                name, line, None, f"invalid JSON at column {col}: expected ',' or ']' between elements",
+                "Separate array elements with commas.", kind="json",
+            ))
+            return
+
+
+class _LineCounter:
+    """Line number of a character offset, counting forward only (offsets arrive in order)."""
+
+    def __init__(self, text: str):
+        self.text, self.pos, self.line = text, 0, 1
+
+    def __call__(self, pos: int) -> int:
+        self.line += self.text.count("\n", self.pos, pos)
+        self.pos = pos
+        return self.line
+
+
+def _read_csv(path: Path, data: bytes, columns: dict[str, str], delimiter: str) -> Iterator[_Raw]:
+    name = str(path)
+    bad_offsets = _invalid_utf8_offsets(data)
+    bad_lines = {data[:o].count(b"\n") + 1: o for o in reversed(bad_offsets)}
+    # surrogateescape keeps the row structure around a bad byte, so the rest of the file still reads.
+    text = data.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header = reader.fieldnames or []
+    mapping = {f: columns.get(f, f) for f in ("instruction", "input", "output", "prompt", "completion")}
+    missing = [c for f, c in columns.items() if c not in header]
+    if missing:
+        yield _Raw(1, None, Problem(
+            name, 1, missing[0], f"column '{missing[0]}' (mapped with --map) is not in the header",
+            f"The header has: {', '.join(header)}.", kind="columns",
+        ))
+        return
+    if not any(mapping[f] in header for f in ("output", "completion")):
+        yield _Raw(1, None, Problem(
+            name, 1, None, "no output column: the header has " + ", ".join(header),
+            "Name the columns instruction,input,output (or prompt,completion), or map yours: "
+            "--map instruction=question --map output=answer.", kind="columns",
+        ))
+        return
+    last_line = 1
+    for row in reader:
+        line = last_line + 1
+        last_line = reader.line_num
+        if None in row:
+            yield _Raw(line, None, Problem(
+                name, line, None, f"{len(header) + len(row[None])} cells, the header has {len(header)}",
+                "Quote cells that contain the delimiter.", kind="csv",
+            ))
+            continue
+        hit = next((o for ln, o in bad_lines.items() if line <= ln <= last_line), None)
+        if hit is not None:
+            yield _Raw(line, None, Problem(
+                name, line, None, f"invalid UTF-8 at byte {hit} (byte 0x{data[hit]:02x})",
+                "Re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).", kind="encoding",
+            ))
+            continue
+        obj = {f: row[c] for f, c in mapping.items() if c in row}
+        if "prompt" in obj and "instruction" not in obj:
+            obj = {"prompt": obj.get("prompt"), "completion": obj.get("completion")}
+        yield _Raw(line, obj)
+
+
+def _read_dataset(source: str, split: str) -> Iterator[_Raw]:
+    import datasets
+
+    path = Path(source)
+    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+        ds = datasets.load_from_disk(str(path))
+    elif path.is_dir():
+        ds = datasets.load_dataset(str(path), split=split)
+    else:
+        ds = _load_hub_dataset(source, split)
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise PrepareError(f"{source}: no split '{split}'; it has {', '.join(ds)}. Pass --split NAME.")
+        ds = ds[split]
+    for i, row in enumerate(ds, start=1):
+        yield _Raw(i, row)
+
+
+def _load_hub_dataset(name: str, split: str) -> Any:
+    import datasets
+
+    from qlora_llm.model import _hub_reachable
+
+    if not _hub_reachable():
+        raise PrepareError(
+            f"'{name}' is not a file or folder here, and the Hugging Face Hub cannot be reached from this "
+            "machine (offline): on a machine with a network run "
+            f"`datasets.load_dataset('{name}').save_to_disk('DIR')` and pass DIR."
+        )
+    try:
+        return datasets.load_dataset(name, split=split)
+    except Exception as err:  # datasets raises many types; the user needs the first line only
+        raise PrepareError(f"{name}: could not load the dataset: {str(err).splitlines()[0]}") from None
+
+
+def read_raw(source: str | Path, columns: dict[str, str] | None = None, split: str = "train") -> Iterator[_Raw]:
+    """Yield every record of one input with its line, and a Problem for each unreadable one."""
+    path = Path(source)
+    if not path.exists():
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) and not path.suffix:
+            yield from _read_dataset(str(source), split)
+            return
+        raise PrepareError(f"{source}: file not found")
+    if path.is_dir():
+        yield from _read_dataset(str(path), split)
+        return
+    data = path.read_bytes()
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        yield from _read_csv(path, data, columns or {}, "\t" if suffix == ".tsv" else ",")
+    elif suffix in (".parquet", ".arrow"):
+        yield from _read_dataset(str(path), split)
+    elif data.lstrip(_BOM).lstrip()[:1] == b"[":
+        yield from _read_json_array(path, data)
+    else:
+        yield from _read_jsonl(path, data)
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation and normalisation of one record.
+
+
+def _clean(text: str) -> str:
+    return text.replace("\r\n", "\n").strip()
+
+
+def _text_field(obj: dict, key: str, file: str, line: int, required: bool, problems: list[Problem]) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            kind = "missing" if key not in obj else "empty"
+            problems.append(Problem(file, line, key, f"'{key}' is {'missing' if key not in obj else 'null'}",
+                                    f"Every record needs a non-empty '{key}' string.", kind=kind))
+        return None if required else ""
+    if not isinstance(value, str):
+        problems.append(Problem(
+            file, line, key, f"'{key}' must be a string, got {type(value).__name__} ({json.dumps(value)[:40]})",
+            f"Quote it: \"{key}\": \"{json.dumps(value)}\"." if isinstance(value, int | float) else "Use a JSON string.",
+            kind="type",
+        ))
+        return None
+    text = _clean(value)
+    if required and not text:
+        problems.append(Problem(file, line, key, f"'{key}' is empty", f"Give every record a non-empty '{key}'.",
+                                kind="empty"))
+        return None
+    return text
+
+
+def _normalize_messages(obj: dict, file: str, line: int, problems: list[Problem]) -> dict | None:
+    messages = obj["messages"]
+    if not isinstance(messages, list) or not messages:
+        problems.append(Problem(file, line, "messages", "'messages' must be a non-empty list",
+                                'Write "messages": [{"role": "user", "content": "..."}, ...].', kind="type"))
+        return None
+    out, before = [], len(problems)
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            problems.append(Problem(file, line, where, f"must be an object, got {type(m).__name__}",
+                                    'Write {"role": "user", "content": "..."}.', kind="type"))
+            continue
+        role = m.get("role")
+        if not isinstance(role, str) or role.strip().lower() not in ROLES:
+            problems.append(Problem(file, line, f"{where}.role", f"unknown role {role!r}",
+                                    "Use system, user or assistant.", kind="role"))
+            continue
+        content = _text_field(m, "content", file, line, True, problems)
+        if content is None:
+            problems[-1] = Problem(file, line, f"{where}.content", problems[-1].message, problems[-1].hint,
+                                   kind=problems[-1].kind)
+            continue
+        out.append({"role": role.strip().lower(), "content": content})
+    if len(problems) > before:
+        return None
+    roles = [m["role"] for m in out]
+    if "assistant" not in roles:
+        problems.append(Problem(file, line, "messages", "conversation has no assistant turn",
+                                "Add the answer to learn as a final {\"role\": \"assistant\", ...} message.",
+                                kind="no_assistant"))
+        return None
+    turns = roles[1:] if roles[0] == "system" else roles
+    expected = ["user", "assistant"] * (len(turns) // 2 + 1)
+    if turns != expected[: len(turns)] or turns[-1] != "assistant":
+        problems.append(Problem(
+            file, line, "messages", f"roles must be [system,] user, assistant, user, assistant, ...; got {', '.join(roles)}",
+            "Alternate user and assistant, start with user (after an optional system) and end with the assistant "
+            "answer to learn.", kind="roles_order",
+        ))
+        return None
+    return {"messages": out}
+
+
+def normalize(obj: Any, file: str, line: int) -> tuple[dict | None, list[Problem]]:
+    """One raw record -> (canonical record or None, problems)."""
+    problems: list[Problem] = []
+    if not isinstance(obj, dict):
+        problems.append(Problem(file, line, None, f"expected a JSON object, got {type(obj).__name__}",
+                                'Write {"instruction": ..., "input": ..., "output": ...}.', kind="type"))
+        return None, problems
+    if "messages" in obj:
+        return _normalize_messages(obj, file, line, problems), problems
+    if "instruction" in obj or "output" in obj:
+        instruction = _text_field(obj, "instruction", file, line, True, problems)
+        text_input = _text_field(obj, "input", file, line, False, problems)
+        output = _text_field(obj, "output", file, line, True, problems)
+        if problems:
+            return None, problems
+        return {"instruction": instruction, "input": text_input, "output": output}, problems
+    if "prompt" in obj or "completion" in obj:
+        prompt = _text_field(obj, "prompt", file, line, True, problems)
+        completion = _text_field(obj, "completion", file, line, True, problems)
+        if problems:
+            return None, problems
+        return {"instruction": prompt, "input": "", "output": completion}, problems
+    keys = ", ".join(sorted(obj)) or "none"
+    problems.append(Problem(file, line, None, f"unknown record shape (keys: {keys})",
+                            "Use instruction/input/output, prompt/completion, or messages; for CSV columns "
+                            "with other names use --map output=COLUMN.", kind="shape"))
+    return None, problems
+
+
+def _prompt_key(record: dict) -> str:
+    """What the model is asked, whitespace- and case-folded: finds eval prompts that leaked into train."""
+    if "messages" in record:
+        asked = [m["content"] for m in record["messages"][:-1]]
+    else:
+        asked = [record["instruction"], record["input"]]
+    return " ".join(" ".join(asked).split()).casefold()
+
+
+def _dump(record: dict) -> str:
+    return json.dumps(record, ensure_ascii=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Token lengths, measured on the rendered template with the model's own tokenizer.
+
+
+def _count_tokens(records: list[Record], tokenizer: Any, template: str, batch: int = 2048) -> list[int]:
+    from tqdm.auto import tqdm
+
+    lengths: list[int] = []
+    for start in tqdm(range(0, len(records), batch), desc="counting tokens", unit="batch",
+                      disable=len(records) < 4 * batch or None):
+        texts = []
+        for r in records[start : start + batch]:
+            rendered = render(r.data, template, tokenizer)
+            texts.append(rendered.prompt + rendered.completion)
+        enc = tokenizer(texts, add_special_tokens=True, return_attention_mask=False)
+        lengths.extend(len(ids) for ids in enc["input_ids"])
+    return lengths
+
+
+def _truncate(record: dict, tokenizer: Any, template: str, max_len: int) -> dict | None:
+    """Shorten the longest prompt-side text so the example fits, keeping the answer and its EOS whole."""
+    record = json.loads(json.dumps(record))
+    if "messages" in record:
+        candidates = [(i, "content") for i, m in enumerate(record["messages"][:-1]) if m["role"] != "assistant"]
+        get = lambda key: record["messages"][key[0]]["content"]  # noqa: E731
+        def put(key, v):
+            record["messages"][key[0]]["content"] = v
+    else:
+        candidates = [(None, "input"), (None, "instruction")]
+        get = lambda key: record[key[1]]  # noqa: E731
+        def put(key, v):
+            record[key[1]] = v
+    for _ in range(4):  # re-measure: cutting text can merge or split tokens at the boundary
+        rendered = render(record, template, tokenizer)
+        total = len(tokenizer(rendered.prompt + rendered.completion, add_special_tokens=True)["input_ids"])
+        over = total - max_len
+        if over <= 0:
+            return record
+        key = max(candidates, key=lambda k: len(get(k)))
+        text = get(key)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        keep = len(enc["input_ids"]) - over - 1
+        if keep <= 0:
+            return None
+        put(key, text[: enc["offset_mapping"][keep - 1][1]].rstrip())
+    return None
+
+
+def _length_stats(lengths: list[int]) -> dict[str, float]:
+    if not lengths:
+        return {}
+    s = sorted(lengths)
+    return {
+        "min": s[0], "mean": round(statistics.fmean(s), 1), "p50": s[len(s) // 2],
+        "p95": s[min(len(s) - 1, int(len(s) * 0.95))], "max": s[-1], "total": sum(s),
+    }
+
+
+def _plot_lengths(path: Path, train: list[int], eval_: list[int], max_len: int, model: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=110)
+    bins = min(60, max(10, len(set(train)) // 2))
+    ax.hist(train, bins=bins, color="#4C72B0", alpha=0.85, label=f"train ({len(train)})")
+    if eval_:
+        ax.hist(eval_, bins=bins, color="#DD8452", alpha=0.7, label=f"eval ({len(eval_)})")
+    ax.axvline(max_len, color="#C44E52", linestyle="--", label=f"max_seq_length {max_len}")
+    ax.set_xlabel(f"tokens per example ({model})")
+    ax.set_ylabel("examples")
+    ax.set_title("Token lengths of the prepared data")
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _fingerprint(path: Path) -> dict[str, Any]:
+    if path.is_file():
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        return {"path": str(path), "sha256": digest, "bytes": path.stat().st_size}
+    return {"path": str(path)}
+
+
+def _read_all(inputs: Iterable[str | Path], columns: dict[str, str] | None, split: str,
+              report: PrepareReport) -> list[Record]:
+    records: list[Record] = []
+    for source in inputs:
+        report.inputs.append(_fingerprint(Path(source)))
+        for raw in read_raw(source, columns, split):
+            report.records_read += 1
+            if raw.problem:
+                report.problems.append(raw.problem)
+                report.invalid += 1
+                continue
+            data, problems = normalize(raw.obj, str(source), raw.line)
+            report.problems.extend(problems)
+            if data is None:
+                report.invalid += 1
+            else:
+                records.append(Record(str(source), raw.line, data))
+    return records
+
+
+def _drop_duplicates(records: list[Record], report: PrepareReport, label: str = "") -> list[Record]:
+    seen: dict[str, Record] = {}
+    kept = []
+    for r in records:
+        key = _dump(r.data)
+        first = seen.get(key)
+        if first is not None:
+            report.duplicates += 1
+            report.problems.append(Problem(
+                r.file, r.line, None, f"duplicate of {first.file}:{first.line}{label}; dropped",
+                "Duplicates over-weight one example; remove them or keep one.", severity="warning",
+                kind="duplicate",
+            ))
+            continue
+        seen[key] = r
+        kept.append(r)
+    return kept
+
+
+def prepare(
+    cfg: Config,
+    inputs: list[str | Path],
+    output_dir: Path,
+    *,
+    eval_inputs: list[str | Path] | None = None,
+    eval_fraction: float = 0.0,
+    columns: dict[str, str] | None = None,
+    split: str = "train",
+    force: bool = False,
+    strict: bool = False,
+) -> PrepareReport:
+    """Read, validate, format-check and write `train.jsonl` (+ `eval.jsonl`) and a report.
+
+    `eval_fraction` > 0 holds out a seeded random share as `eval.jsonl`, unless `eval_inputs` give the
+    eval set. Raises PrepareError,
+    leaving no output file, when nothing valid remains, fewer than `cfg.data.min_examples` do, or the
+    overlength policy is `error` and an example is too long (or `strict` and any record is invalid).
+    """
+    from qlora_llm.model import load_tokenizer
+
+    output_dir = Path(output_dir)
+    train_path = output_dir / "train.jsonl"
+    if train_path.exists() and not force:
+        raise PrepareError(f"{train_path} already exists; pass --force to overwrite it.")
+    d, m = cfg.data, cfg.model
+    report = PrepareReport(model=m.name, template=m.template, max_seq_length=d.max_seq_length,
+                           overlength=d.overlength)
+
+    train = _drop_duplicates(_read_all(inputs, columns, split, report), report)
+    evals = _drop_duplicates(_read_all(eval_inputs, columns, split, report), report, " (eval)") \
+        if eval_inputs else []
+
+    if not train:
+        raise PrepareError(
+            f"no valid examples in {', '.join(map(str, inputs))} ({report.records_read} read, "
+            f"{report.invalid} invalid); nothing written.", report)
+    if strict and report.errors:
+        raise PrepareError(f"{len(report.errors)} invalid record(s) and --strict given; nothing written.", report)
+
+    tokenizer = load_tokenizer(m.name, m.revision, m.cache_dir, m.trust_remote_code)
+    report.example = {k: v for k, v in asdict(render(train[0].data, m.template, tokenizer)).items()}
+    report.example["text"] = render(train[0].data, m.template, tokenizer).text
+
+    def fit(records: list[Record]) -> tuple[list[Record], list[int]]:
+        lengths = _count_tokens(records, tokenizer, m.template)
+        kept, kept_lengths = [], []
+        for r, n in zip(records, lengths, strict=True):
+            if n <= d.max_seq_length:
+                kept.append(r)
+                kept_lengths.append(n)
+                continue
+            if d.overlength == "truncate":
+                short = _truncate(r.data, tokenizer, m.template, d.max_seq_length)
+                if short is not None:
+                    report.truncated += 1
+                    report.problems.append(Problem(
+                        r.file, r.line, None, f"{n} tokens > max_seq_length {d.max_seq_length}; prompt truncated",
+                        "", severity="warning", kind="truncated"))
+                    kept.append(Record(r.file, r.line, short))
+                    kept_lengths.append(_count_tokens([Record(r.file, r.line, short)], tokenizer, m.template)[0])
+                    continue
+            severity = "error" if d.overlength == "error" else "warning"
+            report.overlength_dropped += d.overlength != "error"
+            report.problems.append(Problem(
+                r.file, r.line, None, f"{n} tokens > max_seq_length {d.max_seq_length}"
+                + ("" if severity == "error" else "; dropped"),
+                "Raise --max-seq-length, shorten the text, or use data.overlength=truncate.",
+                severity=severity, kind="overlength"))
+        return kept, kept_lengths
+
+    train, train_lengths = fit(train)
+    evals, eval_lengths = fit(evals)
+    if d.overlength == "error" and any(p.kind == "overlength" for p in report.problems):
+        raise PrepareError(f"examples longer than max_seq_length {d.max_seq_length} and "
+                           "data.overlength=error; nothing written.", report)
+
+    if not eval_inputs and eval_fraction > 0 and len(train) > 1:
+        order = list(range(len(train)))
+        random.Random(d.seed).shuffle(order)
+        held = set(order[: max(1, round(len(train) * eval_fraction))])
+        evals = [r for i, r in enumerate(train) if i in held]
+        eval_lengths = [n for i, n in enumerate(train_lengths) if i in held]
+        train = [r for i, r in enumerate(train) if i not in held]
+        train_lengths = [n for i, n in enumerate(train_lengths) if i not in held]
+
+    # An eval prompt the model trained on measures memory, not skill: take it out of eval.
+    train_prompts: dict[str, Record] = {}
+    for r in train:
+        train_prompts.setdefault(_prompt_key(r.data), r)
+    clean_evals, clean_lengths = [], []
+    for r, n in zip(evals, eval_lengths, strict=True):
+        twin = train_prompts.get(_prompt_key(r.data))
+        if twin is None:
+            clean_evals.append(r)
+            clean_lengths.append(n)
+            continue
+        report.eval_leaks_removed += 1
+        report.problems.append(Problem(
+            r.file, r.line, None, f"eval example also in train ({twin.file}:{twin.line}); removed from eval",
+            "Keep eval prompts out of the training data.", severity="warning", kind="eval_leak"))
+    evals, eval_lengths = clean_evals, clean_lengths
+
+    if len(train) < d.min_examples:
+        raise PrepareError(
+            f"only {len(train)} valid training example(s), fewer than data.min_examples={d.min_examples}; "
+            "nothing written. Fix the reported records or add data.", report)
+
+    report.train_written, report.eval_written = len(train), len(evals)
+    report.token_lengths = _length_stats(train_lengths)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_file(train_path) as f:
+        for r in train:
+            f.write(_dump(r.data) + "\n")
+    report.outputs = [str(train_path)]
+    eval_path = output_dir / "eval.jsonl"
+    if evals:
+        with atomic_file(eval_path) as f:
+            for r in evals:
+                f.write(_dump(r.data) + "\n")
+        report.outputs.append(str(eval_path))
+    elif eval_path.exists():
+        eval_path.unlink()  # a stale eval split from an earlier run would not match this train.jsonl
+    png = output_dir / "token_lengths.png"
+    _plot_lengths(png, train_lengths, eval_lengths, d.max_seq_length, m.name)
+    report_path = output_dir / "prepare_report.json"
+    report.outputs += [str(png), str(report_path)]
+    atomic_write_text(report_path, json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n")
+    log.info("wrote %d train / %d eval examples to %s", len(train), len(evals), output_dir)
+    return report
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Read a prepared (canonical) JSONL file."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

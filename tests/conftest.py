@@ -1,0 +1,63 @@
+"""Shared fixtures: the real Mistral tokenizer and a tiny random-weight Mistral model, built once per session.
+
+Everything here is offline: the tokenizer is a test asset (tests/assets/mistral-tokenizer, the real
+Mistral-7B-Instruct v0.1/v0.2 tokenizer from mistral-common), and the model is built from `MistralConfig`
+with random weights, so the exact `[INST]` path is exercised without a download.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+MISTRAL_TOKENIZER = ROOT / "tests" / "assets" / "mistral-tokenizer"
+
+
+@pytest.fixture(scope="session")
+def mistral_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(MISTRAL_TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral(tmp_path_factory, mistral_tokenizer) -> Path:
+    """A 2-layer, hidden-16 MistralForCausalLM with the real 32k Mistral tokenizer, saved as a HF folder."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=len(mistral_tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=mistral_tokenizer.bos_token_id,
+        eos_token_id=mistral_tokenizer.eos_token_id,
+    )
+    folder = tmp_path_factory.mktemp("tiny-mistral")
+    MistralForCausalLM(config).save_pretrained(folder)
+    mistral_tokenizer.save_pretrained(folder)
+    # save_pretrained drops `legacy`; the asset's config is the one that encodes like the Hub's v0.2.
+    (folder / "tokenizer_config.json").write_text((MISTRAL_TOKENIZER / "tokenizer_config.json").read_text())
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory) -> Path:
+    """A model cache holding the real SmolLM2-135M-Instruct, converted from the packaged GGUF once."""
+    from qlora_llm.model import convert_builtin
+
+    cache = tmp_path_factory.mktemp("qlora-cache")
+    convert_builtin("smollm2-135m-instruct", cache)
+    return cache
