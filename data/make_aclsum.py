@@ -71,13 +71,11 @@ from pathlib import Path
 ASPECTS = ("challenge", "approach", "outcome")
 INSTRUCTIONS = {
     "challenge": (
-        "Summarize the challenge (the problem or motivation) this paper "
-        "addresses in one or two sentences."
+        "Summarize the challenge (the problem or motivation) this paper addresses in one or two sentences."
     ),
     "approach": "Summarize the approach of this paper in one or two sentences.",
     "outcome": (
-        "Summarize the outcome (the main findings or results) of this paper "
-        "in one or two sentences."
+        "Summarize the outcome (the main findings or results) of this paper in one or two sentences."
     ),
 }
 MAX_INPUT_CHARS = 1200
@@ -243,8 +241,12 @@ def write_jsonl(path: Path, recs: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--aclsum-dir", type=Path, default=None,
-                    help="the package's dataset/ folder (default: located automatically)")
+    ap.add_argument(
+        "--aclsum-dir",
+        type=Path,
+        default=None,
+        help="the package's dataset/ folder (default: located automatically)",
+    )
     ap.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
 

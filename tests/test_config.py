@@ -16,7 +16,15 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 def test_defaults_are_the_seeds():
     cfg = Config()
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (16, 32, 0.05)
-    assert cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert cfg.lora.target_modules == [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ]
     assert cfg.model.quantization == "nf4" and cfg.model.double_quant is True
     assert cfg.model.name == "mistralai/Mistral-7B-Instruct-v0.2" and cfg.model.template == "mistral"
     assert cfg.train.optim == "paged_adamw_32bit"
@@ -43,8 +51,12 @@ def test_shipped_configs_are_valid_and_only_override(path):
         for key, value in body.items():
             assert resolved[section][key] == value
     # A config that restates a default is noise: it hides what the file is really about.
-    restated = [f"{s}.{k}" for s, body in tree.items() for k, v in body.items()
-                if defaults[s][k] == v and k not in ("name", "template", "train_file", "max_seq_length")]
+    restated = [
+        f"{s}.{k}"
+        for s, body in tree.items()
+        for k, v in body.items()
+        if defaults[s][k] == v and k not in ("name", "template", "train_file", "max_seq_length")
+    ]
     assert len(restated) <= 3, restated
 
 
@@ -53,8 +65,10 @@ def test_shipped_configs_exist():
 
 
 def test_overrides_are_typed_and_win(tmp_path):
-    cfg = load_config(ROOT / "configs" / "smollm2-cpu.yaml",
-                      ["train.max_steps=7", "lora.r=8", "model.quantization=none", "lora.target_modules=[q_proj]"])
+    cfg = load_config(
+        ROOT / "configs" / "smollm2-cpu.yaml",
+        ["train.max_steps=7", "lora.r=8", "model.quantization=none", "lora.target_modules=[q_proj]"],
+    )
     assert cfg.train.max_steps == 7 and cfg.lora.r == 8
     assert cfg.model.quantization == "none" and cfg.lora.target_modules == ["q_proj"]
 

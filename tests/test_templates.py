@@ -11,13 +11,15 @@ INST = [733, 16289, 28793]  # "[INST]" as mistral-common's v1 tokenizer encodes 
 END_INST = [733, 28748, 16289, 28793]  # " [/INST]"
 
 SEED = {"instruction": "Summarize the paper.", "input": "We study LoRA.", "output": "It studies LoRA."}
-CHAT = {"messages": [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Hi there"},
-    {"role": "assistant", "content": "Hello."},
-    {"role": "user", "content": "What is 2+2?"},
-    {"role": "assistant", "content": "4"},
-]}
+CHAT = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
+}
 
 
 def _count(ids, sub):
@@ -25,7 +27,9 @@ def _count(ids, sub):
 
 
 def test_seed_format_exact_text():
-    assert render(SEED).text == "<s>[INST] Summarize the paper.\n\nWe study LoRA. [/INST] It studies LoRA.</s>"
+    assert (
+        render(SEED).text == "<s>[INST] Summarize the paper.\n\nWe study LoRA. [/INST] It studies LoRA.</s>"
+    )
     no_input = {**SEED, "input": ""}
     assert render(no_input).text == "<s>[INST] Summarize the paper. [/INST] It studies LoRA.</s>"
 

@@ -33,9 +33,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from qlora_llm.data import PrepareError, prepare
 
     overrides = list(args.overrides)
-    for flag, key in (("model", "model.name"), ("max_seq_length", "data.max_seq_length"),
-                      ("overlength", "data.overlength"), ("min_examples", "data.min_examples"),
-                      ("template", "model.template")):
+    for flag, key in (
+        ("model", "model.name"),
+        ("max_seq_length", "data.max_seq_length"),
+        ("overlength", "data.overlength"),
+        ("min_examples", "data.min_examples"),
+        ("template", "model.template"),
+    ):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
@@ -44,25 +48,39 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     for item in args.map:
         target, sep, column = item.partition("=")
         if not sep or target not in ("instruction", "input", "output", "prompt", "completion"):
-            raise ConfigError(f"--map {item}: expected FIELD=COLUMN with FIELD one of instruction, input, "
-                              "output, prompt, completion")
+            raise ConfigError(
+                f"--map {item}: expected FIELD=COLUMN with FIELD one of instruction, input, "
+                "output, prompt, completion"
+            )
         columns[target] = column
     try:
-        report = prepare(cfg, args.inputs, Path(args.output_dir), eval_inputs=args.eval_input,
-                         eval_fraction=args.eval_fraction or 0.0, columns=columns, split=args.split,
-                         force=args.force, strict=args.strict)
+        report = prepare(
+            cfg,
+            args.inputs,
+            Path(args.output_dir),
+            eval_inputs=args.eval_input,
+            eval_fraction=args.eval_fraction or 0.0,
+            columns=columns,
+            split=args.split,
+            force=args.force,
+            strict=args.strict,
+        )
     except PrepareError as err:
         if err.report is not None:
             _print_problems(err.report.problems)
         print(f"error: {err}", file=sys.stderr)
         return 1
     _print_problems(report.problems)
-    print(f"read {report.records_read} records: wrote {report.train_written} train, {report.eval_written} eval; "
-          f"{report.invalid} invalid, {report.duplicates} duplicates, {report.overlength_dropped} too long "
-          f"(dropped), {report.truncated} truncated, {report.eval_leaks_removed} eval leaks removed")
+    print(
+        f"read {report.records_read} records: wrote {report.train_written} train, {report.eval_written} eval; "
+        f"{report.invalid} invalid, {report.duplicates} duplicates, {report.overlength_dropped} too long "
+        f"(dropped), {report.truncated} truncated, {report.eval_leaks_removed} eval leaks removed"
+    )
     t = report.token_lengths
-    print(f"tokens per example ({report.model}, template {report.template}): min {t['min']}, "
-          f"median {t['p50']}, p95 {t['p95']}, max {t['max']} (limit {report.max_seq_length})")
+    print(
+        f"tokens per example ({report.model}, template {report.template}): min {t['min']}, "
+        f"median {t['p50']}, p95 {t['p95']}, max {t['max']} (limit {report.max_seq_length})"
+    )
     for path in report.outputs:
         print(f"  {path}")
     return 0
@@ -102,14 +120,20 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qlora-llm", description="Prepare, fine-tune (QLoRA), evaluate and serve LLMs.")
+    parser = argparse.ArgumentParser(
+        prog="qlora-llm", description="Prepare, fine-tune (QLoRA), evaluate and serve LLMs."
+    )
     parser.add_argument("--version", action="version", version=f"qlora-llm {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("prepare", help="validate raw data and write training JSONL")
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="CSV/TSV, JSONL, JSON array, a datasets folder, or a Hub dataset name")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="CSV/TSV, JSONL, JSON array, a datasets folder, or a Hub dataset name",
+    )
     p.add_argument("--output-dir", required=True, help="where train.jsonl, eval.jsonl and the report go")
     p.add_argument("--model", help="model whose tokenizer counts tokens (default: model.name)")
     p.add_argument("--max-seq-length", type=int, help="longest example in tokens (default 512)")
@@ -118,14 +142,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-input", action="append", metavar="FILE", help="use these records as eval.jsonl")
     p.add_argument("--min-examples", type=int, help="fail below this many valid examples (default 10)")
     p.add_argument("--template", choices=["mistral", "auto"], help="prompt format used to count tokens")
-    p.add_argument("--map", action="append", default=[], metavar="FIELD=COLUMN",
-                   help="CSV column for a field, e.g. --map output=answer")
+    p.add_argument(
+        "--map",
+        action="append",
+        default=[],
+        metavar="FIELD=COLUMN",
+        help="CSV column for a field, e.g. --map output=answer",
+    )
     p.add_argument("--split", default="train", help="split of a datasets folder or Hub dataset")
     p.add_argument("--config", help="YAML config to take model and data settings from")
     p.add_argument("--force", action="store_true", help="overwrite an existing train.jsonl")
     p.add_argument("--strict", action="store_true", help="fail if any record is invalid")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other config override, e.g. --set data.seed=1")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other config override, e.g. --set data.seed=1",
+    )
 
     p = sub.add_parser("models", help="list known models and whether each is available here")
     p.add_argument("--config", help="YAML config (for model.cache_dir)")
@@ -149,8 +184,12 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
     for noisy in ("httpx", "urllib3", "filelock", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

@@ -221,7 +221,9 @@ def _check_keys(tree: dict, sources: dict[str, str]) -> None:
         for key in body:
             if key not in SECTIONS[section].model_fields:
                 dotted = f"{section}.{key}"
-                problems.append(_unknown_key_message(dotted, sources.get(dotted, sources.get(section, "config"))))
+                problems.append(
+                    _unknown_key_message(dotted, sources.get(dotted, sources.get(section, "config")))
+                )
     if problems:
         raise ConfigError("\n".join(problems))
 

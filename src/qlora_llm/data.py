@@ -126,7 +126,9 @@ def _decode_line(raw: bytes, file: str, line: int, offset: int) -> tuple[str | N
         return raw.decode("utf-8"), None
     except UnicodeDecodeError as err:
         return None, Problem(
-            file, line, None,
+            file,
+            line,
+            None,
             f"invalid UTF-8 at byte {offset + err.start} (byte 0x{raw[err.start]:02x})",
             "Re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).",
             kind="encoding",
@@ -152,11 +154,18 @@ def _read_jsonl(path: Path, data: bytes) -> Iterator[_Raw]:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as err:
-            yield _Raw(i, None, Problem(
-                name, i, None, f"invalid JSON at column {err.colno}: {err.msg}",
-                "Each line must be one complete JSON object; check quotes, commas and escapes.",
-                kind="json",
-            ))
+            yield _Raw(
+                i,
+                None,
+                Problem(
+                    name,
+                    i,
+                    None,
+                    f"invalid JSON at column {err.colno}: {err.msg}",
+                    "Each line must be one complete JSON object; check quotes, commas and escapes.",
+                    kind="json",
+                ),
+            )
             continue
         yield _Raw(i, obj)
 
@@ -178,10 +187,18 @@ def _read_json_array(path: Path, data: bytes) -> Iterator[_Raw]:
     bad = _invalid_utf8_offsets(data)
     if bad:
         line = data[: bad[0]].count(b"\n") + 1
-        yield _Raw(line, None, Problem(
-            name, line, None, f"invalid UTF-8 at byte {bad[0]} (byte 0x{data[bad[0]]:02x})",
-            "Re-save the file as UTF-8; a JSON array cannot be read past a bad byte.", kind="encoding",
-        ))
+        yield _Raw(
+            line,
+            None,
+            Problem(
+                name,
+                line,
+                None,
+                f"invalid UTF-8 at byte {bad[0]} (byte 0x{data[bad[0]]:02x})",
+                "Re-save the file as UTF-8; a JSON array cannot be read past a bad byte.",
+                kind="encoding",
+            ),
+        )
         return
     text = data.decode("utf-8-sig").replace("\r\n", "\n")
     decoder = json.JSONDecoder()
@@ -189,10 +206,18 @@ def _read_json_array(path: Path, data: bytes) -> Iterator[_Raw]:
     pos = ws.match(text, 0).end()
     line_at = _LineCounter(text)
     if not text.startswith("[", pos):
-        yield _Raw(line_at(pos), None, Problem(
-            name, line_at(pos), None, "expected a JSON array of objects or JSON Lines",
-            "Write [{...}, {...}] or one object per line (.jsonl).", kind="json",
-        ))
+        yield _Raw(
+            line_at(pos),
+            None,
+            Problem(
+                name,
+                line_at(pos),
+                None,
+                "expected a JSON array of objects or JSON Lines",
+                "Write [{...}, {...}] or one object per line (.jsonl).",
+                kind="json",
+            ),
+        )
         return
     pos = ws.match(text, pos + 1).end()
     if text.startswith("]", pos):
@@ -201,10 +226,18 @@ def _read_json_array(path: Path, data: bytes) -> Iterator[_Raw]:
         try:
             obj, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as err:
-            yield _Raw(err.lineno, None, Problem(
-                name, err.lineno, None, f"invalid JSON at column {err.colno}: {err.msg}",
-                "Fix this element; a JSON array cannot be read past a syntax error.", kind="json",
-            ))
+            yield _Raw(
+                err.lineno,
+                None,
+                Problem(
+                    name,
+                    err.lineno,
+                    None,
+                    f"invalid JSON at column {err.colno}: {err.msg}",
+                    "Fix this element; a JSON array cannot be read past a syntax error.",
+                    kind="json",
+                ),
+            )
             return
         yield _Raw(line_at(pos), obj)
         pos = ws.match(text, end).end()
@@ -215,10 +248,18 @@ def _read_json_array(path: Path, data: bytes) -> Iterator[_Raw]:
         else:
             line = line_at(pos)
             col = pos - text.rfind("\n", 0, pos)
-            yield _Raw(line, None, Problem(
-                name, line, None, f"invalid JSON at column {col}: expected ',' or ']' between elements",
-                "Separate array elements with commas.", kind="json",
-            ))
+            yield _Raw(
+                line,
+                None,
+                Problem(
+                    name,
+                    line,
+                    None,
+                    f"invalid JSON at column {col}: expected ',' or ']' between elements",
+                    "Separate array elements with commas.",
+                    kind="json",
+                ),
+            )
             return
 
 
@@ -245,34 +286,66 @@ def _read_csv(path: Path, data: bytes, columns: dict[str, str], delimiter: str) 
     mapping = {f: columns.get(f, f) for f in ("instruction", "input", "output", "prompt", "completion")}
     missing = [c for f, c in columns.items() if c not in header]
     if missing:
-        yield _Raw(1, None, Problem(
-            name, 1, missing[0], f"column '{missing[0]}' (mapped with --map) is not in the header",
-            f"The header has: {', '.join(header)}.", kind="columns",
-        ))
+        yield _Raw(
+            1,
+            None,
+            Problem(
+                name,
+                1,
+                missing[0],
+                f"column '{missing[0]}' (mapped with --map) is not in the header",
+                f"The header has: {', '.join(header)}.",
+                kind="columns",
+            ),
+        )
         return
     if not any(mapping[f] in header for f in ("output", "completion")):
-        yield _Raw(1, None, Problem(
-            name, 1, None, "no output column: the header has " + ", ".join(header),
-            "Name the columns instruction,input,output (or prompt,completion), or map yours: "
-            "--map instruction=question --map output=answer.", kind="columns",
-        ))
+        yield _Raw(
+            1,
+            None,
+            Problem(
+                name,
+                1,
+                None,
+                "no output column: the header has " + ", ".join(header),
+                "Name the columns instruction,input,output (or prompt,completion), or map yours: "
+                "--map instruction=question --map output=answer.",
+                kind="columns",
+            ),
+        )
         return
     last_line = 1
     for row in reader:
         line = last_line + 1
         last_line = reader.line_num
         if None in row:
-            yield _Raw(line, None, Problem(
-                name, line, None, f"{len(header) + len(row[None])} cells, the header has {len(header)}",
-                "Quote cells that contain the delimiter.", kind="csv",
-            ))
+            yield _Raw(
+                line,
+                None,
+                Problem(
+                    name,
+                    line,
+                    None,
+                    f"{len(header) + len(row[None])} cells, the header has {len(header)}",
+                    "Quote cells that contain the delimiter.",
+                    kind="csv",
+                ),
+            )
             continue
         hit = next((o for ln, o in bad_lines.items() if line <= ln <= last_line), None)
         if hit is not None:
-            yield _Raw(line, None, Problem(
-                name, line, None, f"invalid UTF-8 at byte {hit} (byte 0x{data[hit]:02x})",
-                "Re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).", kind="encoding",
-            ))
+            yield _Raw(
+                line,
+                None,
+                Problem(
+                    name,
+                    line,
+                    None,
+                    f"invalid UTF-8 at byte {hit} (byte 0x{data[hit]:02x})",
+                    "Re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).",
+                    kind="encoding",
+                ),
+            )
             continue
         obj = {f: row[c] for f, c in mapping.items() if c in row}
         if "prompt" in obj and "instruction" not in obj:
@@ -288,6 +361,8 @@ def _read_dataset(source: str, split: str) -> Iterator[_Raw]:
         ds = datasets.load_from_disk(str(path))
     elif path.is_dir():
         ds = datasets.load_dataset(str(path), split=split)
+    elif path.is_file():
+        ds = datasets.load_dataset(path.suffix.lstrip("."), data_files=str(path), split="train")
     else:
         ds = _load_hub_dataset(source, split)
     if isinstance(ds, datasets.DatasetDict):
@@ -315,7 +390,9 @@ def _load_hub_dataset(name: str, split: str) -> Any:
         raise PrepareError(f"{name}: could not load the dataset: {str(err).splitlines()[0]}") from None
 
 
-def read_raw(source: str | Path, columns: dict[str, str] | None = None, split: str = "train") -> Iterator[_Raw]:
+def read_raw(
+    source: str | Path, columns: dict[str, str] | None = None, split: str = "train"
+) -> Iterator[_Raw]:
     """Yield every record of one input with its line, and a Problem for each unreadable one."""
     path = Path(source)
     if not path.exists():
@@ -346,25 +423,45 @@ def _clean(text: str) -> str:
     return text.replace("\r\n", "\n").strip()
 
 
-def _text_field(obj: dict, key: str, file: str, line: int, required: bool, problems: list[Problem]) -> str | None:
+def _text_field(
+    obj: dict, key: str, file: str, line: int, required: bool, problems: list[Problem]
+) -> str | None:
     value = obj.get(key)
     if value is None:
         if required:
             kind = "missing" if key not in obj else "empty"
-            problems.append(Problem(file, line, key, f"'{key}' is {'missing' if key not in obj else 'null'}",
-                                    f"Every record needs a non-empty '{key}' string.", kind=kind))
+            problems.append(
+                Problem(
+                    file,
+                    line,
+                    key,
+                    f"'{key}' is {'missing' if key not in obj else 'null'}",
+                    f"Every record needs a non-empty '{key}' string.",
+                    kind=kind,
+                )
+            )
         return None if required else ""
     if not isinstance(value, str):
-        problems.append(Problem(
-            file, line, key, f"'{key}' must be a string, got {type(value).__name__} ({json.dumps(value)[:40]})",
-            f"Quote it: \"{key}\": \"{json.dumps(value)}\"." if isinstance(value, int | float) else "Use a JSON string.",
-            kind="type",
-        ))
+        problems.append(
+            Problem(
+                file,
+                line,
+                key,
+                f"'{key}' must be a string, got {type(value).__name__} ({json.dumps(value)[:40]})",
+                f'Quote it: "{key}": "{json.dumps(value)}".'
+                if isinstance(value, int | float)
+                else "Use a JSON string.",
+                kind="type",
+            )
+        )
         return None
     text = _clean(value)
     if required and not text:
-        problems.append(Problem(file, line, key, f"'{key}' is empty", f"Give every record a non-empty '{key}'.",
-                                kind="empty"))
+        problems.append(
+            Problem(
+                file, line, key, f"'{key}' is empty", f"Give every record a non-empty '{key}'.", kind="empty"
+            )
+        )
         return None
     return text
 
@@ -372,43 +469,86 @@ def _text_field(obj: dict, key: str, file: str, line: int, required: bool, probl
 def _normalize_messages(obj: dict, file: str, line: int, problems: list[Problem]) -> dict | None:
     messages = obj["messages"]
     if not isinstance(messages, list) or not messages:
-        problems.append(Problem(file, line, "messages", "'messages' must be a non-empty list",
-                                'Write "messages": [{"role": "user", "content": "..."}, ...].', kind="type"))
+        problems.append(
+            Problem(
+                file,
+                line,
+                "messages",
+                "'messages' must be a non-empty list",
+                'Write "messages": [{"role": "user", "content": "..."}, ...].',
+                kind="type",
+            )
+        )
         return None
     out, before = [], len(problems)
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
-            problems.append(Problem(file, line, where, f"must be an object, got {type(m).__name__}",
-                                    'Write {"role": "user", "content": "..."}.', kind="type"))
+            problems.append(
+                Problem(
+                    file,
+                    line,
+                    where,
+                    f"must be an object, got {type(m).__name__}",
+                    'Write {"role": "user", "content": "..."}.',
+                    kind="type",
+                )
+            )
             continue
         role = m.get("role")
         if not isinstance(role, str) or role.strip().lower() not in ROLES:
-            problems.append(Problem(file, line, f"{where}.role", f"unknown role {role!r}",
-                                    "Use system, user or assistant.", kind="role"))
+            problems.append(
+                Problem(
+                    file,
+                    line,
+                    f"{where}.role",
+                    f"unknown role {role!r}",
+                    "Use system, user or assistant.",
+                    kind="role",
+                )
+            )
             continue
         content = _text_field(m, "content", file, line, True, problems)
         if content is None:
-            problems[-1] = Problem(file, line, f"{where}.content", problems[-1].message, problems[-1].hint,
-                                   kind=problems[-1].kind)
+            problems[-1] = Problem(
+                file,
+                line,
+                f"{where}.content",
+                problems[-1].message,
+                problems[-1].hint,
+                kind=problems[-1].kind,
+            )
             continue
         out.append({"role": role.strip().lower(), "content": content})
     if len(problems) > before:
         return None
     roles = [m["role"] for m in out]
     if "assistant" not in roles:
-        problems.append(Problem(file, line, "messages", "conversation has no assistant turn",
-                                "Add the answer to learn as a final {\"role\": \"assistant\", ...} message.",
-                                kind="no_assistant"))
+        problems.append(
+            Problem(
+                file,
+                line,
+                "messages",
+                "conversation has no assistant turn",
+                'Add the answer to learn as a final {"role": "assistant", ...} message.',
+                kind="no_assistant",
+            )
+        )
         return None
     turns = roles[1:] if roles[0] == "system" else roles
     expected = ["user", "assistant"] * (len(turns) // 2 + 1)
     if turns != expected[: len(turns)] or turns[-1] != "assistant":
-        problems.append(Problem(
-            file, line, "messages", f"roles must be [system,] user, assistant, user, assistant, ...; got {', '.join(roles)}",
-            "Alternate user and assistant, start with user (after an optional system) and end with the assistant "
-            "answer to learn.", kind="roles_order",
-        ))
+        problems.append(
+            Problem(
+                file,
+                line,
+                "messages",
+                f"roles must be [system,] user, assistant, user, assistant, ...; got {', '.join(roles)}",
+                "Alternate user and assistant, start with user (after an optional system) and end with the assistant "
+                "answer to learn.",
+                kind="roles_order",
+            )
+        )
         return None
     return {"messages": out}
 
@@ -417,8 +557,16 @@ def normalize(obj: Any, file: str, line: int) -> tuple[dict | None, list[Problem
     """One raw record -> (canonical record or None, problems)."""
     problems: list[Problem] = []
     if not isinstance(obj, dict):
-        problems.append(Problem(file, line, None, f"expected a JSON object, got {type(obj).__name__}",
-                                'Write {"instruction": ..., "input": ..., "output": ...}.', kind="type"))
+        problems.append(
+            Problem(
+                file,
+                line,
+                None,
+                f"expected a JSON object, got {type(obj).__name__}",
+                'Write {"instruction": ..., "input": ..., "output": ...}.',
+                kind="type",
+            )
+        )
         return None, problems
     if "messages" in obj:
         return _normalize_messages(obj, file, line, problems), problems
@@ -436,9 +584,17 @@ def normalize(obj: Any, file: str, line: int) -> tuple[dict | None, list[Problem
             return None, problems
         return {"instruction": prompt, "input": "", "output": completion}, problems
     keys = ", ".join(sorted(obj)) or "none"
-    problems.append(Problem(file, line, None, f"unknown record shape (keys: {keys})",
-                            "Use instruction/input/output, prompt/completion, or messages; for CSV columns "
-                            "with other names use --map output=COLUMN.", kind="shape"))
+    problems.append(
+        Problem(
+            file,
+            line,
+            None,
+            f"unknown record shape (keys: {keys})",
+            "Use instruction/input/output, prompt/completion, or messages; for CSV columns "
+            "with other names use --map output=COLUMN.",
+            kind="shape",
+        )
+    )
     return None, problems
 
 
@@ -463,8 +619,12 @@ def _count_tokens(records: list[Record], tokenizer: Any, template: str, batch: i
     from tqdm.auto import tqdm
 
     lengths: list[int] = []
-    for start in tqdm(range(0, len(records), batch), desc="counting tokens", unit="batch",
-                      disable=len(records) < 4 * batch or None):
+    for start in tqdm(
+        range(0, len(records), batch),
+        desc="counting tokens",
+        unit="batch",
+        disable=len(records) < 4 * batch or None,
+    ):
         texts = []
         for r in records[start : start + batch]:
             rendered = render(r.data, template, tokenizer)
@@ -478,15 +638,20 @@ def _truncate(record: dict, tokenizer: Any, template: str, max_len: int) -> dict
     """Shorten the longest prompt-side text so the example fits, keeping the answer and its EOS whole."""
     record = json.loads(json.dumps(record))
     if "messages" in record:
-        candidates = [(i, "content") for i, m in enumerate(record["messages"][:-1]) if m["role"] != "assistant"]
+        candidates = [
+            (i, "content") for i, m in enumerate(record["messages"][:-1]) if m["role"] != "assistant"
+        ]
         get = lambda key: record["messages"][key[0]]["content"]  # noqa: E731
+
         def put(key, v):
             record["messages"][key[0]]["content"] = v
     else:
         candidates = [(None, "input"), (None, "instruction")]
         get = lambda key: record[key[1]]  # noqa: E731
+
         def put(key, v):
             record[key[1]] = v
+
     for _ in range(4):  # re-measure: cutting text can merge or split tokens at the boundary
         rendered = render(record, template, tokenizer)
         total = len(tokenizer(rendered.prompt + rendered.completion, add_special_tokens=True)["input_ids"])
@@ -508,8 +673,12 @@ def _length_stats(lengths: list[int]) -> dict[str, float]:
         return {}
     s = sorted(lengths)
     return {
-        "min": s[0], "mean": round(statistics.fmean(s), 1), "p50": s[len(s) // 2],
-        "p95": s[min(len(s) - 1, int(len(s) * 0.95))], "max": s[-1], "total": sum(s),
+        "min": s[0],
+        "mean": round(statistics.fmean(s), 1),
+        "p50": s[len(s) // 2],
+        "p95": s[min(len(s) - 1, int(len(s) * 0.95))],
+        "max": s[-1],
+        "total": sum(s),
     }
 
 
@@ -518,12 +687,14 @@ def _plot_lengths(path: Path, train: list[int], eval_: list[int], max_len: int, 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     fig, ax = plt.subplots(figsize=(7, 3.5), dpi=110)
-    bins = min(60, max(10, len(set(train)) // 2))
-    ax.hist(train, bins=bins, color="#4C72B0", alpha=0.85, label=f"train ({len(train)})")
+    # One set of bin edges for both, so the two histograms can be compared bar for bar.
+    edges = np.histogram_bin_edges(train + eval_, bins=min(60, max(10, len(set(train)) // 2)))
+    ax.hist(train, bins=edges, color="#4C72B0", alpha=0.85, label=f"train ({len(train)})")
     if eval_:
-        ax.hist(eval_, bins=bins, color="#DD8452", alpha=0.7, label=f"eval ({len(eval_)})")
+        ax.hist(eval_, bins=edges, color="#DD8452", alpha=0.7, label=f"eval ({len(eval_)})")
     ax.axvline(max_len, color="#C44E52", linestyle="--", label=f"max_seq_length {max_len}")
     ax.set_xlabel(f"tokens per example ({model})")
     ax.set_ylabel("examples")
@@ -545,8 +716,9 @@ def _fingerprint(path: Path) -> dict[str, Any]:
     return {"path": str(path)}
 
 
-def _read_all(inputs: Iterable[str | Path], columns: dict[str, str] | None, split: str,
-              report: PrepareReport) -> list[Record]:
+def _read_all(
+    inputs: Iterable[str | Path], columns: dict[str, str] | None, split: str, report: PrepareReport
+) -> list[Record]:
     records: list[Record] = []
     for source in inputs:
         report.inputs.append(_fingerprint(Path(source)))
@@ -573,11 +745,17 @@ def _drop_duplicates(records: list[Record], report: PrepareReport, label: str = 
         first = seen.get(key)
         if first is not None:
             report.duplicates += 1
-            report.problems.append(Problem(
-                r.file, r.line, None, f"duplicate of {first.file}:{first.line}{label}; dropped",
-                "Duplicates over-weight one example; remove them or keep one.", severity="warning",
-                kind="duplicate",
-            ))
+            report.problems.append(
+                Problem(
+                    r.file,
+                    r.line,
+                    None,
+                    f"duplicate of {first.file}:{first.line}{label}; dropped",
+                    "Duplicates over-weight one example; remove them or keep one.",
+                    severity="warning",
+                    kind="duplicate",
+                )
+            )
             continue
         seen[key] = r
         kept.append(r)
@@ -610,19 +788,27 @@ def prepare(
     if train_path.exists() and not force:
         raise PrepareError(f"{train_path} already exists; pass --force to overwrite it.")
     d, m = cfg.data, cfg.model
-    report = PrepareReport(model=m.name, template=m.template, max_seq_length=d.max_seq_length,
-                           overlength=d.overlength)
+    report = PrepareReport(
+        model=m.name, template=m.template, max_seq_length=d.max_seq_length, overlength=d.overlength
+    )
 
     train = _drop_duplicates(_read_all(inputs, columns, split, report), report)
-    evals = _drop_duplicates(_read_all(eval_inputs, columns, split, report), report, " (eval)") \
-        if eval_inputs else []
+    evals = (
+        _drop_duplicates(_read_all(eval_inputs, columns, split, report), report, " (eval)")
+        if eval_inputs
+        else []
+    )
 
     if not train:
         raise PrepareError(
             f"no valid examples in {', '.join(map(str, inputs))} ({report.records_read} read, "
-            f"{report.invalid} invalid); nothing written.", report)
+            f"{report.invalid} invalid); nothing written.",
+            report,
+        )
     if strict and report.errors:
-        raise PrepareError(f"{len(report.errors)} invalid record(s) and --strict given; nothing written.", report)
+        raise PrepareError(
+            f"{len(report.errors)} invalid record(s) and --strict given; nothing written.", report
+        )
 
     tokenizer = load_tokenizer(m.name, m.revision, m.cache_dir, m.trust_remote_code)
     report.example = {k: v for k, v in asdict(render(train[0].data, m.template, tokenizer)).items()}
@@ -640,26 +826,46 @@ def prepare(
                 short = _truncate(r.data, tokenizer, m.template, d.max_seq_length)
                 if short is not None:
                     report.truncated += 1
-                    report.problems.append(Problem(
-                        r.file, r.line, None, f"{n} tokens > max_seq_length {d.max_seq_length}; prompt truncated",
-                        "", severity="warning", kind="truncated"))
+                    report.problems.append(
+                        Problem(
+                            r.file,
+                            r.line,
+                            None,
+                            f"{n} tokens > max_seq_length {d.max_seq_length}; prompt truncated",
+                            "",
+                            severity="warning",
+                            kind="truncated",
+                        )
+                    )
                     kept.append(Record(r.file, r.line, short))
-                    kept_lengths.append(_count_tokens([Record(r.file, r.line, short)], tokenizer, m.template)[0])
+                    kept_lengths.append(
+                        _count_tokens([Record(r.file, r.line, short)], tokenizer, m.template)[0]
+                    )
                     continue
             severity = "error" if d.overlength == "error" else "warning"
             report.overlength_dropped += d.overlength != "error"
-            report.problems.append(Problem(
-                r.file, r.line, None, f"{n} tokens > max_seq_length {d.max_seq_length}"
-                + ("" if severity == "error" else "; dropped"),
-                "Raise --max-seq-length, shorten the text, or use data.overlength=truncate.",
-                severity=severity, kind="overlength"))
+            report.problems.append(
+                Problem(
+                    r.file,
+                    r.line,
+                    None,
+                    f"{n} tokens > max_seq_length {d.max_seq_length}"
+                    + ("" if severity == "error" else "; dropped"),
+                    "Raise --max-seq-length, shorten the text, or use data.overlength=truncate.",
+                    severity=severity,
+                    kind="overlength",
+                )
+            )
         return kept, kept_lengths
 
     train, train_lengths = fit(train)
     evals, eval_lengths = fit(evals)
     if d.overlength == "error" and any(p.kind == "overlength" for p in report.problems):
-        raise PrepareError(f"examples longer than max_seq_length {d.max_seq_length} and "
-                           "data.overlength=error; nothing written.", report)
+        raise PrepareError(
+            f"examples longer than max_seq_length {d.max_seq_length} and "
+            "data.overlength=error; nothing written.",
+            report,
+        )
 
     if not eval_inputs and eval_fraction > 0 and len(train) > 1:
         order = list(range(len(train)))
@@ -682,15 +888,25 @@ def prepare(
             clean_lengths.append(n)
             continue
         report.eval_leaks_removed += 1
-        report.problems.append(Problem(
-            r.file, r.line, None, f"eval example also in train ({twin.file}:{twin.line}); removed from eval",
-            "Keep eval prompts out of the training data.", severity="warning", kind="eval_leak"))
+        report.problems.append(
+            Problem(
+                r.file,
+                r.line,
+                None,
+                f"eval example also in train ({twin.file}:{twin.line}); removed from eval",
+                "Keep eval prompts out of the training data.",
+                severity="warning",
+                kind="eval_leak",
+            )
+        )
     evals, eval_lengths = clean_evals, clean_lengths
 
     if len(train) < d.min_examples:
         raise PrepareError(
             f"only {len(train)} valid training example(s), fewer than data.min_examples={d.min_examples}; "
-            "nothing written. Fix the reported records or add data.", report)
+            "nothing written. Fix the reported records or add data.",
+            report,
+        )
 
     report.train_written, report.eval_written = len(train), len(evals)
     report.token_lengths = _length_stats(train_lengths)

@@ -162,7 +162,9 @@ def resolve_model(name: str, cache_dir: Path | None = None) -> str:
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file() and not (path / "tokenizer_config.json").is_file():
-            raise ModelNotFoundError(f"{path}: not a model folder (no config.json or tokenizer_config.json in it)")
+            raise ModelNotFoundError(
+                f"{path}: not a model folder (no config.json or tokenizer_config.json in it)"
+            )
         return str(path)
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise ModelNotFoundError(
@@ -201,7 +203,9 @@ def load_tokenizer(
     from transformers import AutoTokenizer
 
     resolved = resolve_model(name, cache_dir)
-    return _from_pretrained(AutoTokenizer.from_pretrained, resolved, revision, trust_remote_code=trust_remote_code)
+    return _from_pretrained(
+        AutoTokenizer.from_pretrained, resolved, revision, trust_remote_code=trust_remote_code
+    )
 
 
 def model_status(name: str, cache_dir: Path | None = None) -> str:
@@ -223,9 +227,21 @@ def list_models(cache_dir: Path | None = None) -> list[dict[str, str]]:
     """Every model the platform knows, with whether it is available here."""
     rows = []
     for name, spec in BUILTIN_MODELS.items():
-        rows.append({"name": name, "source": spec.hub_id, "about": spec.description,
-                     "status": model_status(name, cache_dir)})
+        rows.append(
+            {
+                "name": name,
+                "source": spec.hub_id,
+                "about": spec.description,
+                "status": model_status(name, cache_dir),
+            }
+        )
     for hub_id, about in KNOWN_HUB_MODELS.items():
-        rows.append({"name": hub_id, "source": "Hugging Face Hub", "about": about,
-                     "status": model_status(hub_id, cache_dir)})
+        rows.append(
+            {
+                "name": hub_id,
+                "source": "Hugging Face Hub",
+                "about": about,
+                "status": model_status(hub_id, cache_dir),
+            }
+        )
     return rows

@@ -110,7 +110,9 @@ def _render_auto(messages: list[dict[str, str]], tokenizer: Any, bos: str, eos: 
     return Rendered(prompt=prompt, completion=completion, bos=bos)
 
 
-def render(example: dict[str, Any], template: TemplateName = "mistral", tokenizer: Any | None = None) -> Rendered:
+def render(
+    example: dict[str, Any], template: TemplateName = "mistral", tokenizer: Any | None = None
+) -> Rendered:
     """Render one canonical record (as `prepare` writes them) for training or scoring."""
     bos, eos = _special_texts(tokenizer)
     messages = to_messages(example)

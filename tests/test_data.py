@@ -1,0 +1,328 @@
+"""Data layer: every defect reported with its line, exactly the valid records written, same output from every input kind."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from qlora_llm.cli import main
+from qlora_llm.config import load_config
+from qlora_llm.data import OUTPUT_FILES, PrepareError, prepare, read_jsonl
+
+TOKENIZER = str(Path(__file__).parent / "assets" / "mistral-tokenizer")
+
+
+def cfg(**data):
+    overrides = [f"model.name={TOKENIZER}"] + [f"data.{k}={v}" for k, v in data.items()]
+    return load_config(None, overrides)
+
+
+def good(i: int) -> dict:
+    return {
+        "instruction": f"Summarize paper {i}.",
+        "input": f"Paper {i} studies adapters.",
+        "output": f"Adapters {i}.",
+    }
+
+
+GOOD = [good(i) for i in range(12)]
+
+
+def jl(obj) -> bytes:
+    return json.dumps(obj).encode() + b"\n"
+
+
+def defect_file(path: Path) -> dict[int, str]:
+    """Write one of each defect; return {line: kind} of what must be reported."""
+    long_input = "word " * 800
+    lines = (
+        [
+            b"\xef\xbb\xbf" + json.dumps(GOOD[0]).encode() + b"\r\n",  # 1: BOM + CRLF: accepted
+            json.dumps(GOOD[1]).encode() + b"\r\n",  # 2: CRLF: accepted
+            b'{"instruction": "x", "output": \n',  # 3: invalid JSON
+            b'{"instruction": "caf\xe9", "output": "y"}\n',  # 4: invalid UTF-8 (latin-1 byte)
+            jl({"instruction": "Q only"}),  # 5: missing output
+            jl({"instruction": "Q", "output": "   "}),  # 6: empty output
+            jl({"instruction": "Q", "output": 5}),  # 7: wrong type
+            jl(
+                {"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]}
+            ),  # 8: role
+            jl({"messages": [{"role": "user", "content": "hi"}]}),  # 9: no assistant turn
+            jl(GOOD[1]),  # 10: duplicate of line 2
+            jl({"instruction": "Summarize.", "input": long_input, "output": "Long."}),  # 11: too long
+            b"\n",  # 12: blank: not a record
+            jl(
+                {
+                    "messages": [
+                        {"role": "system", "content": "Be brief."},
+                        {"role": "user", "content": "2+2?"},
+                        {"role": "assistant", "content": "4"},
+                    ]
+                }
+            ),  # 13: valid chat
+            jl(["not", "an", "object"]),  # 14: not an object
+            jl({"question": "?", "answer": "!"}),  # 15: unknown shape
+        ]
+        + [jl(g) for g in GOOD[2:]]
+    )  # 16..25: valid
+    path.write_bytes(b"".join(lines))
+    return {
+        3: "json",
+        4: "encoding",
+        5: "missing",
+        6: "empty",
+        7: "type",
+        8: "role",
+        9: "no_assistant",
+        10: "duplicate",
+        11: "overlength",
+        14: "type",
+        15: "shape",
+    }
+
+
+def test_every_defect_reported_with_line_and_only_valid_records_written(tmp_path):
+    raw = tmp_path / "raw.jsonl"
+    expected = defect_file(raw)
+    leak = tmp_path / "eval.jsonl"
+    leak.write_bytes(jl({**GOOD[5], "output": "another answer"}) + jl(good(100)))  # line 1 leaks from train
+
+    report = prepare(cfg(max_seq_length=256), [raw], tmp_path / "out", eval_inputs=[leak])
+
+    got = {p.line: p.kind for p in report.problems if p.file == str(raw)}
+    assert got == expected
+    assert [(p.line, p.kind) for p in report.problems if p.file == str(leak)] == [(1, "eval_leak")]
+    by_line = {p.line: p for p in report.problems if p.file == str(raw)}
+    assert str(by_line[3]).startswith(f"{raw}:3: invalid JSON at column 32")
+    assert "invalid UTF-8 at byte" in str(by_line[4]) and "0xe9" in str(by_line[4])
+    assert str(by_line[7]) == (
+        f'{raw}:7: output: \'output\' must be a string, got int (5). Quote it: "output": "5".'
+    )
+    assert str(by_line[8]).startswith(f"{raw}:8: messages[0].role: unknown role 'bot'")
+    assert "duplicate of " + f"{raw}:2" in str(by_line[10])
+    assert by_line[11].message.endswith("tokens > max_seq_length 256; dropped")
+
+    train = read_jsonl(tmp_path / "out" / "train.jsonl")
+    assert train == [
+        *GOOD[:2],
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4"},
+            ]
+        },
+        *GOOD[2:],
+    ]
+    assert read_jsonl(tmp_path / "out" / "eval.jsonl") == [good(100)]
+    # Nothing is lost silently: records in = written + reported.
+    assert report.records_read == 26
+    assert report.records_read == (
+        report.train_written
+        + report.eval_written
+        + report.invalid
+        + report.duplicates
+        + report.overlength_dropped
+        + report.eval_leaks_removed
+    )
+    on_disk = json.loads((tmp_path / "out" / "prepare_report.json").read_text())
+    assert on_disk["problems_total"] == len(report.problems) == 12
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(OUTPUT_FILES)
+
+
+def test_nothing_valid_leaves_no_output(tmp_path):
+    raw = tmp_path / "bad.jsonl"
+    raw.write_bytes(jl({"instruction": "Q"}) + b"{oops\n")
+    with pytest.raises(PrepareError, match=r"no valid examples in .*bad.jsonl \(2 read, 2 invalid\)"):
+        prepare(cfg(), [raw], tmp_path / "out")
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_too_few_examples_is_an_error_and_writes_nothing(tmp_path):
+    raw = tmp_path / "few.jsonl"
+    raw.write_bytes(b"".join(jl(g) for g in GOOD[:3]))
+    with pytest.raises(PrepareError, match="only 3 valid training example.*min_examples=10"):
+        prepare(cfg(), [raw], tmp_path / "out")
+    assert not (tmp_path / "out" / "train.jsonl").exists()
+    assert len(prepare(cfg(min_examples=3), [raw], tmp_path / "out").outputs) == 3
+
+
+def _write_all_kinds(folder: Path, records: list[dict]) -> dict[str, Path]:
+    folder.mkdir()
+    paths = {}
+    paths["jsonl"] = folder / "r.jsonl"
+    paths["jsonl"].write_text("".join(json.dumps(r) + "\n" for r in records))
+    paths["json"] = folder / "r.json"
+    paths["json"].write_text(json.dumps(records, indent=2))
+    paths["csv"] = folder / "r.csv"
+    with open(paths["csv"], "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["instruction", "input", "output"])
+        w.writeheader()
+        w.writerows(records)
+    paths["tsv"] = folder / "r.tsv"
+    with open(paths["tsv"], "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["instruction", "input", "output"], delimiter="\t")
+        w.writeheader()
+        w.writerows(records)
+    import datasets
+
+    datasets.Dataset.from_list(records).save_to_disk(str(folder / "hf"))
+    paths["hf"] = folder / "hf"
+    datasets.Dataset.from_list(records).to_parquet(str(folder / "r.parquet"))
+    paths["parquet"] = folder / "r.parquet"
+    return paths
+
+
+def test_every_input_kind_gives_identical_jsonl(tmp_path):
+    records = [*GOOD, {"instruction": 'Multi\nline, "quoted"', "input": "", "output": "Ünïcode ✓"}]
+    outputs = {}
+    for kind, path in _write_all_kinds(tmp_path / "in", records).items():
+        prepare(cfg(), [path], tmp_path / kind)
+        outputs[kind] = (tmp_path / kind / "train.jsonl").read_bytes()
+    assert len(set(outputs.values())) == 1, {k: v[:80] for k, v in outputs.items()}
+    assert read_jsonl(tmp_path / "jsonl" / "train.jsonl") == records
+
+
+def test_prompt_completion_and_mapped_csv_columns(tmp_path):
+    pc = tmp_path / "pc.jsonl"
+    pc.write_text(
+        "".join(json.dumps({"prompt": g["instruction"], "completion": g["output"]}) + "\n" for g in GOOD)
+    )
+    mapped = tmp_path / "qa.csv"
+    with open(mapped, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["question", "answer", "extra"])
+        w.writerows([g["instruction"], g["output"], "x"] for g in GOOD)
+    prepare(cfg(), [pc], tmp_path / "a")
+    prepare(cfg(), [mapped], tmp_path / "b", columns={"instruction": "question", "output": "answer"})
+    a = (tmp_path / "a" / "train.jsonl").read_bytes()
+    assert a == (tmp_path / "b" / "train.jsonl").read_bytes()
+    assert read_jsonl(tmp_path / "a" / "train.jsonl")[0] == {**GOOD[0], "input": ""}
+
+
+def test_csv_rows_report_their_line_and_bad_column_mapping(tmp_path):
+    path = tmp_path / "rows.csv"
+    body = "instruction,input,output\n" + "".join(f"Q{i},,A{i}\n" for i in range(11))
+    body += '"multi\nline",,\n'  # a record on lines 13-14 with an empty output
+    path.write_text(body)
+    report = prepare(cfg(), [path], tmp_path / "out")
+    assert [(p.line, p.field, p.kind) for p in report.problems] == [(13, "output", "empty")]
+    with pytest.raises(PrepareError):
+        prepare(cfg(), [path], tmp_path / "out2", columns={"output": "answer"})
+
+
+def test_existing_output_needs_force(tmp_path):
+    raw = tmp_path / "r.jsonl"
+    raw.write_text("".join(json.dumps(g) + "\n" for g in GOOD))
+    prepare(cfg(), [raw], tmp_path / "out")
+    with pytest.raises(PrepareError, match="already exists; pass --force"):
+        prepare(cfg(), [raw], tmp_path / "out")
+    raw.write_text("".join(json.dumps(g) + "\n" for g in GOOD[1:]))
+    prepare(cfg(), [raw], tmp_path / "out", force=True)
+    assert len(read_jsonl(tmp_path / "out" / "train.jsonl")) == 11
+
+
+def test_eval_split_is_seeded_and_disjoint(tmp_path):
+    raw = tmp_path / "r.jsonl"
+    records = [good(i) for i in range(40)]
+    raw.write_text("".join(json.dumps(g) + "\n" for g in records))
+    r1 = prepare(cfg(), [raw], tmp_path / "a", eval_fraction=0.25)
+    prepare(cfg(), [raw], tmp_path / "b", eval_fraction=0.25)
+    assert (r1.train_written, r1.eval_written) == (30, 10)
+    train, evals = read_jsonl(tmp_path / "a" / "train.jsonl"), read_jsonl(tmp_path / "a" / "eval.jsonl")
+    assert (tmp_path / "a" / "eval.jsonl").read_bytes() == (tmp_path / "b" / "eval.jsonl").read_bytes()
+    assert sorted(map(json.dumps, train + evals)) == sorted(map(json.dumps, records))
+
+
+def test_overlength_policies(tmp_path):
+    raw = tmp_path / "r.jsonl"
+    long = {"instruction": "Summarize.", "input": "The adapter is small. " * 60, "output": "Small adapter."}
+    raw.write_text("".join(json.dumps(g) + "\n" for g in [*GOOD, long]))
+    dropped = prepare(cfg(max_seq_length=64), [raw], tmp_path / "drop")
+    assert (dropped.train_written, dropped.overlength_dropped) == (12, 1)
+
+    truncated = prepare(cfg(max_seq_length=64, overlength="truncate"), [raw], tmp_path / "trunc")
+    assert (truncated.train_written, truncated.truncated) == (13, 1)
+    kept = read_jsonl(tmp_path / "trunc" / "train.jsonl")[-1]
+    assert kept["output"] == "Small adapter." and kept["input"].startswith("The adapter is small.")
+    assert truncated.token_lengths["max"] <= 64
+
+    with pytest.raises(PrepareError, match="longer than max_seq_length 64 and data.overlength=error"):
+        prepare(cfg(max_seq_length=64, overlength="error"), [raw], tmp_path / "err")
+    assert not (tmp_path / "err" / "train.jsonl").exists()
+
+
+def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    import qlora_llm.data as data
+
+    raw = tmp_path / "r.jsonl"
+    raw.write_text("".join(json.dumps(g) + "\n" for g in GOOD))
+    calls = {"n": 0}
+    real_dump = data._dump
+
+    def crash_midway(record):
+        calls["n"] += 1
+        if calls["n"] > len(GOOD) + 5:  # after the duplicate check, halfway through writing train.jsonl
+            raise OSError("disk full")
+        return real_dump(record)
+
+    monkeypatch.setattr(data, "_dump", crash_midway)
+    with pytest.raises(OSError, match="disk full"):
+        prepare(cfg(), [raw], tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []  # no train.jsonl, no temporary left behind
+
+
+def test_hub_dataset_offline_is_one_clear_sentence(tmp_path, monkeypatch):
+    import qlora_llm.model as model
+
+    monkeypatch.setattr(model, "_hub_reachable", lambda: False)
+    with pytest.raises(
+        PrepareError,
+        match=r"'tatsu-lab/alpaca' is not a file or folder here, and the Hugging "
+        r"Face Hub cannot be reached .*save_to_disk",
+    ):
+        prepare(cfg(), ["tatsu-lab/alpaca"], tmp_path / "out")
+
+
+def test_cli_prepare_exit_codes_and_messages(tmp_path, capsys):
+    raw = tmp_path / "r.jsonl"
+    raw.write_bytes(b"".join(jl(g) for g in GOOD) + b"{broken\n")
+    args = ["prepare", str(raw), "--output-dir", str(tmp_path / "out"), "--model", TOKENIZER]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert "wrote 12 train, 0 eval; 1 invalid" in out
+    assert f"error: {raw}:13: invalid JSON at column 2" in err
+    assert main(args) == 1
+    assert "already exists; pass --force" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b"{broken\n")
+    assert main(["prepare", str(bad), "--output-dir", str(tmp_path / "o2"), "--model", TOKENIZER]) == 1
+    assert "no valid examples" in capsys.readouterr().err
+    assert (
+        main(["prepare", str(raw), "--output-dir", str(tmp_path / "o3"), "--model", TOKENIZER, "--strict"])
+        == 1
+    )
+    assert not (tmp_path / "o3" / "train.jsonl").exists()
+
+
+def test_problem_list_is_capped_on_the_terminal(tmp_path, capsys):
+    raw = tmp_path / "r.jsonl"
+    raw.write_bytes(b"".join(jl(g) for g in GOOD) + b"{broken\n" * 30)
+    assert main(["prepare", str(raw), "--output-dir", str(tmp_path / "out"), "--model", TOKENIZER]) == 0
+    err = capsys.readouterr().err
+    assert err.count("invalid JSON") == 20 and "... and 10 more (all in prepare_report.json)" in err
+
+
+def test_bundled_data_is_valid_and_split_clean(tmp_path):
+    root = Path(__file__).resolve().parents[1] / "data" / "aclsum"
+    report = prepare(
+        cfg(max_seq_length=512),
+        [root / "train.jsonl"],
+        tmp_path / "out",
+        eval_inputs=[root / "eval.jsonl", root / "test.jsonl"],
+    )
+    assert report.invalid == report.duplicates == report.overlength_dropped == report.eval_leaks_removed == 0
+    assert report.train_written >= 200 and report.eval_written >= 80
