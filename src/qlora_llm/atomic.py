@@ -50,10 +50,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
+def atomic_dir(path: Path, replace: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder; on success it is renamed to `path`, on error it is deleted.
 
-    If `path` appeared meanwhile (another process finished first), theirs is kept and ours dropped.
+    If `path` exists: with `replace` the old folder is swapped out and deleted only after the new one
+    is in place; without, theirs is kept (another process finished the same work first) and ours dropped.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,6 +62,13 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        if replace and path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+            return
         try:
             os.rename(tmp, path)
         except OSError:

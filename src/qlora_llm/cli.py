@@ -93,6 +93,57 @@ def _print_problems(problems: list) -> None:
         print(f"... and {len(problems) - SHOW_PROBLEMS} more (all in prepare_report.json)", file=sys.stderr)
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from qlora_llm.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, resume=args.resume, force=args.force)
+    _print_summary(result.summary, result.run_dir)
+    if result.exit_code:
+        print(
+            f"stopped by {result.stopped}; continue with: qlora-llm train {args.config} --resume auto "
+            + " ".join(args.overrides),
+            file=sys.stderr,
+        )
+    return result.exit_code
+
+
+def _print_summary(summary: dict, run_dir: Path) -> None:
+    def fmt(v):
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    rows = [
+        ("steps", summary["steps"]),
+        ("stopped", summary["stopped"]),
+        ("seconds", summary["seconds"]),
+        (
+            "train loss (first -> last)",
+            f"{fmt(summary['train_loss_first'])} -> {fmt(summary['train_loss_last'])}",
+        ),
+        (
+            "eval loss (first -> best)",
+            f"{fmt(summary['eval_loss_first'])} -> {fmt(summary['eval_loss_best'])}",
+        ),
+        ("trained tokens/s", summary["tokens_per_s"]),
+        ("peak memory", f"{summary['peak_memory_bytes'] / 2**30:.2f} GiB"),
+        ("trainable parameters", f"{summary['trainable_parameters']:,}"),
+        ("best checkpoint", summary["best_checkpoint"]),
+        ("final adapter", summary["final_adapter"]),
+        ("run folder", run_dir),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from qlora_llm.plan import format_plan, plan
+
+    report = plan(load_config(args.config, args.overrides))
+    print(format_plan(report))
+    return 0 if report.fits else 1
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from qlora_llm.model import list_models
 
@@ -162,6 +213,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="any other config override, e.g. --set data.seed=1",
     )
 
+    p = sub.add_parser("train", help="fine-tune with QLoRA (or LoRA) from a config")
+    p.add_argument("config", help="YAML config, e.g. configs/smollm2-cpu.yaml")
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="e.g. train.max_steps=20")
+    p.add_argument(
+        "--resume",
+        metavar="auto|CHECKPOINT",
+        help="continue from the newest complete checkpoint (auto) or the one given",
+    )
+    p.add_argument("--force", action="store_true", help="train even if the memory plan says it will not fit")
+
+    p = sub.add_parser("plan", help="estimate peak memory before loading any weight: will it fit?")
+    p.add_argument("config", help="YAML config")
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value")
+
     p = sub.add_parser("models", help="list known models and whether each is available here")
     p.add_argument("--config", help="YAML config (for model.cache_dir)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -176,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "prepare": cmd_prepare,
+    "train": cmd_train,
+    "plan": cmd_plan,
     "models": cmd_models,
     "config": cmd_config,
 }
@@ -199,9 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as err:
         from qlora_llm.data import PrepareError
-        from qlora_llm.model import ModelNotFoundError
+        from qlora_llm.model import DeviceError, ModelNotFoundError
+        from qlora_llm.train import TrainError
 
-        if isinstance(err, ModelNotFoundError | PrepareError):
+        if isinstance(err, ModelNotFoundError | PrepareError | TrainError | DeviceError):
             print(f"error: {err}", file=sys.stderr)
             return 1
         raise

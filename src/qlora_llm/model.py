@@ -245,3 +245,112 @@ def list_models(cache_dir: Path | None = None) -> list[dict[str, str]]:
             }
         )
     return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading for training and inference.
+
+
+class DeviceError(RuntimeError):
+    """The configured device cannot be used; nothing falls back silently."""
+
+
+def pick_device(device: str) -> str:
+    """`auto` -> cuda when a GPU is visible, else cpu; an explicit `cuda` without a GPU is an error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(
+            "model.device=cuda but no CUDA GPU is visible to PyTorch (torch.cuda.is_available() is False). "
+            "Use model.device=cpu (or auto), or install a CUDA build of torch."
+        )
+    return device
+
+
+def pick_compute_dtype(compute_dtype: str, device: str) -> Any:
+    """`auto`: bf16 on CUDA that has it, else fp16 on CUDA; fp32 on CPU, where bf16 matmuls are ~30x slower."""
+    import torch
+
+    if compute_dtype != "auto":
+        return getattr(torch, compute_dtype)
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def describe_device(device: str) -> str:
+    import torch
+
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        return f"cuda ({props.name}, {props.total_memory / 2**30:.1f} GiB)"
+    import os
+
+    return f"cpu ({os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads)"
+
+
+def load_base_model(mcfg: Any, device: str, *, quantization: str | None = None, dtype: Any = None) -> Any:
+    """The base model on `device`, 4-bit (NF4/FP4 via bitsandbytes, on CUDA or CPU) unless quantization is none."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = quantization or mcfg.quantization
+    dtype = dtype or pick_compute_dtype(mcfg.compute_dtype, device)
+    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": device}}
+    if quantization != "none":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quantization,
+            bnb_4bit_use_double_quant=mcfg.double_quant,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    resolved = resolve_model(mcfg.name, mcfg.cache_dir)
+    model = _from_pretrained(
+        AutoModelForCausalLM.from_pretrained,
+        resolved,
+        mcfg.revision,
+        trust_remote_code=mcfg.trust_remote_code,
+        **kwargs,
+    )
+    log.info(
+        "loaded %s on %s: %s, compute %s",
+        mcfg.name,
+        device,
+        "plain weights"
+        if quantization == "none"
+        else f"4-bit {quantization}" + (" + double quant" if mcfg.double_quant else ""),
+        str(dtype).removeprefix("torch."),
+    )
+    return model
+
+
+def find_linear_names(model: Any) -> list[str]:
+    """Short names of every linear layer in the decoder blocks (not the output head), whatever the architecture."""
+    import torch
+
+    names = set()
+    for full_name, module in model.named_modules():
+        # bitsandbytes' Linear4bit subclasses nn.Linear, so quantized layers are found too.
+        if isinstance(module, torch.nn.Linear) and "lm_head" not in full_name:
+            names.add(full_name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def resolve_target_modules(model: Any, wanted: list[str]) -> list[str]:
+    """The configured LoRA targets when the model has them all; else the model's own linear layer names.
+
+    Llama/Mistral/Qwen name their projections q_proj..down_proj; GPT-2, Falcon, Phi and others do not,
+    so for those the targets are found in the model rather than guessed.
+    """
+    present = find_linear_names(model)
+    if all(name in present for name in wanted):
+        return list(wanted)
+    missing = [n for n in wanted if n not in present]
+    log.warning(
+        "lora.target_modules %s are not in %s; targeting its linear layers instead: %s",
+        missing,
+        type(model).__name__,
+        present,
+    )
+    return present

@@ -1,0 +1,691 @@
+"""The training layer: `train(cfg)` fine-tunes a 4-bit (QLoRA) or plain base model with LoRA via TRL.
+
+    result = train(load_config("configs/smollm2-cpu.yaml"), resume="auto")
+
+Read top to bottom, it does what the seed's data flow says: load and split the prepared JSONL, tokenize
+it with the one template (loss on the completion only, EOS learned), load the base model in NF4 on the
+chosen device, attach LoRA, run TRL's SFTTrainer with early stopping and checkpoints, and write the
+final adapter. What it adds, and why it is written here rather than found in TRL:
+- checkpoints are staged under a hidden name and renamed into place when complete, so a crash or
+  `kill -9` mid-save never leaves a checkpoint that resume would pick (Trainer writes in place);
+- SIGTERM / Ctrl-C save a checkpoint at the next step boundary and stop; a non-finite loss stops
+  before the bad update is applied; an out-of-memory error says which settings to lower;
+- every run folder is self-describing: resolved config, manifest, metrics.jsonl, loss.png.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from qlora_llm.atomic import atomic_dir, atomic_write_text
+from qlora_llm.config import Config, save_config
+from qlora_llm.templates import render
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# What a checkpoint must hold to be resumed from; staged saving makes a partial one impossible, this
+# also rejects folders written by other tools or older versions.
+CHECKPOINT_FILES = (
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "trainer_state.json",
+    "optimizer.pt",
+    "scheduler.pt",
+    "manifest.json",
+)
+
+
+class TrainError(RuntimeError):
+    """Training cannot start or cannot go on; the message says why and what to change."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_adapter: Path | None
+    global_step: int
+    stopped: Literal["completed", "early_stopping", "SIGTERM", "SIGINT"]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        """What a CLI should exit with: 143 after SIGTERM, 130 after Ctrl-C, as shells expect."""
+        return {"SIGTERM": 143, "SIGINT": 130}.get(self.stopped, 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+
+
+def load_examples(path: Path) -> list[dict]:
+    """Canonical records from a JSONL/JSON/CSV file; any invalid record is an error pointing at `prepare`."""
+    from qlora_llm.data import PrepareError, normalize, read_raw
+
+    path = Path(path)
+    if not path.is_file():
+        raise TrainError(
+            f"{path}: training data not found. Make it with `qlora-llm prepare RAW --output-dir DIR`."
+        )
+    records, problems = [], []
+    try:
+        for raw in read_raw(path):
+            if raw.problem:
+                problems.append(raw.problem)
+                continue
+            data, found = normalize(raw.obj, str(path), raw.line)
+            problems.extend(found)
+            if data is not None:
+                records.append(data)
+    except PrepareError as err:
+        raise TrainError(str(err)) from None
+    if problems:
+        shown = "\n  ".join(str(p) for p in problems[:5])
+        more = f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise TrainError(
+            f"{path} has {len(problems)} invalid record(s):\n  {shown}{more}\n"
+            f"Clean it with `qlora-llm prepare {path} --output-dir DIR`."
+        )
+    return records
+
+
+def split_examples(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """The seed's 90/10 split, seeded, keeping file order within each side."""
+    if fraction <= 0 or len(records) < 2:
+        return records, []
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    held = set(order[: max(1, round(len(records) * fraction))])
+    return [r for i, r in enumerate(records) if i not in held], [
+        r for i, r in enumerate(records) if i in held
+    ]
+
+
+def tokenize_examples(
+    records: list[dict], tokenizer: Any, template: str, max_length: int
+) -> tuple[list[dict], int]:
+    """Token ids and a completion mask per example, rendered by the one template.
+
+    We tokenize here, not in TRL, so that training sees exactly the ids the template tests check: one
+    BOS (added by the tokenizer, never as text), the completion ending in EOS. Examples longer than
+    `max_length` are dropped, not cut: a cut example loses its EOS and teaches the model not to stop.
+    """
+    rows, dropped = [], 0
+    for record in records:
+        r = render(record, template, tokenizer)
+        ids = tokenizer(r.prompt + r.completion, add_special_tokens=True)["input_ids"]
+        prompt_ids = tokenizer(r.prompt, add_special_tokens=True)["input_ids"]
+        n_prompt = 0
+        while n_prompt < min(len(prompt_ids), len(ids)) and prompt_ids[n_prompt] == ids[n_prompt]:
+            n_prompt += 1
+        if len(ids) > max_length:
+            dropped += 1
+            continue
+        rows.append({"input_ids": ids, "completion_mask": [0] * n_prompt + [1] * (len(ids) - n_prompt)})
+    return rows, dropped
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint folders with every file resume needs, oldest step first."""
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for p in run_dir.iterdir():
+        m = CHECKPOINT_RE.match(p.name)
+        if m and p.is_dir() and all((p / f).is_file() for f in CHECKPOINT_FILES):
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def _identity(cfg: Config) -> dict[str, Any]:
+    """What a checkpoint must share with the config to be resumed: same base, same LoRA shape."""
+    return {
+        "base_model": cfg.model.name,
+        "quantization": cfg.model.quantization,
+        "lora_r": cfg.lora.r,
+        "lora_alpha": cfg.lora.alpha,
+        "template": cfg.model.template,
+    }
+
+
+def check_resumable(checkpoint: Path, cfg: Config, target_modules: list[str]) -> None:
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    want = {**_identity(cfg), "target_modules": sorted(target_modules)}
+    have = {k: manifest.get("identity", {}).get(k) for k in want}
+    diff = [f"{k}: checkpoint {have[k]!r}, config {want[k]!r}" for k in want if have[k] != want[k]]
+    if diff:
+        raise TrainError(
+            f"{checkpoint} cannot be resumed with this config ({'; '.join(diff)}). "
+            "Use the same settings, or a new train.output_dir to start over."
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Trainer pieces
+
+
+def _memory_bytes(device: str) -> int:
+    if device == "cuda":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated())
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def _make_trainer_class() -> type:
+    """SFTTrainer with staged checkpoints, a finite-loss guard and real-token counting.
+
+    Built in a function so importing this module does not import TRL (the CLI stays fast).
+    """
+    from trl import SFTTrainer
+
+    class QLoRATrainer(SFTTrainer):
+        run_manifest: dict[str, Any] = {}
+        run_config: Config | None = None
+        tokens_seen: int = 0
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if not math.isfinite(float(loss)):
+                # Raised before optimizer.step(), so the last good weights and checkpoints stay good.
+                raise TrainError(f"loss became {float(loss)} at step {self.state.global_step + 1}")
+            mask = inputs.get("attention_mask")
+            self.tokens_seen += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+            return loss
+
+        def _save_checkpoint(self, model, trial):
+            run_dir = Path(self.args.output_dir)
+            name = f"checkpoint-{self.state.global_step}"
+            staging = run_dir / f".staging-{name}"
+            shutil.rmtree(staging, ignore_errors=True)
+            # Trainer writes into <_get_output_dir()>/<name>; point that at the staging folder.
+            self._get_output_dir = lambda trial=None: str(staging)
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                del self._get_output_dir
+            staged = staging / name
+            best = self.state.best_model_checkpoint
+            if best and Path(best).parent == staging:
+                self.state.best_model_checkpoint = str(run_dir / name)
+                self.state.save_to_json(str(staged / "trainer_state.json"))
+            if self.run_config is not None:
+                save_config(self.run_config, staged / "config.yaml")
+            atomic_write_text(staged / "manifest.json", json.dumps(self.run_manifest, indent=2) + "\n")
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(run_dir / name)  # the same step saved again (e.g. the final save)
+            os.rename(staged, run_dir / name)  # the moment the checkpoint becomes visible, complete
+            shutil.rmtree(staging, ignore_errors=True)
+            self._rotate(run_dir)
+
+        def _rotate(self, run_dir: Path) -> None:
+            limit = self.args.save_total_limit
+            if not limit:
+                return
+            checkpoints = complete_checkpoints(run_dir)
+            best = self.state.best_model_checkpoint
+            keep = set(checkpoints[-limit:]) | ({Path(best)} if best else set())
+            for p in checkpoints:
+                if p not in keep:
+                    shutil.rmtree(p, ignore_errors=True)
+
+    return QLoRATrainer
+
+
+def _make_monitor(run_dir: Path, device: str, stop_requests: list[str]) -> Any:
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class RunMonitor(TrainerCallback):
+        """metrics.jsonl, the progress bar, and stopping cleanly at a step boundary on a signal."""
+
+        trainer: Any = None
+
+        def __init__(self):
+            self.bar = None
+            self.mark = (time.perf_counter(), 0)
+            self.metrics_path = run_dir / "metrics.jsonl"
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.bar = tqdm(
+                total=state.max_steps,
+                initial=state.global_step,
+                desc="training",
+                unit="step",
+                dynamic_ncols=True,
+            )
+            self.mark = (time.perf_counter(), self.trainer.tokens_seen)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.bar.update(state.global_step - self.bar.n)
+            if stop_requests:
+                control.should_save = True
+                control.should_training_stop = True
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if "loss" not in logs and "eval_loss" not in logs:
+                return  # the end-of-training summary: summary.json has it
+            row: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0, 4)}
+            for key, name in (
+                ("loss", "loss"),
+                ("eval_loss", "eval_loss"),
+                ("learning_rate", "lr"),
+                ("grad_norm", "grad_norm"),
+            ):
+                if key in logs:
+                    row[name] = logs[key]
+            if "loss" in logs:  # a training log: throughput since the previous one
+                now, tokens = time.perf_counter(), self.trainer.tokens_seen
+                row["tokens_per_s"] = round((tokens - self.mark[1]) / max(now - self.mark[0], 1e-9), 2)
+                self.mark = (now, tokens)
+            row["memory_bytes"] = _memory_bytes(device)
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+            if self.bar is not None:
+                shown = {k: f"{row[k]:.4g}" for k in ("loss", "eval_loss", "tokens_per_s") if k in row}
+                shown["mem"] = f"{row['memory_bytes'] / 2**30:.2f}G"
+                self.bar.set_postfix(shown, refresh=False)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+
+    return RunMonitor()
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop_requests: list[str]) -> Iterator[None]:
+    """SIGTERM / SIGINT ask training to save and stop at the next step boundary; a second one kills."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        if stop_requests:
+            raise KeyboardInterrupt  # asked twice: stop now
+        log.warning("%s received: saving a checkpoint at the end of this step, then stopping", name)
+        stop_requests.append(name)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in (
+        "qlora-llm",
+        "torch",
+        "transformers",
+        "trl",
+        "peft",
+        "bitsandbytes",
+        "accelerate",
+        "datasets",
+    ):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _base_model_identity(cfg: Config) -> dict[str, Any]:
+    from qlora_llm.model import BUILTIN_MODELS, builtin_folder
+
+    name = cfg.model.name
+    if name in BUILTIN_MODELS:
+        source = builtin_folder(name, cfg.model.cache_dir) / "qlora_llm_source.json"
+        info = json.loads(source.read_text()) if source.is_file() else {}
+        return {"id": name, "hub_id": BUILTIN_MODELS[name].hub_id, "sha256": info.get("source_sha256")}
+    path = Path(name).expanduser()
+    if path.is_dir():
+        weights = sorted(path.glob("*.safetensors"))
+        return {"id": str(path.resolve()), "sha256": _sha256_file(weights[0]) if len(weights) == 1 else None}
+    return {"id": name, "revision": cfg.model.revision or "main"}
+
+
+def _plot_loss(metrics_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=110)
+    if train:
+        ax.plot(*zip(*train, strict=True), color="#4C72B0", label="train loss")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", color="#DD8452", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"Loss: {metrics_path.parent.name}")
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    from qlora_llm.atomic import atomic_file
+
+    with atomic_file(png, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+
+
+CPU_OPTIMIZERS = {"paged_adamw_32bit": "adamw_torch", "paged_adamw_8bit": "adamw_bnb_8bit"}
+
+
+def _optimizer_for(optim: str, device: str) -> str:
+    """Paged optimizers page their state from GPU to CPU memory under pressure; on CPU there is nothing to page."""
+    if device == "cpu" and optim in CPU_OPTIMIZERS:
+        log.info(
+            "optimizer %s -> %s on CPU: paging moves optimizer state off the GPU, which a CPU run "
+            "does not have (same AdamW math)",
+            optim,
+            CPU_OPTIMIZERS[optim],
+        )
+        return CPU_OPTIMIZERS[optim]
+    return optim
+
+
+def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> TrainResult:
+    """Fine-tune `cfg.model.name` with LoRA on `cfg.data.train_file`; return where everything went.
+
+    `resume`: None refuses a run folder that already has checkpoints; "auto" continues from the newest
+    complete checkpoint (or starts fresh if there is none); a path continues from that checkpoint.
+    `force` trains even when the memory plan says it will not fit.
+    """
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import EarlyStoppingCallback, PrinterCallback
+    from trl import SFTConfig
+
+    from qlora_llm.model import (
+        describe_device,
+        load_base_model,
+        load_tokenizer,
+        pick_compute_dtype,
+        pick_device,
+        resolve_target_modules,
+    )
+
+    t, m = cfg.train, cfg.model
+    run_dir = Path(t.output_dir)
+    device = pick_device(m.device)
+    dtype = pick_compute_dtype(m.compute_dtype, device)
+    log.info("device: %s; compute dtype %s", describe_device(device), str(dtype).removeprefix("torch."))
+
+    existing = complete_checkpoints(run_dir)
+    checkpoint: Path | None = None
+    if resume is None and existing:
+        raise TrainError(
+            f"{run_dir} already has checkpoints ({existing[-1].name}, ...). Continue it with "
+            "--resume auto, or set train.output_dir to a new folder."
+        )
+    if resume == "auto":
+        checkpoint = existing[-1] if existing else None
+    elif resume:
+        checkpoint = Path(resume)
+        if checkpoint not in existing and not all((checkpoint / f).is_file() for f in CHECKPOINT_FILES):
+            raise TrainError(
+                f"{checkpoint} is not a complete checkpoint (needs {', '.join(CHECKPOINT_FILES)})."
+            )
+    if t.early_stopping_patience and t.save_steps % t.eval_steps:
+        raise TrainError(
+            f"train.save_steps={t.save_steps} must be a multiple of train.eval_steps={t.eval_steps}: "
+            "early stopping keeps the best checkpoint, so every save needs an evaluation."
+        )
+
+    from qlora_llm.plan import plan
+
+    memory = plan(cfg)
+    if not memory.fits:
+        if not force:
+            raise TrainError(
+                f"this run is estimated not to fit: {memory.verdict} Run `qlora-llm plan` for the "
+                "breakdown, lower the settings it suggests, or pass --force."
+            )
+        log.warning("estimated not to fit, training anyway (--force): %s", memory.verdict)
+
+    # Data: the prepared JSONL, split 90/10 unless an eval file is given.
+    tokenizer = load_tokenizer(m.name, m.revision, m.cache_dir, m.trust_remote_code)
+    records = load_examples(cfg.data.train_file)
+    if cfg.data.eval_file:
+        train_records, eval_records = records, load_examples(cfg.data.eval_file)
+    else:
+        train_records, eval_records = split_examples(records, cfg.data.eval_fraction, cfg.data.seed)
+    train_rows, dropped = tokenize_examples(train_records, tokenizer, m.template, cfg.data.max_seq_length)
+    eval_rows, eval_dropped = tokenize_examples(eval_records, tokenizer, m.template, cfg.data.max_seq_length)
+    if dropped or eval_dropped:
+        log.warning(
+            "dropped %d train / %d eval examples longer than data.max_seq_length=%d",
+            dropped,
+            eval_dropped,
+            cfg.data.max_seq_length,
+        )
+    if not train_rows:
+        raise TrainError(f"no training example fits data.max_seq_length={cfg.data.max_seq_length}.")
+    if t.early_stopping_patience and not eval_rows:
+        raise TrainError(
+            "early stopping needs eval data: set data.eval_file or data.eval_fraction > 0, "
+            "or train.early_stopping_patience=0."
+        )
+    if tokenizer.pad_token is None:
+        # A pad distinct from EOS where the vocabulary has one, so no EOS is ever taken for padding.
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+
+    # Model: 4-bit base, k-bit preparation, LoRA.
+    model = load_base_model(m, device, dtype=dtype)
+    quantized = m.quantization != "none"
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=t.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    explicit = "target_modules" in cfg.lora.model_fields_set
+    targets = resolve_target_modules(model, cfg.lora.target_modules)
+    if explicit and targets != cfg.lora.target_modules:
+        raise TrainError(
+            f"lora.target_modules {cfg.lora.target_modules} are not all in {type(model).__name__}; "
+            f"its linear layers are: {', '.join(targets)}."
+        )
+    if checkpoint is not None:
+        check_resumable(checkpoint, cfg, targets)
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=targets,
+            bias=cfg.lora.bias,
+            task_type="CAUSAL_LM",
+        ),
+    )
+
+    files = [cfg.data.train_file] + ([cfg.data.eval_file] if cfg.data.eval_file else [])
+    example = render(train_records[0], m.template, tokenizer)
+    manifest = {
+        "identity": {**_identity(cfg), "target_modules": sorted(targets)},
+        "base_model": _base_model_identity(cfg),
+        "template": {"name": m.template, "example": example.text},
+        "tokens": {
+            "bos_id": tokenizer.bos_token_id,
+            "eos_id": tokenizer.eos_token_id,
+            "pad_id": tokenizer.pad_token_id,
+            "eos": tokenizer.eos_token,
+        },
+        "data": {str(p): _sha256_file(Path(p)) for p in files}
+        | {"train_examples": len(train_rows), "eval_examples": len(eval_rows)},
+        "device": describe_device(device),
+        "versions": _library_versions(),
+        "seed": t.seed,
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    atomic_write_text(run_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+
+    use_bf16 = dtype == torch.bfloat16
+    args = SFTConfig(
+        output_dir=str(run_dir),
+        num_train_epochs=t.num_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float < 1 is a ratio
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=_optimizer_for(t.optim, device),
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        bf16=use_bf16,
+        fp16=dtype == torch.float16,
+        use_cpu=device == "cpu",
+        train_sampling_strategy="group_by_length" if t.group_by_length and not t.packing else "random",
+        packing=t.packing,
+        packing_strategy="bfd",
+        padding_free=t.packing,
+        max_length=cfg.data.max_seq_length,
+        completion_only_loss=not t.train_on_prompt,
+        eval_strategy="steps" if eval_rows else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        load_best_model_at_end=bool(eval_rows) and t.early_stopping_patience > 0,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=t.logging_steps,
+        report_to="none",
+        seed=t.seed,
+        data_seed=t.seed,
+        disable_tqdm=True,  # our bar shows loss, tokens/s and memory
+        dataloader_num_workers=0,
+    )
+    callbacks = []
+    if eval_rows and t.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
+    stop_requests: list[str] = []
+    monitor = _make_monitor(run_dir, device, stop_requests)
+    callbacks.append(monitor)
+    trainer = _make_trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    trainer.run_manifest, trainer.run_config, monitor.trainer = manifest, cfg, trainer
+    trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; our bar and metrics.jsonl show them
+    if device == "cpu":
+        # TRL casts LoRA weights to bf16 on a 4-bit base even with bf16=False; bf16 math is ~2x slower
+        # for QLoRA on CPU (30x for full bf16 compute), so the trainable weights go back to fp32.
+        for p in trainer.model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    log.info(
+        "LoRA r=%d on %s: %s trainable parameters; %d train / %d eval examples; resume from %s",
+        cfg.lora.r,
+        ",".join(targets),
+        f"{trainable:,}",
+        len(train_rows),
+        len(eval_rows),
+        checkpoint or "scratch",
+    )
+
+    start = time.perf_counter()
+    try:
+        with _stop_on_signals(stop_requests):
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except torch.OutOfMemoryError:
+        raise TrainError(
+            f"out of memory on {device} at step {trainer.state.global_step}. Lower train.batch_size "
+            f"(now {t.batch_size}; raise train.gradient_accumulation_steps to keep the effective batch), "
+            f"data.max_seq_length (now {cfg.data.max_seq_length}), or lora.r (now {cfg.lora.r}); keep "
+            "train.gradient_checkpointing=true. `qlora-llm plan` shows what fits."
+        ) from None
+    except TrainError as err:
+        last = complete_checkpoints(run_dir)
+        keep = f"; the last good checkpoint is {last[-1]}" if last else "; no checkpoint had been saved"
+        raise TrainError(f"{err}{keep}. Lower train.learning_rate or check the data.") from None
+    elapsed = time.perf_counter() - start
+
+    state = trainer.state
+    stopped: str = stop_requests[0] if stop_requests else "completed"
+    if not stop_requests and state.max_steps and state.global_step < state.max_steps:
+        stopped = "early_stopping"
+    final = None
+    if not stop_requests:
+        final = run_dir / "final_adapter"
+        with atomic_dir(final, replace=True) as tmp:
+            trainer.model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            save_config(cfg, tmp / "config.yaml")
+            atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    metrics_path = run_dir / "metrics.jsonl"
+    if metrics_path.is_file():
+        _plot_loss(metrics_path, run_dir / "loss.png")
+    rows = [json.loads(x) for x in metrics_path.read_text().splitlines()] if metrics_path.is_file() else []
+    eval_losses = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    summary = {
+        "steps": state.global_step,
+        "stopped": stopped,
+        "seconds": round(elapsed, 1),
+        "train_loss_first": next((r["loss"] for r in rows if "loss" in r), None),
+        "train_loss_last": next((r["loss"] for r in reversed(rows) if "loss" in r), None),
+        "eval_loss_first": eval_losses[0] if eval_losses else None,
+        "eval_loss_best": min(eval_losses) if eval_losses else None,
+        "best_checkpoint": state.best_model_checkpoint,
+        "tokens_trained": trainer.tokens_seen,
+        "tokens_per_s": round(trainer.tokens_seen / elapsed, 2) if elapsed else None,
+        "peak_memory_bytes": _memory_bytes(device),
+        "trainable_parameters": trainable,
+        "final_adapter": str(final) if final else None,
+    }
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    log.info("training %s after %d steps in %.0fs", stopped, state.global_step, elapsed)
+    return TrainResult(run_dir, final, state.global_step, stopped, summary)  # type: ignore[arg-type]

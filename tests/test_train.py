@@ -1,0 +1,431 @@
+"""Training: real NF4 QLoRA on CPU with a tiny Mistral; right labels, exact resume, no lost checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlora_llm.config import load_config
+from qlora_llm.train import CHECKPOINT_FILES, TrainError, complete_checkpoints, tokenize_examples, train
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """Short, learnable examples: name the word after a given word."""
+    folder = tmp_path_factory.mktemp("data")
+    rows = [
+        {"instruction": f"What comes after {w}?", "input": "", "output": f"{WORDS[(i + 1) % 8]} {i % 3}"}
+        for i, w in enumerate(WORDS * 4)
+    ]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:28]))
+    (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[28:]))
+    return folder
+
+
+def tiny_cfg(tiny_mistral, tiny_data, out, *extra):
+    return load_config(
+        None,
+        [
+            f"model.name={tiny_mistral}",
+            "model.device=cpu",
+            f"data.train_file={tiny_data / 'train.jsonl'}",
+            f"data.eval_file={tiny_data / 'eval.jsonl'}",
+            "data.max_seq_length=64",
+            f"train.output_dir={out}",
+            "train.max_steps=6",
+            "train.batch_size=4",
+            "train.gradient_accumulation_steps=1",
+            "train.eval_steps=3",
+            "train.save_steps=3",
+            "train.logging_steps=1",
+            "train.learning_rate=1e-2",
+            "train.warmup_ratio=0",
+            "train.early_stopping_patience=0",
+            *extra,
+        ],
+    )
+
+
+def lora_state(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_token_ids_one_bos_and_completion_mask(mistral_tokenizer):
+    records = [
+        {"instruction": "Hi", "input": "", "output": "Hello there."},
+        {"instruction": "A longer question here", "input": "with input", "output": "Ok."},
+    ]
+    rows, dropped = tokenize_examples(records, mistral_tokenizer, "mistral", 64)
+    assert dropped == 0
+    for row, record in zip(rows, records, strict=True):
+        ids = row["input_ids"]
+        assert ids[0] == 1 and ids.count(1) == 1 and ids[-1] == 2  # one BOS, ends on EOS
+        answer = [i for i, m in zip(ids, row["completion_mask"], strict=True) if m]
+        assert mistral_tokenizer.decode(answer) == f"{record['output']}</s>"
+
+
+def test_collated_batch_labels_completion_and_eos_never_padding(
+    tiny_mistral, tiny_data, tmp_path, monkeypatch
+):
+    """The first real batch the trainer feeds the model: which positions carry labels."""
+    import qlora_llm.train as qtrain
+
+    seen = {}
+    real = qtrain._make_trainer_class
+
+    def spy():
+        class Spy(real()):
+            def train(self, *a, **k):
+                seen["batch"] = next(iter(self.get_train_dataloader()))
+                seen["pad"] = self.processing_class.pad_token_id
+                return super().train(*a, **k)
+
+        return Spy
+
+    monkeypatch.setattr(qtrain, "_make_trainer_class", spy)
+    train(
+        tiny_cfg(
+            tiny_mistral,
+            tiny_data,
+            tmp_path / "run",
+            "train.max_steps=1",
+            "train.save_steps=1",
+            "train.eval_steps=1",
+            "train.group_by_length=false",
+        )
+    )
+    from qlora_llm.model import load_tokenizer
+
+    batch, tok = seen["batch"], load_tokenizer(str(tiny_mistral))
+    assert batch["input_ids"].shape[0] == 4
+    for ids, labels, mask in zip(
+        batch["input_ids"].tolist(), batch["labels"].tolist(), batch["attention_mask"].tolist(), strict=True
+    ):
+        n = sum(mask)
+        assert ids[0] == 1 and ids[:n].count(1) == 1 and ids[n - 1] == 2
+        learned = [t for t in labels if t != -100]
+        text = tok.decode(learned)
+        assert text.endswith("</s>") and labels[n - 1] == 2  # EOS is learned
+        assert text.removesuffix("</s>").split()[0] in WORDS  # exactly the answer, no prompt token
+        first = labels.index(learned[0])
+        assert tok.decode(ids[:first]).endswith("[/INST]")
+        assert all(x == -100 for x in labels[n:]) and all(x == seen["pad"] for x in ids[n:])
+
+
+def test_pad_equal_to_eos_keeps_eos_label():
+    """SmolLM2's pad token is its EOS: padding is masked by position, so the real EOS keeps its label."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    rows = [
+        {"input_ids": [5, 6, 7, 2], "labels": [-100, 6, 7, 2]},
+        {"input_ids": [5, 8, 2], "labels": [-100, 8, 2]},
+    ]
+    batch = DataCollatorForLanguageModeling(pad_token_id=2)(rows)
+    assert batch["labels"].tolist() == [[-100, 6, 7, 2], [-100, 8, 2, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+
+
+def test_overlong_examples_are_dropped_not_cut(mistral_tokenizer):
+    rows, dropped = tokenize_examples(
+        [{"instruction": "x " * 100, "input": "", "output": "y"}], mistral_tokenizer, "mistral", 32
+    )
+    assert rows == [] and dropped == 1
+
+
+def test_qlora_trains_on_cpu_loss_falls_lora_changes_base_frozen(tiny_mistral, tiny_data, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = tiny_cfg(
+        tiny_mistral,
+        tiny_data,
+        tmp_path / "run",
+        "train.max_steps=12",
+        "train.save_steps=6",
+        "train.eval_steps=6",
+    )
+    result = train(cfg)
+    run = tmp_path / "run"
+    assert result.stopped == "completed" and result.global_step == 12 and result.exit_code == 0
+    s = result.summary
+    assert s["train_loss_last"] < s["train_loss_first"]
+    assert s["eval_loss_best"] < s["eval_loss_first"]
+
+    lora = lora_state(run / "final_adapter")
+    assert len(lora) == 2 * 7 * 2  # A and B for 7 projections in 2 layers
+    assert all(t.dtype == torch.float32 for t in lora.values())
+    assert any(k.endswith("lora_B.weight") and t.abs().sum() > 0 for k, t in lora.items())  # B starts at 0
+    base = load_file(str(Path(tiny_mistral) / "model.safetensors"))
+    assert base["model.layers.0.self_attn.q_proj.weight"].abs().sum() > 0  # the base file is untouched
+    assert {p.name for p in run.iterdir()} == {
+        "config.yaml",
+        "manifest.json",
+        "metrics.jsonl",
+        "loss.png",
+        "summary.json",
+        "final_adapter",
+        "checkpoint-6",
+        "checkpoint-12",
+        "README.md",
+    }
+    assert set(CHECKPOINT_FILES) <= {p.name for p in (run / "checkpoint-6").iterdir()}
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["tokens"] == {"bos_id": 1, "eos_id": 2, "pad_id": 0, "eos": "</s>"}
+    assert manifest["template"]["example"] == "<s>[INST] What comes after alpha? [/INST] beta 0</s>"
+    assert manifest["identity"]["lora_r"] == 16 and len(manifest["data"]) == 4
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == list(range(1, 13))
+    assert all(m["tokens_per_s"] > 0 and m["memory_bytes"] > 0 for m in metrics if "loss" in m)
+    assert [m["step"] for m in metrics if "eval_loss" in m] == [6, 12]
+    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_trainable_weights_are_fp32_on_cpu_despite_trl_cast(tiny_mistral, tiny_data, tmp_path, monkeypatch):
+    import qlora_llm.train as qtrain
+
+    seen = {}
+    real = qtrain._make_trainer_class
+
+    def spy():
+        cls = real()
+
+        class Spy(cls):
+            def train(self, *a, **k):
+                seen["dtypes"] = {p.dtype for p in self.model.parameters() if p.requires_grad}
+                seen["base"] = {
+                    type(m).__name__ for m in self.model.modules() if "Linear4bit" in type(m).__name__
+                }
+                return super().train(*a, **k)
+
+        return Spy
+
+    monkeypatch.setattr(qtrain, "_make_trainer_class", spy)
+    train(
+        tiny_cfg(
+            tiny_mistral,
+            tiny_data,
+            tmp_path / "run",
+            "train.max_steps=1",
+            "train.save_steps=1",
+            "train.eval_steps=1",
+        )
+    )
+    assert seen["dtypes"] == {torch.float32}
+    assert seen["base"] == {"Linear4bit"}  # it really is QLoRA on a 4-bit base
+
+
+def test_resume_gives_the_same_weights_as_straight_training(tiny_mistral, tiny_data, tmp_path, monkeypatch):
+    import qlora_llm.train as qtrain
+
+    extra = [
+        "train.max_steps=8",
+        "train.save_steps=4",
+        "train.eval_steps=4",
+        "lora.dropout=0.1",
+        "train.warmup_ratio=0.2",
+    ]
+    train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "straight", *extra))
+
+    real = qtrain._make_trainer_class
+
+    def interrupted():
+        class Interrupted(real()):
+            def training_step(self, *a, **k):
+                if self.state.global_step == 3:  # during step 4, as a user's SIGTERM would
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return super().training_step(*a, **k)
+
+        return Interrupted
+
+    monkeypatch.setattr(qtrain, "_make_trainer_class", interrupted)
+    first = train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "split", *extra))
+    assert (first.stopped, first.global_step, first.exit_code) == ("SIGTERM", 4, 143)
+    monkeypatch.setattr(qtrain, "_make_trainer_class", real)
+    with pytest.raises(TrainError, match="already has checkpoints .* --resume auto"):
+        train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "split", *extra))
+    second = train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "split", *extra), resume="auto")
+    assert (second.stopped, second.global_step) == ("completed", 8)
+    a = lora_state(tmp_path / "straight" / "checkpoint-8")
+    b = lora_state(tmp_path / "split" / "checkpoint-8")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    c = lora_state(tmp_path / "straight" / "checkpoint-4")
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # the comparison is not between untrained weights
+
+
+def test_checkpoint_of_another_lora_shape_is_refused(tiny_mistral, tiny_data, tmp_path):
+    train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "run", "train.max_steps=3"))
+    with pytest.raises(
+        TrainError, match=r"cannot be resumed with this config \(lora_r: checkpoint 16, config 8"
+    ):
+        train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "run", "lora.r=8"), resume="auto")
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(
+    tiny_mistral, tiny_data, tmp_path, monkeypatch
+):
+    import qlora_llm.train as qtrain
+
+    real = qtrain._make_trainer_class
+
+    def poisoned():
+        cls = real()
+
+        class Poisoned(cls):
+            def compute_loss(self, model, inputs, *a, **k):
+                loss = super().compute_loss(model, inputs, *a, **k)
+                if self.state.global_step >= 4:
+                    return loss * float("nan")
+                return loss
+
+        return Poisoned
+
+    monkeypatch.setattr(qtrain, "_make_trainer_class", poisoned)
+    with pytest.raises(
+        TrainError, match=r"loss became nan at step 5; the last good checkpoint is .*checkpoint-3"
+    ):
+        train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "run", "train.max_steps=8"))
+    ckpt = lora_state(tmp_path / "run" / "checkpoint-3")
+    assert all(torch.isfinite(t).all() for t in ckpt.values())
+
+
+SCRIPT = textwrap.dedent("""
+    import sys, time, torch
+    from qlora_llm.config import load_config
+    from qlora_llm.train import train
+    cfg = load_config(None, sys.argv[2:])
+    mode = sys.argv[1]
+    if mode == "hang-on-save-6":
+        real_save = torch.save
+        def slow_save(obj, f, *a, **k):
+            if "checkpoint-6" in str(f):
+                open(sys.argv[2].split("=", 1)[1] + ".saving", "w").close()
+                time.sleep(600)
+            return real_save(obj, f, *a, **k)
+        torch.save = slow_save
+    result = train(cfg, resume="auto")
+    sys.exit(result.exit_code)
+""")
+
+
+def _run_script(tmp_path, mode, cfg_args):
+    script = tmp_path / "run_train.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.Popen(
+        [sys.executable, str(script), mode, *cfg_args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _args(tiny_mistral, tiny_data, out, *extra):
+    # marker path first: the child script derives its ".saving" flag from it
+    return [
+        f"train.output_dir={out}",
+        f"model.name={tiny_mistral}",
+        "model.device=cpu",
+        f"data.train_file={tiny_data / 'train.jsonl'}",
+        f"data.eval_file={tiny_data / 'eval.jsonl'}",
+        "data.max_seq_length=64",
+        "train.batch_size=4",
+        "train.gradient_accumulation_steps=1",
+        "train.eval_steps=3",
+        "train.save_steps=3",
+        "train.logging_steps=1",
+        "train.learning_rate=1e-2",
+        "train.early_stopping_patience=0",
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_kill_9_mid_save_then_resume_from_newest_complete(tiny_mistral, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    args = _args(tiny_mistral, tiny_data, out, "train.max_steps=9")
+    proc = _run_script(tmp_path, "hang-on-save-6", args)
+    marker = Path(str(out) + ".saving")
+    deadline = time.time() + 240
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), proc.communicate()[0][-3000:]
+    proc.kill()  # kill -9 while checkpoint-6 is half written
+    proc.wait()
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-3"]
+    assert not (out / "checkpoint-6").exists()  # the partial one never got its real name
+    assert any(p.name.startswith(".staging-checkpoint-6") for p in out.iterdir())
+
+    proc = _run_script(tmp_path, "normal", args)
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, log[-3000:]
+    assert "resume from " + str(out / "checkpoint-3") in log
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-3", "checkpoint-6", "checkpoint-9"]
+    assert not any(p.name.startswith(".staging") for p in out.iterdir())
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_step_boundary_and_exits_143(tiny_mistral, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    proc = _run_script(
+        tmp_path,
+        "normal",
+        _args(
+            tiny_mistral,
+            tiny_data,
+            out,
+            "train.max_steps=500",
+            "train.save_steps=300",
+            "train.eval_steps=300",
+        ),
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 143, log[-3000:]
+    saved = complete_checkpoints(out)
+    assert len(saved) == 1 and 3 <= int(saved[0].name.split("-")[1]) < 300
+    assert not (out / "final_adapter").exists()
+
+
+def test_plain_lora_without_quantization(tiny_mistral, tiny_data, tmp_path):
+    result = train(
+        tiny_cfg(tiny_mistral, tiny_data, tmp_path / "run", "model.quantization=none", "train.max_steps=3")
+    )
+    assert result.summary["train_loss_last"] < result.summary["train_loss_first"]
+
+
+def test_wrong_explicit_target_modules_is_an_error(tiny_mistral, tiny_data, tmp_path):
+    with pytest.raises(
+        TrainError, match=r"lora.target_modules \['c_attn'\] are not all in MistralForCausalLM"
+    ):
+        train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "run", "lora.target_modules=[c_attn]"))
+
+
+def test_cuda_requested_without_gpu_is_an_error(tiny_mistral, tiny_data, tmp_path):
+    from qlora_llm.model import DeviceError
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(DeviceError, match="model.device=cuda but no CUDA GPU is visible"):
+        train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "run", "model.device=cuda"))
