@@ -435,7 +435,7 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import EarlyStoppingCallback, PrinterCallback
+    from transformers import EarlyStoppingCallback, PrinterCallback, set_seed
     from trl import SFTConfig
 
     from qlora_llm.model import (
@@ -512,7 +512,9 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
         # A pad distinct from EOS where the vocabulary has one, so no EOS is ever taken for padding.
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
 
-    # Model: 4-bit base, k-bit preparation, LoRA.
+    # Model: 4-bit base, k-bit preparation, LoRA. Seeded first: LoRA's A matrices are drawn at
+    # get_peft_model, before the Trainer seeds anything, and runs must be reproducible.
+    set_seed(t.seed)
     model = load_base_model(m, device, dtype=dtype)
     quantized = m.quantization != "none"
     if quantized:
