@@ -18,10 +18,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The main job, on the bundled real model and data: prepare, plan, fine-tune with 4-bit QLoRA.
+# --resume auto makes a second `make demo` continue (or finish) the same run instead of refusing.
 demo: install
 	$(CLI) models
 	$(CLI) prepare data/aclsum/train.jsonl --eval-input data/aclsum/eval.jsonl \
 		--config configs/smollm2-cpu.yaml --output-dir runs/demo/data --force
+	$(CLI) plan configs/smollm2-cpu.yaml
+	$(CLI) train configs/smollm2-cpu.yaml data.train_file=runs/demo/data/train.jsonl \
+		data.eval_file=runs/demo/data/eval.jsonl --resume auto
 
 test: install
 	$(PY) -m pytest
@@ -39,6 +44,7 @@ format: install
 
 bench: install
 	$(PY) bench/prepare_throughput.py
+	$(PY) bench/train_throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

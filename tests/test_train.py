@@ -304,8 +304,9 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(
 
 
 SCRIPT = textwrap.dedent("""
-    import sys, time, torch
+    import logging, sys, time, torch
     from qlora_llm.config import load_config
+    logging.basicConfig(level=logging.INFO)
     from qlora_llm.train import train
     cfg = load_config(None, sys.argv[2:])
     mode = sys.argv[1]

@@ -139,7 +139,8 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
 def cmd_plan(args: argparse.Namespace) -> int:
     from qlora_llm.plan import format_plan, plan
 
-    report = plan(load_config(args.config, args.overrides))
+    memory = int(args.memory * 2**30) if args.memory else None
+    report = plan(load_config(args.config, args.overrides), device_memory_bytes=memory)
     print(format_plan(report))
     return 0 if report.fits else 1
 
@@ -226,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="estimate peak memory before loading any weight: will it fit?")
     p.add_argument("config", help="YAML config")
     p.add_argument("overrides", nargs="*", default=[], metavar="key=value")
+    p.add_argument(
+        "--memory",
+        type=float,
+        metavar="GIB",
+        help="plan for a device with this much memory (default: this machine's device)",
+    )
 
     p = sub.add_parser("models", help="list known models and whether each is available here")
     p.add_argument("--config", help="YAML config (for model.cache_dir)")
@@ -267,9 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         from qlora_llm.data import PrepareError
         from qlora_llm.model import DeviceError, ModelNotFoundError
+        from qlora_llm.plan import PlanError
         from qlora_llm.train import TrainError
 
-        if isinstance(err, ModelNotFoundError | PrepareError | TrainError | DeviceError):
+        if isinstance(err, ModelNotFoundError | PrepareError | TrainError | DeviceError | PlanError):
             print(f"error: {err}", file=sys.stderr)
             return 1
         raise

@@ -409,6 +409,29 @@ def _plot_loss(metrics_path: Path, png: Path) -> None:
     plt.close(fig)
 
 
+def _keep_freed_memory_for_reuse() -> bool:
+    """On glibc, stop returning large freed blocks to the OS between training steps.
+
+    Every step allocates and frees buffers of hundreds of MB (activations, logits tiles, gradients).
+    glibc serves blocks over its mmap threshold (<= 32 MB) with fresh mmaps and unmaps them on free, so
+    each step page-faults and zeroes them again: measured on a 2-core CPU with SmolLM2-135M QLoRA,
+    steps of varying length then take 1.3-4x longer, erratically. Raising the mmap and trim
+    thresholds keeps the memory in the heap for reuse (what jemalloc/tcmalloc do, without LD_PRELOAD).
+    Peak memory is unchanged; RSS just does not shrink between steps.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # musl or another libc: nothing to tune
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+
+
 CPU_OPTIMIZERS = {"paged_adamw_32bit": "adamw_torch", "paged_adamw_8bit": "adamw_bnb_8bit"}
 
 
@@ -474,10 +497,14 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
             "early stopping keeps the best checkpoint, so every save needs an evaluation."
         )
 
-    from qlora_llm.plan import plan
+    from qlora_llm.plan import PlanError, plan
 
-    memory = plan(cfg)
-    if not memory.fits:
+    try:
+        memory = plan(cfg)
+    except PlanError as err:  # an architecture or config.json the planner cannot read: train unchecked
+        log.warning("memory plan unavailable (%s); training without the fit check", err)
+        memory = None
+    if memory is not None and not memory.fits:
         if not force:
             raise TrainError(
                 f"this run is estimated not to fit: {memory.verdict} Run `qlora-llm plan` for the "
@@ -639,6 +666,8 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
         checkpoint or "scratch",
     )
 
+    if device == "cpu" and _keep_freed_memory_for_reuse():
+        log.info("CPU run: glibc keeps freed buffers for reuse between steps (no per-step page faults)")
     start = time.perf_counter()
     try:
         with _stop_on_signals(stop_requests):

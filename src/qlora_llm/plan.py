@@ -1,0 +1,766 @@
+"""Will it fit? Estimate the memory of a QLoRA training run from the model's config.json alone.
+
+No weights are read and no model is built: the estimate is arithmetic over the shapes in config.json
+(hidden size, layers, heads, vocabulary) and the run's settings (quantization, LoRA rank and targets,
+batch, sequence length, gradient checkpointing, optimizer). `plan` then compares the peak with the
+device's memory and, when it does not fit, names the `key=value` overrides that would.
+
+    report = plan(load_config("configs/mistral-7b-8gb.yaml"), device_memory_bytes=8 * 2**30)
+    text = format_plan(report)
+
+Units: every field is in bytes; reports show GiB (2**30 bytes), like `torch.cuda` and `nvidia-smi`.
+The seed design's table is in decimal GB (10**9 bytes); it is shown beside our own GB column.
+
+The estimate follows what `qlora_llm.train` does: a bitsandbytes 4-bit base passed through peft's
+`prepare_model_for_kbit_training`, LoRA via peft, TRL's SFTTrainer with bf16 autocast on CUDA.
+Symbols: B batch, T sequence length, H hidden, I intermediate, L layers, V vocabulary, nh heads,
+hd head_dim, r LoRA rank, a = bytes of the compute dtype (2 for bf16/fp16, 4 for fp32), w = bytes of
+the unquantized weights (4 on a 4-bit base, which prepare_model_for_kbit_training upcasts to fp32;
+else a), l = bytes of a LoRA param (2 on a 4-bit base on CUDA, where TRL casts adapters to bf16 as the
+QLoRA paper does; else 4: peft's fp32, and train.py casts them back to fp32 on CPU).
+
+- base weights: 4-bit storage packs 2 params per byte for every linear layer inside the decoder blocks
+  (`Linear4bit` stores uint8). Quantization constants: bitsandbytes uses blocks of 64 params; without
+  double quant each block has one fp32 absmax (4/64 = 0.0625 B/param); with it the absmax is 8-bit
+  (1/64) plus one fp32 absmax per 256 of those blocks (4/16384): 0.0159 B/param, the ~0.37 bit/param
+  saving of the QLoRA paper. Embeddings, lm_head (unless `tie_word_embeddings`), norms and biases are
+  not quantized: w bytes each. Without quantization every param is a bytes.
+- LoRA weights: r * (in + out) params per targeted linear per layer, l bytes each.
+- LoRA gradients: one gradient per LoRA param, in the param's dtype (l bytes).
+- optimizer states: bitsandbytes AdamW 32-bit (the paged ones too) keeps 2 fp32 moments per trainable
+  param whatever its dtype (8 B); torch AdamW keeps them in the param's dtype (2l B); 8-bit AdamW keeps
+  2 uint8 moments (2 B, block constants ignored). Paged optimizers need the same bytes but can move
+  them to CPU RAM under pressure (CUDA unified memory; train.py swaps in plain AdamW on CPU).
+- activations, tensors autograd saves for backward, per token per decoder layer:
+  two RMSNorms keep an fp32 input (HF's `LlamaRMSNorm` computes in fp32): 2 * 4H;
+  attention keeps q, k, v (k and v repeated to all nh heads when a padding mask is given: sdpa only
+  uses GQA without a mask) and its output: 4 * a * nh*hd, plus an fp32 logsumexp per head (4 * nh);
+  sdpa turns the bool padding mask into a float one in each layer and keeps it: T * a;
+  eager attention instead keeps the fp32 softmax and its compute-dtype copy: nh*T * (4 + a);
+  the SwiGLU MLP keeps the SiLU input and the two factors of the gated product, 3 * w * I
+  (bitsandbytes' Linear4bit returns its input's dtype, fp32 on an upcast base, even under autocast);
+  each LoRA-targeted linear keeps its dropped-out input (or autocast's copy of it) and the dropout
+  mask, (a + 1) * in_features on CUDA (bool mask of the fused kernel) and (a + l) * in_features on CPU
+  (noise tensor in the dtype peft casts to), or with dropout 0 the shared input once; plus the rank-r
+  output of LoRA A (a * r). The frozen 4-bit base linears keep nothing (bitsandbytes' MatMul4Bit saves
+  only the packed weight). Mistral-7B, bf16, all 7 targets: 347 KiB per token per layer on the
+  upcast base train.py uses (263 KiB in a plain loop with bf16 embeddings).
+  Without gradient checkpointing all L layers are kept. With it, only each layer's input is kept,
+  B*T*H*w per layer (the residual stream has the embeddings' dtype: bf16 layer outputs added to an
+  fp32 residual stay fp32), plus one layer's full set while it is recomputed in backward.
+  Both add the final norm's fp32 input (4H per token) and, for fp32 adapters under 16-bit autocast,
+  autocast's cached 16-bit copies of them (a bytes per LoRA param).
+  Checked against the tensors autograd actually saves (`torch.autograd.graph.saved_tensors_hooks`)
+  for a 4-layer Llama with LoRA on all 7 projections on CPU: within 0.2% for plain and NF4 bases in
+  fp32 and under bf16 autocast, 3% over for the upcast NF4 base with bf16 adapters. The CUDA-only
+  terms (bool mask of the fused dropout, no cast to fp32) are read from the kernels' code, unmeasured.
+- logits + loss, `lm_head_loss="chunked"` (TRL's SFTTrainer >= 1.16, what train.py runs): the fused
+  LM head never builds the (B, T, V) logits; it keeps the final hidden states (B*T*H*w) and works on
+  one tile of min(B*T, 4096) tokens by min(V, 32768) vocabulary entries in the compute dtype, through a
+  compute-dtype copy of (that slice of) the lm_head when w != a. With `"full"` (transformers' own
+  loss): the (B, T, V) logits in the compute dtype and the fp32 log-softmax cross-entropy keeps,
+  B*T*V * (a + 4); in fp32 that is "B*T*V*4 twice".
+- runtime overhead: CUDA context, cuBLAS workspace and kernels ~0.5 GiB on CUDA. On CPU the Python
+  process with torch, transformers, peft, trl, datasets and bitsandbytes imported: 0.47 GiB RSS was
+  measured (torch 2.13 CPU), counted as 0.5 GiB.
+- transient (only in `peak`): buffers alive for a moment, in no line above: the largest 4-bit weight
+  dequantized to the compute dtype for its matmul (forward and backward) plus the gradients of one
+  layer's largest intermediates in backward, B*T*(3I + 2H)*a; or, when larger, the loss's backward
+  buffers: for the fused head a tile, the lm_head copy and the fp32 gradient of the hidden states
+  (B*T*H*4); for the full loss the logits' fp32 upcast and gradient, B*T*V * (4 [+ a if a < 4]).
+
+`total` sums the lines as if each were at its maximum at once (slightly conservative: the logits are
+freed before the layers are recomputed); `peak` adds the transient buffers. A run fits when its peak
+is at most 92% of the device's memory: PyTorch's caching allocator rounds and fragments blocks
+(reserved memory is typically a few percent above allocated), other processes and the display hold
+some, and this estimate has its own error of several percent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from qlora_llm.config import Config
+
+log = logging.getLogger(__name__)
+
+GIB = 2**30
+GB = 10**9
+FIT_MARGIN = 0.92
+"""Share of device memory a run may plan to use; see the module docstring for why not 100%."""
+
+CUDA_OVERHEAD = GIB // 2
+CPU_OVERHEAD = GIB // 2
+QUANT_BLOCK = 64  # bitsandbytes 4-bit blocksize (BitsAndBytesConfig default)
+DOUBLE_QUANT_BLOCK = 256  # absmax values per second-level fp32 constant with double quant
+FUSED_TOKEN_TILE = 4096  # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE
+FUSED_VOCAB_TILE = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+SEED_MODEL = "mistralai/Mistral-7B-Instruct-v0.2"
+# The seed design's table for Mistral-7B, NF4 + double quant, r=16 on 7 projections, batch 2, seq 512,
+# gradient checkpointing, paged_adamw_32bit; decimal GB as the seed wrote them.
+SEED_TABLE_GB: dict[str, float | None] = {
+    "base_weights": 3.5,
+    "lora_weights": 0.2,
+    "lora_gradients": None,
+    "optimizer_states": 0.5,
+    "activations": 1.5,
+    "logits": None,
+    "overhead": 0.5,
+}
+SEED_TOTAL_GB = 6.2
+SEED_PEAK_GB = 7.5
+
+# config.json files shipped in the package, so planning works offline for the models the configs name.
+SHIPPED_CONFIGS = {
+    "smollm2-135m-instruct": "smollm2-135m-instruct.json",
+    "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m-instruct.json",
+    SEED_MODEL: "mistralai--Mistral-7B-Instruct-v0.2.json",
+}
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class PlanError(ValueError):
+    """The plan cannot be made (no config.json offline, unknown shapes); the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The few numbers of a decoder-only Llama-style config.json that memory depends on."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    attention_bias: bool
+    mlp_bias: bool
+    max_positions: int | None
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> ModelShape:
+        needed = [
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "vocab_size",
+        ]
+        missing = [k for k in needed if not isinstance(config.get(k), int)]
+        if missing:
+            raise PlanError(
+                f"config.json lacks {', '.join(missing)}: the planner knows Llama-style decoder models "
+                "(Llama, Mistral, Qwen2, SmolLM2, ...) with these keys"
+            )
+        heads = config["num_attention_heads"]
+        return cls(
+            hidden=config["hidden_size"],
+            intermediate=config["intermediate_size"],
+            layers=config["num_hidden_layers"],
+            heads=heads,
+            kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            vocab=config["vocab_size"],
+            # transformers' Llama/Mistral default is untied; untied is also the larger, safer guess.
+            tied=bool(config.get("tie_word_embeddings", False)),
+            attention_bias=bool(config.get("attention_bias", False)),
+            mlp_bias=bool(config.get("mlp_bias", False)),
+            max_positions=config.get("max_position_embeddings"),
+        )
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each linear layer in one decoder block."""
+        h, i, attn = self.hidden, self.intermediate, self.heads * self.head_dim
+        kv = self.kv_heads * self.head_dim
+        return {
+            "q_proj": (h, attn),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (attn, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per component of one training step; `how` says how each line was counted."""
+
+    base_weights: int
+    lora_weights: int
+    lora_gradients: int
+    optimizer_states: int
+    activations: int
+    logits: int
+    overhead: int
+    transient: int
+    base_params: int
+    lora_params: int
+    paged_optimizer: bool
+    how: dict[str, str] = field(default_factory=dict)
+
+    COMPONENTS: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("base_weights", "base weights"),
+        ("lora_weights", "LoRA weights"),
+        ("lora_gradients", "LoRA gradients"),
+        ("optimizer_states", "optimizer states"),
+        ("activations", "activations"),
+        ("logits", "logits + loss"),
+        ("overhead", "runtime overhead"),
+    )
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, key) for key, _ in self.COMPONENTS)
+
+    @property
+    def peak(self) -> int:
+        return self.total + self.transient
+
+
+def _resolve_targets(target_modules: list[str], shape: ModelShape) -> list[str]:
+    unknown = [t for t in target_modules if t not in shape.linears() and t != "all-linear"]
+    if "all-linear" in target_modules or unknown:
+        if unknown:
+            # train.py then targets the model's own linear layers (or refuses explicit wrong names with
+            # its own message); all 7 projections is what that fallback gives a Llama-style model.
+            log.warning("lora.target_modules %s are not Llama-style projections; planning for all 7", unknown)
+        return list(ALL_LINEAR)
+    return list(dict.fromkeys(target_modules))
+
+
+def _optimizer_bytes(
+    optim: str, lora_matrices: list[tuple[int, int]], n_params: int, lora_bytes: int
+) -> tuple[int, str]:
+    name = optim.lower()
+    if "adafactor" in name:
+        # Factored second moment: one fp32 row vector and one column vector per matrix, no momentum.
+        states = sum(4 * (rows + cols) for rows, cols in lora_matrices)
+        return states, "Adafactor: an fp32 row and column vector per matrix"
+    if "lion" in name:
+        per = 1 if "8bit" in name else 4
+        return n_params * per, f"Lion: 1 state x {per} B per trainable param"
+    if "sgd" in name:
+        return 0, "SGD without momentum keeps no state"
+    if "adam" in name:
+        if "8bit" in name:
+            per, what = 2, "2 uint8 moments"
+        elif "paged" in name or "bnb" in name:
+            per, what = 8, "2 fp32 moments"  # bitsandbytes' 32-bit states are fp32 whatever the param dtype
+        else:
+            per, what = 2 * lora_bytes, "2 moments in the params' dtype"  # torch AdamW: zeros_like(param)
+        return n_params * per, f"{optim}: {what} = {per} B per trainable param"
+    log.warning("optimizer %r is not known to the planner; counting it as AdamW 32-bit", optim)
+    return n_params * 8, f"unknown optimizer {optim!r}: counted as AdamW 32-bit (8 B per param)"
+
+
+def estimate_memory(
+    model_config: dict[str, Any],
+    *,
+    quantization: Literal["nf4", "fp4", "none"],
+    double_quant: bool,
+    compute_dtype: Literal["float32", "bfloat16", "float16"],
+    lora_r: int,
+    target_modules: list[str],
+    batch_size: int,
+    seq_len: int,
+    gradient_checkpointing: bool,
+    optim: str,
+    device: Literal["cuda", "cpu"],
+    lora_dropout: float = 0.05,
+    attention: Literal["sdpa", "eager"] = "sdpa",
+    lm_head_loss: Literal["chunked", "full"] = "chunked",
+    kbit_prepared: bool = True,
+    lora_dtype: Literal["float32", "bfloat16"] | None = None,
+) -> MemoryEstimate:
+    """Bytes a LoRA/QLoRA training step needs, per component; the formulas are in the module docstring.
+
+    The last four arguments default to what `qlora_llm.train` does: sdpa attention, TRL's fused LM head
+    and loss, peft's `prepare_model_for_kbit_training` on a 4-bit base, and adapters in TRL's bf16 on a
+    4-bit base on CUDA (fp32 otherwise). `lm_head_loss="full", kbit_prepared=False,
+    lora_dtype="float32"` describe a plain transformers + peft loop instead.
+    """
+    shape = ModelShape.from_config(model_config)
+    a = DTYPE_BYTES[compute_dtype]
+    h, i, n_layers, v = shape.hidden, shape.intermediate, shape.layers, shape.vocab
+    attn_width = shape.heads * shape.head_dim
+    linears = shape.linears()
+    tokens = batch_size * seq_len
+    quantized = quantization != "none"
+    # Weights that stay unquantized (embeddings, lm_head, norms): fp32 once prepare_model_for_kbit_training
+    # upcast them. The embeddings' dtype is also the residual stream's: bf16 layer outputs added to an
+    # fp32 residual stay fp32.
+    w = 4 if quantized and kbit_prepared else a
+    if lora_dtype is None:
+        lora_dtype = "bfloat16" if quantized and device == "cuda" else "float32"
+    lb = DTYPE_BYTES[lora_dtype]
+    how: dict[str, str] = {}
+
+    # Base weights: the decoder-block linears are quantized, everything else is `w` bytes.
+    linear_numel = [inp * out for inp, out in linears.values()]
+    biases = (4 * attn_width if shape.attention_bias else 0) + (2 * i + h if shape.mlp_bias else 0)
+    other_numel = v * h * (1 if shape.tied else 2) + (2 * n_layers + 1) * h + n_layers * biases
+    base_params = n_layers * sum(linear_numel) + other_numel
+    head = "embeddings" if shape.tied else "embeddings, lm_head"
+    if not quantized:
+        base_weights = base_params * a
+        how["base_weights"] = f"{base_params / 1e9:.2f}B params x {a} B ({compute_dtype})"
+    else:
+        packed = n_layers * sum(math.ceil(n / 2) for n in linear_numel)
+        blocks = [math.ceil(n / QUANT_BLOCK) for n in linear_numel]
+        if double_quant:
+            constants = n_layers * sum(b + 4 * math.ceil(b / DOUBLE_QUANT_BLOCK) for b in blocks)
+            what = "8-bit absmax/64 + fp32/256"
+        else:
+            constants = n_layers * sum(4 * b for b in blocks)
+            what = "fp32 absmax/64"
+        base_weights = packed + constants + other_numel * w
+        how["base_weights"] = (
+            f"{n_layers * sum(linear_numel) / 1e9:.2f}B params in 4-bit {quantization} ({packed / GB:.2f} GB)"
+            f" + constants, {what} ({constants / GB:.2f} GB) + {head}, norms in "
+            f"{'fp32, upcast by prepare_model_for_kbit_training' if w != a else compute_dtype} "
+            f"({other_numel * w / GB:.2f} GB)"
+        )
+
+    # LoRA: A (r x in) and B (out x r) per targeted linear per layer.
+    targets = _resolve_targets(target_modules, shape)
+    matrices = []
+    for name in targets:
+        inp, out = linears[name]
+        matrices += [(lora_r, inp), (out, lora_r)] * n_layers
+    lora_params = sum(rows * cols for rows, cols in matrices)
+    lora_weights = lora_gradients = lb * lora_params
+    how["lora_weights"] = (
+        f"{lora_params:,} params (r={lora_r}, {len(targets)} targets x {n_layers} layers) x {lb} B "
+        + ("(TRL casts adapters on a 4-bit base to bf16)" if lb == 2 else "(fp32)")
+    )
+    how["lora_gradients"] = f"one {lora_dtype} gradient per LoRA param"
+    optimizer_states, how["optimizer_states"] = _optimizer_bytes(optim, matrices, lora_params, lb)
+    paged = "paged" in optim.lower() and device == "cuda"  # paging is CUDA unified memory
+    if paged:
+        how["optimizer_states"] += "; paged: can move to CPU RAM under pressure"
+
+    # Activations per token per layer (see the module docstring for each term).
+    per_token = 2 * 4 * h  # fp32 inputs kept by the two RMSNorms
+    per_token += 4 * a * attn_width  # q, k, v (repeated to all heads), attention output
+    if attention == "sdpa":
+        per_token += 4 * shape.heads  # fp32 logsumexp per head
+        per_token += seq_len * a  # sdpa turns the bool padding mask into a float one in every layer
+    else:
+        per_token += shape.heads * seq_len * (4 + (a if a < 4 else 0))  # fp32 softmax + its cast
+    # SiLU input, SiLU output, up output. Linear4bit returns its input's dtype, so on an upcast base the
+    # projections (and SiLU and the product after them) are fp32 even under autocast.
+    per_token += 3 * w * i
+    # Per LoRA input feature: what LoRA A keeps (the dropout output, or autocast's copy of it: a bytes)
+    # and the dropout mask: bool from CUDA's fused dropout; on CPU a noise tensor in the dtype peft
+    # cast the input to (the adapters', since peft only checks for CUDA autocast).
+    mask = 1 if device == "cuda" else lb
+    if lora_dropout > 0:
+        per_token += sum((a + mask) * linears[t][0] for t in targets)
+    elif device == "cuda" or a == lb:
+        # Without dropout the LoRA-A input is the module input itself, shared by q/k/v and by gate/up.
+        inputs = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "gate_proj": "mlp_in"}
+        inputs |= {"up_proj": "mlp_in", "o_proj": "attn_out", "down_proj": "mlp_mid"}
+        per_token += a * sum({inputs[t]: linears[t][0] for t in targets}.values())
+    else:
+        per_token += sum(a * linears[t][0] for t in targets)  # one autocast copy per module
+    per_token += a * lora_r * len(targets)  # the rank-r output of each LoRA A
+    per_layer = tokens * per_token
+    # The final norm's fp32 input; autocast's cached 16-bit copies of fp32 adapters.
+    shared = tokens * 4 * h + (lora_params * a if lb > a else 0)
+    if attention == "eager":
+        shared += batch_size * seq_len * seq_len * a  # one float mask, added (not kept) in each layer
+    if gradient_checkpointing:
+        checkpoints = n_layers * tokens * h * w
+        activations = checkpoints + per_layer + shared
+        how["activations"] = (
+            f"checkpointed: {n_layers} layer inputs ({checkpoints / GB:.2f} GB, {w} B/value) + 1 layer "
+            f"recomputed ({per_layer / GB:.2f} GB = {per_token / 1024:.0f} KiB/token) + final norm"
+        )
+    else:
+        activations = n_layers * per_layer + shared
+        how["activations"] = (
+            f"no checkpointing: {n_layers} layers x {per_layer / GB:.2f} GB "
+            f"({per_token / 1024:.0f} KiB/token/layer) + final norm"
+        )
+
+    # Under autocast a fp32 lm_head is used through a compute-dtype copy of (a tile of) its weight.
+    head_cast = min(v, FUSED_VOCAB_TILE if lm_head_loss == "chunked" else v) * h * a if w != a else 0
+    if lm_head_loss == "chunked":
+        tile = min(tokens, FUSED_TOKEN_TILE) * min(v, FUSED_VOCAB_TILE) * a
+        # The kernel keeps the final hidden states (w bytes) and works one logits tile at a time.
+        logits = tile + tokens * h * w + head_cast
+        logits_grad = tile + tokens * h * 4 + head_cast  # backward: fp32 grad of the hidden states
+        how["logits"] = (
+            f"TRL's fused LM head + loss: one {min(tokens, FUSED_TOKEN_TILE)} x {min(v, FUSED_VOCAB_TILE)}"
+            f" logits tile, never the full (B,T,V)" + (", + bf16 copy of the lm_head" if head_cast else "")
+        )
+    else:
+        # The model's logits and the fp32 log-softmax cross-entropy keeps; the fp32 upcast (16-bit only)
+        # and the logits' gradient come and go, so they are in `transient`.
+        logits = tokens * v * (a + 4) + head_cast
+        logits_grad = tokens * v * (4 + (a if a < 4 else 0))
+        how["logits"] = f"(B,T,V)=({batch_size},{seq_len},{v}) in {compute_dtype} + fp32 log-softmax"
+
+    overhead = CUDA_OVERHEAD if device == "cuda" else CPU_OVERHEAD
+    how["overhead"] = (
+        "CUDA context, cuBLAS workspace, kernels"
+        if device == "cuda"
+        else "Python + torch/transformers/peft/trl imported (0.47 GiB measured)"
+    )
+
+    dequant = max(linear_numel) * a if quantized else 0
+    layer_grads = tokens * (3 * i + 2 * h) * a
+    transient = max(dequant + layer_grads, logits_grad)
+    how["transient"] = (
+        "largest dequantized weight + one layer's activation gradients"
+        if dequant + layer_grads >= logits_grad
+        else "the loss's backward buffers"
+    )
+    return MemoryEstimate(
+        base_weights=base_weights,
+        lora_weights=lora_weights,
+        lora_gradients=lora_gradients,
+        optimizer_states=optimizer_states,
+        activations=activations,
+        logits=logits,
+        overhead=overhead,
+        transient=transient,
+        base_params=base_params,
+        lora_params=lora_params,
+        paged_optimizer=paged,
+        how=how,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Planning a Config: find config.json, the device and its memory, and what would fit.
+
+
+def load_model_config(name: str, revision: str | None = None) -> tuple[dict[str, Any], str]:
+    """The model's config.json as a dict, and where it came from; never reads weights or the network."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise PlanError(f"{path}: no config.json in this folder, so its shapes are unknown")
+        return json.loads(config_file.read_text(encoding="utf-8")), str(config_file)
+    if name in SHIPPED_CONFIGS:
+        shipped = resources.files("qlora_llm").joinpath("assets", "model_configs", SHIPPED_CONFIGS[name])
+        return json.loads(shipped.read_text(encoding="utf-8")), f"shipped {SHIPPED_CONFIGS[name]}"
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, "config.json", revision=revision)
+        if isinstance(found, str):
+            return json.loads(Path(found).read_text(encoding="utf-8")), found
+    raise PlanError(
+        f"config.json of '{name}' could not be found offline: it is not a local folder, not one of the "
+        f"configs shipped with qlora-llm ({', '.join(SHIPPED_CONFIGS)}), and not in the Hugging Face "
+        "cache. Download it once (`huggingface-cli download <id> config.json`) or point model.name at a "
+        "folder that holds its config.json."
+    )
+
+
+def _resolve_device(device: str) -> Literal["cuda", "cpu"]:
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if device == "cuda" else "cpu"
+
+
+def _device_memory(device: str) -> int:
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise PlanError(
+                "model.device=cuda but no CUDA GPU is visible here; to plan for a GPU this machine does "
+                "not have, give its memory: `qlora-llm plan CONFIG --memory GIB`"
+            )
+        return int(torch.cuda.get_device_properties(0).total_memory)
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except ImportError:  # psutil comes with accelerate, but is not a direct dependency
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+        raise PlanError("cannot read the total RAM; pass device_memory_bytes") from None
+
+
+def _setup(cfg: Config, device: str) -> dict[str, Any]:
+    """The estimate's keyword arguments, resolved from the config for this device."""
+    compute = cfg.model.compute_dtype
+    if compute == "auto":
+        # bf16 and fp16 are both 2 bytes, so CUDA without bf16 (model.pick_compute_dtype) plans the same.
+        compute = "bfloat16" if device == "cuda" else "float32"
+    return {
+        "quantization": cfg.model.quantization,
+        "double_quant": cfg.model.double_quant,
+        "compute_dtype": compute,
+        "lora_r": cfg.lora.r,
+        "target_modules": list(cfg.lora.target_modules),
+        "batch_size": cfg.train.batch_size,
+        "seq_len": cfg.data.max_seq_length,
+        "gradient_checkpointing": cfg.train.gradient_checkpointing,
+        "optim": cfg.train.optim,
+        "device": device,
+        "lora_dropout": cfg.lora.dropout,
+    }
+
+
+def _with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    tree = cfg.model_dump()
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        tree[section][name] = value
+    return Config.model_validate(tree)
+
+
+def _format_value(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _halved_batch(batch: int, effective: int) -> dict[str, Any]:
+    # More accumulation keeps the examples per optimizer step (the effective batch) as they were.
+    return {
+        "train.batch_size": batch // 2,
+        "train.gradient_accumulation_steps": math.ceil(effective / (batch // 2)),
+    }
+
+
+def _rank_8(cfg: Config) -> dict[str, Any]:
+    fix: dict[str, Any] = {"lora.r": 8}
+    if cfg.lora.alpha * 8 % cfg.lora.r == 0:
+        fix["lora.alpha"] = cfg.lora.alpha * 8 // cfg.lora.r  # keep alpha/r, the adapter's scale
+    return fix
+
+
+def _single_fixes(cfg: Config) -> list[dict[str, Any]]:
+    """One change each, in the order to try them: the cheapest in quality and speed first."""
+    effective = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
+    fixes: list[dict[str, Any]] = []
+    if not cfg.train.gradient_checkpointing:
+        fixes.append({"train.gradient_checkpointing": True})
+    if cfg.train.batch_size > 1:
+        fixes.append(_halved_batch(cfg.train.batch_size, effective))
+    if cfg.data.max_seq_length >= 64:
+        fixes.append({"data.max_seq_length": cfg.data.max_seq_length // 2})
+    if cfg.lora.r > 8:
+        fixes.append(_rank_8(cfg))
+    if cfg.model.quantization == "none":
+        fixes.append({"model.quantization": "nf4"})
+    return fixes
+
+
+def _stacked_fixes(cfg: Config) -> Iterator[dict[str, Any]]:
+    """The same changes piled up in the same order, the batch halved down to 1: for when none suffices alone."""
+    effective = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
+    stacked: dict[str, Any] = {}
+    if not cfg.train.gradient_checkpointing:
+        stacked["train.gradient_checkpointing"] = True
+        yield dict(stacked)
+    batch = cfg.train.batch_size
+    while batch > 1:
+        stacked |= _halved_batch(batch, effective)
+        batch //= 2
+        yield dict(stacked)
+    if cfg.data.max_seq_length >= 64:
+        stacked["data.max_seq_length"] = cfg.data.max_seq_length // 2
+        yield dict(stacked)
+    if cfg.lora.r > 8:
+        stacked |= _rank_8(cfg)
+        yield dict(stacked)
+    if cfg.model.quantization == "none":
+        stacked["model.quantization"] = "nf4"
+        yield dict(stacked)
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """Overrides that make the run fit, and the peak they give."""
+
+    overrides: list[str]
+    peak: int
+
+
+@dataclass(frozen=True)
+class PlanReport:
+    """The estimate for one config on one device, whether it fits, and what would."""
+
+    model: str
+    config_source: str
+    device: Literal["cuda", "cpu"]
+    device_memory: int
+    setup: dict[str, Any]
+    estimate: MemoryEstimate
+    fits: bool
+    suggestions: list[Suggestion]
+    notes: list[str]
+    seed_setup: bool
+
+    @property
+    def usable_memory(self) -> int:
+        return int(FIT_MARGIN * self.device_memory)
+
+    @property
+    def verdict(self) -> str:
+        """One sentence: the peak against the usable memory."""
+        sign = "<=" if self.fits else ">"
+        return (
+            f"peak {_gib(self.estimate.peak)} GiB {sign} {_gib(self.usable_memory)} GiB usable "
+            f"({FIT_MARGIN:.0%} of {_gib(self.device_memory)} GiB on {self.device})."
+        )
+
+
+def _is_seed_setup(model_config: dict[str, Any], setup: dict[str, Any]) -> bool:
+    seed_model, _ = load_model_config(SEED_MODEL)
+    return (
+        ModelShape.from_config(model_config) == ModelShape.from_config(seed_model)
+        and setup["quantization"] == "nf4"
+        and setup["double_quant"]
+        and setup["lora_r"] == 16
+        and sorted(setup["target_modules"]) == sorted(ALL_LINEAR)
+        and setup["batch_size"] == 2
+        and setup["seq_len"] == 512
+        and setup["gradient_checkpointing"]
+        and setup["optim"] == "paged_adamw_32bit"
+        and setup["device"] == "cuda"
+    )
+
+
+def plan(
+    cfg: Config,
+    *,
+    device_memory_bytes: int | None = None,
+    max_suggestions: int = 3,
+) -> PlanReport:
+    """Estimate `cfg`'s training memory on its device and say whether it fits, and if not what would."""
+    model_config, source = load_model_config(cfg.model.name, cfg.model.revision)
+    log.info("planning %s from %s", cfg.model.name, source)
+    device = _resolve_device(cfg.model.device)
+    memory = device_memory_bytes if device_memory_bytes is not None else _device_memory(device)
+    usable = int(FIT_MARGIN * memory)
+
+    def estimate(c: Config) -> MemoryEstimate:
+        return estimate_memory(model_config, **_setup(c, device))
+
+    setup = _setup(cfg, device)
+    est = estimate(cfg)
+    fits = est.peak <= usable
+    notes: list[str] = []
+    suggestions: list[Suggestion] = []
+    if not fits:
+        for fix in _single_fixes(cfg):
+            peak = estimate(_with_overrides(cfg, fix)).peak
+            if peak <= usable:
+                suggestions.append(Suggestion([f"{k}={_format_value(v)}" for k, v in fix.items()], peak))
+        if not suggestions:
+            for fix in _stacked_fixes(cfg):
+                peak = estimate(_with_overrides(cfg, fix)).peak
+                if peak <= usable:
+                    suggestions.append(Suggestion([f"{k}={_format_value(v)}" for k, v in fix.items()], peak))
+                    break
+        suggestions = suggestions[:max_suggestions]
+        if not suggestions:
+            floor = est.base_weights + est.overhead
+            notes.append(
+                f"nothing in reach fits: the base weights and runtime overhead alone take {floor / GIB:.2f} GiB "
+                f"of {usable / GIB:.2f} GiB usable; use a smaller model or a device with more memory"
+            )
+        if device == "cuda" and est.paged_optimizer and est.peak - est.optimizer_states <= usable:
+            notes.append(
+                f"it may still run: the paged optimizer can move its {est.optimizer_states / GIB:.2f} GiB "
+                "of state to CPU RAM, at some cost in speed"
+            )
+    shape = ModelShape.from_config(model_config)
+    if shape.max_positions is not None and setup["seq_len"] > shape.max_positions:
+        notes.append(
+            f"data.max_seq_length={setup['seq_len']} is above the model's "
+            f"max_position_embeddings={shape.max_positions}"
+        )
+    return PlanReport(
+        model=cfg.model.name,
+        config_source=source,
+        device=device,
+        device_memory=memory,
+        setup=setup,
+        estimate=est,
+        fits=fits,
+        suggestions=suggestions,
+        notes=notes,
+        seed_setup=_is_seed_setup(model_config, setup),
+    )
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.2f}"
+
+
+def format_plan(report: PlanReport) -> str:
+    """A table of the estimate (GiB; with GB and the seed's GB beside it for the seed's setup), the verdict,
+    and what would fit."""
+    est, s = report.estimate, report.setup
+    quant = "no quantization" if s["quantization"] == "none" else s["quantization"]
+    if s["quantization"] != "none" and s["double_quant"]:
+        quant += " + double quant"
+    lines = [
+        f"Will it fit? {report.model} on {report.device} with {_gib(report.device_memory)} GiB "
+        f"(config.json: {report.config_source})",
+        f"setup: {quant}, {s['compute_dtype']} compute, LoRA r={s['lora_r']} on {len(s['target_modules'])} "
+        f"modules ({est.lora_params / 1e6:.1f}M params), batch {s['batch_size']} x {s['seq_len']} tokens, "
+        f"gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, {s['optim']}",
+        "",
+    ]
+    seed = report.seed_setup
+    header = f"{'component':<20}{'GiB':>7}" + (f"{'GB':>7}{'seed GB':>9}" if seed else "") + "  how"
+    lines += [header, "-" * len(header)]
+
+    def row(label: str, n: int, seed_value: str, how: str) -> str:
+        extra = f"{n / GB:>7.2f}{seed_value:>9}" if seed else ""
+        return f"{label:<20}{_gib(n):>7}{extra}  {how}"
+
+    for key, label in est.COMPONENTS:
+        seed_gb = SEED_TABLE_GB[key]
+        lines.append(
+            row(label, getattr(est, key), "-" if seed_gb is None else f"{seed_gb:.1f}", est.how[key])
+        )
+    lines.append(row("total", est.total, f"{SEED_TOTAL_GB:.1f}", "sum of the lines above"))
+    lines.append(row("peak", est.peak, f"<={SEED_PEAK_GB:.1f}", f"total + transient: {est.how['transient']}"))
+    if seed:
+        lines.append(
+            "seed column: the seed's base is 4 bits x the linear params only; ours adds the quantization "
+            "constants and the unquantized embeddings, lm_head and norms. The seed has no gradient or "
+            "logits line, and does not itemize its 1.5 GB of activations."
+        )
+    lines.append("")
+    if report.fits:
+        lines.append(
+            f"verdict: FITS - {report.verdict} The other {1 - FIT_MARGIN:.0%} is headroom for allocator "
+            "fragmentation, other processes and the estimate's own error."
+        )
+    else:
+        lines.append(f"verdict: DOES NOT FIT - {report.verdict}")
+    if report.suggestions:
+        lines.append("would fit with:")
+        for sug in report.suggestions:
+            lines.append(f"  {' '.join(sug.overrides)}   -> peak {_gib(sug.peak)} GiB")
+    for note in report.notes:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)

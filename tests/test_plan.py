@@ -1,0 +1,222 @@
+"""The "Will it fit?" planner: the seed's Mistral-7B numbers, exact LoRA counts, and suggestions that really fit.
+
+Nothing here loads weights or builds a model: the planner reads config.json only. Sizes are checked in
+decimal GB (10**9 bytes) where they are compared with the seed design's table, which is in GB, and in
+GiB (2**30 bytes) where they are compared with a device's memory, as `torch.cuda` reports it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qlora_llm.config import SEED_TARGET_MODULES, load_config
+from qlora_llm.plan import GB, GIB, PlanError, estimate_memory, format_plan, load_model_config, plan
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+MISTRAL = "mistralai/Mistral-7B-Instruct-v0.2"
+
+# The seed's setup; model.device=cuda so it is planned for a GPU even on this CPU-only machine.
+SEED = [f"model.name={MISTRAL}", "model.device=cuda"]
+
+
+def mistral_estimate(**changes):
+    setup = dict(
+        quantization="nf4",
+        double_quant=True,
+        compute_dtype="bfloat16",
+        lora_r=16,
+        target_modules=list(SEED_TARGET_MODULES),
+        batch_size=2,
+        seq_len=512,
+        gradient_checkpointing=True,
+        optim="paged_adamw_32bit",
+        device="cuda",
+    )
+    setup.update(changes)
+    config, _ = load_model_config(MISTRAL)
+    return estimate_memory(config, **setup)
+
+
+def test_seed_setup_lands_in_the_seeds_range():
+    report = plan(load_config(None, SEED), device_memory_bytes=8 * GIB)
+    est = report.estimate
+    # The seed: TOTAL ~6.2 GB, peak <= 7.5 GB with batch 2 (decimal GB).
+    assert 5.5 * GB <= est.total <= 7.5 * GB
+    assert 5.5 * GB <= est.peak <= 7.5 * GB
+    assert est.total < est.peak
+    assert report.fits and report.seed_setup and report.suggestions == []
+    text = format_plan(report)
+    assert "seed GB" in text and "FITS" in text and report.verdict in text
+    # One line per component, each with its explanation.
+    for label in ("base weights", "LoRA weights", "optimizer states", "activations", "runtime overhead"):
+        (line,) = [row for row in text.splitlines() if row.startswith(label)]
+        assert len(line.split()) > 5
+
+
+def test_shipped_mistral_config_has_the_real_values():
+    config, source = load_model_config(MISTRAL)
+    assert "shipped" in source
+    assert config["architectures"] == ["MistralForCausalLM"]
+    assert (config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]) == (
+        4096,
+        14336,
+        32,
+    )
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (32, 8, 128)
+    assert (config["vocab_size"], config["tie_word_embeddings"], config["sliding_window"]) == (
+        32000,
+        False,
+        None,
+    )
+
+
+def test_lora_param_count_for_mistral_r16_on_all_7_projections():
+    # Per layer r * (in + out): q 4096+4096, k 4096+1024, v 4096+1024, o 4096+4096,
+    # gate 4096+14336, up 4096+14336, down 14336+4096 = 81920; times r=16 and 32 layers.
+    by_hand = 32 * 16 * (8192 + 5120 + 5120 + 8192 + 18432 + 18432 + 18432)
+    assert by_hand == 41_943_040  # not the seed's "~6M"
+    est = mistral_estimate()
+    assert est.lora_params == by_hand
+    # On a 4-bit base on CUDA, TRL casts the adapters (and so their gradients) to bf16 ...
+    assert est.lora_weights == est.lora_gradients == 2 * by_hand
+    # ... while bitsandbytes' 32-bit AdamW keeps two fp32 moments whatever the param dtype.
+    assert est.optimizer_states == 8 * by_hand
+    # A plain peft loop keeps them in fp32 (0.17 GB, not the seed's "~6M params").
+    assert mistral_estimate(lora_dtype="float32").lora_weights == 4 * by_hand
+    assert mistral_estimate(optim="paged_adamw_8bit").optimizer_states == 2 * by_hand
+
+
+def test_nf4_base_is_under_a_third_of_bf16():
+    nf4 = mistral_estimate().base_weights
+    bf16 = mistral_estimate(quantization="none").base_weights
+    assert bf16 == pytest.approx(7_241_732_096 * 2)  # Mistral-7B's 7.24B params in bf16
+    assert nf4 < bf16 / 3
+
+
+def test_kbit_preparation_upcasts_embeddings_and_lm_head_to_fp32():
+    prepared, plain = mistral_estimate(), mistral_estimate(kbit_prepared=False)
+    embeddings_and_head = 2 * 32000 * 4096
+    assert prepared.base_weights - plain.base_weights == pytest.approx(embeddings_and_head * 2, rel=0.01)
+    # The residual stream takes the embeddings' fp32: the checkpointed layer inputs double too.
+    assert prepared.activations > plain.activations
+
+
+def test_full_loss_logits_are_counted_twice_in_fp32():
+    est = mistral_estimate(compute_dtype="float32", device="cpu", lm_head_loss="full", batch_size=1)
+    assert est.logits == 512 * 32000 * 4 * 2  # the logits and the log-softmax cross-entropy keeps
+    # TRL's fused head works on tiles of at most 4096 tokens instead of the full (B, T, V) logits.
+    assert mistral_estimate(compute_dtype="float32", device="cpu", batch_size=1).logits < est.logits
+    long = dict(compute_dtype="float32", device="cpu", batch_size=4, seq_len=2048)
+    assert mistral_estimate(**long).logits < mistral_estimate(**long, lm_head_loss="full").logits / 3
+
+
+def test_double_quant_saves_about_0_37_bits_per_quantized_param():
+    linear_params = 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336)
+    saved = mistral_estimate(double_quant=False).base_weights - mistral_estimate().base_weights
+    assert saved * 8 / linear_params == pytest.approx(0.373, abs=0.01)
+
+
+def test_gradient_checkpointing_lowers_activations():
+    with_gc = mistral_estimate(gradient_checkpointing=True)
+    without = mistral_estimate(gradient_checkpointing=False)
+    assert with_gc.activations * 5 < without.activations
+    assert with_gc.peak < without.peak
+
+
+def test_batch_2_needs_more_than_batch_1():
+    one, two = mistral_estimate(batch_size=1), mistral_estimate(batch_size=2)
+    assert two.activations > one.activations and two.logits > one.logits and two.peak > one.peak
+    assert two.base_weights == one.base_weights
+
+
+def test_seven_b_does_not_fit_in_4_gib_and_says_why():
+    report = plan(load_config(None, SEED), device_memory_bytes=4 * GIB)
+    assert not report.fits
+    # The 4-bit weights plus the CUDA context are already over 92% of 4 GiB: no setting can fix that.
+    assert report.estimate.base_weights + report.estimate.overhead > 0.92 * 4 * GIB
+    assert report.suggestions == []
+    assert any("smaller model" in note for note in report.notes)
+    assert "DOES NOT FIT" in format_plan(report)
+
+
+@pytest.mark.parametrize(
+    "overrides, memory_gib",
+    [
+        # Checkpointing off, batch 4, 1024 tokens: needs several changes stacked.
+        (["train.gradient_checkpointing=false", "train.batch_size=4", "data.max_seq_length=1024"], 8),
+        # No quantization: 14.5 GB of bf16 weights; nf4 alone fixes it.
+        (["model.quantization=none"], 16),
+        # Checkpointing off at the seed's batch: turning it back on is enough.
+        (["train.gradient_checkpointing=false"], 8),
+    ],
+    ids=["stacked", "quantize", "checkpointing"],
+)
+def test_suggestions_really_fit_when_replanned(overrides, memory_gib):
+    report = plan(load_config(None, SEED + overrides), device_memory_bytes=memory_gib * GIB)
+    assert not report.fits
+    assert report.suggestions
+    text = format_plan(report)
+    before = load_config(None, SEED + overrides)
+    for suggestion in report.suggestions:
+        assert " ".join(suggestion.overrides) in text
+        after = load_config(None, SEED + overrides + suggestion.overrides)
+        replanned = plan(after, device_memory_bytes=memory_gib * GIB)
+        assert replanned.fits
+        assert replanned.estimate.peak == suggestion.peak
+        # A smaller batch comes with more accumulation: the examples per optimizer step stay.
+        effective = after.train.batch_size * after.train.gradient_accumulation_steps
+        assert effective >= before.train.batch_size * before.train.gradient_accumulation_steps
+
+
+def test_smollm2_on_cpu_fits_in_24_gib():
+    report = plan(load_config(ROOT / "configs" / "smollm2-cpu.yaml"), device_memory_bytes=24 * GIB)
+    assert report.device == "cpu" and report.setup["compute_dtype"] == "float32"
+    assert report.fits
+    assert report.estimate.peak < 3 * GIB
+    assert not report.seed_setup and "seed GB" not in format_plan(report)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_can_be_planned_offline(path):
+    report = plan(load_config(path), device_memory_bytes=8 * GIB)
+    assert report.estimate.peak > 0 and format_plan(report)
+
+
+def test_reads_config_json_from_a_local_folder(tmp_path):
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 1000,
+        "tie_word_embeddings": True,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    report = plan(
+        load_config(None, [f"model.name={tmp_path}", "model.device=cpu", "lora.r=4"]), device_memory_bytes=GIB
+    )
+    assert report.config_source == str(tmp_path / "config.json")
+    # head_dim defaults to 64 / 4 = 16, so k and v project 64 -> 32; r * (in + out) per module, 2 layers.
+    per_layer = 4 * ((64 + 64) + (64 + 32) + (64 + 32) + (64 + 64) + (64 + 128) * 2 + (128 + 64))
+    assert report.estimate.lora_params == 2 * per_layer
+    assert report.fits
+
+
+def test_folder_without_config_json_is_a_clear_error(tmp_path):
+    with pytest.raises(PlanError, match="no config.json"):
+        plan(load_config(None, [f"model.name={tmp_path}", "model.device=cpu"]), device_memory_bytes=GIB)
+
+
+def test_unknown_hub_id_offline_is_a_clear_error():
+    with pytest.raises(PlanError, match="could not be found offline") as err:
+        plan(
+            load_config(None, ["model.name=nobody-here/no-such-model-7b", "model.device=cpu"]),
+            device_memory_bytes=GIB,
+        )
+    assert "config.json" in str(err.value) and "folder" in str(err.value)
