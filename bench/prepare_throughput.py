@@ -15,7 +15,7 @@ Run (from the repository root, offline; the tokenizer is tests/assets/mistral-to
 `--format both` runs each format in its own child process, so each peak RSS is that run's alone.
 `--profile FILE` also writes cProfile stats of the `prepare` call (read them with `python -m pstats FILE`)
 and prints the top functions; the profiled time is slower than the unprofiled one.
-`seconds` is wall clock; on a shared machine compare `cpu_s` too (it hardly moves with other load).
+`seconds` is wall clock; on a shared machine compare `cpu_s` too (it moves much less with other load).
 Prints numbers only; nothing here asserts on time (the issue's target: 100,000 records in < 60 s).
 """
 

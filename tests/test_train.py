@@ -58,6 +58,14 @@ def tiny_cfg(tiny_mistral, tiny_data, out, *extra):
     )
 
 
+def patch_trainer(monkeypatch, mixin: type) -> None:
+    """Make train() use `mixin` layered over the real trainer class, to observe or perturb one run."""
+    import qlora_llm.train as qtrain
+
+    real = qtrain._make_trainer_class
+    monkeypatch.setattr(qtrain, "_make_trainer_class", lambda: type(mixin.__name__, (mixin, real()), {}))
+
+
 def lora_state(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -82,21 +90,15 @@ def test_collated_batch_labels_completion_and_eos_never_padding(
     tiny_mistral, tiny_data, tmp_path, monkeypatch
 ):
     """The first real batch the trainer feeds the model: which positions carry labels."""
-    import qlora_llm.train as qtrain
-
     seen = {}
-    real = qtrain._make_trainer_class
 
-    def spy():
-        class Spy(real()):
-            def train(self, *a, **k):
-                seen["batch"] = next(iter(self.get_train_dataloader()))
-                seen["pad"] = self.processing_class.pad_token_id
-                return super().train(*a, **k)
+    class Spy:
+        def train(self, *a, **k):
+            seen["batch"] = next(iter(self.get_train_dataloader()))
+            seen["pad"] = self.processing_class.pad_token_id
+            return super().train(*a, **k)
 
-        return Spy
-
-    monkeypatch.setattr(qtrain, "_make_trainer_class", spy)
+    patch_trainer(monkeypatch, Spy)
     train(
         tiny_cfg(
             tiny_mistral,
@@ -189,30 +191,23 @@ def test_qlora_trains_on_cpu_loss_falls_lora_changes_base_frozen(tiny_mistral, t
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == list(range(1, 13))
     assert all(m["tokens_per_s"] > 0 and m["memory_bytes"] > 0 for m in metrics if "loss" in m)
-    assert [m["step"] for m in metrics if "eval_loss" in m] == [6, 12]
+    assert [m["step"] for m in metrics if "eval_loss" in m] == [0, 6, 12]
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_trainable_weights_are_fp32_on_cpu_despite_trl_cast(tiny_mistral, tiny_data, tmp_path, monkeypatch):
-    import qlora_llm.train as qtrain
 
     seen = {}
-    real = qtrain._make_trainer_class
 
-    def spy():
-        cls = real()
+    class Spy:
+        def train(self, *a, **k):
+            seen["dtypes"] = {p.dtype for p in self.model.parameters() if p.requires_grad}
+            seen["base"] = {
+                type(m).__name__ for m in self.model.modules() if "Linear4bit" in type(m).__name__
+            }
+            return super().train(*a, **k)
 
-        class Spy(cls):
-            def train(self, *a, **k):
-                seen["dtypes"] = {p.dtype for p in self.model.parameters() if p.requires_grad}
-                seen["base"] = {
-                    type(m).__name__ for m in self.model.modules() if "Linear4bit" in type(m).__name__
-                }
-                return super().train(*a, **k)
-
-        return Spy
-
-    monkeypatch.setattr(qtrain, "_make_trainer_class", spy)
+    patch_trainer(monkeypatch, Spy)
     train(
         tiny_cfg(
             tiny_mistral,
@@ -228,7 +223,6 @@ def test_trainable_weights_are_fp32_on_cpu_despite_trl_cast(tiny_mistral, tiny_d
 
 
 def test_resume_gives_the_same_weights_as_straight_training(tiny_mistral, tiny_data, tmp_path, monkeypatch):
-    import qlora_llm.train as qtrain
 
     extra = [
         "train.max_steps=8",
@@ -239,21 +233,16 @@ def test_resume_gives_the_same_weights_as_straight_training(tiny_mistral, tiny_d
     ]
     train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "straight", *extra))
 
-    real = qtrain._make_trainer_class
+    class Interrupted:
+        def training_step(self, *a, **k):
+            if self.state.global_step == 3:  # during step 4, as a user's SIGTERM would
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().training_step(*a, **k)
 
-    def interrupted():
-        class Interrupted(real()):
-            def training_step(self, *a, **k):
-                if self.state.global_step == 3:  # during step 4, as a user's SIGTERM would
-                    os.kill(os.getpid(), signal.SIGTERM)
-                return super().training_step(*a, **k)
-
-        return Interrupted
-
-    monkeypatch.setattr(qtrain, "_make_trainer_class", interrupted)
+    patch_trainer(monkeypatch, Interrupted)
     first = train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "split", *extra))
     assert (first.stopped, first.global_step, first.exit_code) == ("SIGTERM", 4, 143)
-    monkeypatch.setattr(qtrain, "_make_trainer_class", real)
+    monkeypatch.undo()
     with pytest.raises(TrainError, match="already has checkpoints .* --resume auto"):
         train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "split", *extra))
     second = train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "split", *extra), resume="auto")
@@ -278,23 +267,15 @@ def test_checkpoint_of_another_lora_shape_is_refused(tiny_mistral, tiny_data, tm
 def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(
     tiny_mistral, tiny_data, tmp_path, monkeypatch
 ):
-    import qlora_llm.train as qtrain
 
-    real = qtrain._make_trainer_class
+    class Poisoned:
+        def compute_loss(self, model, inputs, *a, **k):
+            loss = super().compute_loss(model, inputs, *a, **k)
+            if self.state.global_step >= 4:
+                return loss * float("nan")
+            return loss
 
-    def poisoned():
-        cls = real()
-
-        class Poisoned(cls):
-            def compute_loss(self, model, inputs, *a, **k):
-                loss = super().compute_loss(model, inputs, *a, **k)
-                if self.state.global_step >= 4:
-                    return loss * float("nan")
-                return loss
-
-        return Poisoned
-
-    monkeypatch.setattr(qtrain, "_make_trainer_class", poisoned)
+    patch_trainer(monkeypatch, Poisoned)
     with pytest.raises(
         TrainError, match=r"loss became nan at step 5; the last good checkpoint is .*checkpoint-3"
     ):
@@ -430,3 +411,101 @@ def test_cuda_requested_without_gpu_is_an_error(tiny_mistral, tiny_data, tmp_pat
         pytest.skip("a GPU is present")
     with pytest.raises(DeviceError, match="model.device=cuda but no CUDA GPU is visible"):
         train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "run", "model.device=cuda"))
+
+
+def test_packed_and_padded_batches_give_the_same_loss(tiny_mistral, tiny_data, tmp_path, monkeypatch):
+    """Padding-free packing must not let examples attend to each other: same examples, same loss."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    seen = {}
+
+    class Spy:
+        def train(self, *a, **k):
+            rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in self.train_dataset][:4]
+            self.model.eval()  # no dropout: the two passes must see the same function
+            with torch.no_grad():
+                for name, padding_free in (("padded", False), ("packed", True)):
+                    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=padding_free)(rows)
+                    seen[name] = float(self.compute_loss(self.model, batch))
+                    seen[f"{name}_shape"] = tuple(batch["input_ids"].shape)
+            self.model.train()
+            return super().train(*a, **k)
+
+    patch_trainer(monkeypatch, Spy)
+    train(
+        tiny_cfg(
+            tiny_mistral,
+            tiny_data,
+            tmp_path / "run",
+            "train.max_steps=1",
+            "train.save_steps=1",
+            "train.eval_steps=1",
+        )
+    )
+    assert seen["packed_shape"][0] == 1 and seen["padded_shape"][0] == 4
+    assert seen["packed"] == pytest.approx(seen["padded"], rel=1e-5)
+
+
+def test_gradient_accumulation_matches_the_big_batch(tiny_mistral, tiny_data, tmp_path):
+    """4 micro-batches of 1 and one batch of 4: the same update (SGD, so the gradient scale shows)."""
+    common = [
+        "train.max_steps=1",
+        "train.save_steps=1",
+        "train.eval_steps=1",
+        "lora.dropout=0",
+        "train.optim=sgd",
+        "train.learning_rate=1",
+        "train.group_by_length=false",
+        "train.max_grad_norm=1e9",
+    ]
+    train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "big", *common, "train.batch_size=4"))
+    train(
+        tiny_cfg(
+            tiny_mistral,
+            tiny_data,
+            tmp_path / "acc",
+            *common,
+            "train.batch_size=1",
+            "train.gradient_accumulation_steps=4",
+        )
+    )
+    a = lora_state(tmp_path / "big" / "checkpoint-1")
+    b = lora_state(tmp_path / "acc" / "checkpoint-1")
+    moved = [k for k in a if k.endswith("lora_B.weight")]
+    assert moved and all(a[k].abs().sum() > 0 for k in moved)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_real_smollm2_qlora_on_cpu_eval_loss_falls(smollm2_cache, tmp_path):
+    """The bundled real model, 4-bit NF4 on CPU, a few steps on real ACLSum examples: eval loss falls."""
+    rows = [json.loads(x) for x in (ROOT / "data" / "aclsum" / "train.jsonl").read_text().splitlines()]
+    short = [r for r in rows if len(r["input"]) < 700][:24]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short[:20]))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short[20:24]))
+    cfg = load_config(
+        ROOT / "configs" / "smollm2-cpu.yaml",
+        [
+            f"model.cache_dir={smollm2_cache}",
+            f"data.train_file={tmp_path / 'train.jsonl'}",
+            f"data.eval_file={tmp_path / 'eval.jsonl'}",
+            f"train.output_dir={tmp_path / 'run'}",
+            "train.max_steps=6",
+            "train.eval_steps=6",
+            "train.save_steps=6",
+            "train.logging_steps=1",
+            "train.batch_size=2",
+            "train.learning_rate=1e-3",
+            "train.warmup_ratio=0",
+        ],
+    )
+    result = train(cfg)
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert result.global_step == 6
+    assert result.summary["train_loss_last"] < result.summary["train_loss_first"]
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["base_model"]["hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert manifest["template"]["name"] == "auto" and manifest["tokens"]["eos"] == "<|im_end|>"
+    assert [m["step"] for m in metrics if "eval_loss" in m] == [0, 6]
+    assert result.summary["eval_loss_best"] < result.summary["eval_loss_first"]

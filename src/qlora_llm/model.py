@@ -67,7 +67,8 @@ def _package_folder(package: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (weights can be GBs)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -116,7 +117,7 @@ def convert_builtin(name: str, cache_dir: Path | None = None) -> Path:
             "name": name,
             "hub_id": spec.hub_id,
             "source": f"{spec.package}/{spec.gguf_file}",
-            "source_sha256": _sha256(source / spec.gguf_file),
+            "source_sha256": sha256_file(source / spec.gguf_file),
             "note": "weights dequantized from Q4_1 GGUF to fp32",
         }
         (tmp / "qlora_llm_source.json").write_text(json.dumps(provenance, indent=2) + "\n")

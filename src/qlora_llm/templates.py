@@ -13,6 +13,7 @@ start every example with two BOS tokens.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -45,13 +46,20 @@ def to_messages(example: dict[str, Any]) -> list[dict[str, str]]:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": example["output"]}]
 
 
+_ADDS_BOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def adds_bos(tokenizer: Any) -> bool:
-    """Whether `tokenizer(text)` puts BOS in front by itself (Mistral/Llama yes, SmolLM2 no)."""
-    bos_id = tokenizer.bos_token_id
-    if bos_id is None:
-        return False
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return len(ids) > 0 and ids[0] == bos_id
+    """Whether `tokenizer(text)` puts BOS in front by itself (Mistral/Llama yes, SmolLM2 no).
+
+    Asked once per tokenizer: rendering 100k records would otherwise tokenize "a" 100k times.
+    """
+    known = _ADDS_BOS.get(tokenizer)
+    if known is None:
+        bos_id = tokenizer.bos_token_id
+        ids = tokenizer("a", add_special_tokens=True)["input_ids"] if bos_id is not None else []
+        known = _ADDS_BOS[tokenizer] = len(ids) > 0 and ids[0] == bos_id
+    return known
 
 
 def _special_texts(tokenizer: Any | None) -> tuple[str, str]:

@@ -16,7 +16,6 @@ final adapter. What it adds, and why it is written here rather than found in TRL
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -34,6 +33,7 @@ from typing import Any, Literal
 
 from qlora_llm.atomic import atomic_dir, atomic_write_text
 from qlora_llm.config import Config, save_config
+from qlora_llm.model import sha256_file
 from qlora_llm.templates import render
 
 log = logging.getLogger(__name__)
@@ -138,14 +138,6 @@ def tokenize_examples(
             continue
         rows.append({"input_ids": ids, "completion_mask": [0] * n_prompt + [1] * (len(ids) - n_prompt)})
     return rows, dropped
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -272,7 +264,10 @@ def _make_monitor(run_dir: Path, device: str, stop_requests: list[str]) -> Any:
 
         def __init__(self):
             self.bar = None
-            self.mark = (time.perf_counter(), 0)
+            # Throughput counts training time only (forward, backward, optimizer), not evaluation or saving.
+            self.train_seconds = 0.0
+            self.step_start = 0.0
+            self.mark = (0.0, 0)
             self.metrics_path = run_dir / "metrics.jsonl"
 
         def on_train_begin(self, args, state, control, **kwargs):
@@ -283,9 +278,13 @@ def _make_monitor(run_dir: Path, device: str, stop_requests: list[str]) -> Any:
                 unit="step",
                 dynamic_ncols=True,
             )
-            self.mark = (time.perf_counter(), self.trainer.tokens_seen)
+            self.mark = (self.train_seconds, self.trainer.tokens_seen)
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.step_start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
+            self.train_seconds += time.perf_counter() - self.step_start
             self.bar.update(state.global_step - self.bar.n)
             if stop_requests:
                 control.should_save = True
@@ -305,9 +304,9 @@ def _make_monitor(run_dir: Path, device: str, stop_requests: list[str]) -> Any:
                 if key in logs:
                     row[name] = logs[key]
             if "loss" in logs:  # a training log: throughput since the previous one
-                now, tokens = time.perf_counter(), self.trainer.tokens_seen
-                row["tokens_per_s"] = round((tokens - self.mark[1]) / max(now - self.mark[0], 1e-9), 2)
-                self.mark = (now, tokens)
+                seconds, tokens = self.train_seconds, self.trainer.tokens_seen
+                row["tokens_per_s"] = round((tokens - self.mark[1]) / max(seconds - self.mark[0], 1e-9), 2)
+                self.mark = (seconds, tokens)
             row["memory_bytes"] = _memory_bytes(device)
             with open(self.metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
@@ -379,7 +378,7 @@ def _base_model_identity(cfg: Config) -> dict[str, Any]:
     path = Path(name).expanduser()
     if path.is_dir():
         weights = sorted(path.glob("*.safetensors"))
-        return {"id": str(path.resolve()), "sha256": _sha256_file(weights[0]) if len(weights) == 1 else None}
+        return {"id": str(path.resolve()), "sha256": sha256_file(weights[0]) if len(weights) == 1 else None}
     return {"id": name, "revision": cfg.model.revision or "main"}
 
 
@@ -407,29 +406,6 @@ def _plot_loss(metrics_path: Path, png: Path) -> None:
     with atomic_file(png, "wb") as f:
         fig.savefig(f, format="png")
     plt.close(fig)
-
-
-def _keep_freed_memory_for_reuse() -> bool:
-    """On glibc, stop returning large freed blocks to the OS between training steps.
-
-    Every step allocates and frees buffers of hundreds of MB (activations, logits tiles, gradients).
-    glibc serves blocks over its mmap threshold (<= 32 MB) with fresh mmaps and unmaps them on free, so
-    each step page-faults and zeroes them again: measured on a 2-core CPU with SmolLM2-135M QLoRA,
-    steps of varying length then take 1.3-4x longer, erratically. Raising the mmap and trim
-    thresholds keeps the memory in the heap for reuse (what jemalloc/tcmalloc do, without LD_PRELOAD).
-    Peak memory is unchanged; RSS just does not shrink between steps.
-    """
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # musl or another libc: nothing to tune
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 CPU_OPTIMIZERS = {"paged_adamw_32bit": "adamw_torch", "paged_adamw_8bit": "adamw_bnb_8bit"}
@@ -583,7 +559,7 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
             "pad_id": tokenizer.pad_token_id,
             "eos": tokenizer.eos_token,
         },
-        "data": {str(p): _sha256_file(Path(p)) for p in files}
+        "data": {str(p): sha256_file(Path(p)) for p in files}
         | {"train_examples": len(train_rows), "eval_examples": len(eval_rows)},
         "device": describe_device(device),
         "versions": _library_versions(),
@@ -666,8 +642,13 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
         checkpoint or "scratch",
     )
 
-    if device == "cpu" and _keep_freed_memory_for_reuse():
-        log.info("CPU run: glibc keeps freed buffers for reuse between steps (no per-step page faults)")
+    if eval_rows and checkpoint is None:
+        # The untrained baseline, so a fall in eval loss is visible. Not TrainingArguments.eval_on_start:
+        # its eval dataloader draws from the global RNG, which then shuffles the data differently from a
+        # resumed run and breaks bit-exact resume. Here the RNG is put back as it was.
+        rng = torch.get_rng_state()
+        trainer.evaluate()
+        torch.set_rng_state(rng)
     start = time.perf_counter()
     try:
         with _stop_on_signals(stop_requests):
@@ -712,7 +693,10 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
         "eval_loss_best": min(eval_losses) if eval_losses else None,
         "best_checkpoint": state.best_model_checkpoint,
         "tokens_trained": trainer.tokens_seen,
-        "tokens_per_s": round(trainer.tokens_seen / elapsed, 2) if elapsed else None,
+        "train_seconds": round(monitor.train_seconds, 1),
+        "tokens_per_s": round(trainer.tokens_seen / monitor.train_seconds, 2)
+        if monitor.train_seconds
+        else None,
         "peak_memory_bytes": _memory_bytes(device),
         "trainable_parameters": trainable,
         "final_adapter": str(final) if final else None,
