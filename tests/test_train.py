@@ -223,11 +223,11 @@ def test_trainable_weights_are_fp32_on_cpu_despite_trl_cast(tiny_mistral, tiny_d
 
 
 def test_resume_gives_the_same_weights_as_straight_training(tiny_mistral, tiny_data, tmp_path, monkeypatch):
-
+    """20 steps straight, and 10 + SIGTERM + resume + 10: bit-identical LoRA weights (dropout on)."""
     extra = [
-        "train.max_steps=8",
-        "train.save_steps=4",
-        "train.eval_steps=4",
+        "train.max_steps=20",
+        "train.save_steps=10",
+        "train.eval_steps=10",
         "lora.dropout=0.1",
         "train.warmup_ratio=0.2",
     ]
@@ -235,24 +235,24 @@ def test_resume_gives_the_same_weights_as_straight_training(tiny_mistral, tiny_d
 
     class Interrupted:
         def training_step(self, *a, **k):
-            if self.state.global_step == 3:  # during step 4, as a user's SIGTERM would
+            if self.state.global_step == 9:  # during step 10, as a user's SIGTERM would
                 os.kill(os.getpid(), signal.SIGTERM)
             return super().training_step(*a, **k)
 
     patch_trainer(monkeypatch, Interrupted)
     first = train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "split", *extra))
-    assert (first.stopped, first.global_step, first.exit_code) == ("SIGTERM", 4, 143)
+    assert (first.stopped, first.global_step, first.exit_code) == ("SIGTERM", 10, 143)
     monkeypatch.undo()
     with pytest.raises(TrainError, match="already has checkpoints .* --resume auto"):
         train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "split", *extra))
     second = train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "split", *extra), resume="auto")
-    assert (second.stopped, second.global_step) == ("completed", 8)
-    a = lora_state(tmp_path / "straight" / "checkpoint-8")
-    b = lora_state(tmp_path / "split" / "checkpoint-8")
+    assert (second.stopped, second.global_step) == ("completed", 20)
+    a = lora_state(tmp_path / "straight" / "checkpoint-20")
+    b = lora_state(tmp_path / "split" / "checkpoint-20")
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
-    c = lora_state(tmp_path / "straight" / "checkpoint-4")
+    c = lora_state(tmp_path / "straight" / "checkpoint-10")
     assert any(not torch.equal(a[k], c[k]) for k in a)  # the comparison is not between untrained weights
 
 
