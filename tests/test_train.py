@@ -509,3 +509,14 @@ def test_real_smollm2_qlora_on_cpu_eval_loss_falls(smollm2_cache, tmp_path):
     assert manifest["template"]["name"] == "auto" and manifest["tokens"]["eos"] == "<|im_end|>"
     assert [m["step"] for m in metrics if "eval_loss" in m] == [0, 6]
     assert result.summary["eval_loss_best"] < result.summary["eval_loss_first"]
+
+
+def test_a_run_that_cannot_fit_is_refused_unless_forced(tiny_mistral, tiny_data, tmp_path, monkeypatch):
+    import qlora_llm.plan as qplan
+
+    monkeypatch.setattr(qplan, "_device_memory", lambda device: 256 * 2**20)  # a 256 MiB machine
+    with pytest.raises(TrainError, match=r"estimated not to fit: peak .* GiB > .* GiB usable .*--force"):
+        train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "run", "train.max_steps=1"))
+    assert not (tmp_path / "run").exists()  # refused before anything was loaded or written
+    result = train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "run", "train.max_steps=1"), force=True)
+    assert result.global_step == 1
