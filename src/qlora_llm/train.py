@@ -198,12 +198,34 @@ def _make_trainer_class() -> type:
 
     Built in a function so importing this module does not import TRL (the CLI stays fast).
     """
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
     from trl import SFTTrainer
+
+    class EpochSeededLengthSampler(LengthGroupedSampler):
+        """group_by_length whose shuffle is a function of (seed, epoch) only.
+
+        transformers' LengthGroupedSampler shuffles with the global RNG when the epoch's iterator is
+        made, which on a resume happens before the checkpoint's RNG state is restored: a run resumed
+        in its second epoch then sees other batches than the uninterrupted run.
+        """
+
+        seed = 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.generator = torch.Generator().manual_seed(self.seed + epoch)
 
     class QLoRATrainer(SFTTrainer):
         run_manifest: dict[str, Any] = {}
         run_config: Config | None = None
         tokens_seen: int = 0
+
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = super()._get_train_sampler(train_dataset)
+            if isinstance(sampler, LengthGroupedSampler):
+                sampler = EpochSeededLengthSampler(sampler.batch_size, lengths=sampler.lengths)
+                sampler.seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return sampler
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
