@@ -271,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C/SIGTERM during training, or Ctrl-C elsewhere
+        print("interrupted", file=sys.stderr)
+        return 130
     except Exception as err:
         from qlora_llm.data import PrepareError
         from qlora_llm.model import DeviceError, ModelNotFoundError
