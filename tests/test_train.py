@@ -18,6 +18,7 @@ from qlora_llm.config import load_config
 from qlora_llm.train import CHECKPOINT_FILES, TrainError, complete_checkpoints, tokenize_examples, train
 
 ROOT = Path(__file__).resolve().parents[1]
+ONE_STEP = ("train.max_steps=1", "train.save_steps=1", "train.eval_steps=1")
 WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
 
 
@@ -104,9 +105,7 @@ def test_collated_batch_labels_completion_and_eos_never_padding(
             tiny_mistral,
             tiny_data,
             tmp_path / "run",
-            "train.max_steps=1",
-            "train.save_steps=1",
-            "train.eval_steps=1",
+            *ONE_STEP,
             "train.group_by_length=false",
         )
     )
@@ -213,9 +212,7 @@ def test_trainable_weights_are_fp32_on_cpu_despite_trl_cast(tiny_mistral, tiny_d
             tiny_mistral,
             tiny_data,
             tmp_path / "run",
-            "train.max_steps=1",
-            "train.save_steps=1",
-            "train.eval_steps=1",
+            *ONE_STEP,
         )
     )
     assert seen["dtypes"] == {torch.float32}
@@ -437,9 +434,7 @@ def test_packed_and_padded_batches_give_the_same_loss(tiny_mistral, tiny_data, t
             tiny_mistral,
             tiny_data,
             tmp_path / "run",
-            "train.max_steps=1",
-            "train.save_steps=1",
-            "train.eval_steps=1",
+            *ONE_STEP,
         )
     )
     assert seen["packed_shape"][0] == 1 and seen["padded_shape"][0] == 4
@@ -449,9 +444,7 @@ def test_packed_and_padded_batches_give_the_same_loss(tiny_mistral, tiny_data, t
 def test_gradient_accumulation_matches_the_big_batch(tiny_mistral, tiny_data, tmp_path):
     """4 micro-batches of 1 and one batch of 4: the same update (SGD, so the gradient scale shows)."""
     common = [
-        "train.max_steps=1",
-        "train.save_steps=1",
-        "train.eval_steps=1",
+        *ONE_STEP,
         "lora.dropout=0",
         "train.optim=sgd",
         "train.learning_rate=1",
