@@ -588,6 +588,9 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
         "seed": t.seed,
     }
     run_dir.mkdir(parents=True, exist_ok=True)
+    if checkpoint is None:
+        # A fresh start: rows left by an earlier attempt that never reached a checkpoint would mix in.
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     atomic_write_text(run_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
 
