@@ -15,7 +15,6 @@ sees them. Outputs are written atomically: a failed run leaves no partial file b
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -686,9 +685,18 @@ def _plot_lengths(path: Path, train: list[int], eval_: list[int], max_len: int, 
 # --------------------------------------------------------------------------------------------------
 
 
+def held_out(n: int, fraction: float, seed: int) -> set[int]:
+    """Indices of the seeded eval share of `n` examples: one split rule for `prepare` and `train`."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return set(order[: max(1, round(n * fraction))])
+
+
 def _fingerprint(path: Path) -> dict[str, Any]:
+    from qlora_llm.model import sha256_file
+
     if path.is_file():
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = sha256_file(path)
         return {"path": str(path), "sha256": digest, "bytes": path.stat().st_size}
     return {"path": str(path)}
 
@@ -845,9 +853,7 @@ def prepare(
         )
 
     if not eval_inputs and eval_fraction > 0 and len(train) > 1:
-        order = list(range(len(train)))
-        random.Random(d.seed).shuffle(order)
-        held = set(order[: max(1, round(len(train) * eval_fraction))])
+        held = held_out(len(train), eval_fraction, d.seed)
         evals = [r for i, r in enumerate(train) if i in held]
         eval_lengths = [n for i, n in enumerate(train_lengths) if i in held]
         train = [r for i, r in enumerate(train) if i not in held]

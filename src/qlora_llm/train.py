@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import platform
-import random
 import re
 import shutil
 import signal
@@ -108,9 +107,9 @@ def split_examples(records: list[dict], fraction: float, seed: int) -> tuple[lis
     """The seed's 90/10 split, seeded, keeping file order within each side."""
     if fraction <= 0 or len(records) < 2:
         return records, []
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    held = set(order[: max(1, round(len(records) * fraction))])
+    from qlora_llm.data import held_out
+
+    held = held_out(len(records), fraction, seed)
     return [r for i, r in enumerate(records) if i not in held], [
         r for i, r in enumerate(records) if i in held
     ]
