@@ -355,3 +355,139 @@ def resolve_target_modules(model: Any, wanted: list[str]) -> list[str]:
         present,
     )
     return present
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading what training produced, for evaluation and serving.
+
+
+@dataclass
+class Target:
+    """What a TARGET argument names, found from its files alone (nothing loaded yet).
+
+    kind: `run` (a training run folder), `adapter` (a PEFT adapter folder, e.g. final_adapter or a
+    checkpoint), `merged` (a full HF model folder, e.g. from `qlora-llm merge`), or `model` (a model name).
+    """
+
+    kind: str
+    path: Path | None
+    model_cfg: Any  # ModelConfig of the base (or of the merged model itself)
+    adapter_dir: Path | None
+    manifest: dict[str, Any]
+
+    @property
+    def template(self) -> str:
+        return self.manifest.get("template", {}).get("name") or self.model_cfg.template
+
+    @property
+    def name(self) -> str:
+        return str(self.path) if self.path is not None else self.model_cfg.name
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def find_target(target: str | Path, model_cfg: Any = None) -> Target:
+    """Classify TARGET by its files. `model_cfg` supplies settings (template, cache_dir) for a bare model name."""
+    from qlora_llm.config import ModelConfig, load_config
+
+    model_cfg = model_cfg or ModelConfig()
+    path = Path(target).expanduser()
+    if not path.exists():
+        return Target("model", None, model_cfg.model_copy(update={"name": str(target)}), None, {})
+    if not path.is_dir():
+        raise ModelNotFoundError(
+            f"{path}: not a folder. Give a run folder, an adapter folder, a merged model folder or a model name."
+        )
+    if (path / "final_adapter" / "adapter_config.json").is_file():
+        kind, adapter_dir, own = "run", path / "final_adapter", path
+    elif (path / "adapter_config.json").is_file():
+        kind, adapter_dir, own = "adapter", path, path
+    elif (path / "config.json").is_file():
+        manifest = _read_json(path / "manifest.json")
+        mcfg = model_cfg.model_copy(update={"name": str(path), "revision": None})
+        if manifest.get("template", {}).get("name"):
+            mcfg = mcfg.model_copy(update={"template": manifest["template"]["name"]})
+        return Target("merged", path, mcfg, None, manifest)
+    else:
+        raise ModelNotFoundError(
+            f"{path}: holds neither final_adapter/, adapter_config.json nor config.json. Give a run folder "
+            "(from `qlora-llm train`), an adapter folder, a merged model folder or a model name."
+        )
+    # Our runs and adapters carry the resolved config; a foreign PEFT adapter names its base itself.
+    config_file = next((p for p in (own / "config.yaml", adapter_dir / "config.yaml") if p.is_file()), None)
+    manifest = _read_json(own / "manifest.json") or _read_json(adapter_dir / "manifest.json")
+    if config_file is not None:
+        mcfg = load_config(config_file).model
+        # The run's device choice was for training; where to evaluate or serve is the caller's.
+        mcfg = mcfg.model_copy(update={"device": model_cfg.device, "cache_dir": model_cfg.cache_dir})
+    else:
+        base = _read_json(adapter_dir / "adapter_config.json").get("base_model_name_or_path")
+        if not base:
+            raise ModelNotFoundError(f"{adapter_dir / 'adapter_config.json'}: no base_model_name_or_path.")
+        mcfg = model_cfg.model_copy(update={"name": base, "revision": None})
+    return Target(kind, path, mcfg, adapter_dir, manifest)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference: the base with its adapter(s) applied, the tokenizer and the template."""
+
+    model: Any
+    tokenizer: Any
+    target: Target
+    device: str
+    stop_ids: list[int]
+
+    @property
+    def template(self) -> str:
+        return self.target.template
+
+    @property
+    def context_length(self) -> int:
+        config = self.model.config
+        return int(getattr(config, "max_position_embeddings", None) or self.tokenizer.model_max_length)
+
+
+def stop_token_ids(tokenizer: Any, model: Any, manifest: dict[str, Any]) -> list[int]:
+    """Every id that ends an answer: the EOS the run trained on, the tokenizer's and the generation config's."""
+    ids = [manifest.get("tokens", {}).get("eos_id"), tokenizer.eos_token_id]
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += gen_eos if isinstance(gen_eos, list) else [gen_eos]
+    return sorted({int(i) for i in ids if i is not None})
+
+
+def load_target(
+    target: str | Path | Target,
+    *,
+    model_cfg: Any = None,
+    device: str = "auto",
+    quantization: str = "none",
+    adapter: bool = True,
+) -> LoadedModel:
+    """Load TARGET for inference: the base in full precision (or 4-bit), the adapter applied unmerged.
+
+    On CPU full precision is the right default: decoding through 4-bit layers is ~10x slower per token
+    there. `adapter=False` loads the base alone (the "before" of a comparison).
+    """
+    found = target if isinstance(target, Target) else find_target(target, model_cfg)
+    device = pick_device(device)
+    mcfg = found.model_cfg
+    model = load_base_model(mcfg, device, quantization=quantization)
+    model.eval()
+    tokenizer = load_tokenizer(
+        str(found.adapter_dir) if adapter and found.adapter_dir else mcfg.name,
+        None if adapter and found.adapter_dir else mcfg.revision,
+        mcfg.cache_dir,
+        mcfg.trust_remote_code,
+    )
+    if adapter and found.adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(found.adapter_dir), is_trainable=False)
+        model.eval()
+        log.info("applied adapter %s (unmerged)", found.adapter_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, found, device, stop_token_ids(tokenizer, model, found.manifest))
