@@ -139,8 +139,16 @@ class EvalConfig(_Section):
     """Generation length for ROUGE and benchmark prompts."""
     speed_runs: int = Field(3, gt=0)
     """Timed runs of the speed benchmark, after one warm-up pass."""
-    benchmark_prompts: Path = Path("configs/benchmark_prompts.json")
-    """Prompts with expected keywords for the qualitative check."""
+    benchmark_prompts: Path | None = Path("configs/benchmark_prompts.json")
+    """Prompts with expected keywords for the qualitative check; None skips it."""
+    max_length: int | None = Field(None, gt=1)
+    """Perplexity window in tokens; longer texts slide it by `stride`. None = the model's context."""
+    stride: int | None = Field(None, gt=0)
+    """Step of the sliding window; None = half the window. Each token is scored once."""
+    quantization: Literal["none", "nf4", "fp4"] = "none"
+    """Weights to evaluate in: full precision by default (4-bit decoding is ~10x slower on CPU)."""
+    compare: str = "auto"
+    """Model to compare against: auto = the base the run was trained from, none, or a model/folder."""
 
 
 class ServeConfig(_Section):

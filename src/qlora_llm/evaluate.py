@@ -1,0 +1,933 @@
+"""Evaluation: did fine-tuning help, and what did it cost? Base and fine-tuned, measured the same way.
+
+`evaluate(cfg, target)` loads TARGET (a run folder, an adapter folder, a merged model or a model name)
+and, unless told otherwise, the base model it was trained from, and measures both on the same data:
+
+- perplexity, token-weighted over the whole set, on the answer tokens and on the full text
+  (texts longer than the window are scored with a strided sliding window, every token once);
+- ROUGE-1/2/L/Lsum F1 (Google's `rouge-score`, stemming on) of greedy answers against the references;
+- the stop rate: the share of answers that ended with EOS before `max_new_tokens`;
+- the benchmark prompts of `configs/benchmark_prompts.json` (expected keywords), pass/fail each;
+- speed: a warm-up, then timed runs: tokens/s, time to first token, time per output token, p50/p90;
+- memory: peak RSS against RAM on CPU, allocated / peak allocated against total on CUDA.
+
+Everything lands in `<run>/eval/`: metrics.json (every number, library versions, data fingerprint),
+examples.jsonl (per-example answers and scores), report.md, report.html and metrics.png.
+
+    result = evaluate(load_config("runs/smollm2-aclsum/config.yaml"), "runs/smollm2-aclsum")
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import math
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qlora_llm.atomic import atomic_file, atomic_write_text
+from qlora_llm.config import Config
+from qlora_llm.model import LoadedModel, Target, find_target, load_target, sha256_file
+from qlora_llm.templates import render, to_messages
+
+log = logging.getLogger(__name__)
+
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
+class EvalError(RuntimeError):
+    """Evaluation cannot run as asked; the message says what to change."""
+
+
+@dataclass
+class EvalResult:
+    output_dir: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# Perplexity
+
+
+@dataclass
+class TokenScores:
+    """Summed negative log-likelihood and scored-token counts per example (full text and answer only)."""
+
+    nll_full: list[float]
+    tokens_full: list[int]
+    nll_completion: list[float]
+    tokens_completion: list[int]
+
+
+def _windows(length: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first_scored) per window, so that positions 1..length-1 are each scored exactly once.
+
+    Position t is scored as the prediction of token t from tokens before it; position 0 has no context.
+    Each window after the first re-reads `max_length - stride` tokens of context it does not score.
+    """
+    out, scored_to, begin = [], 1, 0
+    while scored_to < length:
+        end = min(begin + max_length, length)
+        out.append((begin, end, max(scored_to, begin + 1)))
+        scored_to = end
+        begin += stride
+    return out
+
+
+def score_tokens(
+    model: Any,
+    rows: list[dict[str, list[int]]],
+    *,
+    batch_size: int = 4,
+    max_length: int | None = None,
+    stride: int | None = None,
+    progress: bool = False,
+) -> TokenScores:
+    """Per-example NLL sums of `rows` ({"input_ids", "completion_mask"}), batched, padding never scored.
+
+    Only one batch of logits exists at a time, (B, T, vocab), so the set can be any size.
+    """
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    max_length = max_length or int(model.config.max_position_embeddings)
+    stride = stride or max(1, max_length // 2)
+    if not 0 < stride < max_length:
+        raise EvalError(f"perplexity stride {stride} must be between 1 and the window {max_length} - 1")
+    # One segment per window: (example index, ids, first scored position within the window, mask).
+    segments = []
+    for i, row in enumerate(rows):
+        ids, cmask = row["input_ids"], row["completion_mask"]
+        for begin, end, first in _windows(len(ids), max_length, stride):
+            segments.append((i, ids[begin:end], first - begin, cmask[begin:end]))
+    # Similar lengths together: less padding, same numbers.
+    order = sorted(range(len(segments)), key=lambda k: len(segments[k][1]))
+    n = len(rows)
+    scores = TokenScores([0.0] * n, [0] * n, [0.0] * n, [0] * n)
+    device = next(model.parameters()).device
+    bar = tqdm(total=len(order), desc="perplexity", unit="seq", disable=not progress, leave=False)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            batch = [segments[k] for k in order[start : start + batch_size]]
+            width = max(len(s[1]) for s in batch)
+            ids = torch.zeros(len(batch), width, dtype=torch.long)
+            attention = torch.zeros(len(batch), width, dtype=torch.long)
+            full = torch.zeros(len(batch), width, dtype=torch.bool)
+            comp = torch.zeros(len(batch), width, dtype=torch.bool)
+            for b, (_, seg, first, cmask) in enumerate(batch):
+                ids[b, : len(seg)] = torch.tensor(seg)
+                attention[b, : len(seg)] = 1
+                full[b, first : len(seg)] = True
+                comp[b, first : len(seg)] = torch.tensor(cmask[first:], dtype=torch.bool)
+            logits = model(
+                input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False
+            ).logits
+            # logits[:, t] predicts token t + 1: (B, T-1, vocab) against (B, T-1) targets.
+            nll = F.cross_entropy(
+                logits[:, :-1].float().transpose(1, 2), ids[:, 1:].to(device), reduction="none"
+            ).cpu()
+            del logits
+            full_t, comp_t = full[:, 1:], comp[:, 1:]
+            for b, (i, _, _, _) in enumerate(batch):
+                scores.nll_full[i] += float(nll[b][full_t[b]].double().sum())
+                scores.tokens_full[i] += int(full_t[b].sum())
+                scores.nll_completion[i] += float(nll[b][comp_t[b]].double().sum())
+                scores.tokens_completion[i] += int(comp_t[b].sum())
+            bar.update(len(batch))
+    bar.close()
+    return scores
+
+
+def compute_perplexity(
+    model: Any,
+    rows: list[dict[str, list[int]]],
+    *,
+    batch_size: int = 4,
+    max_length: int | None = None,
+    stride: int | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """exp(mean NLL) over every scored token of the set (token-weighted, not a mean of per-example values)."""
+    s = score_tokens(
+        model, rows, batch_size=batch_size, max_length=max_length, stride=stride, progress=progress
+    )
+
+    def ppl(nll: list[float], count: list[int]) -> float | None:
+        return math.exp(sum(nll) / sum(count)) if sum(count) else None
+
+    return {
+        "perplexity_completion": ppl(s.nll_completion, s.tokens_completion),
+        "perplexity_full": ppl(s.nll_full, s.tokens_full),
+        "tokens_completion": sum(s.tokens_completion),
+        "tokens_full": sum(s.tokens_full),
+        "per_example_nll_completion": [
+            nll / count if count else None
+            for nll, count in zip(s.nll_completion, s.tokens_completion, strict=True)
+        ],
+    }
+
+
+def tokenize_for_scoring(records: list[dict], tokenizer: Any, template: str) -> list[dict[str, list[int]]]:
+    """Ids and answer mask per record, exactly as training tokenized them, but nothing is dropped."""
+    from qlora_llm.train import tokenize_examples
+
+    rows, dropped = tokenize_examples(records, tokenizer, template, max_length=10**9)
+    assert dropped == 0
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# ROUGE
+
+
+def _sentences(text: str) -> str:
+    # ROUGE-Lsum reads sentences from newlines; nltk's punkt would need a download, a regex does not.
+    return "\n".join(s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s)
+
+
+def _mostly_non_ascii(text: str) -> bool:
+    letters = [c for c in text if c.isalnum()]
+    return sum(ord(c) > 127 for c in letters) > len(letters) / 2
+
+
+def compute_rouge(predictions: list[str], references: list[str]) -> dict[str, Any]:
+    """Mean ROUGE-1/2/L/Lsum F1 over the pairs, plus every pair's scores. Deterministic: no bootstrap."""
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references):
+        raise EvalError(f"{len(predictions)} predictions for {len(references)} references")
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
+    per_example = []
+    for pred, ref in zip(predictions, references, strict=True):
+        scores = scorer.score(_sentences(ref), _sentences(pred))
+        per_example.append({k: scores[k].fmeasure for k in ROUGE_KEYS})
+    # rouge-score keeps only [a-z0-9] tokens: text in other scripts scores as empty.
+    non_ascii = sum(1 for text in [*predictions, *references] if _mostly_non_ascii(text))
+    means = {
+        k: (sum(e[k] for e in per_example) / len(per_example) if per_example else None) for k in ROUGE_KEYS
+    }
+    return {**means, "per_example": per_example, "texts_mostly_non_ascii": non_ascii}
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation, speed, benchmark prompts, memory
+
+
+def generate_greedy(
+    loaded: LoadedModel,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 4,
+    desc: str = "generating",
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Greedy answers to prompt ids, left-padded batches; each with its text, ids and why it ended."""
+    import torch
+    from tqdm.auto import tqdm
+
+    model, tokenizer, stops = loaded.model, loaded.tokenizer, set(loaded.stop_ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else loaded.stop_ids[0]
+    order = sorted(range(len(prompts)), key=lambda k: len(prompts[k]))
+    out: list[dict[str, Any]] = [{} for _ in prompts]
+    device = next(model.parameters()).device
+    bar = tqdm(total=len(prompts), desc=desc, unit="answer", disable=not progress, leave=False)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            width = max(len(prompts[k]) for k in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            attention = torch.zeros(len(batch), width, dtype=torch.long)
+            for b, k in enumerate(batch):
+                ids[b, width - len(prompts[k]) :] = torch.tensor(prompts[k])
+                attention[b, width - len(prompts[k]) :] = 1
+            generated = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=attention.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                eos_token_id=sorted(stops),
+                pad_token_id=pad,
+            )[:, width:].tolist()
+            for b, k in enumerate(batch):
+                new = generated[b]
+                end = next((j for j, t in enumerate(new) if t in stops), None)
+                kept = new if end is None else new[: end + 1]
+                out[k] = {
+                    "text": tokenizer.decode(kept, skip_special_tokens=True).strip(),
+                    "tokens": len(kept),
+                    "finish_reason": "length" if end is None else "stop",
+                }
+            bar.update(len(batch))
+    bar.close()
+    return out
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def speed_benchmark(
+    loaded: LoadedModel, prompt_ids: list[int], *, max_new_tokens: int, runs: int = 3, warmup: int = 1
+) -> dict[str, Any]:
+    """Greedy generation of one prompt: `warmup` untimed runs, then `runs` timed ones.
+
+    Tokens are the generated ids (the tokenizer's count); on CUDA every timestamp follows a synchronize.
+    """
+    from qlora_llm.generate import Generator, SamplingParams
+
+    gen = Generator(loaded)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    for _ in range(warmup):
+        gen.generate(list(prompt_ids), params)
+    timed = [gen.generate(list(prompt_ids), params) for _ in range(runs)]
+    tps = [c.completion_tokens / c.total_s for c in timed]
+    ttft = [c.time_to_first_token_s for c in timed if c.time_to_first_token_s is not None]
+    tpot = [
+        (c.total_s - c.time_to_first_token_s) / (c.completion_tokens - 1)
+        for c in timed
+        if c.time_to_first_token_s is not None and c.completion_tokens > 1
+    ]
+
+    def summary(values: list[float]) -> dict[str, float | None]:
+        if not values:
+            return {"mean": None, "p50": None, "p90": None}
+        return {
+            "mean": statistics.fmean(values),
+            "p50": _percentile(values, 0.5),
+            "p90": _percentile(values, 0.9),
+        }
+
+    return {
+        "runs": runs,
+        "warmup": warmup,
+        "prompt_tokens": len(prompt_ids),
+        "generated_tokens": [c.completion_tokens for c in timed],
+        "tokens_per_s": summary(tps),
+        "time_to_first_token_s": summary(ttft),
+        "time_per_output_token_s": summary(tpot),
+    }
+
+
+def load_benchmark_prompts(path: Path) -> list[dict[str, Any]]:
+    """The prompts of a benchmark file, checked: each needs `prompt` and a non-empty `keywords` list."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalError(f"{path}: benchmark prompts not found. Set eval.benchmark_prompts=FILE.")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise EvalError(f"{path}:{err.lineno}: invalid JSON: {err.msg}.") from None
+    prompts = doc.get("prompts") if isinstance(doc, dict) else None
+    if not isinstance(prompts, list):
+        raise EvalError(f'{path}: expected {{"prompts": [{{"id", "prompt", "keywords"}}, ...]}}.')
+    for i, p in enumerate(prompts):
+        where = f"{path}: prompts[{i}]"
+        if not isinstance(p, dict) or not isinstance(p.get("prompt"), str) or not p["prompt"].strip():
+            raise EvalError(f'{where}: "prompt" must be a non-empty string.')
+        kws = p.get("keywords")
+        if not isinstance(kws, list) or not kws or not all(isinstance(k, str) and k for k in kws):
+            raise EvalError(f'{where}: "keywords" must be a non-empty list of strings.')
+        m = p.get("min_matches", 1)
+        if not isinstance(m, int) or not 1 <= m <= len(kws):
+            raise EvalError(f'{where}: "min_matches" must be an integer from 1 to {len(kws)}.')
+    return [
+        {"id": p.get("id", str(i)), "set": p.get("set", ""), "min_matches": 1, **p}
+        for i, p in enumerate(prompts)
+    ]
+
+
+def score_keywords(answer: str, keywords: list[str], min_matches: int = 1) -> dict[str, Any]:
+    """Case-insensitive substring match: passes with at least `min_matches` of the keywords."""
+    low = answer.lower()
+    matched = [k for k in keywords if k.lower() in low]
+    return {"passed": len(matched) >= min_matches, "matched": matched}
+
+
+def run_benchmark_prompts(
+    loaded: LoadedModel,
+    prompts: list[dict[str, Any]],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Greedy answers to each benchmark prompt, scored by keywords; the total is the share that pass."""
+    from qlora_llm.templates import render_prompt
+
+    ids = [
+        loaded.tokenizer(
+            render_prompt([{"role": "user", "content": p["prompt"]}], loaded.template, loaded.tokenizer),
+            add_special_tokens=True,
+        )["input_ids"]
+        for p in prompts
+    ]
+    answers = generate_greedy(
+        loaded, ids, max_new_tokens=max_new_tokens, batch_size=batch_size, desc="benchmark", progress=progress
+    )
+    results = []
+    for p, a in zip(prompts, answers, strict=True):
+        results.append(
+            {"id": p["id"], "set": p["set"], "answer": a["text"], "finish_reason": a["finish_reason"]}
+            | score_keywords(a["text"], p["keywords"], p["min_matches"])
+        )
+    passed = sum(r["passed"] for r in results)
+    return {"score": passed / len(results) if results else None, "passed": passed, "results": results}
+
+
+def _vm_peak_bytes() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_memory(device: str) -> None:
+    """Start a fresh peak, so each model's figure is its own (Linux: clear_refs 5 resets VmHWM)."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def memory_usage(device: str) -> dict[str, Any]:
+    """CUDA: allocated and peak allocated vs total; CPU: the process's peak RSS vs total RAM."""
+    if device == "cuda":
+        import torch
+
+        total = torch.cuda.get_device_properties(0).total_memory
+        return {
+            "kind": "cuda",
+            "allocated_bytes": torch.cuda.memory_allocated(),
+            "peak_bytes": torch.cuda.max_memory_allocated(),
+            "total_bytes": total,
+        }
+    import os
+
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"kind": "cpu peak RSS", "peak_bytes": _vm_peak_bytes(), "total_bytes": total}
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage
+
+
+def _eval_records(cfg: Config, target: Target, data: Path | None) -> tuple[Path, list[dict]]:
+    """Explicit data, else eval.data_file, else the run's own held-out split."""
+    from qlora_llm.config import load_config
+    from qlora_llm.train import TrainError, load_examples, split_examples
+
+    path = data or cfg.eval.data_file
+    try:
+        if path is not None:
+            return Path(path), load_examples(Path(path))
+        run_cfg_file = target.path / "config.yaml" if target.path is not None else None
+        if run_cfg_file is not None and run_cfg_file.is_file():
+            run_cfg = load_config(run_cfg_file)
+            if run_cfg.data.eval_file is not None:
+                return run_cfg.data.eval_file, load_examples(run_cfg.data.eval_file)
+            records = load_examples(run_cfg.data.train_file)
+            held = split_examples(records, run_cfg.data.eval_fraction, run_cfg.train.seed)[1]
+            if held:
+                return run_cfg.data.train_file, held
+    except TrainError as err:
+        raise EvalError(str(err)) from None
+    raise EvalError(
+        f"no evaluation data for {target.name}: pass --data FILE (JSONL from `qlora-llm prepare`)."
+    )
+
+
+def _compare_target(target: Target, compare: str | None) -> Target | None:
+    """`auto`: the base TARGET was trained from (none for a bare model); `none`: no comparison."""
+    if compare == "none" or compare is None:
+        return None
+    if compare != "auto":
+        return find_target(compare, target.model_cfg)
+    if target.adapter_dir is not None:
+        base = target.model_cfg
+    elif target.kind == "merged" and target.manifest.get("identity", {}).get("base_model"):
+        base = target.model_cfg.model_copy(update={"name": target.manifest["identity"]["base_model"]})
+    else:
+        return None
+    # The base is prompted with the fine-tune's template, so both answer the same prompt.
+    manifest = {"template": {"name": target.template}, "tokens": target.manifest.get("tokens", {})}
+    return Target("model", None, base, None, manifest)
+
+
+def _evaluate_model(
+    loaded: LoadedModel, records: list[dict], cfg: Config, prompts: list[dict[str, Any]], label: str
+) -> dict[str, Any]:
+    e = cfg.eval
+    t0 = time.perf_counter()
+    rows = tokenize_for_scoring(records, loaded.tokenizer, loaded.template)
+    ppl = compute_perplexity(
+        loaded.model, rows, batch_size=e.batch_size, max_length=e.max_length, stride=e.stride, progress=True
+    )
+    prompt_ids = [
+        loaded.tokenizer(render(r, loaded.template, loaded.tokenizer).prompt, add_special_tokens=True)[
+            "input_ids"
+        ]
+        for r in records
+    ]
+    answers = generate_greedy(
+        loaded,
+        prompt_ids,
+        max_new_tokens=e.max_new_tokens,
+        batch_size=e.batch_size,
+        desc=f"{label}: answers",
+        progress=True,
+    )
+    references = [to_messages(r)[-1]["content"] for r in records]
+    rouge = compute_rouge([a["text"] for a in answers], references)
+    bench = (
+        run_benchmark_prompts(
+            loaded, prompts, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, progress=True
+        )
+        if prompts
+        else None
+    )
+    speed = speed_benchmark(loaded, prompt_ids[0], max_new_tokens=e.max_new_tokens, runs=e.speed_runs)
+    finished = [a["finish_reason"] == "stop" for a in answers]
+    if bench:
+        finished += [r["finish_reason"] == "stop" for r in bench["results"]]
+    return {
+        "name": loaded.target.name,
+        "perplexity_completion": ppl["perplexity_completion"],
+        "perplexity_full": ppl["perplexity_full"],
+        "tokens_scored_completion": ppl["tokens_completion"],
+        "tokens_scored_full": ppl["tokens_full"],
+        **{k: rouge[k] for k in ROUGE_KEYS},
+        "rouge_texts_mostly_non_ascii": rouge["texts_mostly_non_ascii"],
+        "stop_rate": sum(finished) / len(finished) if finished else None,
+        "benchmark_score": bench["score"] if bench else None,
+        "benchmark": bench,
+        "speed": speed,
+        "memory": memory_usage(loaded.device),
+        "seconds": time.perf_counter() - t0,
+        "examples": [
+            {"answer": a["text"], "finish_reason": a["finish_reason"], "nll_completion": nll} | scores
+            for a, nll, scores in zip(
+                answers, ppl["per_example_nll_completion"], rouge["per_example"], strict=True
+            )
+        ],
+    }
+
+
+# (metric key, label, which direction is better, how to format)
+TABLE = [
+    ("perplexity_completion", "perplexity (answers)", "lower", "{:.3f}"),
+    ("perplexity_full", "perplexity (full text)", "lower", "{:.3f}"),
+    ("rouge1", "ROUGE-1 F1", "higher", "{:.4f}"),
+    ("rouge2", "ROUGE-2 F1", "higher", "{:.4f}"),
+    ("rougeL", "ROUGE-L F1", "higher", "{:.4f}"),
+    ("rougeLsum", "ROUGE-Lsum F1", "higher", "{:.4f}"),
+    ("stop_rate", "stop rate (EOS before the limit)", "higher", "{:.0%}"),
+    ("benchmark_score", "benchmark prompts passed", "higher", "{:.0%}"),
+    ("tokens_per_s", "generation tokens/s (p50)", "higher", "{:.1f}"),
+    ("ttft_s", "time to first token s (p50)", "lower", "{:.3f}"),
+    ("peak_memory_gib", "peak memory GiB", "lower", "{:.2f}"),
+]
+
+
+def _flat(m: dict[str, Any]) -> dict[str, Any]:
+    return m | {
+        "tokens_per_s": m["speed"]["tokens_per_s"]["p50"],
+        "ttft_s": m["speed"]["time_to_first_token_s"]["p50"],
+        "peak_memory_gib": (m["memory"]["peak_bytes"] or 0) / 2**30 or None,
+    }
+
+
+def comparison_table(tuned: dict[str, Any], base: dict[str, Any] | None) -> list[dict[str, Any]]:
+    rows = []
+    t, b = _flat(tuned), _flat(base) if base else {}
+    for key, label, better, fmt in TABLE:
+        tv, bv = t.get(key), b.get(key)
+        change = None
+        if tv is not None and bv is not None:
+            change = tv - bv
+        rows.append(
+            {
+                "metric": key,
+                "label": label,
+                "better": better,
+                "base": bv,
+                "tuned": tv,
+                "change": change,
+                "relative": change / bv if change is not None and bv else None,
+                "format": fmt,
+            }
+        )
+    return rows
+
+
+def _fmt(value: Any, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _change_text(row: dict[str, Any]) -> str:
+    if row["change"] is None:
+        return "-"
+    sign = "+" if row["change"] >= 0 else "-"
+    text = sign + _fmt(abs(row["change"]), row["format"])
+    if row["relative"] is not None and row["format"] != "{:.0%}":
+        text += f" ({row['relative']:+.0%})"
+    improved = (row["change"] < 0) == (row["better"] == "lower") if row["change"] else None
+    return text + ("" if improved is None else (" ✓" if improved else " ✗"))
+
+
+def _plot(table: list[dict[str, Any]], png: Path, has_base: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [
+        (
+            "quality (higher is better)",
+            ["rouge1", "rouge2", "rougeL", "rougeLsum", "stop_rate", "benchmark_score"],
+        ),
+        ("perplexity (lower is better)", ["perplexity_completion", "perplexity_full"]),
+        ("speed and memory", ["tokens_per_s", "peak_memory_gib"]),
+    ]
+    by_key = {r["metric"]: r for r in table}
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), gridspec_kw={"width_ratios": [3, 1.2, 1.2]})
+    for ax, (title, keys) in zip(axes, groups, strict=True):
+        keys = [k for k in keys if by_key[k]["tuned"] is not None]
+        x = range(len(keys))
+        width = 0.38 if has_base else 0.6
+        if has_base:
+            ax.bar(
+                [i - width / 2 for i in x],
+                [by_key[k]["base"] or 0 for k in keys],
+                width,
+                label="base",
+                color="#9aa5b1",
+            )
+        ax.bar(
+            [i + (width / 2 if has_base else 0) for i in x],
+            [by_key[k]["tuned"] for k in keys],
+            width,
+            label="fine-tuned",
+            color="#2f6fdf",
+        )
+        ax.set_xticks(
+            list(x), [by_key[k]["label"].split(" (")[0] for k in keys], rotation=30, ha="right", fontsize=8
+        )
+        ax.set_title(title, fontsize=10)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_file(png, "wb") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def _headline(table: list[dict[str, Any]]) -> str:
+    """One sentence: did it help (answer perplexity, ROUGE-L), what regressed, what did it cost."""
+    by_key = {r["metric"]: r for r in table}
+    if by_key["perplexity_completion"]["base"] is None:
+        return "No comparison model: the figures below are the target's alone."
+
+    def moved(key: str) -> str:
+        r = by_key[key]
+        return f"{r['label']} {_fmt(r['base'], r['format'])} → {_fmt(r['tuned'], r['format'])}"
+
+    def worse(key: str) -> bool:
+        r = by_key[key]
+        return bool(r["change"]) and (r["change"] > 0) == (r["better"] == "lower")
+
+    helped = not worse("perplexity_completion") and not worse("rougeL")
+    text = ("Fine-tuning helped: " if helped else "Fine-tuning did not clearly help: ") + "; ".join(
+        moved(k) for k in ("perplexity_completion", "rougeL", "stop_rate") if by_key[k]["change"] is not None
+    )
+    regressed = [
+        moved(k) for k in ("stop_rate", "benchmark_score") if by_key[k]["change"] is not None and worse(k)
+    ]
+    if regressed:
+        text += ". Regressed: " + "; ".join(regressed)
+    return text + f". Cost: {moved('tokens_per_s')}."
+
+
+def _worst(metrics: dict[str, Any], records: list[dict], n: int = 5) -> list[dict[str, Any]]:
+    tuned, base = metrics["tuned"]["examples"], metrics["base"]["examples"] if metrics.get("base") else None
+    order = sorted(range(len(tuned)), key=lambda i: tuned[i]["rougeL"])[:n]
+    return [
+        {
+            "index": i,
+            "prompt": to_messages(records[i])[-2]["content"] if len(to_messages(records[i])) > 1 else "",
+            "reference": to_messages(records[i])[-1]["content"],
+            "tuned": tuned[i]["answer"],
+            "tuned_rougeL": tuned[i]["rougeL"],
+            "base": base[i]["answer"] if base else None,
+            "base_rougeL": base[i]["rougeL"] if base else None,
+        }
+        for i in order
+    ]
+
+
+def _short(text: str, n: int = 400) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def write_report(metrics: dict[str, Any], out: Path) -> None:
+    """report.md and report.html (one page) and metrics.png from the metrics dict."""
+    has_base = metrics.get("base") is not None
+    table = metrics["table"]
+    _plot(table, out / "metrics.png", has_base)
+    cols = ["metric", "base", "fine-tuned", "change"] if has_base else ["metric", "value"]
+    md = [
+        f"# Evaluation: {metrics['target']}",
+        "",
+        metrics["headline"],
+        "",
+        f"Data: `{metrics['data']['file']}` ({metrics['data']['examples']} examples, sha256 "
+        f"`{metrics['data']['sha256'][:16]}…`). Base: `{metrics['compare'] or '-'}`. Greedy answers, "
+        f"max {metrics['settings']['max_new_tokens']} new tokens.",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
+    for r in table:
+        cells = [r["label"], _fmt(r["base"], r["format"]), _fmt(r["tuned"], r["format"]), _change_text(r)]
+        md.append("| " + " | ".join(cells if has_base else [cells[0], cells[2]]) + " |")
+    md += ["", "![metrics](metrics.png)", "", "## Benchmark prompts", ""]
+    bench_rows = metrics["benchmark_prompts"]
+    md.append("| id | base | fine-tuned |" if has_base else "| id | answer |")
+    md.append("|---|---|---|" if has_base else "|---|---|")
+
+    def md_cell(r: dict[str, Any]) -> str:
+        return ("✓ " if r["passed"] else "✗ ") + _short(r["answer"], 160).replace("|", "\\|").replace(
+            "\n", " "
+        )
+
+    for b in bench_rows:
+        cell = md_cell
+        md.append(
+            f"| {b['id']} | {cell(b['base'])} | {cell(b['tuned'])} |"
+            if has_base
+            else f"| {b['id']} | {cell(b['tuned'])} |"
+        )
+    md += ["", "## Lowest-scoring examples (fine-tuned ROUGE-L)", ""]
+    for w in metrics["worst_examples"]:
+        md += [
+            f"- example {w['index']}: ROUGE-L {w['tuned_rougeL']:.3f}",
+            f"  - reference: {w['reference']}",
+            f"  - fine-tuned: {w['tuned'] or '(empty)'}",
+        ]
+        if has_base:
+            md.append(f"  - base: {w['base'] or '(empty)'}")
+    if metrics["notes"]:
+        md += ["", "## Notes", ""] + [f"- {n}" for n in metrics["notes"]]
+    atomic_write_text(out / "report.md", "\n".join(md) + "\n")
+
+    e = html.escape
+    head_cells = "".join(f"<th>{e(c)}</th>" for c in cols)
+    body = []
+    for r in table:
+        cells = [r["label"], _fmt(r["base"], r["format"]), _fmt(r["tuned"], r["format"]), _change_text(r)]
+        cells = cells if has_base else [cells[0], cells[2]]
+        cls = ""
+        if has_base and r["change"]:
+            cls = ' class="good"' if (r["change"] < 0) == (r["better"] == "lower") else ' class="bad"'
+        body.append(
+            "<tr>" + "".join(f"<td>{e(c)}</td>" for c in cells[:-1]) + f"<td{cls}>{e(cells[-1])}</td></tr>"
+        )
+    bench_html = []
+    for b in bench_rows:
+
+        def cell(r: dict[str, Any]) -> str:
+            mark = '<span class="good">pass</span>' if r["passed"] else '<span class="bad">fail</span>'
+            return f"<td>{mark} {e(r['answer'])}</td>"
+
+        bench_html.append(
+            f"<tr><td>{e(b['id'])}<br><small>{e(_short(b['prompt'], 200))}</small></td>"
+            + (cell(b["base"]) if has_base else "")
+            + cell(b["tuned"])
+            + "</tr>"
+        )
+    worst_html = [
+        f"<tr><td>{w['index']}</td><td>{e(w['reference'])}</td><td>{e(w['tuned'] or '(empty)')}"
+        f"<br><small>ROUGE-L {w['tuned_rougeL']:.3f}</small></td>"
+        + (
+            f"<td>{e(w['base'] or '(empty)')}<br><small>ROUGE-L {w['base_rougeL']:.3f}</small></td>"
+            if has_base
+            else ""
+        )
+        + "</tr>"
+        for w in metrics["worst_examples"]
+    ]
+    notes = "".join(f"<li>{e(n)}</li>" for n in metrics["notes"])
+    versions = ", ".join(f"{k} {v}" for k, v in metrics["versions"].items())
+    page = f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>Evaluation: {e(metrics["target"])}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #1f2328; }}
+table {{ border-collapse: collapse; margin: 1em 0; width: 100%; }}
+th, td {{ border: 1px solid #d0d7de; padding: 6px 10px; text-align: left; vertical-align: top; font-size: 14px; }}
+th {{ background: #f6f8fa; }}
+.good {{ color: #1a7f37; font-weight: 600; }}
+.bad {{ color: #cf222e; font-weight: 600; }}
+.headline {{ font-size: 17px; padding: 10px 14px; background: #f6f8fa; border-left: 4px solid #2f6fdf; }}
+img {{ max-width: 100%; }}
+small {{ color: #57606a; }}
+</style>
+</head>
+<body>
+<h1>Evaluation: {e(metrics["target"])}</h1>
+<p class="headline">{e(metrics["headline"])}</p>
+<p>Data: <code>{e(str(metrics["data"]["file"]))}</code> ({metrics["data"]["examples"]} examples,
+sha256 <code>{e(metrics["data"]["sha256"][:16])}…</code>). Base: <code>{e(str(metrics["compare"] or "-"))}</code>.
+Greedy answers, at most {metrics["settings"]["max_new_tokens"]} new tokens.</p>
+<table id="comparison"><thead><tr>{head_cells}</tr></thead><tbody>
+{"".join(body)}
+</tbody></table>
+<img src="metrics.png" alt="metrics, base vs fine-tuned">
+<h2>Benchmark prompts</h2>
+<table id="benchmark"><thead><tr><th>prompt</th>{"<th>base</th>" if has_base else ""}<th>fine-tuned</th></tr></thead><tbody>
+{"".join(bench_html)}
+</tbody></table>
+<h2>Lowest-scoring examples</h2>
+<table id="worst"><thead><tr><th>#</th><th>reference</th><th>fine-tuned</th>{"<th>base</th>" if has_base else ""}</tr></thead><tbody>
+{"".join(worst_html)}
+</tbody></table>
+{f"<h2>Notes</h2><ul>{notes}</ul>" if notes else ""}
+<p><small>{e(versions)}</small></p>
+</body>
+</html>
+"""
+    atomic_write_text(out / "report.html", page)
+
+
+def evaluate(
+    cfg: Config,
+    target: str | Path,
+    *,
+    data: Path | None = None,
+    compare: str | None = None,
+    output_dir: Path | None = None,
+) -> EvalResult:
+    """Measure TARGET (and, by default, the base it was trained from) on the eval data; write the report.
+
+    `compare` (default `eval.compare`): "auto" (the run's base model), "none", or another target.
+    """
+    import gc
+
+    from qlora_llm.train import _library_versions
+
+    found = find_target(target, cfg.model)
+    base_target = _compare_target(found, compare or cfg.eval.compare)
+    data_file, records = _eval_records(cfg, found, data)
+    if cfg.eval.max_examples is not None:
+        records = records[: cfg.eval.max_examples]
+    if not records:
+        raise EvalError(f"{data_file}: no examples to evaluate.")
+    prompts = load_benchmark_prompts(cfg.eval.benchmark_prompts) if cfg.eval.benchmark_prompts else []
+    out = Path(output_dir or cfg.eval.output_dir or ((found.path or Path("runs/eval")) / "eval"))
+    if (
+        found.kind == "adapter"
+        and found.path is not None
+        and output_dir is None
+        and cfg.eval.output_dir is None
+    ):
+        out = (
+            found.path.parent / "eval"
+            if (found.path.parent / "config.yaml").is_file()
+            else found.path / "eval"
+        )
+    log.info(
+        "evaluating %s (%s) on %d examples of %s; base: %s",
+        found.name,
+        found.kind,
+        len(records),
+        data_file,
+        base_target.name if base_target else "none",
+    )
+
+    results: dict[str, Any] = {}
+    for label, t in (("base", base_target), ("tuned", found)):
+        if t is None:
+            continue
+        loaded = load_target(t, device=cfg.model.device, quantization=cfg.eval.quantization)
+        reset_peak_memory(loaded.device)
+        results[label] = _evaluate_model(loaded, records, cfg, prompts, label)
+        del loaded
+        gc.collect()
+
+    table = comparison_table(results["tuned"], results.get("base"))
+    notes = []
+    non_ascii = max(r["rouge_texts_mostly_non_ascii"] for r in results.values())
+    if non_ascii:
+        notes.append(
+            f"{non_ascii} text(s) are mostly non-ASCII: rouge-score keeps only a-z and 0-9 tokens, so they "
+            "score as empty; ROUGE is not meaningful for them."
+        )
+    notes.append(
+        "Perplexity is exp(mean NLL) over every scored token of the set (token-weighted); 'answers' scores only "
+        "the completion tokens, EOS included, as training does."
+    )
+    metrics = {
+        "target": str(found.name),
+        "kind": found.kind,
+        "compare": base_target.name if base_target else None,
+        "data": {"file": str(data_file), "sha256": sha256_file(Path(data_file)), "examples": len(records)},
+        "settings": cfg.eval.model_dump(mode="json") | {"device": cfg.model.device},
+        "versions": _library_versions() | _rouge_version(),
+        "template": found.template,
+        "tuned": results["tuned"],
+        "base": results.get("base"),
+        "table": table,
+        "notes": notes,
+    }
+    metrics["headline"] = _headline(table)
+    metrics["worst_examples"] = _worst(metrics, records)
+    metrics["benchmark_prompts"] = [
+        {"id": p["id"], "set": p["set"], "prompt": p["prompt"], "keywords": p["keywords"]}
+        | {label: results[label]["benchmark"]["results"][i] for label in results}
+        for i, p in enumerate(prompts)
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    examples = [
+        {"index": i, "reference": to_messages(r)[-1]["content"]}
+        | {label: results[label]["examples"][i] for label in results}
+        for i, r in enumerate(records)
+    ]
+    atomic_write_text(
+        out / "examples.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in examples)
+    )
+    for label in results:
+        results[label].pop("examples")
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    write_report(metrics, out)
+    log.info("%s", metrics["headline"])
+    return EvalResult(out, metrics)
+
+
+def _rouge_version() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return {"rouge-score": version("rouge-score")}
+    except PackageNotFoundError:
+        return {"rouge-score": "not installed"}
