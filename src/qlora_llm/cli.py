@@ -3,6 +3,7 @@
     qlora-llm prepare data/raw.csv --output-dir data/out --model smollm2-135m-instruct
     qlora-llm models
     qlora-llm config configs/smollm2-cpu.yaml train.max_steps=20
+    qlora-llm evaluate runs/smollm2-aclsum
 
 Nothing here does work of its own; every subcommand is one call into the package.
 """
@@ -136,6 +137,39 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
         print(f"{k:<{width}}  {v}")
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from qlora_llm.evaluate import evaluate
+
+    # A run or adapter carries its own config (its eval data and settings); --config replaces it.
+    own = Path(args.target) / "config.yaml"
+    cfg = load_config(args.config or (own if own.is_file() else None), args.overrides)
+    result = evaluate(
+        cfg,
+        args.target,
+        data=Path(args.data) if args.data else None,
+        compare=args.compare,
+        output_dir=Path(args.output_dir) if args.output_dir else None,
+    )
+    m = result.metrics
+    has_base = m["base"] is not None
+    print(
+        f"\n{'metric':34} {'base':>10} {'tuned':>10} {'change':>16}"
+        if has_base
+        else f"\n{'metric':34} {'value':>10}"
+    )
+    for row in m["table"]:
+        fmt = row["format"]
+        cells = [f"{row['label']:34}"]
+        if has_base:
+            cells.append(f"{'-' if row['base'] is None else fmt.format(row['base']):>10}")
+        cells.append(f"{'-' if row['tuned'] is None else fmt.format(row['tuned']):>10}")
+        if has_base and row["change"] is not None:
+            cells.append(f"{('+' if row['change'] >= 0 else '-') + fmt.format(abs(row['change'])):>16}")
+        print(" ".join(cells))
+    print(f"\n{m['headline']}\nreport: {result.output_dir / 'report.html'}")
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from qlora_llm.plan import format_plan, plan
 
@@ -234,6 +268,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="plan for a device with this much memory (default: this machine's device)",
     )
 
+    p = sub.add_parser("evaluate", help="perplexity, ROUGE, benchmark prompts, speed, memory: base vs tuned")
+    p.add_argument("target", help="a run folder, an adapter folder, a merged model folder or a model name")
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="e.g. eval.max_examples=20")
+    p.add_argument(
+        "--data", metavar="FILE", help="eval JSONL (default: eval.data_file, else the run's eval split)"
+    )
+    p.add_argument(
+        "--compare", metavar="BASE", help="auto (the run's base, default), none, or a model/folder"
+    )
+    p.add_argument("--output-dir", metavar="DIR", help="where the report goes (default: <run>/eval)")
+    p.add_argument("--config", help="YAML config (default: the run's own config.yaml)")
+
     p = sub.add_parser("models", help="list known models and whether each is available here")
     p.add_argument("--config", help="YAML config (for model.cache_dir)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -249,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "prepare": cmd_prepare,
     "train": cmd_train,
+    "evaluate": cmd_evaluate,
     "plan": cmd_plan,
     "models": cmd_models,
     "config": cmd_config,
@@ -276,11 +323,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as err:
         from qlora_llm.data import PrepareError
+        from qlora_llm.evaluate import EvalError
         from qlora_llm.model import DeviceError, ModelNotFoundError
         from qlora_llm.plan import PlanError
         from qlora_llm.train import TrainError
 
-        if isinstance(err, ModelNotFoundError | PrepareError | TrainError | DeviceError | PlanError):
+        if isinstance(
+            err, ModelNotFoundError | PrepareError | TrainError | DeviceError | PlanError | EvalError
+        ):
             print(f"error: {err}", file=sys.stderr)
             return 1
         raise
