@@ -305,3 +305,16 @@ def test_evaluate_without_data_names_the_fix(tiny_mistral):
     cfg = load_config(None, ["model.device=cpu", "eval.benchmark_prompts=null"])
     with pytest.raises(EvalError, match=r"no evaluation data for .*: pass --data FILE"):
         evaluate(cfg, str(tiny_mistral))
+
+
+def test_cli_evaluate_prints_the_table(tiny_run, tmp_path, capsys):
+    from qlora_llm.cli import main
+
+    assert main(["evaluate", str(tiny_run), "--compare", "none", "--output-dir", str(tmp_path / "ev")]) == 0
+    printed = capsys.readouterr().out
+    assert "perplexity (answers)" in printed and "No comparison model" in printed
+    assert f"report: {tmp_path / 'ev' / 'report.html'}" in printed
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["base"] is None and m["compare"] is None
+    assert main(["evaluate", str(tiny_run), "--data", str(tmp_path / "missing.jsonl")]) == 1
+    assert "missing.jsonl: evaluation data not found. Pass --data FILE" in capsys.readouterr().err

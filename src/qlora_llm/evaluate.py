@@ -440,6 +440,10 @@ def _eval_records(cfg: Config, target: Target, data: Path | None) -> tuple[Path,
     path = data or cfg.eval.data_file
     try:
         if path is not None:
+            if not Path(path).is_file():
+                raise EvalError(
+                    f"{path}: evaluation data not found. Pass --data FILE (JSONL from `qlora-llm prepare`)."
+                )
             return Path(path), load_examples(Path(path))
         run_cfg_file = target.path / "config.yaml" if target.path is not None else None
         if run_cfg_file is not None and run_cfg_file.is_file():
