@@ -318,3 +318,40 @@ def test_cli_evaluate_prints_the_table(tiny_run, tmp_path, capsys):
     assert m["base"] is None and m["compare"] is None
     assert main(["evaluate", str(tiny_run), "--data", str(tmp_path / "missing.jsonl")]) == 1
     assert "missing.jsonl: evaluation data not found. Pass --data FILE" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_real_smollm2_run_from_the_shipped_config_is_evaluated(smollm2_cache, tmp_path, capsys):
+    """configs/smollm2-cpu.yaml on the real model, briefly trained, evaluated on the real ACLSum test set."""
+    from qlora_llm.cli import main
+
+    rows = [json.loads(x) for x in (ROOT / "data" / "aclsum" / "train.jsonl").read_text().splitlines()]
+    short = [r for r in rows if len(r["input"]) < 700][:12]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short[:8]))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short[8:]))
+    run = tmp_path / "run"
+    overrides = [
+        f"model.cache_dir={smollm2_cache}",
+        f"data.train_file={tmp_path / 'train.jsonl'}",
+        f"data.eval_file={tmp_path / 'eval.jsonl'}",
+        f"train.output_dir={run}",
+        "train.max_steps=2",
+        "train.eval_steps=2",
+        "train.save_steps=2",
+        "train.batch_size=2",
+    ]
+    assert main(["train", str(ROOT / "configs" / "smollm2-cpu.yaml"), *overrides]) == 0
+    evals = [
+        f"model.cache_dir={smollm2_cache}",
+        "eval.max_examples=3",
+        "eval.max_new_tokens=16",
+        "eval.speed_runs=1",
+    ]
+    assert main(["evaluate", str(run), *evals]) == 0
+    m = json.loads((run / "eval" / "metrics.json").read_text())
+    assert m["data"]["file"] == "data/aclsum/test.jsonl" and m["compare"] == "smollm2-135m-instruct"
+    assert m["tuned"]["perplexity_completion"] != m["base"]["perplexity_completion"]
+    # A real instruct model prompted through its own template answers a plain question.
+    france = next(b for b in m["benchmark_prompts"] if b["id"] == "capital-france")
+    assert france["base"]["passed"] and "Paris" in france["base"]["answer"]
+    assert (run / "eval" / "report.html").is_file() and "Fine-tuning" in capsys.readouterr().out

@@ -553,6 +553,20 @@ TABLE = [
 ]
 
 
+SHORT_LABELS = {
+    "rouge1": "ROUGE-1",
+    "rouge2": "ROUGE-2",
+    "rougeL": "ROUGE-L",
+    "rougeLsum": "ROUGE-Lsum",
+    "stop_rate": "stop rate",
+    "benchmark_score": "benchmark",
+    "perplexity_completion": "answers",
+    "perplexity_full": "full text",
+    "tokens_per_s": "tokens/s",
+    "peak_memory_gib": "peak GiB",
+}
+
+
 def _flat(m: dict[str, Any]) -> dict[str, Any]:
     return m | {
         "tokens_per_s": m["speed"]["tokens_per_s"]["p50"],
@@ -634,9 +648,7 @@ def _plot(table: list[dict[str, Any]], png: Path, has_base: bool) -> None:
             label="fine-tuned",
             color="#2f6fdf",
         )
-        ax.set_xticks(
-            list(x), [by_key[k]["label"].split(" (")[0] for k in keys], rotation=30, ha="right", fontsize=8
-        )
+        ax.set_xticks(list(x), [SHORT_LABELS.get(k, k) for k in keys], rotation=30, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
