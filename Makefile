@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job, on the bundled real model and data: prepare, plan, fine-tune with 4-bit QLoRA.
+# The main job, on the bundled real model and data: prepare, plan, fine-tune with 4-bit QLoRA,
+# evaluate base vs fine-tuned (runs/smollm2-aclsum/eval/report.html).
 # --resume auto makes a second `make demo` continue (or finish) the same run instead of refusing.
 demo: install
 	$(CLI) models
@@ -27,6 +28,7 @@ demo: install
 	$(CLI) plan configs/smollm2-cpu.yaml
 	$(CLI) train configs/smollm2-cpu.yaml data.train_file=runs/demo/data/train.jsonl \
 		data.eval_file=runs/demo/data/eval.jsonl --resume auto
+	$(CLI) evaluate runs/smollm2-aclsum
 
 test: install
 	$(PY) -m pytest
