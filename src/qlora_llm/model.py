@@ -490,4 +490,12 @@ def load_target(
         log.info("applied adapter %s (unmerged)", found.adapter_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    own = getattr(tokenizer, "chat_template", None)
+    if found.template == "mistral" and isinstance(own, str) and "[INST]" not in own:
+        # A bare model name gets model.template (the seed's [INST] default); runs record theirs.
+        log.warning(
+            "%s is prompted with the Mistral [INST] template, but its own chat template is different; "
+            "pass model.template=auto to use the model's own.",
+            mcfg.name,
+        )
     return LoadedModel(model, tokenizer, found, device, stop_token_ids(tokenizer, model, found.manifest))
