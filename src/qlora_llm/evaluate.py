@@ -899,6 +899,11 @@ def evaluate(
             f"{non_ascii} text(s) are mostly non-ASCII: rouge-score keeps only a-z and 0-9 tokens, so they "
             "score as empty; ROUGE is not meaningful for them."
         )
+    if found.adapter_dir is not None:
+        notes.append(
+            "The fine-tuned model ran with its LoRA adapter unmerged (extra matmuls per layer); a merged "
+            "model (`qlora-llm merge`) decodes at the base model's speed."
+        )
     notes.append(
         "Perplexity is exp(mean NLL) over every scored token of the set (token-weighted); 'answers' scores only "
         "the completion tokens, EOS included, as training does."
