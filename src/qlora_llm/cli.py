@@ -4,6 +4,10 @@
     qlora-llm models
     qlora-llm config configs/smollm2-cpu.yaml train.max_steps=20
     qlora-llm evaluate runs/smollm2-aclsum
+    qlora-llm merge runs/smollm2-aclsum
+    qlora-llm generate runs/smollm2-aclsum "Summarize ..." --temperature 0
+    qlora-llm chat runs/smollm2-aclsum
+    qlora-llm serve runs/smollm2-aclsum --port 8000
 
 Nothing here does work of its own; every subcommand is one call into the package.
 """
@@ -16,9 +20,13 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qlora_llm import __version__
-from qlora_llm.config import ConfigError, describe_keys, load_config
+from qlora_llm.config import Config, ConfigError, describe_keys, load_config
+
+if TYPE_CHECKING:
+    from qlora_llm.generate import Generator, SamplingParams
 
 SHOW_PROBLEMS = 20
 
@@ -137,12 +145,100 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
         print(f"{k:<{width}}  {v}")
 
 
+def _target_config(args: argparse.Namespace) -> Config:
+    # A run, adapter or merged folder carries its own config (template, data, settings); --config replaces it.
+    own = Path(args.target) / "config.yaml"
+    return load_config(args.config or (own if own.is_file() else None), args.overrides)
+
+
+def _sampling(args: argparse.Namespace, cfg: Config) -> SamplingParams:
+    from qlora_llm.generate import SamplingParams
+
+    s = cfg.serve
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens or s.max_new_tokens,
+        temperature=s.temperature if args.temperature is None else args.temperature,
+        top_p=args.top_p or s.top_p,
+        seed=args.seed,
+    )
+
+
+def _generator(args: argparse.Namespace, cfg: Config) -> Generator:
+    from qlora_llm.generate import Generator
+
+    return Generator.load(
+        args.target, model_cfg=cfg.model, device=cfg.model.device, quantization=cfg.serve.quantization
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    cfg = _target_config(args)
+    completion = _generator(args, cfg).generate(args.prompt, _sampling(args, cfg))
+    print(completion.text)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from qlora_llm.chat import chat_loop
+
+    cfg = _target_config(args)
+    generator = _generator(args, cfg)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    chat_loop(generator, _sampling(args, cfg), write=write, system=args.system)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from qlora_llm.merge import merge
+
+    cfg = _target_config(args)
+    result = merge(
+        args.target,
+        Path(args.out) if args.out else None,
+        model_cfg=cfg.model,
+        device=cfg.model.device,
+        force=args.force,
+        benchmark_prompts=cfg.eval.benchmark_prompts,
+    )
+    v = result.verification
+    print(
+        f"merged into {result.out_dir} ({v['dtype']}): max logit difference {v['logits']['max_abs_diff']:.1e} "
+        f"(tolerance {v['logits']['tolerance']:.0e}), {v['greedy_answers']['identical']}/"
+        f"{v['greedy_answers']['prompts']} greedy answers identical"
+    )
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from qlora_llm.server.app import serve
+
+    overrides = list(args.overrides)
+    overrides += [f"serve.host={args.host}"] if args.host else []
+    overrides += [f"serve.port={args.port}"] if args.port else []
+    args.overrides = overrides
+    cfg = _target_config(args)
+    adapters = {}
+    for item in args.adapter:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(
+                f"--adapter {item!r}: expected NAME=PATH, e.g. --adapter aclsum=runs/smollm2-aclsum"
+            )
+        adapters[name] = Path(path)
+    serve(cfg, args.target, adapters=adapters, api_key=args.api_key or os.environ.get("QLORA_LLM_API_KEY"))
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from qlora_llm.evaluate import evaluate
 
-    # A run or adapter carries its own config (its eval data and settings); --config replaces it.
-    own = Path(args.target) / "config.yaml"
-    cfg = load_config(args.config or (own if own.is_file() else None), args.overrides)
+    cfg = _target_config(args)
     result = evaluate(
         cfg,
         args.target,
@@ -280,6 +376,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", metavar="DIR", help="where the report goes (default: <run>/eval)")
     p.add_argument("--config", help="YAML config (default: the run's own config.yaml)")
 
+    def target_command(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument(
+            "target", help="a run folder, an adapter folder, a merged model folder or a model name"
+        )
+        p.add_argument("--config", help="YAML config (default: the target's own config.yaml)")
+        return p
+
+    def sampling_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--max-new-tokens", type=int, help="answer length limit (default serve.max_new_tokens)"
+        )
+        p.add_argument(
+            "--temperature", type=float, help="0 = greedy, 0.1 near-deterministic, 0.9 creative (0.7)"
+        )
+        p.add_argument("--top-p", type=float, help="nucleus sampling mass (default 0.9)")
+        p.add_argument("--seed", type=int, help="sampling seed, for repeatable answers")
+
+    p = target_command("generate", "answer one prompt and print it")
+    p.add_argument("prompt", help="the user message")
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value")
+    sampling_flags(p)
+
+    p = target_command("chat", "interactive chat in the terminal, answers streamed")
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value")
+    p.add_argument("--system", help="a system message to start the conversation with")
+    sampling_flags(p)
+
+    p = target_command("merge", "merge the adapter into a full-precision copy of the base, verified")
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value")
+    p.add_argument("--out", metavar="DIR", help="where the merged model goes (default <run>/merged)")
+    p.add_argument("--force", action="store_true", help="replace an existing merged folder")
+
+    p = target_command("serve", "REST server: /generate, /health, OpenAI /v1/*, /metrics")
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="serve more adapters")
+    p.add_argument("--api-key", help="require this key (or set QLORA_LLM_API_KEY)")
+    p.add_argument("--host", help="interface to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="TCP port (default 8000)")
+
     p = sub.add_parser("models", help="list known models and whether each is available here")
     p.add_argument("--config", help="YAML config (for model.cache_dir)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -296,6 +432,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "prepare": cmd_prepare,
     "train": cmd_train,
     "evaluate": cmd_evaluate,
+    "merge": cmd_merge,
+    "generate": cmd_generate,
+    "chat": cmd_chat,
+    "serve": cmd_serve,
     "plan": cmd_plan,
     "models": cmd_models,
     "config": cmd_config,
@@ -324,12 +464,14 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         from qlora_llm.data import PrepareError
         from qlora_llm.evaluate import EvalError
+        from qlora_llm.merge import MergeError
         from qlora_llm.model import DeviceError, ModelNotFoundError
         from qlora_llm.plan import PlanError
         from qlora_llm.train import TrainError
 
         if isinstance(
-            err, ModelNotFoundError | PrepareError | TrainError | DeviceError | PlanError | EvalError
+            err,
+            ModelNotFoundError | PrepareError | TrainError | DeviceError | PlanError | EvalError | MergeError,
         ):
             print(f"error: {err}", file=sys.stderr)
             return 1

@@ -162,6 +162,20 @@ class ServeConfig(_Section):
     """Sampling temperature: 0.1 near-deterministic, 0.9 creative; 0 is greedy."""
     top_p: float = Field(0.9, gt=0.0, le=1.0)
     """Nucleus sampling mass."""
+    max_new_tokens_limit: int = Field(2048, gt=0)
+    """Largest `max_new_tokens` a request may ask for (422 above it)."""
+    quantization: Literal["none", "nf4", "fp4"] = "none"
+    """Weights to serve: full precision (4-bit decoding is ~10x slower per token on CPU); nf4 for small GPUs."""
+    max_batch_size: int = Field(8, gt=0)
+    """Requests decoded together in one batch (dynamic batching)."""
+    batch_wait_ms: float = Field(10.0, ge=0)
+    """How long the first queued request waits for others to join its batch."""
+    max_queue: int = Field(32, gt=0)
+    """Requests running or waiting before new ones get 429 with Retry-After."""
+    max_body_bytes: int = Field(1_000_000, gt=0)
+    """Largest request body; bigger ones get 413 before they are parsed."""
+    cors_origins: list[str] = Field(default_factory=list)
+    """Origins allowed by CORS; empty (the default) leaves CORS off."""
 
 
 class Config(_Section):
