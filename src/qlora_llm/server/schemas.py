@@ -1,0 +1,78 @@
+"""Request and response bodies of the server: the seed's /generate contract and OpenAI's.
+
+Type and range checks that do not depend on the loaded model live here (pydantic); the ones that do
+(the server's max_new_tokens limit, prompt + answer within the context) are checked by the routes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+class GenerateRequest(_Body):
+    """The seed's POST /generate body; `stream` and `model` are additions."""
+
+    prompt: str
+    max_new_tokens: StrictInt = 512
+    temperature: float = Field(0.7, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
+    seed: StrictInt | None = None
+    stream: bool = False
+    model: str | None = None
+
+    _prompt = field_validator("prompt")(_not_blank)
+
+
+class GenerateResponse(BaseModel):
+    response: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionRequest(_Body):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: StrictInt | None = None
+    max_completion_tokens: StrictInt | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
+    seed: StrictInt | None = None
+    stream: bool = False
+    n: Literal[1] = 1
+
+    @field_validator("messages")
+    @classmethod
+    def _ends_with_user(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        if messages[-1].role != "user":
+            raise ValueError("the last message must be from the user")
+        if not messages[-1].content.strip():
+            raise ValueError("the last user message must not be empty")
+        return messages
+
+
+class CompletionRequest(_Body):
+    model: str | None = None
+    prompt: str
+    max_tokens: StrictInt = 16  # OpenAI's default for /v1/completions
+    temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
+    seed: StrictInt | None = None
+    stream: bool = False
+    n: Literal[1] = 1
+
+    _prompt = field_validator("prompt")(_not_blank)
