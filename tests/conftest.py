@@ -7,6 +7,7 @@ with random weights, so the exact `[INST]` path is exercised without a download.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -61,3 +62,45 @@ def smollm2_cache(tmp_path_factory) -> Path:
     cache = tmp_path_factory.mktemp("qlora-cache")
     convert_builtin("smollm2-135m-instruct", cache)
     return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_mistral, tmp_path_factory) -> Path:
+    """A 3-step LoRA run of the tiny Mistral (non-zero adapter, dropout off), with eval data and one benchmark prompt."""
+    from qlora_llm.config import load_config
+    from qlora_llm.train import train
+
+    folder = tmp_path_factory.mktemp("tiny-run")
+    rows = [
+        {"instruction": f"What comes after {w}?", "input": "", "output": f"{v} comes after {w}."}
+        for w, v in zip("abcdefgh", "bcdefghi", strict=True)
+    ] * 3
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:20]))
+    (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[20:]))
+    (folder / "bench.json").write_text(
+        json.dumps(
+            {"prompts": [{"id": "next", "set": "tiny", "prompt": "What comes after a?", "keywords": ["b"]}]}
+        )
+    )
+    cfg = load_config(
+        None,
+        [
+            f"model.name={tiny_mistral}",
+            "model.device=cpu",
+            f"data.train_file={folder / 'train.jsonl'}",
+            f"data.eval_file={folder / 'eval.jsonl'}",
+            "data.max_seq_length=64",
+            f"train.output_dir={folder / 'run'}",
+            "train.max_steps=3",
+            "train.batch_size=4",
+            "train.eval_steps=3",
+            "train.save_steps=3",
+            "train.learning_rate=5e-2",
+            "train.warmup_ratio=0",
+            "lora.dropout=0",
+            f"eval.benchmark_prompts={folder / 'bench.json'}",
+            "eval.max_new_tokens=4",
+            "eval.speed_runs=2",
+        ],
+    )
+    return train(cfg).run_dir

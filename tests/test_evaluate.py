@@ -159,46 +159,6 @@ def test_benchmark_keywords_and_the_shipped_prompts(tmp_path):
 # The whole stage on a tiny trained run
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tiny_mistral, tmp_path_factory) -> Path:
-    from qlora_llm.train import train
-
-    folder = tmp_path_factory.mktemp("eval-run")
-    rows = [
-        {"instruction": f"What comes after {w}?", "input": "", "output": f"{v} comes after {w}."}
-        for w, v in zip("abcdefgh", "bcdefghi", strict=True)
-    ] * 3
-    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:20]))
-    (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[20:]))
-    (folder / "bench.json").write_text(
-        json.dumps(
-            {"prompts": [{"id": "next", "set": "tiny", "prompt": "What comes after a?", "keywords": ["b"]}]}
-        )
-    )
-    cfg = load_config(
-        None,
-        [
-            f"model.name={tiny_mistral}",
-            "model.device=cpu",
-            f"data.train_file={folder / 'train.jsonl'}",
-            f"data.eval_file={folder / 'eval.jsonl'}",
-            "data.max_seq_length=64",
-            f"train.output_dir={folder / 'run'}",
-            "train.max_steps=3",
-            "train.batch_size=4",
-            "train.eval_steps=3",
-            "train.save_steps=3",
-            "train.learning_rate=5e-2",
-            "train.warmup_ratio=0",
-            "lora.dropout=0",
-            f"eval.benchmark_prompts={folder / 'bench.json'}",
-            "eval.max_new_tokens=4",
-            "eval.speed_runs=2",
-        ],
-    )
-    return train(cfg).run_dir
-
-
 class _Checker(html.parser.HTMLParser):
     VOID = {"meta", "img", "br", "link", "hr", "input"}
 

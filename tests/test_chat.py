@@ -1,0 +1,153 @@
+"""The single-shot and chat modes, through the CLI and the seed's scripts/inference.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qlora_llm.chat import chat_loop
+from qlora_llm.cli import main
+from qlora_llm.generate import Generator, SamplingParams
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_run) -> Generator:
+    return Generator.load(tiny_run, device="cpu")
+
+
+def test_generator_prompts_as_the_run_was_trained(generator, mistral_tokenizer):
+    assert generator.loaded.template == "mistral" and generator.stop_ids == [mistral_tokenizer.eos_token_id]
+    ids = generator.encode("What comes after a?")
+    assert ids == mistral_tokenizer("[INST] What comes after a? [/INST]")["input_ids"]
+    assert ids[:2] == [1, 733]  # one BOS, then "[INST]": never a second BOS from the text
+
+
+def test_generate_prints_an_answer_and_greedy_is_deterministic(tiny_run, capsys):
+    args = ["generate", str(tiny_run), "What comes after a?", "--temperature", "0", "--max-new-tokens", "6"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out == first and first.strip()
+
+
+def test_sampling_with_a_seed_repeats_and_stream_equals_generate(generator):
+    params = SamplingParams(max_new_tokens=8, temperature=0.7, top_p=0.9, seed=3)
+    assert generator.generate("hello", params).text == generator.generate("hello", params).text
+    greedy = SamplingParams(max_new_tokens=8, temperature=0)
+    pieces = generator.stream("hello", greedy)
+    text = ""
+    try:
+        while True:
+            text += next(pieces)
+    except StopIteration as done:
+        completion = done.value
+    assert text == completion.text == generator.generate("hello", greedy).text
+    assert completion.finish_reason in ("stop", "length") and completion.completion_tokens <= 8
+
+
+def test_closing_a_stream_cancels_generation(generator):
+    stream = generator.stream("hello", SamplingParams(max_new_tokens=500, temperature=1.0, seed=0))
+    next(stream)
+    stream.close()  # what Ctrl-C in chat does: generation stops at the next token
+    assert not generator.lock.locked()
+
+
+def test_chat_loop_keeps_history_resets_and_exits(generator):
+    seen = []
+    real_stream = generator.stream
+
+    def spy(messages, params):
+        seen.append([dict(m) for m in messages])
+        return real_stream(messages, params)
+
+    generator.stream = spy
+    lines = iter(["hello", "and then?", "/reset", "again", "/nope", "/exit", "never read"])
+    out = []
+    try:
+        history = chat_loop(
+            generator,
+            SamplingParams(max_new_tokens=4, temperature=0),
+            read=lambda _: next(lines),
+            write=out.append,
+        )
+    finally:
+        del generator.stream
+    assert [len(m) for m in seen] == [1, 3, 1]  # history sent as messages; /reset forgets it
+    assert seen[1][0] == {"role": "user", "content": "hello"} and seen[1][1]["role"] == "assistant"
+    assert seen[2] == [{"role": "user", "content": "again"}]
+    assert "(conversation reset)\n" in out and any(o.startswith("unknown command /nope") for o in out)
+    assert [m["role"] for m in history] == ["user", "assistant"]
+
+
+def test_ctrl_c_stops_the_answer_not_the_chat(generator):
+    class Interrupting:
+        def __init__(self):
+            self.closed = False
+
+        def __iter__(self):
+            yield "partial"
+            raise KeyboardInterrupt
+
+        def close(self):
+            self.closed = True
+
+    stream = Interrupting()
+    generator.stream = lambda messages, params: stream
+    lines = iter(["tell me", "/exit"])
+    out = []
+    try:
+        history = chat_loop(generator, SamplingParams(), read=lambda _: next(lines), write=out.append)
+    finally:
+        del generator.stream
+    assert stream.closed and " [stopped]" in out
+    assert history[-1] == {"role": "assistant", "content": "partial"}
+
+
+def test_eof_at_the_prompt_ends_the_chat(generator):
+    def eof(_):
+        raise EOFError
+
+    assert chat_loop(generator, SamplingParams(), read=eof, write=lambda _: None) == []
+
+
+def test_seed_scripts_interface_single_mode(tiny_run):
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "inference.py"),
+            "--mode",
+            "single",
+            "--model",
+            str(tiny_run),
+            "--prompt",
+            "What comes after a?",
+            "--temperature",
+            "0",
+            "--max_new_tokens",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip()
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "inference.py"), "--mode", "single"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert bad.returncode == 2 and "--mode single needs --prompt" in bad.stderr
+
+
+def test_serve_cli_rejects_a_bad_adapter_flag(tiny_run, capsys):
+    assert main(["serve", str(tiny_run), "--adapter", "nopath"]) == 2
+    assert "--adapter 'nopath': expected NAME=PATH" in capsys.readouterr().err

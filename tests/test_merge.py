@@ -1,0 +1,91 @@
+"""Merge: full-precision base + adapter -> a verified, plain-transformers folder, written atomically;
+and the merged model evaluates like the unmerged adapter."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qlora_llm.evaluate import compute_perplexity, tokenize_for_scoring
+from qlora_llm.merge import MergeError, merge
+from qlora_llm.model import load_target
+from qlora_llm.train import load_examples
+
+
+@pytest.fixture(scope="module")
+def merged(tiny_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("merged") / "model"
+    return merge(tiny_run, out, device="cpu", benchmark_prompts=tiny_run.parent / "bench.json")
+
+
+def test_merged_folder_is_plain_transformers_and_matches_the_adapter(merged, tiny_run, tiny_mistral):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = merged.out_dir
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "manifest.json",
+        "config.yaml",
+        "merge_verification.json",
+    } <= {p.name for p in out.iterdir()}
+    assert not any(p.name.startswith("adapter") for p in out.iterdir())
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config  # full precision, never merged into 4-bit
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert next(model.parameters()).dtype == torch.float32
+    adapter = load_target(tiny_run, device="cpu")
+    ids = tokenizer("[INST] What comes after a? [/INST]", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, adapter.model(ids).logits, atol=1e-4, rtol=1e-4)
+    # The LoRA delta went into the weights: q_proj differs from the base, the embeddings do not.
+    base, new = load_file(tiny_mistral / "model.safetensors"), load_file(out / "model.safetensors")
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(base[q], new[q])
+    assert torch.equal(base["model.embed_tokens.weight"], new["model.embed_tokens.weight"])
+    v = json.loads((out / "merge_verification.json").read_text())
+    assert v["passed"] and v["logits"]["max_abs_diff"] <= v["logits"]["tolerance"] == 1e-3
+    assert v["greedy_answers"]["identical"] == v["greedy_answers"]["prompts"] == 1
+    assert merged.verification == v
+
+
+def test_merged_and_unmerged_perplexity_agree(merged, tiny_run):
+    records = load_examples(tiny_run.parent / "eval.jsonl")
+    unmerged = load_target(tiny_run, device="cpu")
+    as_merged = load_target(merged.out_dir, device="cpu")
+    assert as_merged.target.kind == "merged" and as_merged.template == unmerged.template == "mistral"
+    rows = tokenize_for_scoring(records, unmerged.tokenizer, unmerged.template)
+    a, b = compute_perplexity(unmerged.model, rows), compute_perplexity(as_merged.model, rows)
+    assert abs(a["perplexity_completion"] - b["perplexity_completion"]) < 1e-3
+    assert abs(a["perplexity_full"] - b["perplexity_full"]) < 1e-3
+
+
+def test_merge_refuses_to_overwrite_and_leaves_nothing_on_failure(
+    tiny_run, tmp_path, monkeypatch, tiny_mistral
+):
+    out = tmp_path / "m"
+    out.mkdir()
+    with pytest.raises(MergeError, match=r"already exists; pass --force"):
+        merge(tiny_run, out, device="cpu")
+    with pytest.raises(MergeError, match="has no LoRA adapter to merge"):
+        merge(tiny_mistral, tmp_path / "x", device="cpu")
+    from transformers import PreTrainedModel
+
+    def broken(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", broken)
+    with pytest.raises(OSError, match="disk full"):
+        merge(tiny_run, tmp_path / "half", device="cpu")
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no half-written folder, no staging left
+
+
+def test_a_merge_that_does_not_verify_writes_nothing(tiny_run, tmp_path):
+    with pytest.raises(MergeError, match=r"does not match the adapter model .* nothing was written"):
+        merge(tiny_run, tmp_path / "m", device="cpu", tolerance=-1.0)
+    assert not (tmp_path / "m").exists()
