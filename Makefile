@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The main job, on the bundled real model and data: prepare, plan, fine-tune with 4-bit QLoRA,
-# evaluate base vs fine-tuned (runs/smollm2-aclsum/eval/report.html).
+# evaluate base vs fine-tuned (runs/smollm2-aclsum/eval/report.html), merge, and answer a prompt.
 # --resume auto makes a second `make demo` continue (or finish) the same run instead of refusing.
 demo: install
 	$(CLI) models
@@ -29,6 +29,13 @@ demo: install
 	$(CLI) train configs/smollm2-cpu.yaml data.train_file=runs/demo/data/train.jsonl \
 		data.eval_file=runs/demo/data/eval.jsonl --resume auto
 	$(CLI) evaluate runs/smollm2-aclsum
+	$(CLI) merge runs/smollm2-aclsum --force
+	printf '%s\n\n%s\n\n%s' "Summarize the approach of this paper in one or two sentences." \
+		"Title: QLoRA: Efficient Finetuning of Quantized LLMs" \
+		"Abstract: We present QLoRA, an efficient finetuning approach that reduces memory usage enough to \
+		finetune a 65B parameter model on a single 48GB GPU while preserving full 16-bit finetuning task \
+		performance. QLoRA backpropagates gradients through a frozen, 4-bit quantized pretrained language \
+		model into Low Rank Adapters (LoRA)." | $(CLI) generate runs/smollm2-aclsum/merged - --temperature 0
 
 test: install
 	$(PY) -m pytest
@@ -47,6 +54,7 @@ format: install
 bench: install
 	$(PY) bench/prepare_throughput.py
 	$(PY) bench/train_throughput.py
+	$(PY) bench/serve_throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

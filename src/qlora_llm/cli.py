@@ -173,7 +173,8 @@ def _generator(args: argparse.Namespace, cfg: Config) -> Generator:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     cfg = _target_config(args)
-    completion = _generator(args, cfg).generate(args.prompt, _sampling(args, cfg))
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    completion = _generator(args, cfg).generate(prompt, _sampling(args, cfg))
     print(completion.text)
     return 0
 
@@ -395,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, help="sampling seed, for repeatable answers")
 
     p = target_command("generate", "answer one prompt and print it")
-    p.add_argument("prompt", help="the user message")
+    p.add_argument("prompt", help="the user message; - reads it from standard input")
     p.add_argument("overrides", nargs="*", default=[], metavar="key=value")
     sampling_flags(p)
 
