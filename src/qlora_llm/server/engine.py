@@ -48,7 +48,9 @@ class Job:
     first_token_at: float | None = None
 
     def emit(self, kind: str, value: Any) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        # The request's event loop may be gone (server shutting down): nobody is left to tell.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
 
 
 class Engine:
@@ -66,6 +68,7 @@ class Engine:
         self.metrics = metrics
         self._jobs: list[Job] = []
         self._running = 0
+        self._current: list[Job] = []
         self._cond = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="qlora-llm-engine", daemon=True)
@@ -77,7 +80,7 @@ class Engine:
     def stop(self) -> None:
         with self._cond:
             self._stop = True
-            for job in self._jobs:
+            for job in self._jobs + self._current:
                 job.cancel.set()
             self._cond.notify_all()
         self._thread.join(timeout=30)
@@ -111,7 +114,7 @@ class Engine:
             adapter = self._jobs[0].adapter
             batch = [j for j in self._jobs if j.adapter == adapter][: self.max_batch_size]
             self._jobs = [j for j in self._jobs if j not in batch]
-            self._running = len(batch)
+            self._running, self._current = len(batch), batch
             return batch
 
     def _run(self) -> None:
@@ -132,7 +135,7 @@ class Engine:
                     j.emit("error", f"generation failed: {type(err).__name__}")
             finally:
                 with self._cond:
-                    self._running = 0
+                    self._running, self._current = 0, []
 
     def _adapter_context(self, adapter: str | None) -> Any:
         model = self.loaded.model
