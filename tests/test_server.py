@@ -356,3 +356,18 @@ def test_a_client_that_disconnects_stops_its_generation(live_server, slow_tokens
         time.sleep(0.1)
     assert metric(url, 'qlora_llm_generations_total{finish_reason="cancelled"}') == 1
     assert metric(url, "qlora_llm_generated_tokens_total") < 1000
+
+
+def test_serving_a_run_folder_applies_its_adapter_and_offers_the_base(tiny_run, tiny_mistral):
+    from qlora_llm.config import load_config as load
+
+    cfg = load(tiny_run / "config.yaml")
+    with TestClient(create_app(cfg, tiny_run)) as c:  # the real loading path, in the lifespan's thread
+        wait_ready(c)
+        names = [m["id"] for m in c.get("/v1/models").json()["data"]]
+        assert names == [tiny_run.name, tiny_mistral.name]  # the base by name, never a server path
+        body = {"prompt": "What comes after a?", "max_new_tokens": 6, "temperature": 0}
+        tuned = c.post("/generate", json=body).json()["response"]
+        base = c.post("/generate", json=body | {"model": tiny_mistral.name}).json()["response"]
+    expected = Generator.load(tiny_run, device="cpu").generate(body["prompt"], SamplingParams(6, 0.0)).text
+    assert tuned == expected and base != tuned

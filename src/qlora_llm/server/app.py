@@ -84,8 +84,10 @@ def _served_models(target: Any, adapters: dict[str, Path]) -> tuple[str, dict[st
     """Names a request's `model` may use -> the PEFT adapter to decode with (None: no adapter)."""
     primary = Path(target.path).name if target.path is not None else target.model_cfg.name
     served: dict[str, str | None] = {primary: "default" if target.adapter_dir is not None else None}
-    if target.adapter_dir is not None or adapters:
-        served.setdefault(target.model_cfg.name if target.adapter_dir is not None else primary, None)
+    if target.adapter_dir is not None:
+        # The bare base, by its name (a local base folder by its folder name: no server paths shown).
+        base = target.model_cfg.name
+        served.setdefault(Path(base).name if Path(base).expanduser().exists() else base, None)
     for name in adapters:
         served[name] = name
     return primary, served
