@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -27,12 +29,22 @@ def test_generator_prompts_as_the_run_was_trained(generator, mistral_tokenizer):
     assert ids[:2] == [1, 733]  # one BOS, then "[INST]": never a second BOS from the text
 
 
-def test_generate_prints_an_answer_and_greedy_is_deterministic(tiny_run, capsys):
-    args = ["generate", str(tiny_run), "What comes after a?", "--temperature", "0", "--max-new-tokens", "6"]
-    assert main(args) == 0
+def test_generate_prints_an_answer_and_greedy_is_deterministic(tiny_run, capsys, monkeypatch):
+    flags = ["--temperature", "0", "--max-new-tokens", "6"]
+    assert main(["generate", str(tiny_run), "What comes after a?", *flags]) == 0
     first = capsys.readouterr().out
-    assert main(args) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("What comes after a?"))
+    assert main(["generate", str(tiny_run), "-", *flags]) == 0  # the prompt from stdin, same answer
     assert capsys.readouterr().out == first and first.strip()
+
+
+def test_generate_rejects_bad_sampling_and_an_empty_prompt_before_loading(tiny_run, capsys):
+    assert main(["generate", str(tiny_run), "hi", "--temperature", "5"]) == 2
+    assert "serve.temperature: Input should be less than or equal to 2 (got 5.0)" in capsys.readouterr().err
+    assert main(["generate", str(tiny_run), "hi", "--max-new-tokens", "0"]) == 2
+    assert "serve.max_new_tokens: Input should be greater than 0" in capsys.readouterr().err
+    assert main(["generate", str(tiny_run), "  "]) == 2
+    assert "error: the prompt is empty" in capsys.readouterr().err
 
 
 def test_sampling_with_a_seed_repeats_and_stream_equals_generate(generator):
@@ -108,6 +120,32 @@ def test_ctrl_c_stops_the_answer_not_the_chat(generator):
     assert history[-1] == {"role": "assistant", "content": "partial"}
 
 
+def test_ctrl_c_during_a_real_stream_cancels_the_model(generator):
+    streams = []
+    real_stream = generator.stream
+
+    def spy(messages, params):
+        streams.append(real_stream(messages, params))
+        return streams[-1]
+
+    def write(text):
+        out.append(text)
+        if out[-2:-1] == ["assistant> "]:
+            raise KeyboardInterrupt  # Ctrl-C lands while the first piece is printed
+
+    generator.stream = spy
+    lines = iter(["tell me a long story", "/exit"])
+    out = []
+    params = SamplingParams(max_new_tokens=500, temperature=1.0, seed=0)
+    try:
+        history = chat_loop(generator, params, read=lambda _: next(lines), write=write)
+    finally:
+        del generator.stream
+    assert " [stopped]" in out and streams[0].gi_frame is None  # the stream was closed...
+    assert not generator.lock.locked()  # ...and the model thread finished: it is free for the next turn
+    assert history[-1] == {"role": "assistant", "content": out[out.index("assistant> ") + 1].strip()}
+
+
 def test_eof_at_the_prompt_ends_the_chat(generator):
     def eof(_):
         raise EOFError
@@ -115,37 +153,36 @@ def test_eof_at_the_prompt_ends_the_chat(generator):
     assert chat_loop(generator, SamplingParams(), read=eof, write=lambda _: None) == []
 
 
-def test_seed_scripts_interface_single_mode(tiny_run):
+def test_seed_scripts_interface_single_mode(tiny_run, capsys):
+    flags = ["--temperature", "0", "--max_new_tokens", "4"]
     run = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "inference.py"),
-            "--mode",
-            "single",
-            "--model",
-            str(tiny_run),
-            "--prompt",
-            "What comes after a?",
-            "--temperature",
-            "0",
-            "--max_new_tokens",
-            "4",
-        ],
+        [sys.executable, str(ROOT / "scripts" / "inference.py"), "--mode", "single", "--model", str(tiny_run)]
+        + ["--prompt", "-not a flag", *flags],
         capture_output=True,
         text=True,
         timeout=300,
         cwd=ROOT,
     )
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.strip()
-    bad = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "inference.py"), "--mode", "single"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
+    # The same code as `qlora-llm generate`: the same greedy answer.
+    assert (
+        main(["generate", str(tiny_run), "--temperature=0", "--max-new-tokens=4", "--", "-not a flag"]) == 0
     )
-    assert bad.returncode == 2 and "--mode single needs --prompt" in bad.stderr
+    assert run.stdout == capsys.readouterr().out and run.stdout.strip()
+
+
+def test_seed_scripts_interface_says_what_is_missing(tmp_path, monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("inference", ROOT / "scripts" / "inference.py")
+    inference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(inference)
+    with pytest.raises(SystemExit) as exit:
+        inference.main(["--mode", "single"])
+    assert exit.value.code == 2 and "--mode single needs --prompt" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)  # no runs/smollm2-aclsum here
+    with pytest.raises(SystemExit) as exit:
+        inference.main(["--mode", "chat"])
+    assert exit.value.code == 2
+    assert "no --model given and runs/smollm2-aclsum is not here" in capsys.readouterr().err
 
 
 def test_serve_cli_rejects_a_bad_adapter_flag(tiny_run, capsys):

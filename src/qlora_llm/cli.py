@@ -148,7 +148,13 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
 def _target_config(args: argparse.Namespace) -> Config:
     # A run, adapter or merged folder carries its own config (template, data, settings); --config replaces it.
     own = Path(args.target) / "config.yaml"
-    return load_config(args.config or (own if own.is_file() else None), args.overrides)
+    overrides = list(args.overrides)
+    # Sampling flags are serve.* overrides, so ServeConfig validates them (temperature 0..2, ...) once.
+    for flag in ("max_new_tokens", "temperature", "top_p"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"serve.{flag}={value}")
+    return load_config(args.config or (own if own.is_file() else None), overrides)
 
 
 def _sampling(args: argparse.Namespace, cfg: Config) -> SamplingParams:
@@ -156,10 +162,7 @@ def _sampling(args: argparse.Namespace, cfg: Config) -> SamplingParams:
 
     s = cfg.serve
     return SamplingParams(
-        max_new_tokens=args.max_new_tokens or s.max_new_tokens,
-        temperature=s.temperature if args.temperature is None else args.temperature,
-        top_p=args.top_p or s.top_p,
-        seed=args.seed,
+        max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, seed=args.seed
     )
 
 
@@ -174,6 +177,11 @@ def _generator(args: argparse.Namespace, cfg: Config) -> Generator:
 def cmd_generate(args: argparse.Namespace) -> int:
     cfg = _target_config(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt.strip():
+        print(
+            "error: the prompt is empty; give the user message, or - to read it from stdin", file=sys.stderr
+        )
+        return 2
     completion = _generator(args, cfg).generate(prompt, _sampling(args, cfg))
     print(completion.text)
     return 0
