@@ -4,6 +4,7 @@ and the merged model evaluates like the unmerged adapter."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -52,6 +53,9 @@ def test_merged_folder_is_plain_transformers_and_matches_the_adapter(merged, tin
     assert v["passed"] and v["logits"]["max_abs_diff"] <= v["logits"]["tolerance"] == 1e-3
     assert v["greedy_answers"]["identical"] == v["greedy_answers"]["prompts"] == 1
     assert merged.verification == v
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o666 & ~umask}
 
 
 def test_merged_and_unmerged_perplexity_agree(merged, tiny_run):
@@ -88,4 +92,24 @@ def test_merge_refuses_to_overwrite_and_leaves_nothing_on_failure(
 def test_a_merge_that_does_not_verify_writes_nothing(tiny_run, tmp_path):
     with pytest.raises(MergeError, match=r"does not match the adapter model .* nothing was written"):
         merge(tiny_run, tmp_path / "m", device="cpu", tolerance=-1.0)
+    assert not (tmp_path / "m").exists()
+
+
+def test_merge_loads_the_base_unquantized_and_refuses_quantized_weights(tiny_run, tmp_path, monkeypatch):
+    import qlora_llm.merge as merge_module
+
+    calls = []
+
+    def quantized(target, **kwargs):
+        calls.append(kwargs)
+        loaded = load_target(target, **kwargs)
+        # What a 4-bit load (or a base saved pre-quantized) looks like to transformers.
+        loaded.model.config.quantization_config = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+        return loaded
+
+    monkeypatch.setattr(merge_module, "load_target", quantized)
+    with pytest.raises(MergeError, match=r"loaded quantized; .* only into full-precision weights"):
+        merge(tiny_run, tmp_path / "m", device="cpu")
+    # The run trained with model.quantization=nf4 (the default); the merge still loads the base unquantized.
+    assert calls == [{"device": "cpu", "quantization": "none"}]
     assert not (tmp_path / "m").exists()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -113,6 +114,12 @@ def merge(
     # quantization="none": the deltas go into 16/32-bit weights, never into re-quantized 4-bit ones.
     loaded = load_target(found, device=device, quantization="none")
     model, tokenizer = loaded.model, loaded.tokenizer
+    if getattr(model.config, "quantization_config", None) is not None:
+        # Set by a quantized load: ours with nf4/fp4, or a base saved pre-quantized (a *-bnb-4bit repo).
+        raise MergeError(
+            f"{found.model_cfg.name} was loaded quantized; the adapter is merged only into full-precision "
+            "weights (merging into 4-bit weights re-quantizes the fine-tune away). Nothing was written."
+        )
     dtype = next(model.parameters()).dtype
     tolerance = tolerance if tolerance is not None else (1e-3 if dtype == torch.float32 else 0.25)
     texts, prompts = _verification_inputs(found, tokenizer, benchmark_prompts)
@@ -150,6 +157,10 @@ def merge(
             if source is not None:
                 shutil.copyfile(source, tmp / name)
         (tmp / "merge_verification.json").write_text(json.dumps(verification, indent=2) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        for file in tmp.iterdir():
+            file.chmod(0o666 & ~umask)  # transformers writes the weights 0600; the folder is for sharing
     log.info(
         "merged %s into %s in %.0f s: max logit difference %.1e, %d/%d greedy answers identical",
         found.adapter_dir,
