@@ -52,6 +52,9 @@ def test_merged_folder_is_plain_transformers_and_matches_the_adapter(merged, tin
     v = json.loads((out / "merge_verification.json").read_text())
     assert v["passed"] and v["logits"]["max_abs_diff"] <= v["logits"]["tolerance"] == 1e-3
     assert v["greedy_answers"]["identical"] == v["greedy_answers"]["prompts"] == 1
+    # Scored on the run's own eval examples; answered on the benchmark prompts.
+    assert v["logits"]["from"] == str(tiny_run.parent / "eval.jsonl") and v["logits"]["sequences"] == 4
+    assert v["greedy_answers"]["from"] == str(tiny_run.parent / "bench.json")
     assert merged.verification == v
     umask = os.umask(0)
     os.umask(umask)
@@ -76,6 +79,9 @@ def test_merge_refuses_to_overwrite_and_leaves_nothing_on_failure(
     out.mkdir()
     with pytest.raises(MergeError, match=r"already exists; pass --force"):
         merge(tiny_run, out, device="cpu")
+    for source in (tiny_run, tiny_run / "final_adapter", tiny_run.parent):
+        with pytest.raises(MergeError, match="would replace the adapter being merged"):
+            merge(tiny_run, source, device="cpu", force=True)
     with pytest.raises(MergeError, match="has no LoRA adapter to merge"):
         merge(tiny_mistral, tmp_path / "x", device="cpu")
     from transformers import PreTrainedModel

@@ -41,14 +41,18 @@ class MergeResult:
     verification: dict[str, Any]
 
 
-def _verification_inputs(target: Any, tokenizer: Any, benchmark_prompts: Path | None) -> tuple[list, list]:
-    """Token ids of a few eval examples (whole text) and of a few benchmark prompts (generation prompts)."""
+def _verification_inputs(
+    target: Any, tokenizer: Any, benchmark_prompts: Path | None
+) -> tuple[list, str, list, str]:
+    """Token ids of a few eval examples (whole text) and of a few benchmark prompts (generation prompts),
+    each with where they came from."""
     from qlora_llm.config import load_config
     from qlora_llm.evaluate import load_benchmark_prompts, tokenize_for_scoring
     from qlora_llm.templates import render_prompt
     from qlora_llm.train import load_examples
 
     texts: list[list[int]] = []
+    texts_from = ""
     config_file = next(
         (p / "config.yaml" for p in (target.path, target.adapter_dir) if (p / "config.yaml").is_file()), None
     )
@@ -59,10 +63,11 @@ def _verification_inputs(target: Any, tokenizer: Any, benchmark_prompts: Path | 
             rows = tokenize_for_scoring(
                 load_examples(Path(source))[:VERIFY_EXAMPLES], tokenizer, target.template
             )
-            texts = [r["input_ids"] for r in rows]
-    prompts = []
+            texts, texts_from = [r["input_ids"] for r in rows], str(source)
+    prompts, prompts_from = [], "built-in prompts"
     if benchmark_prompts is not None and Path(benchmark_prompts).is_file():
         prompts = [p["prompt"] for p in load_benchmark_prompts(benchmark_prompts)[:VERIFY_PROMPTS]]
+        prompts_from = str(benchmark_prompts)
     prompts = prompts or ["Say hello.", "What is 2 + 2?"]
     ids = [
         tokenizer(
@@ -71,7 +76,8 @@ def _verification_inputs(target: Any, tokenizer: Any, benchmark_prompts: Path | 
         )["input_ids"]
         for p in prompts
     ]
-    return texts or ids, ids
+    # Without the run's data (moved, or relative to another folder) the prompts are scored instead.
+    return (texts, texts_from, ids, prompts_from) if texts else (ids, prompts_from, ids, prompts_from)
 
 
 def _logits(model: Any, sequences: list[list[int]]) -> list[Any]:
@@ -107,6 +113,9 @@ def merge(
             else found.path.with_name(found.path.name + "-merged")
         )
     out_dir = Path(out_dir)
+    sources = [found.path, found.adapter_dir]
+    if any(out_dir.resolve() in (s.resolve(), *s.resolve().parents) for s in sources):
+        raise MergeError(f"--out {out_dir} would replace the adapter being merged; choose another folder.")
     if out_dir.exists() and not force:
         raise MergeError(f"{out_dir} already exists; pass --force to replace it, or --out DIR.")
 
@@ -122,7 +131,7 @@ def merge(
         )
     dtype = next(model.parameters()).dtype
     tolerance = tolerance if tolerance is not None else (1e-3 if dtype == torch.float32 else 0.25)
-    texts, prompts = _verification_inputs(found, tokenizer, benchmark_prompts)
+    texts, texts_from, prompts, prompts_from = _verification_inputs(found, tokenizer, benchmark_prompts)
     before_logits = _logits(model, texts)
     before_answers = generate_greedy(loaded, prompts, max_new_tokens=VERIFY_NEW_TOKENS)
 
@@ -134,9 +143,15 @@ def merge(
     verification = {
         "passed": max_diff <= tolerance and all(same),
         "dtype": str(dtype).removeprefix("torch."),
-        "logits": {"sequences": len(texts), "max_abs_diff": max_diff, "tolerance": tolerance},
+        "logits": {
+            "sequences": len(texts),
+            "from": texts_from,
+            "max_abs_diff": max_diff,
+            "tolerance": tolerance,
+        },
         "greedy_answers": {
             "prompts": len(prompts),
+            "from": prompts_from,
             "identical": sum(same),
             "max_new_tokens": VERIFY_NEW_TOKENS,
             "answers": [a["text"] for a in after_answers],
@@ -145,6 +160,9 @@ def merge(
         "base_model": found.model_cfg.name,
     }
     if not verification["passed"]:
+        for a, b in zip(before_answers, after_answers, strict=True):
+            if a["text"] != b["text"]:
+                log.warning("greedy answers differ: adapter %r, merged %r", a["text"], b["text"])
         raise MergeError(
             f"the merged model does not match the adapter model (max logit difference {max_diff:.2e}, "
             f"tolerance {tolerance:.0e}; {sum(same)}/{len(same)} greedy answers identical); nothing was written."
