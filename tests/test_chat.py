@@ -117,7 +117,22 @@ def test_ctrl_c_stops_the_answer_not_the_chat(generator):
     finally:
         del generator.stream
     assert stream.closed and " [stopped]" in out
-    assert history[-1] == {"role": "assistant", "content": "partial"}
+    assert history == [{"role": "user", "content": "tell me"}, {"role": "assistant", "content": "partial"}]
+
+
+def test_an_answer_stopped_before_a_word_drops_the_question(generator):
+    def interrupted(messages, params):
+        raise KeyboardInterrupt  # Ctrl-C before the first piece
+        yield
+
+    generator.stream = interrupted
+    lines = iter(["first", "/exit"])
+    out = []
+    try:
+        history = chat_loop(generator, SamplingParams(), read=lambda _: next(lines), write=out.append)
+    finally:
+        del generator.stream
+    assert history == [] and " [stopped]" in out
 
 
 def test_ctrl_c_during_a_real_stream_cancels_the_model(generator):

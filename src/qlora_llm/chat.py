@@ -46,15 +46,23 @@ def chat_loop(
             write(f"unknown command {line.split()[0]}. {HELP}\n")
             continue
         history.append({"role": "user", "content": line})
-        write("assistant> ")
         pieces: list[str] = []
         stream = generator.stream(history, params)
+        # The whole turn is inside the try: a Ctrl-C that lands while the label is printed stops the
+        # answer too, it does not end the program.
         try:
+            write("assistant> ")
             for piece in stream:
                 pieces.append(piece)
                 write(piece)
         except KeyboardInterrupt:
-            stream.close()  # stops generation at the next token
+            stream.close()  # stops generation at the next token (a no-op if it never started)
             write(" [stopped]")
         write("\n")
-        history.append({"role": "assistant", "content": "".join(pieces).strip()})
+        answer = "".join(pieces).strip()
+        if answer:
+            history.append({"role": "assistant", "content": answer})
+        else:
+            # Stopped before a word (or an empty answer): forget the question too, so the history keeps
+            # alternating user/assistant, which templates like Mistral's [INST] require.
+            history.pop()
