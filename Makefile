@@ -18,6 +18,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The last step's prompt, shaped like an ACLSum example (instruction, then title and abstract). In a
+# variable, make joins the continued lines with one space; inside a recipe's quotes they would keep tabs.
+DEMO_INSTRUCTION := Summarize the approach of this paper in one or two sentences.
+DEMO_TITLE := Title: QLoRA: Efficient Finetuning of Quantized LLMs
+DEMO_ABSTRACT := Abstract: We present QLoRA, an efficient finetuning approach that reduces memory usage \
+	enough to finetune a 65B parameter model on a single 48GB GPU while preserving full 16-bit finetuning \
+	task performance. QLoRA backpropagates gradients through a frozen, 4-bit quantized pretrained \
+	language model into Low Rank Adapters (LoRA).
+
 # The main job, on the bundled real model and data: prepare, plan, fine-tune with 4-bit QLoRA,
 # evaluate base vs fine-tuned (runs/smollm2-aclsum/eval/report.html), merge, and answer a prompt.
 # --resume auto makes a second `make demo` continue (or finish) the same run instead of refusing.
@@ -30,12 +39,8 @@ demo: install
 		data.eval_file=runs/demo/data/eval.jsonl --resume auto
 	$(CLI) evaluate runs/smollm2-aclsum
 	$(CLI) merge runs/smollm2-aclsum --force
-	printf '%s\n\n%s\n\n%s' "Summarize the approach of this paper in one or two sentences." \
-		"Title: QLoRA: Efficient Finetuning of Quantized LLMs" \
-		"Abstract: We present QLoRA, an efficient finetuning approach that reduces memory usage enough to \
-		finetune a 65B parameter model on a single 48GB GPU while preserving full 16-bit finetuning task \
-		performance. QLoRA backpropagates gradients through a frozen, 4-bit quantized pretrained language \
-		model into Low Rank Adapters (LoRA)." | $(CLI) generate runs/smollm2-aclsum/merged - --temperature 0
+	printf '%s\n\n%s\n\n%s' "$(DEMO_INSTRUCTION)" "$(DEMO_TITLE)" "$(DEMO_ABSTRACT)" \
+		| $(CLI) generate runs/smollm2-aclsum/merged - --temperature 0
 
 test: install
 	$(PY) -m pytest
