@@ -200,6 +200,32 @@ def test_seed_scripts_interface_says_what_is_missing(tmp_path, monkeypatch, caps
     assert "no --model given and runs/smollm2-aclsum is not here" in capsys.readouterr().err
 
 
+def test_chat_cli_reads_the_terminal_and_streams(tiny_run, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("What comes after a?\n/reset\n/exit\n"))
+    assert main(["chat", str(tiny_run), "--temperature", "0", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Commands: /reset") and "assistant> " in out and "(conversation reset)" in out
+
+
+def test_serve_cli_passes_target_adapters_key_and_address(tiny_run, tiny_mistral, monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        "qlora_llm.server.app.serve",
+        lambda cfg, target, *, adapters, api_key: calls.append((cfg, target, adapters, api_key)),
+    )
+    monkeypatch.setenv("QLORA_LLM_API_KEY", "from-env")
+    args = ["serve", str(tiny_run), "--adapter", "a=runs/x", "--port", "9001", "serve.max_queue=4"]
+    assert main(args) == 0
+    cfg, target, adapters, key = calls[-1]
+    assert (target, adapters, key) == (str(tiny_run), {"a": Path("runs/x")}, "from-env")
+    assert (cfg.serve.host, cfg.serve.port, cfg.serve.max_queue) == ("127.0.0.1", 9001, 4)
+    assert cfg.model.name == str(tiny_mistral)  # the run's own config.yaml was read
+    assert main([*args, "--api-key", "flag"]) == 0 and calls[-1][3] == "flag"  # the flag wins over the env
+    with pytest.raises(SystemExit) as exit:
+        main(["serve", str(tiny_run), "--port", "9001", "--bogus"])
+    assert exit.value.code == 2 and len(calls) == 2
+
+
 def test_serve_cli_rejects_a_bad_adapter_flag(tiny_run, capsys):
     assert main(["serve", str(tiny_run), "--adapter", "nopath"]) == 2
     assert "--adapter 'nopath': expected NAME=PATH" in capsys.readouterr().err
