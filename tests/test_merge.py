@@ -91,13 +91,19 @@ def test_merge_refuses_to_overwrite_and_leaves_nothing_on_failure(
 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", broken)
     with pytest.raises(OSError, match="disk full"):
-        merge(tiny_run, tmp_path / "half", device="cpu")
+        merge(tiny_run, tmp_path / "half", device="cpu", benchmark_prompts=tiny_run.parent / "bench.json")
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no half-written folder, no staging left
 
 
 def test_a_merge_that_does_not_verify_writes_nothing(tiny_run, tmp_path):
     with pytest.raises(MergeError, match=r"does not match the adapter model .* nothing was written"):
-        merge(tiny_run, tmp_path / "m", device="cpu", tolerance=-1.0)
+        merge(
+            tiny_run,
+            tmp_path / "m",
+            device="cpu",
+            tolerance=-1.0,
+            benchmark_prompts=tiny_run.parent / "bench.json",
+        )
     assert not (tmp_path / "m").exists()
 
 
