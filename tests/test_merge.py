@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,3 +126,40 @@ def test_merge_loads_the_base_unquantized_and_refuses_quantized_weights(tiny_run
     # The run trained with model.quantization=nf4 (the default); the merge still loads the base unquantized.
     assert calls == [{"device": "cpu", "quantization": "none"}]
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.slow
+def test_a_real_smollm2_qlora_run_merges_and_answers_the_same(smollm2_cache, tmp_path, capsys):
+    """configs/smollm2-cpu.yaml (NF4 training) on the real model: merge, then the same greedy answer."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_llm.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    rows = [json.loads(x) for x in (root / "data" / "aclsum" / "train.jsonl").read_text().splitlines()]
+    short = [r for r in rows if len(r["input"]) < 700][:10]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short[:8]))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short[8:]))
+    run = tmp_path / "run"
+    overrides = [
+        f"model.cache_dir={smollm2_cache}",
+        f"data.train_file={tmp_path / 'train.jsonl'}",
+        f"data.eval_file={tmp_path / 'eval.jsonl'}",
+        f"train.output_dir={run}",
+        "train.max_steps=2",
+        "train.eval_steps=2",
+        "train.save_steps=2",
+        "train.batch_size=2",
+    ]
+    assert main(["train", str(root / "configs" / "smollm2-cpu.yaml"), *overrides]) == 0
+    assert main(["merge", str(run)]) == 0
+    assert "4/4 greedy answers identical" in capsys.readouterr().out
+    v = json.loads((run / "merged" / "merge_verification.json").read_text())
+    assert v["passed"] and v["dtype"] == "float32" and v["logits"]["from"] == str(tmp_path / "eval.jsonl")
+    assert AutoModelForCausalLM.from_pretrained(run / "merged").config.model_type == "llama"
+    prompt = f"{short[0]['instruction']}\n\n{short[0]['input']}"
+    answers = []
+    for target in (run, run / "merged"):
+        assert main(["generate", str(target), prompt, "--temperature", "0", "--max-new-tokens", "24"]) == 0
+        answers.append(capsys.readouterr().out)
+    assert answers[0] == answers[1] and answers[0].strip()
