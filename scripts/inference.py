@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--host")
     parser.add_argument("--port", type=int)
+    parser.add_argument("--api_key", "--api-key", help="for --mode api (or set QLORA_LLM_API_KEY)")
     args = parser.parse_args(argv)
     if args.mode == "single" and not args.prompt:
         parser.error("--mode single needs --prompt")
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         return qlora_llm(["chat", args.model, *sampling])
     network = [f"--host={args.host}"] if args.host else []
     network += [f"--port={args.port}"] if args.port else []
+    network += [f"--api-key={args.api_key}"] if args.api_key else []
     return qlora_llm(["serve", args.model, *network])
 
 

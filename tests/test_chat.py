@@ -186,7 +186,7 @@ def test_seed_scripts_interface_single_mode(tiny_run, capsys):
     assert run.stdout == capsys.readouterr().out and run.stdout.strip()
 
 
-def test_seed_scripts_interface_says_what_is_missing(tmp_path, monkeypatch, capsys):
+def test_seed_scripts_interface_says_what_is_missing_and_serves_in_api_mode(tmp_path, monkeypatch, capsys):
     spec = importlib.util.spec_from_file_location("inference", ROOT / "scripts" / "inference.py")
     inference = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(inference)
@@ -198,6 +198,13 @@ def test_seed_scripts_interface_says_what_is_missing(tmp_path, monkeypatch, caps
         inference.main(["--mode", "chat"])
     assert exit.value.code == 2
     assert "no --model given and runs/smollm2-aclsum is not here" in capsys.readouterr().err
+    calls = []
+    monkeypatch.setattr(
+        "qlora_llm.server.app.serve", lambda cfg, target, **kw: calls.append((cfg, target, kw))
+    )
+    assert inference.main(["--mode", "api", "--model", "some-model", "--port", "9002", "--api-key", "k"]) == 0
+    cfg, target, kw = calls[0]
+    assert (target, cfg.serve.port, kw["api_key"]) == ("some-model", 9002, "k")
 
 
 def test_chat_cli_reads_the_terminal_and_streams(tiny_run, capsys, monkeypatch):
