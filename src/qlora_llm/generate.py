@@ -211,9 +211,10 @@ class Generator:
                 streamer.end()
 
         thread = threading.Thread(target=work, daemon=True)
-        thread.start()
         first, finished = None, False
         try:
+            # Started inside the try: a Ctrl-C right after start must still cancel and join it.
+            thread.start()
             for piece in streamer:
                 if first is None:
                     first = time.perf_counter()
@@ -223,7 +224,8 @@ class Generator:
         finally:
             if not finished:  # closed early: stop the model at its next token
                 cancel.set()
-            thread.join()
+            if thread.ident is not None:
+                thread.join()
         if "error" in result:
             raise result["error"]
         out = result["output"][0, len(ids) :].tolist()
