@@ -109,9 +109,58 @@ def test_concurrent_requests_are_batched_and_match_unbatched_greedy(generator):
 
     try:
         assert asyncio.run(run()) == expected
-        assert engine.batches == 1  # all four decoded together, left-padded
+        assert engine.prefills == 1  # all four decoded together, left-padded
     finally:
         engine.stop()
+
+
+def test_requests_join_a_running_batch_and_leave_it_when_done(generator, monkeypatch):
+    real = Engine._sample
+
+    def slow_and_endless_when_sampled(logits, jobs):
+        time.sleep(0.01)
+        tokens = real(logits, jobs)
+        for b, j in enumerate(jobs):
+            if j.params.temperature > 0 and int(tokens[b]) == 2:  # 2 is the Mistral tokenizer's EOS
+                tokens[b] = 100
+        return tokens
+
+    monkeypatch.setattr(Engine, "_sample", staticmethod(slow_and_endless_when_sampled))
+    # One joiner's prompt is wider than the running batch's cache, the other narrower.
+    prompts = ["a much longer prompt with many more tokens in it than the other one has", "4"]
+    greedy = SamplingParams(max_new_tokens=6, temperature=0)
+    expected = [generator.generate(p, greedy).text for p in prompts]
+    engine = Engine(generator.loaded, max_batch_size=8, batch_wait_s=0)
+    engine.start()
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        long = Job(generator.encode("hi"), SamplingParams(500, 1.0, seed=0), None, loop, asyncio.Queue())
+        engine.submit(long)
+        for _ in range(3):  # the long request is decoding
+            await long.events.get()
+        joiners = [Job(generator.encode(p), greedy, None, loop, asyncio.Queue()) for p in prompts]
+        for j in joiners:
+            engine.submit(j)
+        results = []
+        for j in joiners:
+            while (event := await j.events.get())[0] != "done":
+                pass
+            results.append(event[1]["text"])
+        still_running = not long.done and engine.in_flight == 1
+        long.cancel.set()
+        while (event := await long.events.get())[0] != "done":
+            pass
+        return results, still_running, event[1]
+
+    try:
+        results, still_running, long_result = asyncio.run(run())
+    finally:
+        engine.stop()
+    assert results == expected  # joined mid-decode, left-padded into the batch's cache: same greedy text
+    assert still_running, long_result  # the short ones left the batch while the long one kept decoding
+    assert long_result["finish_reason"] == "cancelled" and 3 <= long_result["completion_tokens"] < 500
+    assert engine.prefills == 2  # the long one alone, then both joiners together
 
 
 @pytest.mark.parametrize(
@@ -320,9 +369,9 @@ def slow_tokens(monkeypatch):
     """A model that never stops and takes 10 ms a token (the tiny one would finish at once)."""
     real = Engine._sample
 
-    def slow(logits, jobs, rngs):
+    def slow(logits, jobs):
         time.sleep(0.01)
-        tokens = real(logits, jobs, rngs)
+        tokens = real(logits, jobs)
         return tokens.masked_fill(tokens == 2, 100)  # 2 is the Mistral tokenizer's EOS
 
     monkeypatch.setattr(Engine, "_sample", staticmethod(slow))

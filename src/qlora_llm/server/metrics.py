@@ -40,7 +40,7 @@ class Metrics:
         )
         self.batch_size = Histogram(
             "qlora_llm_batch_size",
-            "Requests decoded together",
+            "Requests decoded together, per decoding step",
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),
             registry=r,
         )
