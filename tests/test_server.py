@@ -229,7 +229,8 @@ def test_malformed_json_non_finite_and_oversized_bodies(client):
 
 
 def test_api_key_is_required_everywhere_but_health(generator, tiny_mistral):
-    with TestClient(create_app(cfg_with(), tiny_mistral, api_key="s3cret", generator=generator)) as c:
+    cfg = cfg_with("serve.max_new_tokens=2")
+    with TestClient(create_app(cfg, tiny_mistral, api_key="s3cret", generator=generator)) as c:
         assert wait_ready(c).status_code == 200
         body = {"prompt": "hi", "max_new_tokens": 2}
         r = c.post("/generate", json=body)
@@ -238,6 +239,62 @@ def test_api_key_is_required_everywhere_but_health(generator, tiny_mistral):
         assert c.get("/v1/models").status_code == 401 and c.get("/metrics").status_code == 401
         assert c.post("/generate", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert c.get("/v1/models", headers={"X-API-Key": "s3cret"}).status_code == 200
+        # Unset numbers in the seed's body take the server's defaults (serve.*).
+        engine, seen = c.app.state.engine, []
+        submit = engine.submit
+        engine.submit = lambda job: (seen.append(job.params), submit(job))
+        r = c.post("/generate", json={"prompt": "hi"}, headers={"Authorization": "Bearer s3cret"})
+        assert r.status_code == 200 and seen == [SamplingParams(max_new_tokens=2, temperature=0.7, top_p=0.9)]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "message"),
+    [
+        ("/v1/chat/completions", {"messages": []}, "messages: List should have at least 1 item"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "assistant", "content": "hi"}]},
+            "messages: Value error, the last message must be from the user",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2.5},
+            "max_tokens: Input should be a valid integer",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "temperature": 2.5},
+            "temperature: Input should be less than or equal to 2",
+        ),
+        ("/v1/completions", {"prompt": ""}, "prompt: Value error, must not be empty"),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 99999}, "max_tokens: must be between 1 and 2048"),
+    ],
+)
+def test_openai_routes_name_the_bad_field(client, path, body, message):
+    r = client.post(path, json=body)
+    assert r.status_code == 422 and r.json()["error"]["message"].startswith(message), r.text
+    assert r.json()["error"]["param"] == message.split(":")[0]
+
+
+def test_cors_is_off_unless_origins_are_configured(client, generator, tiny_mistral):
+    preflight = {"Origin": "https://example.org", "Access-Control-Request-Method": "POST"}
+    assert "access-control-allow-origin" not in client.options("/generate", headers=preflight).headers
+    assert "access-control-allow-origin" not in client.get("/health", headers=preflight).headers
+    cfg = cfg_with('serve.cors_origins=["https://example.org"]')
+    with TestClient(create_app(cfg, tiny_mistral, generator=generator)) as c:
+        wait_ready(c)
+        r = c.options("/generate", headers=preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://example.org"
+        other = c.options("/generate", headers=preflight | {"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+
+
+def test_defaults_bind_loopback_and_cpu_refuses_4bit_serving(tiny_mistral):
+    from qlora_llm.config import ConfigError
+
+    assert cfg_with().serve.host == "127.0.0.1"
+    with pytest.raises(ConfigError, match="serve.quantization=nf4 on CPU"):
+        create_app(cfg_with("serve.quantization=nf4"), tiny_mistral)
 
 
 @pytest.fixture(scope="module")

@@ -171,9 +171,10 @@ async def generate(body: GenerateRequest, request: Request) -> dict[str, str] | 
     engine = _engine(request)
     _, adapter = _adapter(request, body.model)
     ids = request.app.state.generator.encode(body.prompt)
-    params = _params(
-        request, ids, body.max_new_tokens, "max_new_tokens", body.temperature, body.top_p, body.seed
+    wanted = (
+        request.app.state.cfg.serve.max_new_tokens if body.max_new_tokens is None else body.max_new_tokens
     )
+    params = _params(request, ids, wanted, "max_new_tokens", body.temperature, body.top_p, body.seed)
     job = _submit(request, ids, params, adapter)
     del engine
     if not body.stream:

@@ -22,11 +22,14 @@ def _not_blank(value: str) -> str:
 
 
 class GenerateRequest(_Body):
-    """The seed's POST /generate body; `stream` and `model` are additions."""
+    """The seed's POST /generate body; `stream` and `model` are additions.
+
+    Unset numbers take the server's defaults (serve.max_new_tokens 512, serve.temperature 0.7: the seed's).
+    """
 
     prompt: str
-    max_new_tokens: StrictInt = 512
-    temperature: float = Field(0.7, ge=0.0, le=2.0, allow_inf_nan=False)
+    max_new_tokens: StrictInt | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
     seed: StrictInt | None = None
     stream: bool = False
