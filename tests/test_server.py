@@ -477,3 +477,17 @@ def test_serving_a_run_folder_applies_its_adapter_and_offers_the_base(tiny_run, 
         base = c.post("/generate", json=body | {"model": tiny_mistral.name}).json()["response"]
     expected = Generator.load(tiny_run, device="cpu").generate(body["prompt"], SamplingParams(6, 0.0)).text
     assert tuned == expected and base != tuned
+
+
+@pytest.mark.slow
+def test_real_smollm2_answers_through_its_template_and_stops_at_its_stop_token(smollm2_cache):
+    cfg = cfg_with(f"model.cache_dir={smollm2_cache}", "model.template=auto")
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    with TestClient(create_app(cfg, "smollm2-135m-instruct")) as c:
+        wait_ready(c, timeout=120)
+        body = {"messages": question, "max_tokens": 40, "temperature": 0}
+        r = c.post("/v1/chat/completions", json=body).json()
+        expected = c.app.state.generator.generate(question, SamplingParams(max_new_tokens=40, temperature=0))
+    answer = r["choices"][0]["message"]["content"]
+    assert "Paris" in answer and r["choices"][0]["finish_reason"] == "stop"  # ended at <|im_end|>
+    assert answer == expected.text and r["usage"]["prompt_tokens"] == expected.prompt_tokens
