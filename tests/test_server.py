@@ -462,6 +462,16 @@ def test_a_client_that_disconnects_stops_its_generation(live_server, slow_tokens
         time.sleep(0.1)
     assert metric(url, 'qlora_llm_generations_total{finish_reason="cancelled"}') == 1
     assert metric(url, "qlora_llm_generated_tokens_total") < 1000
+    # A plain (non-streaming) request whose client gives up is cancelled too.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/generate", json=long | {"stream": False}, timeout=1.0)
+    deadline = time.time() + 20
+    while (
+        time.time() < deadline and metric(url, 'qlora_llm_generations_total{finish_reason="cancelled"}') < 2
+    ):
+        time.sleep(0.1)
+    assert metric(url, 'qlora_llm_generations_total{finish_reason="cancelled"}') == 2
+    assert metric(url, "qlora_llm_generated_tokens_total") < 2000
 
 
 def test_serving_a_run_folder_applies_its_adapter_and_offers_the_base(tiny_run, tiny_mistral):

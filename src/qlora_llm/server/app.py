@@ -80,6 +80,39 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+class CountRequests:
+    """Count every HTTP answer by route and outcome, the 413s of BodyLimit included.
+
+    Plain ASGI, not `@app.middleware("http")`: Starlette's BaseHTTPMiddleware wraps `receive`, which hid a
+    client's disconnect from a waiting non-streaming route (found by test).
+    """
+
+    def __init__(self, app: Any, metrics: Metrics, paths: set[str]):
+        self.app, self.metrics, self.paths = app, metrics, paths
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in self.paths else "other"
+
+        async def counted(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                outcome = (
+                    "ok"
+                    if status < 400
+                    else "rejected"
+                    if status == 429
+                    else "client_error"
+                    if status < 500
+                    else "server_error"
+                )
+                self.metrics.requests.labels(route, outcome).inc()
+            await send(message)
+
+        await self.app(scope, receive, counted)
+
+
 def _served_models(target: Any, adapters: dict[str, Path]) -> tuple[str, dict[str, str | None]]:
     """Names a request's `model` may use -> the PEFT adapter to decode with (None: no adapter)."""
     primary = Path(target.path).name if target.path is not None else target.model_cfg.name
@@ -197,23 +230,6 @@ def create_app(
         log.exception("unhandled error on %s", request.url.path)
         return JSONResponse(error_body(500, "internal server error"), 500)
 
-    @app.middleware("http")
-    async def count(request: Request, call_next: Any) -> Any:
-        response = await call_next(request)
-        status = response.status_code
-        outcome = (
-            "ok"
-            if status < 400
-            else "rejected"
-            if status == 429
-            else "client_error"
-            if status < 500
-            else "server_error"
-        )
-        route = request.url.path if request.url.path in routes.PATHS else "other"
-        state.metrics.requests.labels(route, outcome).inc()
-        return response
-
     if cfg.serve.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -221,6 +237,7 @@ def create_app(
             CORSMiddleware, allow_origins=cfg.serve.cors_origins, allow_methods=["*"], allow_headers=["*"]
         )
     app.add_middleware(BodyLimit, limit=cfg.serve.max_body_bytes)
+    app.add_middleware(CountRequests, metrics=state.metrics, paths=routes.PATHS)
     app.include_router(routes.public)
     app.include_router(routes.protected)
     return app

@@ -125,19 +125,25 @@ def _submit(request: Request, prompt_ids: list[int], params: SamplingParams, ada
 
 
 async def _result(request: Request, job: Job) -> dict[str, Any]:
-    """Wait for the job; if the client disconnects meanwhile, cancel it at the next token."""
+    """Wait for the job; if the client disconnects meanwhile, cancel it at the next token.
+
+    The disconnect check runs every 0.25 s whether or not deltas arrive (a busy job sends one per token).
+    """
+    checked = time.monotonic()
     while True:
         try:
             kind, value = await asyncio.wait_for(job.events.get(), timeout=0.25)
         except TimeoutError:
-            if await request.is_disconnected():
-                job.cancel.set()
-                raise _fail(499, "client closed the request") from None
-            continue
+            kind, value = "wait", None
         if kind == "done":
             return value
         if kind == "error":
             raise _fail(500, value)
+        if time.monotonic() - checked >= 0.25:
+            checked = time.monotonic()
+            if await request.is_disconnected():
+                job.cancel.set()
+                raise _fail(499, "client closed the request")
 
 
 async def _events(job: Job) -> AsyncIterator[tuple[str, Any]]:
