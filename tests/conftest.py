@@ -104,3 +104,32 @@ def tiny_run(tiny_mistral, tmp_path_factory) -> Path:
         ],
     )
     return train(cfg).run_dir
+
+
+@pytest.fixture(scope="session")
+def smollm2_run(smollm2_cache, tmp_path_factory) -> Path:
+    """configs/smollm2-cpu.yaml on the real model (NF4 QLoRA), 2 steps on 8 short ACLSum papers, via the CLI.
+
+    Trained once and shared by the slow evaluate and merge tests, which only read it (and write eval/ and
+    merged/ inside it).
+    """
+    from qlora_llm.cli import main
+
+    folder = tmp_path_factory.mktemp("smollm2-run")
+    rows = [json.loads(x) for x in (ROOT / "data" / "aclsum" / "train.jsonl").read_text().splitlines()]
+    short = [r for r in rows if len(r["input"]) < 700][:10]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short[:8]))
+    (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short[8:]))
+    run = folder / "run"
+    overrides = [
+        f"model.cache_dir={smollm2_cache}",
+        f"data.train_file={folder / 'train.jsonl'}",
+        f"data.eval_file={folder / 'eval.jsonl'}",
+        f"train.output_dir={run}",
+        "train.max_steps=2",
+        "train.eval_steps=2",
+        "train.save_steps=2",
+        "train.batch_size=2",
+    ]
+    assert main(["train", str(ROOT / "configs" / "smollm2-cpu.yaml"), *overrides]) == 0
+    return run

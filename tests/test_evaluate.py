@@ -281,26 +281,11 @@ def test_cli_evaluate_prints_the_table(tiny_run, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_real_smollm2_run_from_the_shipped_config_is_evaluated(smollm2_cache, tmp_path, capsys):
+def test_real_smollm2_run_from_the_shipped_config_is_evaluated(smollm2_run, smollm2_cache, capsys):
     """configs/smollm2-cpu.yaml on the real model, briefly trained, evaluated on the real ACLSum test set."""
     from qlora_llm.cli import main
 
-    rows = [json.loads(x) for x in (ROOT / "data" / "aclsum" / "train.jsonl").read_text().splitlines()]
-    short = [r for r in rows if len(r["input"]) < 700][:12]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short[:8]))
-    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short[8:]))
-    run = tmp_path / "run"
-    overrides = [
-        f"model.cache_dir={smollm2_cache}",
-        f"data.train_file={tmp_path / 'train.jsonl'}",
-        f"data.eval_file={tmp_path / 'eval.jsonl'}",
-        f"train.output_dir={run}",
-        "train.max_steps=2",
-        "train.eval_steps=2",
-        "train.save_steps=2",
-        "train.batch_size=2",
-    ]
-    assert main(["train", str(ROOT / "configs" / "smollm2-cpu.yaml"), *overrides]) == 0
+    run = smollm2_run
     evals = [
         f"model.cache_dir={smollm2_cache}",
         "eval.max_examples=3",

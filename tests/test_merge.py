@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -129,29 +128,15 @@ def test_merge_loads_the_base_unquantized_and_refuses_quantized_weights(tiny_run
 
 
 @pytest.mark.slow
-def test_a_real_smollm2_qlora_run_merges_and_answers_the_same(smollm2_cache, tmp_path, capsys):
+def test_a_real_smollm2_qlora_run_merges_and_answers_the_same(smollm2_run, capsys):
     """configs/smollm2-cpu.yaml (NF4 training) on the real model: merge, then the same greedy answer."""
     from transformers import AutoModelForCausalLM
 
     from qlora_llm.cli import main
 
-    root = Path(__file__).resolve().parents[1]
-    rows = [json.loads(x) for x in (root / "data" / "aclsum" / "train.jsonl").read_text().splitlines()]
-    short = [r for r in rows if len(r["input"]) < 700][:10]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short[:8]))
-    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short[8:]))
-    run = tmp_path / "run"
-    overrides = [
-        f"model.cache_dir={smollm2_cache}",
-        f"data.train_file={tmp_path / 'train.jsonl'}",
-        f"data.eval_file={tmp_path / 'eval.jsonl'}",
-        f"train.output_dir={run}",
-        "train.max_steps=2",
-        "train.eval_steps=2",
-        "train.save_steps=2",
-        "train.batch_size=2",
-    ]
-    assert main(["train", str(root / "configs" / "smollm2-cpu.yaml"), *overrides]) == 0
+    run = smollm2_run
+    short = [json.loads(x) for x in (run.parent / "train.jsonl").read_text().splitlines()]
+    tmp_path = run.parent
     assert main(["merge", str(run)]) == 0
     assert "4/4 greedy answers identical" in capsys.readouterr().out
     v = json.loads((run / "merged" / "merge_verification.json").read_text())
