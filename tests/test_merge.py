@@ -127,6 +127,18 @@ def test_merge_loads_the_base_unquantized_and_refuses_quantized_weights(tiny_run
     assert not (tmp_path / "m").exists()
 
 
+def test_merge_of_a_run_takes_the_compute_dtype_it_is_given(tiny_run, tmp_path, capsys):
+    from qlora_llm.cli import main
+
+    out = tmp_path / "bf16"
+    bench = tiny_run.parent / "bench.json"
+    args = ["merge", str(tiny_run), "--out", str(out), f"eval.benchmark_prompts={bench}"]
+    assert main([*args, "model.compute_dtype=bfloat16", "model.device=cpu"]) == 0
+    assert "(bfloat16)" in capsys.readouterr().out
+    weights = load_file(out / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+
+
 @pytest.mark.slow
 def test_a_real_smollm2_qlora_run_merges_and_answers_the_same(smollm2_run, capsys):
     """configs/smollm2-cpu.yaml (NF4 training) on the real model: merge, then the same greedy answer."""
