@@ -7,7 +7,8 @@ projections, on the bundled ACLSum data, twice, each in a fresh process so peak 
 - seed: padded batches, group_by_length, loss on the whole sequence, and TRL's bf16 cast of the LoRA
   weights left in place (what the seed's TRL script gets);
 - ours: the default config (loss on the completion only, LoRA weights kept fp32 on CPU, and
-  padding-free packing when `train.packing` is on).
+  padding-free packing when `train.packing` is on), under mimalloc as `qlora-llm train` runs it
+  (src/qlora_llm/allocator.py); the seed recipe keeps glibc's malloc, as the seed's script does.
 Prints trained tokens/s (real, non-padding tokens), peak RSS, and the final eval loss measured the
 same way for both (mean NLL over the eval answers' tokens), then the ratios. Numbers, never asserted.
 """
@@ -16,16 +17,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from qlora_llm.allocator import ENV, preload_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
 import json, resource, sys, torch
 import qlora_llm.train as qtrain
+from qlora_llm.allocator import active_allocator
 from qlora_llm.config import load_config
 
 mode, out, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
@@ -64,7 +69,7 @@ with torch.no_grad():
 print("RESULT " + json.dumps({
     "tokens_per_s": result.summary["tokens_per_s"], "tokens": result.summary["tokens_trained"],
     "seconds": result.summary["seconds"], "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-    "eval_answer_loss": nll / n,
+    "eval_answer_loss": nll / n, "allocator": active_allocator(),
 }))
 """.replace("ROOT", repr(str(ROOT)))
 
@@ -72,7 +77,12 @@ print("RESULT " + json.dumps({
 def run(mode: str, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         args = [*overrides, f"train.output_dir={tmp}/run"]
-        proc = subprocess.run([sys.executable, "-c", CHILD, mode, tmp, *args], capture_output=True, text=True)
+        env = {**os.environ, ENV: "system"}
+        if mode == "ours":
+            env = preload_env(os.environ) or dict(os.environ)
+        proc = subprocess.run(
+            [sys.executable, "-c", CHILD, mode, tmp, *args], capture_output=True, text=True, env=env
+        )
     if proc.returncode != 0:
         sys.exit(f"{mode} run failed:\n{proc.stderr[-4000:]}")
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
@@ -113,11 +123,12 @@ def main() -> None:
     )
     print(
         f"{'recipe':<8}{'tokens/s':>10}{'tokens':>9}{'seconds':>9}{'peak RSS GiB':>14}{'eval answer loss':>18}"
+        f"{'allocator':>11}"
     )
     for name, r in results.items():
         print(
             f"{name:<8}{r['tokens_per_s']:>10.1f}{r['tokens']:>9}{r['seconds']:>9.1f}{r['peak_rss_gib']:>14.2f}"
-            f"{r['eval_answer_loss']:>18.4f}"
+            f"{r['eval_answer_loss']:>18.4f}{r['allocator']:>11}"
         )
     if len(results) == 2:
         s, o = results["seed"], results["ours"]

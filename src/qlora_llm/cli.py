@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -223,8 +224,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import os
-
     from qlora_llm.server.app import serve
 
     overrides = list(args.overrides)
@@ -450,6 +449,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "config": cmd_config,
 }
 
+# The commands that load a model: they run under mimalloc where it is installed (see allocator.py).
+MODEL_COMMANDS = {"train", "evaluate", "merge", "generate", "chat", "serve"}
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -460,6 +462,13 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    if argv is None and args.command in MODEL_COMMANDS:
+        from qlora_llm.allocator import preload_env
+
+        env = preload_env(os.environ)
+        if env is not None:
+            # Same pid, same stdin/stdout: signals and pipes reach the re-executed process unchanged.
+            os.execve(sys.executable, [sys.executable, "-m", "qlora_llm.cli", *sys.argv[1:]], env)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
@@ -468,6 +477,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("httpx", "urllib3", "filelock", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command in MODEL_COMMANDS:
+        from qlora_llm.allocator import active_allocator
+
+        logging.getLogger("qlora_llm").info("memory allocator: %s", active_allocator())
     try:
         return COMMANDS[args.command](args)
     except ConfigError as err:

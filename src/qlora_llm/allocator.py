@@ -1,0 +1,61 @@
+"""Run the model-heavy commands under mimalloc instead of glibc's malloc (Linux).
+
+Why: PyTorch allocates every CPU tensor with posix_memalign(64). glibc before 2.38 (Debian 12, Ubuntu
+22.04) seldom reuses the holes such blocks leave, so during a forward pass the heap grows by about the
+size of each layer's temporaries although almost none of them is alive. Measured here on SmolLM2-135M,
+NF4 QLoRA, batch 4 x 384 tokens, one forward and backward: peak RSS 4.9 GiB under glibc, 2.6 GiB under
+mimalloc, at the same speed (glibc's heap held 2.4 GiB free and 0.3 GiB in use after the forward).
+Forcing glibc to mmap large blocks instead also fixes the memory but made each step ~1.8x slower here.
+
+Only a preloaded allocator replaces malloc, so the CLI re-executes itself once with LD_PRELOAD set, as
+PyTorch's own CPU launcher (`torch.backends.xeon.run_cpu`) does with jemalloc or tcmalloc.
+`QLORA_LLM_ALLOCATOR=system` keeps glibc's malloc.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+ENV = "QLORA_LLM_ALLOCATOR"
+
+
+def mimalloc_library() -> Path | None:
+    """The libmimalloc.so shipped by the `cmeel-mimalloc` wheel, or None where it is not installed."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        dist = importlib.metadata.distribution("cmeel-mimalloc")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in dist.files or []:
+        if f.name == "libmimalloc.so":
+            path = Path(str(dist.locate_file(f)))
+            return path if path.is_file() else None
+    return None
+
+
+def preload_env(env: Mapping[str, str]) -> dict[str, str] | None:
+    """`env` with mimalloc preloaded, or None when the process should keep the allocator it has.
+
+    None when `QLORA_LLM_ALLOCATOR` is already set (this is the re-executed process, or the user chose
+    `system`) or mimalloc is not available.
+    """
+    if env.get(ENV):
+        return None
+    lib = mimalloc_library()
+    if lib is None:
+        return None
+    preload = " ".join(x for x in (str(lib), env.get("LD_PRELOAD", "")) if x)
+    return {**env, "LD_PRELOAD": preload, ENV: "mimalloc"}
+
+
+def active_allocator() -> str:
+    """'mimalloc' when it is mapped into this process (Linux), else 'system'."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "system"
+    return "mimalloc" if "libmimalloc" in maps else "system"
