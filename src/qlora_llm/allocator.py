@@ -4,7 +4,7 @@ Why: PyTorch allocates every CPU tensor with posix_memalign(64). glibc before 2.
 22.04) seldom reuses the holes such blocks leave, so during a forward pass the heap grows by about the
 size of each layer's temporaries although almost none of them is alive. Measured here on SmolLM2-135M,
 NF4 QLoRA, batch 4 x 384 tokens, one forward and backward: peak RSS 4.9 GiB under glibc, 2.6 GiB under
-mimalloc, at the same speed (glibc's heap held 2.4 GiB free and 0.3 GiB in use after the forward).
+mimalloc, at about the same speed (glibc's heap held 2.4 GiB free and 0.3 GiB in use after the forward).
 Forcing glibc to mmap large blocks instead also fixes the memory but made each step ~1.8x slower here.
 
 Only a preloaded allocator replaces malloc, so the CLI re-executes itself once with LD_PRELOAD set, as
