@@ -285,18 +285,17 @@ def test_real_smollm2_run_from_the_shipped_config_is_evaluated(smollm2_run, smol
     """configs/smollm2-cpu.yaml on the real model, briefly trained, evaluated on the real ACLSum test set."""
     from qlora_llm.cli import main
 
-    run = smollm2_run
     evals = [
         f"model.cache_dir={smollm2_cache}",
         "eval.max_examples=3",
         "eval.max_new_tokens=16",
         "eval.speed_runs=1",
     ]
-    assert main(["evaluate", str(run), *evals]) == 0
-    m = json.loads((run / "eval" / "metrics.json").read_text())
+    assert main(["evaluate", str(smollm2_run), *evals]) == 0
+    m = json.loads((smollm2_run / "eval" / "metrics.json").read_text())
     assert m["data"]["file"] == "data/aclsum/test.jsonl" and m["compare"] == "smollm2-135m-instruct"
     assert m["tuned"]["perplexity_completion"] != m["base"]["perplexity_completion"]
     # A real instruct model prompted through its own template answers a plain question.
     france = next(b for b in m["benchmark_prompts"] if b["id"] == "capital-france")
     assert france["base"]["passed"] and "Paris" in france["base"]["answer"]
-    assert (run / "eval" / "report.html").is_file() and "Fine-tuning" in capsys.readouterr().out
+    assert (smollm2_run / "eval" / "report.html").is_file() and "Fine-tuning" in capsys.readouterr().out

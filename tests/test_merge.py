@@ -147,12 +147,12 @@ def test_a_real_smollm2_qlora_run_merges_and_answers_the_same(smollm2_run, capsy
     from qlora_llm.cli import main
 
     run = smollm2_run
-    short = [json.loads(x) for x in (run.parent / "train.jsonl").read_text().splitlines()]
-    tmp_path = run.parent
+    data_dir = run.parent  # the fixture's train.jsonl and eval.jsonl
+    short = [json.loads(x) for x in (data_dir / "train.jsonl").read_text().splitlines()]
     assert main(["merge", str(run)]) == 0
     assert "4/4 greedy answers identical" in capsys.readouterr().out
     v = json.loads((run / "merged" / "merge_verification.json").read_text())
-    assert v["passed"] and v["dtype"] == "float32" and v["logits"]["from"] == str(tmp_path / "eval.jsonl")
+    assert v["passed"] and v["dtype"] == "float32" and v["logits"]["from"] == str(data_dir / "eval.jsonl")
     assert AutoModelForCausalLM.from_pretrained(run / "merged").config.model_type == "llama"
     prompt = f"{short[0]['instruction']}\n\n{short[0]['input']}"
     answers = []

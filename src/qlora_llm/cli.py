@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qlora_llm import __version__
+from qlora_llm.allocator import active_allocator, preload_env
 from qlora_llm.config import Config, ConfigError, describe_keys, load_config
 
 if TYPE_CHECKING:
@@ -463,8 +464,6 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     if argv is None and args.command in MODEL_COMMANDS:
-        from qlora_llm.allocator import preload_env
-
         env = preload_env(os.environ)
         if env is not None:
             # Same pid, same stdin/stdout: signals and pipes reach the re-executed process unchanged.
@@ -478,8 +477,6 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "filelock", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command in MODEL_COMMANDS:
-        from qlora_llm.allocator import active_allocator
-
         logging.getLogger("qlora_llm").info("memory allocator: %s", active_allocator())
     try:
         return COMMANDS[args.command](args)
