@@ -487,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as err:
+        from qlora_llm.cpu4bit import KernelError
         from qlora_llm.data import PrepareError
         from qlora_llm.evaluate import EvalError
         from qlora_llm.merge import MergeError
@@ -496,7 +497,14 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(
             err,
-            ModelNotFoundError | PrepareError | TrainError | DeviceError | PlanError | EvalError | MergeError,
+            ModelNotFoundError
+            | PrepareError
+            | TrainError
+            | DeviceError
+            | KernelError
+            | PlanError
+            | EvalError
+            | MergeError,
         ):
             print(f"error: {err}", file=sys.stderr)
             return 1

@@ -43,6 +43,10 @@ class ModelConfig(_Section):
     """Matmul dtype: auto = bf16 on CUDA that supports it, else fp16 on CUDA, fp32 on CPU."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to run: auto picks CUDA when present, else CPU; never falls back silently."""
+    cpu_4bit_kernel: Literal["auto", "fused", "plain"] = "auto"
+    """4-bit matmul on CPU for evaluation and generation: fused = bitsandbytes' AVX512-BF16 kernel (bf16
+    math), plain = dequantize then matmul in compute_dtype; auto = fused where the CPU has AVX512-BF16.
+    Training always runs plain."""
     template: Literal["mistral", "auto"] = "mistral"
     """Prompt format: the seed's Mistral `[INST]` format, or `auto` for the tokenizer's own chat template."""
     cache_dir: Path = Path("~/.cache/qlora-llm")

@@ -298,6 +298,11 @@ def load_base_model(mcfg: Any, device: str, *, quantization: str | None = None, 
 
     quantization = quantization or mcfg.quantization
     dtype = dtype or pick_compute_dtype(mcfg.compute_dtype, device)
+    cpu_kernel = None
+    if quantization != "none" and device == "cpu":
+        from qlora_llm.cpu4bit import choose_kernel
+
+        cpu_kernel = choose_kernel(mcfg.cpu_4bit_kernel)  # refuses an impossible choice before loading
     kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": device}}
     if quantization != "none":
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -314,6 +319,10 @@ def load_base_model(mcfg: Any, device: str, *, quantization: str | None = None, 
         trust_remote_code=mcfg.trust_remote_code,
         **kwargs,
     )
+    if cpu_kernel is not None:
+        from qlora_llm.cpu4bit import setup_cpu_4bit
+
+        setup_cpu_4bit(model, cpu_kernel)
     log.info(
         "loaded %s on %s: %s, compute %s",
         mcfg.name,

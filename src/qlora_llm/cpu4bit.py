@@ -1,0 +1,170 @@
+"""Which kernel a 4-bit layer runs on a CPU, and keeping bitsandbytes' fused AVX512-BF16 kernel correct.
+
+bitsandbytes (0.50) has two CPU paths for an NF4/FP4 `Linear4bit`:
+- **plain**: dequantize the weight to the compute dtype, then an ordinary matmul. It has a backward,
+  so training always runs it.
+- **fused**: on a CPU with AVX512-BF16, `Linear4bit.forward` in eval mode without gradients repacks
+  the weight into blocks of 32 output rows and runs one fused dequantize + matmul kernel in bf16.
+
+Left to bitsandbytes, the fused path breaks three things, which is why it is driven from here:
+1. a layer with out_features not a multiple of 32 (or in_features not a multiple of the quantization
+   block) dies inside bitsandbytes with `N must be divisible by block_n`;
+2. the repacked weight stays repacked when training resumes after an evaluation: the next training
+   forward runs the bf16 kernel, which has no backward, so no gradient reaches the layers below it
+   (bitsandbytes only warns "an autograd kernel was not registered");
+3. its inverse re-quantizes the quantization constants from their bf16 copies, so a `state_dict()`
+   (every checkpoint save) after an evaluation silently changes the frozen base weights.
+
+So bitsandbytes' own switch (`support_avx512bf16_for_cpu`) is turned off on every 4-bit layer, and a
+forward pre-hook puts each layer whose shape fits into the fused layout for no-grad, eval-mode forwards
+and back into its exact original bytes and quantization state for anything else (training, or a
+`state_dict()`). Layers whose shape does not fit keep the plain path.
+
+    kernel = choose_kernel(cfg.model.cpu_4bit_kernel)   # before loading: "fused" or "plain"
+    setup_cpu_4bit(model, kernel)                       # after loading; says what it did in one line
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+Kernel = Literal["fused", "plain"]
+FUSED_BLOCK_N = 32  # output rows per block in bitsandbytes' CPU layout (`_convert_weight_packed_for_cpu`)
+
+
+class KernelError(ValueError):
+    """The configured 4-bit CPU kernel cannot run on this machine."""
+
+
+def fused_kernel_available() -> bool:
+    """Whether bitsandbytes' fused CPU kernel runs here: it needs AVX512-BF16 (registered at bnb import)."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    return bool(has_avx512bf16())
+
+
+def choose_kernel(setting: str) -> Kernel:
+    """`auto` -> fused where the CPU has AVX512-BF16 (measured faster there, README), else plain."""
+    if setting == "plain":
+        return "plain"
+    available = fused_kernel_available()
+    if setting == "fused" and not available:
+        raise KernelError(
+            "model.cpu_4bit_kernel=fused needs a CPU with AVX512-BF16, and this one has none "
+            "(bitsandbytes.functional.has_avx512bf16() is False). Use model.cpu_4bit_kernel=auto or plain."
+        )
+    return "fused" if available else "plain"
+
+
+def fused_layout_problem(module: Any) -> str | None:
+    """Why a Linear4bit cannot take the fused layout, or None when it can."""
+    n, k = module.out_features, module.in_features
+    blocksize = module.weight.quant_state.blocksize
+    if n % FUSED_BLOCK_N:
+        return f"{n} outputs, not a multiple of {FUSED_BLOCK_N}"
+    if k % blocksize:
+        return f"{k} inputs, not a multiple of the quantization block {blocksize}"
+    return None
+
+
+def is_fused(module: Any) -> bool:
+    return hasattr(module, "_qlora_plain_state")
+
+
+def to_fused(module: Any) -> None:
+    """Repack the layer's weight for the fused kernel, keeping the original quantization state aside."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    weight = module.weight
+    plain_state = weight.quant_state
+    # The converter rewrites the state object it is given; give it a copy so the original stays exact.
+    data, state = _convert_weight_packed_for_cpu(weight.data, copy.copy(plain_state))
+    weight.data, weight.quant_state, module.quant_state = data, state, state
+    module._qlora_plain_state = plain_state
+
+
+def to_plain(module: Any) -> None:
+    """Undo `to_fused` exactly: the nibble permutation is inverted, the original state object put back."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    weight = module.weight
+    # bitsandbytes' inverse also rebuilds a quantization state from the bf16 constants (lossy): dropped.
+    data, _ = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+    plain_state = module.__dict__.pop("_qlora_plain_state")
+    weight.data, weight.quant_state, module.quant_state = data, plain_state, plain_state
+
+
+def _pick_layout(module: Any, args: tuple) -> None:
+    x = args[0]
+    fused = not module.training and not x.requires_grad and x.device.type == "cpu"
+    if fused and not is_fused(module):
+        to_fused(module)
+    elif not fused and is_fused(module):
+        to_plain(module)
+
+
+def _plain_for_state_dict(module: Any, prefix: str, keep_vars: bool) -> None:
+    if is_fused(module):
+        to_plain(module)
+
+
+def setup_cpu_4bit(model: Any, kernel: Kernel) -> None:
+    """Route every 4-bit layer of `model` (on CPU) to `kernel` (from `choose_kernel`), in one log line."""
+    from bitsandbytes.nn import Linear4bit
+
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, Linear4bit)]
+    if not layers:
+        return
+    odd: dict[str, str] = {}
+    for name, module in layers:
+        module.support_avx512bf16_for_cpu = False  # bitsandbytes' own repacking: see the module docstring
+        if kernel == "plain":
+            continue
+        problem = fused_layout_problem(module)
+        if problem:
+            odd[name] = problem
+            continue
+        module.register_forward_pre_hook(_pick_layout)
+        module.register_state_dict_pre_hook(_plain_for_state_dict)
+    if kernel == "plain":
+        why = "model.cpu_4bit_kernel=plain" if fused_kernel_available() else "this CPU has no AVX512-BF16"
+        log.info(
+            "4-bit CPU kernel: plain (dequantize, then a %s matmul) in all %d layers (%s)",
+            _dtype(layers),
+            len(layers),
+            why,
+        )
+    elif odd:
+        log.info(
+            "4-bit CPU kernel: fused AVX512-BF16 (bf16 math) for evaluation and generation in %d of %d "
+            "layers; training always runs the plain kernel. Kept plain, their shapes do not fit the fused "
+            "layout: %s",
+            len(layers) - len(odd),
+            len(layers),
+            _group_names(odd),
+        )
+    else:
+        log.info(
+            "4-bit CPU kernel: fused AVX512-BF16 (bf16 math) for evaluation and generation in all %d "
+            "layers; training always runs the plain kernel (model.cpu_4bit_kernel=plain opts out)",
+            len(layers),
+        )
+
+
+def _group_names(odd: dict[str, str]) -> str:
+    """`model.layers.*.self_attn.k_proj x30 (8 outputs, ...)`: one entry per layer kind, not per block."""
+    groups: dict[tuple[str, str], int] = {}
+    for name, problem in odd.items():
+        key = (re.sub(r"\.\d+\.", ".*.", name), problem)
+        groups[key] = groups.get(key, 0) + 1
+    return "; ".join(f"{n} x{c} ({p})" if c > 1 else f"{n} ({p})" for (n, p), c in groups.items())
+
+
+def _dtype(layers: list[tuple[str, Any]]) -> str:
+    dtype = layers[0][1].compute_dtype
+    return str(dtype).removeprefix("torch.") if dtype is not None else "input-dtype"
