@@ -28,30 +28,82 @@ def mistral_tokenizer():
     return AutoTokenizer.from_pretrained(MISTRAL_TOKENIZER)
 
 
-@pytest.fixture(scope="session")
-def tiny_mistral(tmp_path_factory, mistral_tokenizer) -> Path:
-    """A 2-layer, hidden-16 MistralForCausalLM with the real 32k Mistral tokenizer, saved as a HF folder."""
+def _save_tiny_mistral(folder: Path, tokenizer, num_key_value_heads: int) -> Path:
     import torch
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
     config = MistralConfig(
-        vocab_size=len(mistral_tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=num_key_value_heads,
         max_position_embeddings=1024,
-        bos_token_id=mistral_tokenizer.bos_token_id,
-        eos_token_id=mistral_tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
-    folder = tmp_path_factory.mktemp("tiny-mistral")
     MistralForCausalLM(config).save_pretrained(folder)
-    mistral_tokenizer.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     # save_pretrained drops `legacy`; the asset's config is the one that encodes like the Hub's v0.2.
     (folder / "tokenizer_config.json").write_text((MISTRAL_TOKENIZER / "tokenizer_config.json").read_text())
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral(tmp_path_factory, mistral_tokenizer) -> Path:
+    """A 2-layer, hidden-64 MistralForCausalLM with the real 32k Mistral tokenizer, saved as a HF folder.
+
+    Every projection has a multiple of 32 outputs and of 64 inputs, so its 4-bit layers can take both
+    CPU kernels (src/qlora_llm/cpu4bit.py).
+    """
+    return _save_tiny_mistral(tmp_path_factory.mktemp("tiny-mistral"), mistral_tokenizer, 2)
+
+
+@pytest.fixture(scope="session")
+def tiny_odd(tmp_path_factory, mistral_tokenizer) -> Path:
+    """The tiny Mistral with one KV head: k_proj and v_proj have 16 outputs, too few for the fused layout."""
+    return _save_tiny_mistral(tmp_path_factory.mktemp("tiny-odd"), mistral_tokenizer, 1)
+
+
+def reference_fused_gemv(A, B, out=None, state=None, **_):
+    """What bitsandbytes' fused CPU kernel computes, in plain torch: for hosts without AVX512-BF16.
+
+    Undo the block-of-32 repacking, look the 4-bit codes up in the NF4/FP4 table, scale by the bf16
+    block constants, and multiply in bf16 with fp32 accumulation. On a host with the instructions,
+    test_cpu4bit checks it against the real kernel.
+    """
+    import copy
+
+    import torch
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    data, _ = _convert_weight_packed_for_cpu_inverse(B.clone(), copy.deepcopy(state))
+    packed = data.view(torch.uint8).reshape(-1)
+    codes = torch.empty(packed.numel() * 2, dtype=torch.long)
+    codes[::2], codes[1::2] = (packed >> 4).long(), (packed & 0xF).long()
+    n, k = state.shape
+    scale = state.absmax.T.float().repeat_interleave(state.blocksize, dim=1)  # (N, K)
+    weight = (state.code[codes].reshape(n, k).float() * scale).to(torch.bfloat16).float()
+    return (A.to(torch.bfloat16).float() @ weight.T).to(torch.bfloat16).to(A.dtype)
+
+
+@pytest.fixture(params=["fused", "plain"])
+def cpu_kernel(request, monkeypatch) -> str:
+    """Both 4-bit CPU kernels on any host: `model.cpu_4bit_kernel=<this>`.
+
+    Where the CPU has no AVX512-BF16, `fused` runs with the kernel replaced by `reference_fused_gemv`,
+    so the repacking, the train/eval switches and the odd-shape handling are exercised everywhere.
+    """
+    import bitsandbytes.functional as bnb_functional
+
+    import qlora_llm.cpu4bit as cpu4bit
+
+    if request.param == "fused" and not cpu4bit.fused_kernel_available():
+        monkeypatch.setattr(cpu4bit, "fused_kernel_available", lambda: True)
+        monkeypatch.setattr(bnb_functional, "gemv_4bit", reference_fused_gemv)
+    return request.param
 
 
 @pytest.fixture(scope="session")

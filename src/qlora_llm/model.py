@@ -429,9 +429,14 @@ def find_target(target: str | Path, model_cfg: Any = None) -> Target:
     manifest = _read_json(own / "manifest.json") or _read_json(adapter_dir / "manifest.json")
     if config_file is not None:
         mcfg = load_config(config_file).model
-        # The run's device choice was for training; where to evaluate or serve is the caller's, and so is
-        # the compute dtype when the caller sets one (a 7B merge on CPU in bf16 needs half fp32's memory).
-        caller = {"device": model_cfg.device, "cache_dir": model_cfg.cache_dir}
+        # The run's device (and CPU kernel) choice was for training; where to evaluate or serve is the
+        # caller's, and so is the compute dtype when the caller sets one (a 7B merge on CPU in bf16
+        # needs half fp32's memory).
+        caller = {
+            "device": model_cfg.device,
+            "cache_dir": model_cfg.cache_dir,
+            "cpu_4bit_kernel": model_cfg.cpu_4bit_kernel,
+        }
         if "compute_dtype" in model_cfg.model_fields_set:
             caller["compute_dtype"] = model_cfg.compute_dtype
         mcfg = mcfg.model_copy(update=caller)

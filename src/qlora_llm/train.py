@@ -226,6 +226,18 @@ def _make_trainer_class() -> type:
                 sampler.seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
             return sampler
 
+        def evaluate(self, *args, **kwargs):
+            # Each evaluation's DataLoader draws its base seed from the global RNG, which would shift every
+            # later dropout mask: put the RNG back, so how often a run evaluates never changes its weights.
+            cpu = torch.get_rng_state()
+            cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+            try:
+                return super().evaluate(*args, **kwargs)
+            finally:
+                torch.set_rng_state(cpu)
+                if cuda is not None:
+                    torch.cuda.set_rng_state_all(cuda)
+
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
             if not math.isfinite(float(loss)):
@@ -668,11 +680,8 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
 
     if eval_rows and checkpoint is None:
         # The untrained baseline, so a fall in eval loss is visible. Not TrainingArguments.eval_on_start:
-        # its eval dataloader draws from the global RNG, which then shuffles the data differently from a
-        # resumed run and breaks bit-exact resume. Here the RNG is put back as it was.
-        rng = torch.get_rng_state()
+        # its eval draws from the global RNG before training; our evaluate() puts the RNG back.
         trainer.evaluate()
-        torch.set_rng_state(rng)
     start = time.perf_counter()
     try:
         with _stop_on_signals(stop_requests):
