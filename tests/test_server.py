@@ -289,12 +289,19 @@ def test_cors_is_off_unless_origins_are_configured(client, generator, tiny_mistr
         assert "access-control-allow-origin" not in other.headers
 
 
-def test_defaults_bind_loopback_and_cpu_refuses_4bit_serving(tiny_mistral):
-    from qlora_llm.config import ConfigError
-
+def test_defaults_bind_loopback():
     assert cfg_with().serve.host == "127.0.0.1"
-    with pytest.raises(ConfigError, match="serve.quantization=nf4 on CPU"):
-        create_app(cfg_with("serve.quantization=nf4"), tiny_mistral)
+
+
+def test_odd_shape_model_serves_in_4bit_on_both_cpu_kernels(tiny_odd, cpu_kernel):
+    cfg = cfg_with("serve.quantization=nf4", f"model.cpu_4bit_kernel={cpu_kernel}")
+    body = {"prompt": "What comes after a?", "max_new_tokens": 6, "temperature": 0}
+    with TestClient(create_app(cfg, tiny_odd)) as c:
+        wait_ready(c)
+        r = c.post("/generate", json=body)
+    assert r.status_code == 200, r.text
+    alone = Generator.load(tiny_odd, model_cfg=cfg.model, device="cpu", quantization="nf4")
+    assert r.json()["response"] == alone.generate(alone.encode(body["prompt"]), SamplingParams(6, 0.0)).text
 
 
 @pytest.fixture(scope="module")

@@ -513,3 +513,36 @@ def test_a_run_that_cannot_fit_is_refused_unless_forced(tiny_mistral, tiny_data,
     assert not (tmp_path / "run").exists()  # refused before anything was loaded or written
     result = train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "run", "train.max_steps=1"), force=True)
     assert result.global_step == 1
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_activation_checkpointing_follows_the_setting(tiny_mistral, tiny_data, tmp_path, monkeypatch, on):
+    seen = []
+
+    class Observe:
+        def training_step(self, model, *a, **k):
+            seen.append(model.is_activation_checkpointing)
+            return super().training_step(model, *a, **k)
+
+    patch_trainer(monkeypatch, Observe)
+    extra = ("train.max_steps=1", "train.save_steps=1", "train.eval_steps=1")
+    train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "run", *extra, f"train.gradient_checkpointing={on}"))
+    assert seen == [on]
+
+
+def test_a_cli_training_log_has_no_third_party_warning(tiny_mistral, tiny_data, tmp_path):
+    """What the terminal shows: our log lines, our progress bar and summary; no library warning or bar."""
+    args = _args(tiny_mistral, tiny_data, tmp_path / "run", "train.max_steps=2", "train.eval_steps=1")
+    (tmp_path / "empty.yaml").write_text("{}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "qlora_llm.cli", "train", str(tmp_path / "empty.yaml"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "QLORA_LLM_ALLOCATOR": "system"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [x for x in proc.stderr.replace("\r", "\n").splitlines() if x.strip()]
+    ours = ("INFO qlora_llm", "WARNING qlora_llm", "training:")
+    assert [x for x in lines if not x.startswith(ours)] == []
+    assert any(x.startswith("INFO qlora_llm.cpu4bit: 4-bit CPU kernel: ") for x in lines)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qlora_llm import __version__
+from qlora_llm import __version__, quiet
 from qlora_llm.allocator import active_allocator, preload_env
 from qlora_llm.config import Config, ConfigError, describe_keys, load_config
 
@@ -476,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("httpx", "urllib3", "filelock", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command in MODEL_COMMANDS | {"prepare", "models"}:
+        quiet.install()
     if args.command in MODEL_COMMANDS:
         logging.getLogger("qlora_llm").info("memory allocator: %s", active_allocator())
     try:

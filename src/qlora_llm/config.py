@@ -150,7 +150,7 @@ class EvalConfig(_Section):
     stride: int | None = Field(None, gt=0)
     """Step of the sliding window; None = half the window. Each token is scored once."""
     quantization: Literal["none", "nf4", "fp4"] = "none"
-    """Weights to evaluate in: full precision by default (4-bit decoding is ~10x slower on CPU)."""
+    """Weights to evaluate in: full precision by default (what the model really is; NF4 costs quality)."""
     compare: str = "auto"
     """Model to compare against: auto = the base the run was trained from, none, or a model/folder."""
 
@@ -169,7 +169,7 @@ class ServeConfig(_Section):
     max_new_tokens_limit: int = Field(2048, gt=0)
     """Largest `max_new_tokens` a request may ask for (422 above it)."""
     quantization: Literal["none", "nf4", "fp4"] = "none"
-    """Weights to serve: full precision (4-bit decoding is ~10x slower per token on CPU); nf4 for small GPUs."""
+    """Weights to serve: full precision by default (NF4 costs quality); nf4 for small GPUs or little memory."""
     max_batch_size: int = Field(8, gt=0)
     """Requests decoded together in one batch (dynamic batching)."""
     batch_wait_ms: float = Field(10.0, ge=0)

@@ -554,11 +554,9 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
     model = load_base_model(m, device, dtype=dtype)
     quantized = m.quantization != "none"
     if quantized:
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=t.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+        # Checkpointing is switched on by the Trainer (activation_checkpointing below), under the name
+        # transformers 5 uses; PEFT would switch it on again under the old one.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     explicit = "target_modules" in cfg.lora.model_fields_set
     targets = resolve_target_modules(model, cfg.lora.target_modules)
     if explicit and targets != cfg.lora.target_modules:
@@ -619,8 +617,8 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=_optimizer_for(t.optim, device),
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
         bf16=use_bf16,
         fp16=dtype == torch.float16,
         use_cpu=device == "cpu",

@@ -23,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from qlora_llm.config import Config, ConfigError
+from qlora_llm.config import Config
 from qlora_llm.generate import Generator
 from qlora_llm.server.engine import Engine
 from qlora_llm.server.metrics import Metrics
@@ -175,14 +175,9 @@ def create_app(
     generator: Generator | None = None,
 ) -> FastAPI:
     """The server for TARGET (a run, adapter or merged folder, or a model name), plus named adapters."""
-    from qlora_llm.model import find_target, pick_device
+    from qlora_llm.model import find_target
     from qlora_llm.server import routes
 
-    if generator is None and cfg.serve.quantization != "none" and pick_device(cfg.model.device) == "cpu":
-        raise ConfigError(
-            f"serve.quantization={cfg.serve.quantization} on CPU: decoding through 4-bit layers is ~10x "
-            "slower per token there. Use serve.quantization=none (the default) on CPU; 4-bit is for small GPUs."
-        )
     adapters = dict(adapters or {})
     found = generator.loaded.target if generator is not None else find_target(target, cfg.model)
     for name, path in adapters.items():

@@ -1,0 +1,53 @@
+"""Keep third-party noise a user can do nothing about off the terminal, each filter as narrow as it can be.
+
+Filtered by message and module, never by category alone, so a new warning from the same library still
+shows. Our own warnings are untouched. What is filtered and why:
+- bitsandbytes, at import on a CPU with AVX512-BF16, tries to fetch a faster kernel from the Hugging
+  Face Hub (`kernels-community`) and logs "Failed to load CPU gemm_4bit_forward ..." when the optional
+  `kernels` package is missing; its own kernel is used instead, and our log says which (cpu4bit.py).
+- transformers 5 renamed gradient checkpointing to activation checkpointing and warns whenever PEFT or
+  TRL still use the old names (`is_gradient_checkpointing`, `gradient_checkpointing_enable`); our own
+  code uses the new ones.
+- the per-call progress bars of `datasets` (TRL's "Building labels ...") and of transformers' weight
+  loading and saving: our progress bar and log lines say what is happening.
+
+    install()   # once, by the command-line entry points, before the libraries are imported
+
+Only the command-line entry points call it; the library itself never changes global state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+BITSANDBYTES_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+KERNELS_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+RENAMED_CHECKPOINTING = (
+    r"`(is_)?gradient_checkpointing(_enable|_kwargs)?` is deprecated and will be removed in v6"
+)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+def install() -> None:
+    """Install the filters; idempotent."""
+    logger = logging.getLogger(BITSANDBYTES_CPU_LOGGER)
+    if not any(isinstance(f, _DropMessages) for f in logger.filters):
+        logger.addFilter(_DropMessages(KERNELS_NOTICE))
+    warnings.filterwarnings(
+        "ignore", message=RENAMED_CHECKPOINTING, category=FutureWarning, module="transformers"
+    )
+    # datasets reads it at import; Hub downloads keep their bars (a 14 GB download wants an ETA).
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
