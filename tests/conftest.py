@@ -1,7 +1,7 @@
 """Shared fixtures: the real Mistral tokenizer and a tiny random-weight Mistral model, built once per session.
 
-Everything here is offline: the tokenizer is a test asset (tests/assets/mistral-tokenizer, the real
-Mistral-7B-Instruct v0.1/v0.2 tokenizer from mistral-common), and the model is built from `MistralConfig`
+Everything here is offline: the tokenizer is the real Mistral-7B-Instruct v0.1/v0.2 tokenizer from
+mistral-common that the package ships (src/qlora_llm/assets/tokenizers/), and the model is built from `MistralConfig`
 with random weights, so the exact `[INST]` path is exercised without a download.
 """
 
@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
+# Caches the code writes under ~ (converted models, reused base evaluations) go to a fresh folder.
+os.environ["HOME"] = tempfile.mkdtemp(prefix="qlora-llm-test-home-")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-MISTRAL_TOKENIZER = ROOT / "tests" / "assets" / "mistral-tokenizer"
+MISTRAL_TOKENIZER = (
+    ROOT / "src" / "qlora_llm" / "assets" / "tokenizers" / "mistralai--Mistral-7B-Instruct-v0.2"
+)
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,12 @@ def test_defaults_are_the_seeds():
         "down_proj",
     ]
     assert cfg.model.quantization == "nf4" and cfg.model.double_quant is True
-    assert cfg.model.name == "mistralai/Mistral-7B-Instruct-v0.2" and cfg.model.template == "mistral"
+    assert cfg.model.name == "mistralai/Mistral-7B-Instruct-v0.2" and cfg.model.template == "default"
+    # ...which is the seed's [INST] format for the seed's model (its tokenizer ships for offline use).
+    from qlora_llm.model import load_tokenizer
+    from qlora_llm.templates import resolve_template
+
+    assert resolve_template(cfg.model.template, load_tokenizer(cfg.model.name)) == "mistral"
     assert cfg.train.optim == "paged_adamw_32bit"
     assert cfg.train.early_stopping_patience == 3
     assert cfg.train.save_steps == 50 and cfg.train.gradient_checkpointing and cfg.train.group_by_length

@@ -7,12 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import MISTRAL_TOKENIZER
 
 from qlora_llm.cli import main
 from qlora_llm.config import load_config
 from qlora_llm.data import OUTPUT_FILES, PrepareError, prepare, read_jsonl
 
-TOKENIZER = str(Path(__file__).parent / "assets" / "mistral-tokenizer")
+TOKENIZER = str(MISTRAL_TOKENIZER)
 
 
 def cfg(**data):

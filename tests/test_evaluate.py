@@ -298,3 +298,21 @@ def test_real_smollm2_run_from_the_shipped_config_is_evaluated(smollm2_run, smol
     france = next(b for b in m["benchmark_prompts"] if b["id"] == "capital-france")
     assert france["base"]["passed"] and "Paris" in france["base"]["answer"]
     assert (smollm2_run / "eval" / "report.html").is_file() and "Fine-tuning" in capsys.readouterr().out
+
+
+def test_the_base_evaluation_is_computed_once_per_model_data_and_settings(tiny_run, tmp_path, caplog):
+    cfg = load_config(tiny_run / "config.yaml", [f"eval.output_dir={tmp_path / 'a'}"])
+    first = evaluate(cfg, tiny_run).metrics
+    with caplog.at_level("INFO", logger="qlora_llm.evaluate"):
+        again = evaluate(cfg, tiny_run).metrics
+    assert again["base"] == first["base"] and again["tuned"]["speed"] != first["tuned"]["speed"]
+    assert any("reusing its evaluation" in r.getMessage() for r in caplog.records)
+    assert any("computed by an earlier evaluation" in n for n in again["notes"])
+    caplog.clear()
+    other = load_config(
+        tiny_run / "config.yaml", [f"eval.output_dir={tmp_path / 'b'}", "eval.max_new_tokens=3"]
+    )
+    with caplog.at_level("INFO", logger="qlora_llm.evaluate"):
+        changed = evaluate(other, tiny_run).metrics
+    assert not any("reusing its evaluation" in r.getMessage() for r in caplog.records)
+    assert not any("computed by an earlier evaluation" in n for n in changed["notes"])

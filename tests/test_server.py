@@ -497,14 +497,24 @@ def test_serving_a_run_folder_applies_its_adapter_and_offers_the_base(tiny_run, 
 
 
 @pytest.mark.slow
-def test_real_smollm2_answers_through_its_template_and_stops_at_its_stop_token(smollm2_cache):
-    cfg = cfg_with(f"model.cache_dir={smollm2_cache}", "model.template=auto")
+def test_the_bare_builtin_model_answers_through_its_own_template(smollm2_cache, capsys):
+    """No run, no template setting: the model's own chat template (ChatML), so it answers and stops."""
+    from qlora_llm.cli import main
+
+    cfg = cfg_with(f"model.cache_dir={smollm2_cache}")
     question = [{"role": "user", "content": "What is the capital of France?"}]
     with TestClient(create_app(cfg, "smollm2-135m-instruct")) as c:
         wait_ready(c, timeout=120)
+        assert c.app.state.generator.loaded.template == "auto"
         body = {"messages": question, "max_tokens": 40, "temperature": 0}
         r = c.post("/v1/chat/completions", json=body).json()
+        seed = c.post("/generate", json={"prompt": question[0]["content"], "temperature": 0}).json()
         expected = c.app.state.generator.generate(question, SamplingParams(max_new_tokens=40, temperature=0))
     answer = r["choices"][0]["message"]["content"]
     assert "Paris" in answer and r["choices"][0]["finish_reason"] == "stop"  # ended at <|im_end|>
     assert answer == expected.text and r["usage"]["prompt_tokens"] == expected.prompt_tokens
+    assert "Paris" in seed["response"]
+    capsys.readouterr()
+    argv = ["generate", "smollm2-135m-instruct", question[0]["content"], "--temperature", "0"]
+    assert main([*argv, f"model.cache_dir={smollm2_cache}"]) == 0
+    assert "Paris" in capsys.readouterr().out

@@ -332,7 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-fraction", type=float, help="hold out this share as eval.jsonl (e.g. 0.1)")
     p.add_argument("--eval-input", action="append", metavar="FILE", help="use these records as eval.jsonl")
     p.add_argument("--min-examples", type=int, help="fail below this many valid examples (default 10)")
-    p.add_argument("--template", choices=["mistral", "auto"], help="prompt format used to count tokens")
+    p.add_argument(
+        "--template", choices=["default", "mistral", "auto"], help="prompt format used to count tokens"
+    )
     p.add_argument(
         "--map",
         action="append",

@@ -47,8 +47,10 @@ class ModelConfig(_Section):
     """4-bit matmul on CPU for evaluation and generation: fused = bitsandbytes' AVX512-BF16 kernel (bf16
     math), plain = dequantize then matmul in compute_dtype; auto = fused where the CPU has AVX512-BF16.
     Training always runs plain."""
-    template: Literal["mistral", "auto"] = "mistral"
-    """Prompt format: the seed's Mistral `[INST]` format, or `auto` for the tokenizer's own chat template."""
+    template: Literal["default", "mistral", "auto"] = "default"
+    """Prompt format: `mistral` = the seed's `[INST]` format, `auto` = the tokenizer's own chat template,
+    `default` = the model's own chat template when it has one, else the seed's format (and the seed's
+    format for Mistral-Instruct models, whose own template is that format). A run records the one used."""
     cache_dir: Path = Path("~/.cache/qlora-llm")
     """Where built-in models are converted to HF folders (once)."""
     trust_remote_code: bool = False

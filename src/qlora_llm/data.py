@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from qlora_llm.atomic import atomic_file, atomic_write_text
 from qlora_llm.config import Config
-from qlora_llm.templates import ROLES, render
+from qlora_llm.templates import ROLES, render, resolve_template
 
 log = logging.getLogger(__name__)
 
@@ -796,6 +796,8 @@ def prepare(
         )
 
     tokenizer = load_tokenizer(m.name, m.revision, m.cache_dir, m.trust_remote_code)
+    m = m.model_copy(update={"template": resolve_template(m.template, tokenizer)})
+    report.template = m.template
     report.example = {k: v for k, v in asdict(render(train[0].data, m.template, tokenizer)).items()}
     report.example["text"] = render(train[0].data, m.template, tokenizer).text
 

@@ -451,7 +451,7 @@ def _eval_records(cfg: Config, target: Target, data: Path | None) -> tuple[Path,
             if run_cfg.data.eval_file is not None:
                 return run_cfg.data.eval_file, load_examples(run_cfg.data.eval_file)
             records = load_examples(run_cfg.data.train_file)
-            held = split_examples(records, run_cfg.data.eval_fraction, run_cfg.train.seed)[1]
+            held = split_examples(records, run_cfg.data.eval_fraction, run_cfg.data.seed)[1]
             if held:
                 return run_cfg.data.train_file, held
     except TrainError as err:
@@ -882,14 +882,23 @@ def evaluate(
     )
 
     results: dict[str, Any] = {}
+    reused: Path | None = None
     for label, t in (("base", base_target), ("tuned", found)):
         if t is None:
+            continue
+        # The base scores the same for every run of the same model, data and settings: computed once.
+        cache = _base_cache_file(cfg, t, records) if label == "base" else None
+        if cache is not None and cache.is_file():
+            results[label], reused = json.loads(cache.read_text()), cache
+            log.info("base model: reusing its evaluation with the same model, data and settings (%s)", cache)
             continue
         loaded = load_target(t, device=cfg.model.device, quantization=cfg.eval.quantization)
         reset_peak_memory(loaded.device)
         results[label] = _evaluate_model(loaded, records, cfg, prompts, label)
         del loaded
         gc.collect()
+        if cache is not None:
+            atomic_write_text(cache, json.dumps(results[label], ensure_ascii=False) + "\n")
 
     table = comparison_table(results["tuned"], results.get("base"))
     notes = []
@@ -903,6 +912,11 @@ def evaluate(
         notes.append(
             "The fine-tuned model ran with its LoRA adapter unmerged (extra matmuls per layer); a merged "
             "model (`qlora-llm merge`) decodes at the base model's speed."
+        )
+    if reused is not None:
+        notes.append(
+            f"The base model's figures were computed by an earlier evaluation with the same model, data and "
+            f"settings and reused ({reused}); its speed and memory were measured then."
         )
     notes.append(
         "Perplexity is exp(mean NLL) over every scored token of the set (token-weighted); 'answers' scores only "
@@ -943,6 +957,37 @@ def evaluate(
     write_report(metrics, out)
     log.info("%s", metrics["headline"])
     return EvalResult(out, metrics)
+
+
+def _base_cache_file(cfg: Config, base: Target, records: list[dict]) -> Path | None:
+    """Where the base model's results for these model, data and settings live; None if not pinnable."""
+    from qlora_llm import __version__
+    from qlora_llm.fingerprint import digest, file_digest, model_fingerprint
+    from qlora_llm.model import pick_device
+    from qlora_llm.train import _library_versions
+
+    model = model_fingerprint(base.model_cfg)
+    if model is None:
+        return None
+    e, m = cfg.eval, base.model_cfg
+    key = digest(
+        {
+            "model": model,
+            "records": digest(records),
+            "eval": e.model_dump(mode="json", exclude={"data_file", "output_dir", "compare", "max_examples"}),
+            "benchmark": file_digest(e.benchmark_prompts) if e.benchmark_prompts else None,
+            "load": {
+                "device": pick_device(cfg.model.device),
+                "compute_dtype": m.compute_dtype,
+                "cpu_4bit_kernel": m.cpu_4bit_kernel if e.quantization != "none" else None,
+                "double_quant": m.double_quant,
+            },
+            "template": base.template,
+            "tokens": base.manifest.get("tokens", {}),
+            "versions": _library_versions() | _rouge_version() | {"qlora_llm": __version__},
+        }
+    )
+    return Path(cfg.model.cache_dir).expanduser() / "evals" / f"base-{key}.json"
 
 
 def _rouge_version() -> dict[str, str]:

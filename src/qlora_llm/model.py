@@ -197,12 +197,27 @@ def _from_pretrained(loader: Any, name: str, revision: str | None, **kwargs: Any
         raise ModelNotFoundError(f"{name}: {str(err).splitlines()[0]}") from None
 
 
+# Tokenizers shipped with the package (assets/tokenizers/), so `prepare` counts tokens for the seed's
+# default model offline. The Hub's copy (or the Hugging Face cache's) is used whenever it is reachable.
+SHIPPED_TOKENIZERS = {"mistralai/Mistral-7B-Instruct-v0.2": "mistralai--Mistral-7B-Instruct-v0.2"}
+
+
 def load_tokenizer(
     name: str, revision: str | None = None, cache_dir: Path | None = None, trust_remote_code: bool = False
 ) -> Any:
     """The model's own tokenizer, for counting and rendering exactly as training will."""
     from transformers import AutoTokenizer
 
+    shipped = SHIPPED_TOKENIZERS.get(name)
+    if shipped and revision is None and not _in_hub_cache(name, None) and not _hub_reachable():
+        folder = Path(__file__).parent / "assets" / "tokenizers" / shipped
+        log.info(
+            "%s: the Hugging Face Hub cannot be reached; using the copy of its tokenizer shipped with "
+            "qlora-llm (%s)",
+            name,
+            folder,
+        )
+        return AutoTokenizer.from_pretrained(folder)
     resolved = resolve_model(name, cache_dir)
     return _from_pretrained(
         AutoTokenizer.from_pretrained, resolved, revision, trust_remote_code=trust_remote_code
@@ -460,7 +475,10 @@ class LoadedModel:
 
     @property
     def template(self) -> str:
-        return self.target.template
+        """The template it is prompted with: the run's, else `model.template` resolved for this tokenizer."""
+        from qlora_llm.templates import resolve_template
+
+        return resolve_template(self.target.template, self.tokenizer)
 
     @property
     def context_length(self) -> int:
@@ -511,7 +529,7 @@ def load_target(
         tokenizer.pad_token = tokenizer.eos_token
     own = getattr(tokenizer, "chat_template", None)
     if found.template == "mistral" and isinstance(own, str) and "[INST]" not in own:
-        # A bare model name gets model.template (the seed's [INST] default); runs record theirs.
+        # Only an explicit model.template=mistral gets here: `default` follows the model's own template.
         log.warning(
             "%s is prompted with the Mistral [INST] template, but its own chat template is different; "
             "pass model.template=auto to use the model's own.",

@@ -5,6 +5,8 @@ Two templates:
   (`<s>[INST] {instruction} [/INST] {output}</s>` when input is empty); multi-turn conversations as
   Mistral-Instruct writes them: `<s>[INST] u1 [/INST] a1</s>[INST] u2 [/INST] a2</s>`.
 - `auto`: the tokenizer's own chat template (SmolLM2's is ChatML).
+`default` picks one of them per tokenizer (`resolve_template`): the model's own chat template when it
+has one, the seed's format when it has none or when its own is Mistral's `[INST]` format.
 
 `render` returns the prompt and the completion apart, because training learns only the completion.
 The BOS text is kept apart too: the tokenizer adds BOS itself, so passing `<s>` as text as well would
@@ -17,7 +19,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Literal
 
-TemplateName = Literal["mistral", "auto"]
+TemplateName = Literal["default", "mistral", "auto"]
 ROLES = ("system", "user", "assistant")
 
 
@@ -118,12 +120,21 @@ def _render_auto(messages: list[dict[str, str]], tokenizer: Any, bos: str, eos: 
     return Rendered(prompt=prompt, completion=completion, bos=bos)
 
 
+def resolve_template(template: str, tokenizer: Any | None) -> Literal["mistral", "auto"]:
+    """`default` -> `auto` for a tokenizer with its own (non-[INST]) chat template, else `mistral`."""
+    if template != "default":
+        return template  # type: ignore[return-value]
+    own = getattr(tokenizer, "chat_template", None)
+    return "auto" if isinstance(own, str) and own and "[INST]" not in own else "mistral"
+
+
 def render(
     example: dict[str, Any], template: TemplateName = "mistral", tokenizer: Any | None = None
 ) -> Rendered:
     """Render one canonical record (as `prepare` writes them) for training or scoring."""
     bos, eos = _special_texts(tokenizer)
     messages = to_messages(example)
+    template = resolve_template(template, tokenizer)
     if template == "mistral":
         return _render_mistral(messages, bos, eos)
     if tokenizer is None:

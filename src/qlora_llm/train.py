@@ -33,7 +33,7 @@ from typing import Any, Literal
 from qlora_llm.atomic import atomic_dir, atomic_write_text
 from qlora_llm.config import Config, save_config
 from qlora_llm.model import sha256_file
-from qlora_llm.templates import render
+from qlora_llm.templates import render, resolve_template
 
 log = logging.getLogger(__name__)
 
@@ -523,6 +523,11 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
 
     # Data: the prepared JSONL, split 90/10 unless an eval file is given.
     tokenizer = load_tokenizer(m.name, m.revision, m.cache_dir, m.trust_remote_code)
+    # The run records the template it really used (`default` resolved for this tokenizer), so it is
+    # prompted, resumed and compared with that one ever after.
+    cfg = cfg.model_copy(deep=True)
+    cfg.model.template = resolve_template(m.template, tokenizer)
+    m = cfg.model
     records = load_examples(cfg.data.train_file)
     if cfg.data.eval_file:
         train_records, eval_records = records, load_examples(cfg.data.eval_file)
