@@ -309,6 +309,18 @@ def test_cli_prepare_exit_codes_and_messages(tmp_path, capsys):
     assert not (tmp_path / "o3" / "train.jsonl").exists()
 
 
+def test_prepare_with_the_defaults_works_offline(tmp_path, capsys):
+    """No --model: the seed's Mistral-7B-Instruct-v0.2, whose tokenizer ships with the package."""
+    raw = tmp_path / "r.jsonl"
+    raw.write_bytes(b"".join(jl(g) for g in GOOD))
+    assert main(["prepare", str(raw), "--output-dir", str(tmp_path / "out")]) == 0
+    out, err = capsys.readouterr()
+    assert "tokens per example (mistralai/Mistral-7B-Instruct-v0.2, template mistral)" in out
+    assert "the Hugging Face Hub cannot be reached; using the copy of its tokenizer shipped with" in err
+    report = json.loads((tmp_path / "out" / "prepare_report.json").read_text())
+    assert report["example"]["text"].startswith("<s>[INST] Summarize paper 0.")
+
+
 def test_problem_list_is_capped_on_the_terminal(tmp_path, capsys):
     raw = tmp_path / "r.jsonl"
     raw.write_bytes(b"".join(jl(g) for g in GOOD) + b"{broken\n" * 30)
