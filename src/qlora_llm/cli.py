@@ -1,5 +1,6 @@
 """The `qlora-llm` command: parse arguments, dispatch to one library function, print the result.
 
+    qlora-llm run configs/smollm2-cpu.yaml --data my.csv train.output_dir=runs/mine   # all of it
     qlora-llm prepare data/raw.csv --output-dir data/out --model smollm2-135m-instruct
     qlora-llm models
     qlora-llm config configs/smollm2-cpu.yaml train.max_steps=20
@@ -55,15 +56,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         if value is not None:
             overrides.append(f"{key}={value}")
     cfg = load_config(args.config, overrides)
-    columns = {}
-    for item in args.map:
-        target, sep, column = item.partition("=")
-        if not sep or target not in ("instruction", "input", "output", "prompt", "completion"):
-            raise ConfigError(
-                f"--map {item}: expected FIELD=COLUMN with FIELD one of instruction, input, "
-                "output, prompt, completion"
-            )
-        columns[target] = column
+    columns = _columns(args.map)
     try:
         report = prepare(
             cfg,
@@ -95,6 +88,19 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     for path in report.outputs:
         print(f"  {path}")
     return 0
+
+
+def _columns(items: list[str]) -> dict[str, str]:
+    columns = {}
+    for item in items:
+        target, sep, column = item.partition("=")
+        if not sep or target not in ("instruction", "input", "output", "prompt", "completion"):
+            raise ConfigError(
+                f"--map {item}: expected FIELD=COLUMN with FIELD one of instruction, input, "
+                "output, prompt, completion"
+            )
+        columns[target] = column
+    return columns
 
 
 def _print_problems(problems: list) -> None:
@@ -255,7 +261,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         compare=args.compare,
         output_dir=Path(args.output_dir) if args.output_dir else None,
     )
-    m = result.metrics
+    _print_table(result.metrics)
+    print(f"report: {result.output_dir / 'report.html'}")
+    return 0
+
+
+def _print_table(m: dict) -> None:
     has_base = m["base"] is not None
     print(
         f"\n{'metric':34} {'base':>10} {'tuned':>10} {'change':>16}"
@@ -271,7 +282,39 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if has_base and row["change"] is not None:
             cells.append(f"{('+' if row['change'] >= 0 else '-') + fmt.format(abs(row['change'])):>16}")
         print(" ".join(cells))
-    print(f"\n{m['headline']}\nreport: {result.output_dir / 'report.html'}")
+    print(f"\n{m['headline']}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from qlora_llm.pipeline import run
+
+    overrides = list(args.overrides)
+    if args.data:
+        # The user's own data: its held-out share is the evaluation set unless test data is given.
+        overrides += [f"data.train_file={args.data}", "data.eval_file=null", "eval.data_file=null"]
+    overrides += [f"data.eval_file={args.eval_data}"] if args.eval_data else []
+    overrides += [f"eval.data_file={args.test_data}"] if args.test_data else []
+    cfg = load_config(args.config, overrides)
+    columns = _columns(args.map)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    result = run(cfg, columns=columns, prompt=prompt)
+    print()
+    for stage, what in result.stages.items():
+        print(f"{stage:9} {what}")
+    _print_table(result.metrics)
+    shown = result.prompt if len(result.prompt) <= 300 else result.prompt[:297] + "..."
+    print(f"\nThe fine-tuned model ({result.merged}), asked:\n{shown}\n\nanswered:\n{result.answer}\n")
+    rows = [
+        ("prepared data", result.prepared["train"].parent),
+        ("LoRA adapter (PEFT)", result.adapter),
+        ("evaluation report", result.report),
+        ("merged model", result.merged),
+        ("chat with it", f"qlora-llm chat {result.merged}"),
+        ("serve it", f"qlora-llm serve {result.run_dir}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
     return 0
 
 
@@ -365,6 +408,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="train even if the memory plan says it will not fit")
 
+    p = sub.add_parser(
+        "run",
+        help="the whole flow on your data: prepare, train, evaluate, merge, answer (skips what is done)",
+    )
+    p.add_argument("config", help="YAML config, e.g. configs/smollm2-cpu.yaml")
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="e.g. train.max_steps=20")
+    p.add_argument(
+        "--data", metavar="FILE", help="your raw training data (CSV, JSONL, ...); held-out share evaluates"
+    )
+    p.add_argument("--eval-data", metavar="FILE", help="raw data to evaluate on during training")
+    p.add_argument("--test-data", metavar="FILE", help="data for the final base vs fine-tuned evaluation")
+    p.add_argument("--map", action="append", default=[], metavar="FIELD=COLUMN", help="as in prepare")
+    p.add_argument("--prompt", help="what the fine-tuned model answers at the end (- reads stdin)")
+
     p = sub.add_parser("plan", help="estimate peak memory before loading any weight: will it fit?")
     p.add_argument("config", help="YAML config")
     p.add_argument("overrides", nargs="*", default=[], metavar="key=value")
@@ -442,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "prepare": cmd_prepare,
     "train": cmd_train,
+    "run": cmd_run,
     "evaluate": cmd_evaluate,
     "merge": cmd_merge,
     "generate": cmd_generate,
@@ -453,7 +511,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 # The commands that load a model: they run under mimalloc where it is installed (see allocator.py).
-MODEL_COMMANDS = {"train", "evaluate", "merge", "generate", "chat", "serve"}
+MODEL_COMMANDS = {"train", "run", "evaluate", "merge", "generate", "chat", "serve"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -496,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         from qlora_llm.evaluate import EvalError
         from qlora_llm.merge import MergeError
         from qlora_llm.model import DeviceError, ModelNotFoundError
+        from qlora_llm.pipeline import PipelineError
         from qlora_llm.plan import PlanError
         from qlora_llm.train import TrainError
 
@@ -508,7 +567,8 @@ def main(argv: list[str] | None = None) -> int:
             | KernelError
             | PlanError
             | EvalError
-            | MergeError,
+            | MergeError
+            | PipelineError,
         ):
             print(f"error: {err}", file=sys.stderr)
             return 1

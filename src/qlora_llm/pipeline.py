@@ -1,0 +1,258 @@
+"""The seed's whole data flow as one call: prepare -> train -> evaluate -> merge -> one answer.
+
+    result = run(load_config("configs/smollm2-cpu.yaml", ["data.train_file=my.csv"]))
+
+`data.train_file` (and `data.eval_file`, if set) are the user's raw files, in any format `prepare`
+reads; everything lands in the run folder (`train.output_dir`): `data/` (the prepared JSONL), the
+training run, `eval/` (base vs fine-tuned), `merged/` (the verified merged model). Each stage records
+the fingerprint of its inputs and settings in `pipeline.json` when it completes; a later call skips a
+stage whose fingerprint is unchanged and whose output is there, so running again is quick, and a call
+that was interrupted continues (training resumes from its newest checkpoint). A run folder trained
+with other data or settings is never overwritten: the error says to pick another folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qlora_llm.atomic import atomic_write_text
+from qlora_llm.config import Config
+from qlora_llm.fingerprint import digest, file_digest, folder_fingerprint
+
+log = logging.getLogger(__name__)
+
+STAGES = ("prepare", "train", "evaluate", "merge", "answer")
+
+
+class PipelineError(RuntimeError):
+    """A stage cannot run as asked; the message says what to change."""
+
+
+@dataclass
+class PipelineResult:
+    run_dir: Path
+    stages: dict[str, str] = field(default_factory=dict)
+    """Per stage: "done in 12s", "skipped (unchanged)" or "resumed ..."."""
+    prepared: dict[str, Path] = field(default_factory=dict)
+    adapter: Path | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    report: Path | None = None
+    merged: Path | None = None
+    prompt: str = ""
+    answer: str = ""
+
+
+def _source_fingerprint(source: str | Path) -> str:
+    path = Path(source)
+    if path.is_file():
+        return file_digest(path)
+    if path.is_dir():
+        return folder_fingerprint(path)
+    return f"name:{source}"  # a Hub dataset id: its name is all we know offline
+
+
+class _Stamps:
+    """pipeline.json: stage -> {"fingerprint", "complete"}, rewritten atomically after every change."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "pipeline.json"
+        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def matches(self, stage: str, fingerprint: str) -> bool:
+        entry = self.data.get(stage, {})
+        return entry.get("fingerprint") == fingerprint and entry.get("complete", False)
+
+    def mark(self, stage: str, fingerprint: str, complete: bool) -> None:
+        self.data[stage] = {"fingerprint": fingerprint, "complete": complete}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path, json.dumps(self.data, indent=2) + "\n")
+
+
+def _prepare_stage(
+    cfg: Config, run_dir: Path, stamps: _Stamps, columns: dict[str, str]
+) -> tuple[dict[str, Path], str]:
+    from qlora_llm.data import PrepareError, prepare
+
+    d, m = cfg.data, cfg.model
+    out = run_dir / "data"
+    fingerprint = digest(
+        {
+            "train": _source_fingerprint(d.train_file),
+            "eval": _source_fingerprint(d.eval_file) if d.eval_file else None,
+            "columns": columns,
+            "data": d.model_dump(mode="json", exclude={"train_file", "eval_file"}),
+            "tokenizer": [m.name, m.revision, m.template],
+        }
+    )
+    prepared = {"train": out / "train.jsonl"}
+    if d.eval_file or d.eval_fraction > 0:
+        prepared["eval"] = out / "eval.jsonl"
+    if stamps.matches("prepare", fingerprint) and all(p.is_file() for p in prepared.values()):
+        return prepared, "skipped (unchanged)"
+    try:
+        report = prepare(
+            cfg,
+            [d.train_file],
+            out,
+            eval_inputs=[d.eval_file] if d.eval_file else None,
+            eval_fraction=0.0 if d.eval_file else d.eval_fraction,
+            columns=columns,
+            force=True,
+        )
+    except PrepareError as err:
+        raise PipelineError(f"prepare: {err}") from None
+    if not report.eval_written:
+        prepared.pop("eval", None)
+    for p in report.problems[:5]:
+        log.warning("%s", p)
+    if len(report.problems) > 5:
+        log.warning(
+            "... and %d more problems (all in %s)", len(report.problems) - 5, out / "prepare_report.json"
+        )
+    stamps.mark("prepare", fingerprint, True)
+    return prepared, f"done: {report.train_written} train / {report.eval_written} eval examples"
+
+
+def _train_stage(cfg: Config, run_dir: Path, stamps: _Stamps) -> tuple[Path, str]:
+    from qlora_llm.train import complete_checkpoints, train
+
+    fingerprint = digest(
+        {
+            "data": {
+                k: file_digest(Path(v))
+                for k, v in (("train", cfg.data.train_file), ("eval", cfg.data.eval_file))
+                if v
+            },
+            "config": cfg.model_dump(
+                mode="json", exclude={"eval": True, "serve": True, "train": {"output_dir"}}
+            ),
+        }
+    )
+    final = run_dir / "final_adapter"
+    if stamps.matches("train", fingerprint) and (final / "adapter_config.json").is_file():
+        return final, "skipped (unchanged)"
+    started = stamps.data.get("train", {}).get("fingerprint")
+    has_work = bool(complete_checkpoints(run_dir)) or final.exists()
+    if has_work and started != fingerprint:
+        raise PipelineError(
+            f"{run_dir} holds a training run with other data or settings (or not made by `qlora-llm run`). "
+            "Set train.output_dir to a new folder, or delete this one to start over."
+        )
+    stamps.mark("train", fingerprint, False)
+    result = train(cfg, resume="auto")
+    if result.final_adapter is None:
+        raise PipelineError(
+            f"training stopped by {result.stopped} at step {result.global_step}; run the same command again "
+            "to continue from the last checkpoint."
+        )
+    stamps.mark("train", fingerprint, True)
+    return result.final_adapter, "resumed, done" if has_work else "done"
+
+
+def run(
+    cfg: Config,
+    *,
+    columns: dict[str, str] | None = None,
+    prompt: str | None = None,
+    max_new_tokens: int | None = None,
+) -> PipelineResult:
+    """Prepare, train, evaluate (base vs fine-tuned), merge and answer one prompt; skip what is done.
+
+    `columns` maps CSV columns (as `prepare --map`); `prompt` is answered at the end by the merged model
+    (default: the first evaluation example's question), greedily, at most `max_new_tokens` (default
+    `serve.max_new_tokens`).
+    """
+    from qlora_llm.evaluate import evaluate
+    from qlora_llm.generate import Generator, SamplingParams
+    from qlora_llm.merge import merge
+    from qlora_llm.train import load_examples
+
+    run_dir = Path(cfg.train.output_dir)
+    result = PipelineResult(run_dir)
+    stamps = _Stamps(run_dir)
+
+    def timed(stage: str, start: float, what: str = "done") -> None:
+        result.stages[stage] = (
+            what if what.startswith("skipped") else f"{what} in {time.perf_counter() - start:.0f}s"
+        )
+        log.info("stage %d/%d %s: %s", STAGES.index(stage) + 1, len(STAGES), stage, result.stages[stage])
+
+    # 1. prepare: the user's raw files -> validated JSONL in the run folder.
+    start = time.perf_counter()
+    result.prepared, what = _prepare_stage(cfg, run_dir, stamps, columns or {})
+    timed("prepare", start, what)
+    trained_cfg = cfg.model_copy(deep=True)
+    trained_cfg.data.train_file = result.prepared["train"]
+    trained_cfg.data.eval_file = result.prepared.get("eval")
+
+    # 2. train on them (resuming an interrupted run of the same settings).
+    start = time.perf_counter()
+    result.adapter, what = _train_stage(trained_cfg, run_dir, stamps)
+    timed("train", start, what)
+
+    # 3. evaluate base vs fine-tuned on the test data, else the held-out split (never on training data).
+    start = time.perf_counter()
+    test_file = cfg.eval.data_file or result.prepared.get("eval")
+    if test_file is None:
+        raise PipelineError(
+            "nothing to evaluate on: set eval.data_file (a test file) or data.eval_fraction > 0 "
+            "(a held-out share of the data)."
+        )
+    eval_fp = digest(
+        {
+            "adapter": file_digest(result.adapter / "adapter_model.safetensors"),
+            "test": file_digest(Path(test_file)),
+            "settings": [cfg.eval.model_dump(mode="json"), cfg.model.model_dump(mode="json")],
+        }
+    )
+    metrics_file = run_dir / "eval" / "metrics.json"
+    if stamps.matches("evaluate", eval_fp) and metrics_file.is_file():
+        result.metrics = json.loads(metrics_file.read_text())
+        timed("evaluate", start, "skipped (unchanged)")
+    else:
+        evaluated = evaluate(trained_cfg, run_dir, data=Path(test_file), output_dir=run_dir / "eval")
+        result.metrics = evaluated.metrics
+        stamps.mark("evaluate", eval_fp, True)
+        timed("evaluate", start)
+    result.report = run_dir / "eval" / "report.html"
+
+    # 4. merge into a full-precision copy of the base, verified.
+    start = time.perf_counter()
+    merged = run_dir / "merged"
+    merge_fp = digest(
+        {
+            "adapter": file_digest(result.adapter / "adapter_model.safetensors"),
+            "model": cfg.model.model_dump(mode="json"),
+        }
+    )
+    if stamps.matches("merge", merge_fp) and (merged / "config.json").is_file():
+        timed("merge", start, "skipped (unchanged)")
+    else:
+        merge(
+            run_dir,
+            merged,
+            model_cfg=cfg.model,
+            device=cfg.model.device,
+            force=True,
+            benchmark_prompts=cfg.eval.benchmark_prompts,
+        )
+        stamps.mark("merge", merge_fp, True)
+        timed("merge", start)
+    result.merged = merged
+
+    # 5. one answer from the merged model: the fine-tuned model, usable without this package.
+    start = time.perf_counter()
+    if prompt is None:
+        from qlora_llm.templates import to_messages
+
+        prompt = to_messages(load_examples(Path(test_file))[0])[0]["content"]
+    generator = Generator.load(merged, model_cfg=cfg.model, device=cfg.model.device)
+    params = SamplingParams(max_new_tokens=max_new_tokens or cfg.serve.max_new_tokens, temperature=0.0)
+    result.prompt, result.answer = prompt, generator.generate(prompt, params).text
+    timed("answer", start)
+    return result

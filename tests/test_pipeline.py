@@ -1,0 +1,119 @@
+"""`qlora-llm run`: the whole flow on a user's CSV, and a second run that skips what is done."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+
+import pytest
+from test_train import patch_trainer
+
+from qlora_llm.cli import main
+from qlora_llm.config import load_config
+from qlora_llm.pipeline import PipelineError, run
+
+WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
+
+
+@pytest.fixture
+def user_csv(tmp_path):
+    path = tmp_path / "mine.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["question", "answer"])
+        for i, word in enumerate(WORDS * 3):
+            w.writerow([f"What comes after {word}, {i}?", f"{WORDS[(WORDS.index(word) + 1) % 8]} {i}"])
+    return path
+
+
+def settings(tiny_mistral, out, *extra):
+    return [
+        f"model.name={tiny_mistral}",
+        "model.device=cpu",
+        "data.max_seq_length=64",
+        "data.eval_fraction=0.25",
+        "data.min_examples=5",
+        f"train.output_dir={out}",
+        "train.max_steps=4",
+        "train.batch_size=4",
+        "train.gradient_accumulation_steps=1",
+        "train.eval_steps=2",
+        "train.save_steps=2",
+        "train.learning_rate=1e-2",
+        "train.warmup_ratio=0",
+        "eval.benchmark_prompts=null",
+        "eval.max_new_tokens=4",
+        "eval.speed_runs=1",
+        "serve.max_new_tokens=4",
+        *extra,
+    ]
+
+
+def test_run_on_a_csv_then_again_skips_everything(tiny_mistral, user_csv, tmp_path, capsys):
+    out = tmp_path / "run"
+    (tmp_path / "empty.yaml").write_text("{}\n")
+    args = [
+        "run",
+        str(tmp_path / "empty.yaml"),
+        "--data",
+        str(user_csv),
+        "--map",
+        "instruction=question",
+        "--map",
+        "output=answer",
+    ]
+    assert main([*args, *settings(tiny_mistral, out)]) == 0
+    printed = capsys.readouterr().out
+    assert "prepare   done: 18 train / 6 eval examples" in printed
+    for stage in ("train     done in", "evaluate  done in", "merge     done in", "answer    done in"):
+        assert stage in printed
+    assert "perplexity (answers)" in printed and f"merged model         {out / 'merged'}" in printed
+    assert {"data", "final_adapter", "eval", "merged", "pipeline.json"} <= {p.name for p in out.iterdir()}
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert metrics["data"]["file"] == str(out / "data" / "eval.jsonl")  # the held-out share, never train
+    assert metrics["data"]["examples"] == 6
+    adapter = (out / "final_adapter" / "adapter_model.safetensors").read_bytes()
+
+    assert main([*args, *settings(tiny_mistral, out)]) == 0
+    again = capsys.readouterr().out
+    for stage in ("prepare", "train", "evaluate", "merge"):
+        assert f"{stage:9} skipped (unchanged)" in again
+    assert (out / "final_adapter" / "adapter_model.safetensors").read_bytes() == adapter
+
+    # A changed evaluation setting redoes the evaluation only.
+    assert main([*args, *settings(tiny_mistral, out, "eval.max_new_tokens=3")]) == 0
+    third = capsys.readouterr().out
+    assert "train     skipped (unchanged)" in third and "evaluate  done in" in third
+    assert "merge     skipped (unchanged)" in third
+
+
+def test_an_interrupted_run_continues_and_other_settings_are_refused(
+    tiny_mistral, user_csv, tmp_path, monkeypatch
+):
+    out = tmp_path / "run"
+    cfg = load_config(
+        None, settings(tiny_mistral, out, f"data.train_file={user_csv}", "eval.max_new_tokens=2")
+    )
+    columns = {"instruction": "question", "output": "answer"}
+
+    class Interrupted:
+        def training_step(self, *a, **k):
+            if self.state.global_step == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().training_step(*a, **k)
+
+    patch_trainer(monkeypatch, Interrupted)
+    with pytest.raises(
+        PipelineError, match="training stopped by SIGTERM at step 2; run the same command again"
+    ):
+        run(cfg, columns=columns)
+    monkeypatch.undo()
+    result = run(cfg, columns=columns)
+    assert result.stages["prepare"] == "skipped (unchanged)"
+    assert result.stages["train"].startswith("resumed, done in")
+    assert (result.adapter / "adapter_model.safetensors").is_file() and (out / "checkpoint-4").is_dir()
+    other = load_config(None, settings(tiny_mistral, out, f"data.train_file={user_csv}", "lora.r=4"))
+    with pytest.raises(PipelineError, match="holds a training run with other data or settings"):
+        run(other, columns=columns)
