@@ -27,20 +27,14 @@ DEMO_ABSTRACT := Abstract: We present QLoRA, an efficient finetuning approach th
 	task performance. QLoRA backpropagates gradients through a frozen, 4-bit quantized pretrained \
 	language model into Low Rank Adapters (LoRA).
 
-# The main job, on the bundled real model and data: prepare, plan, fine-tune with 4-bit QLoRA,
-# evaluate base vs fine-tuned (runs/smollm2-aclsum/eval/report.html), merge, and answer a prompt.
-# --resume auto makes a second `make demo` continue (or finish) the same run instead of refusing.
+# The main job, on the bundled real model and data: `qlora-llm run` prepares the data, fine-tunes with
+# 4-bit QLoRA, evaluates base vs fine-tuned on the held-out test papers (runs/smollm2-aclsum/eval/),
+# merges, and answers the prompt below. Run it again and every finished stage is skipped.
 demo: install
 	$(CLI) models
-	$(CLI) prepare data/aclsum/train.jsonl --eval-input data/aclsum/eval.jsonl \
-		--config configs/smollm2-cpu.yaml --output-dir runs/demo/data --force
 	$(CLI) plan configs/smollm2-cpu.yaml
-	$(CLI) train configs/smollm2-cpu.yaml data.train_file=runs/demo/data/train.jsonl \
-		data.eval_file=runs/demo/data/eval.jsonl --resume auto
-	$(CLI) evaluate runs/smollm2-aclsum
-	$(CLI) merge runs/smollm2-aclsum --force
 	printf '%s\n\n%s\n\n%s' "$(DEMO_INSTRUCTION)" "$(DEMO_TITLE)" "$(DEMO_ABSTRACT)" \
-		| $(CLI) generate runs/smollm2-aclsum/merged - --temperature 0
+		| $(CLI) run configs/smollm2-cpu.yaml --prompt -
 
 test: install
 	$(PY) -m pytest

@@ -134,7 +134,7 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
         ("stopped", summary["stopped"]),
         ("seconds", summary["seconds"]),
         (
-            "train loss (first -> last)",
+            f"train loss (mean of first -> last {summary['train_loss_logs_averaged']} logs)",
             f"{fmt(summary['train_loss_first'])} -> {fmt(summary['train_loss_last'])}",
         ),
         (
@@ -301,9 +301,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     print()
     for stage, what in result.stages.items():
         print(f"{stage:9} {what}")
-    _print_table(result.metrics)
-    shown = result.prompt if len(result.prompt) <= 300 else result.prompt[:297] + "..."
-    print(f"\nThe fine-tuned model ({result.merged}), asked:\n{shown}\n\nanswered:\n{result.answer}\n")
     rows = [
         ("prepared data", result.prepared["train"].parent),
         ("LoRA adapter (PEFT)", result.adapter),
@@ -313,8 +310,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         ("serve it", f"qlora-llm serve {result.run_dir}"),
     ]
     width = max(len(k) for k, _ in rows)
+    print()
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
+    _print_table(result.metrics)
+    shown = result.prompt if len(result.prompt) <= 300 else result.prompt[:297] + "..."
+    print(f"\nThe fine-tuned model, asked:\n{shown}\n\nanswered:\n{result.answer}")
     return 0
 
 

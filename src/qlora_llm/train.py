@@ -441,6 +441,13 @@ def _plot_loss(metrics_path: Path, png: Path) -> None:
     plt.close(fig)
 
 
+SMOOTH_LOGS = 3  # logged train losses averaged at each end of the summary
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
 CPU_OPTIMIZERS = {"paged_adamw_32bit": "adamw_torch", "paged_adamw_8bit": "adamw_bnb_8bit"}
 
 
@@ -719,12 +726,16 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
         _plot_loss(metrics_path, run_dir / "loss.png")
     rows = [json.loads(x) for x in metrics_path.read_text().splitlines()] if metrics_path.is_file() else []
     eval_losses = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    smooth = max(1, min(SMOOTH_LOGS, len(losses) // 2))
     summary = {
         "steps": state.global_step,
         "stopped": stopped,
         "seconds": round(elapsed, 1),
-        "train_loss_first": next((r["loss"] for r in rows if "loss" in r), None),
-        "train_loss_last": next((r["loss"] for r in reversed(rows) if "loss" in r), None),
+        # One batch's loss swings with its examples: the summary smooths over a few logs at each end.
+        "train_loss_first": _mean(losses[:smooth]),
+        "train_loss_last": _mean(losses[-smooth:]),
+        "train_loss_logs_averaged": smooth,
         "eval_loss_first": eval_losses[0] if eval_losses else None,
         "eval_loss_best": min(eval_losses) if eval_losses else None,
         "best_checkpoint": state.best_model_checkpoint,
