@@ -280,7 +280,14 @@ def _print_table(m: dict) -> None:
             cells.append(f"{'-' if row['base'] is None else fmt.format(row['base']):>10}")
         cells.append(f"{'-' if row['tuned'] is None else fmt.format(row['tuned']):>10}")
         if has_base and row["change"] is not None:
-            cells.append(f"{('+' if row['change'] >= 0 else '-') + fmt.format(abs(row['change'])):>16}")
+            sign = "+" if row["change"] >= 0 else "-"
+            # A change of a rate is in percentage points, not percent.
+            change = (
+                f"{abs(row['change']) * 100:.0f} points"
+                if fmt == "{:.0%}"
+                else fmt.format(abs(row["change"]))
+            )
+            cells.append(f"{sign + change:>16}")
         print(" ".join(cells))
     print(f"\n{m['headline']}")
 
@@ -535,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         force=True,
     )
-    for noisy in ("httpx", "urllib3", "filelock", "matplotlib", "PIL"):
+    for noisy in ("httpx", "urllib3", "filelock", "matplotlib", "PIL", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command in MODEL_COMMANDS | {"prepare", "models"}:
         quiet.install()

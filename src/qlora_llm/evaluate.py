@@ -606,11 +606,17 @@ def _change_text(row: dict[str, Any]) -> str:
     if row["change"] is None:
         return "-"
     sign = "+" if row["change"] >= 0 else "-"
+    if row["format"] == "{:.0%}":  # a change of a rate is in percentage points, not percent
+        return f"{sign}{abs(row['change']) * 100:.0f} points" + _verdict(row)
     text = sign + _fmt(abs(row["change"]), row["format"])
-    if row["relative"] is not None and row["format"] != "{:.0%}":
+    if row["relative"] is not None:
         text += f" ({row['relative']:+.0%})"
+    return text + _verdict(row)
+
+
+def _verdict(row: dict[str, Any]) -> str:
     improved = (row["change"] < 0) == (row["better"] == "lower") if row["change"] else None
-    return text + ("" if improved is None else (" ✓" if improved else " ✗"))
+    return "" if improved is None else (" ✓" if improved else " ✗")
 
 
 def _plot(table: list[dict[str, Any]], png: Path, has_base: bool) -> None:
