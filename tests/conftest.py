@@ -94,6 +94,23 @@ def reference_fused_gemv(A, B, out=None, state=None, **_):
     return (A.to(torch.bfloat16).float() @ weight.T).to(torch.bfloat16).to(A.dtype)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cpu_without_avx512bf16():
+    """QLORA_LLM_TEST_NO_AVX512BF16=1 runs the suite as on a CPU without AVX512-BF16 (auto -> plain).
+
+    bitsandbytes' own switch is off on every 4-bit layer anyway (cpu4bit.py); what differs on such a CPU
+    is our choice, and `cpu_kernel` still emulates the fused kernel where a test asks for it.
+    """
+    if os.environ.get("QLORA_LLM_TEST_NO_AVX512BF16") != "1":
+        yield
+        return
+    import qlora_llm.cpu4bit as cpu4bit
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu4bit, "fused_kernel_available", lambda: False)
+        yield
+
+
 @pytest.fixture(params=["fused", "plain"])
 def cpu_kernel(request, monkeypatch) -> str:
     """Both 4-bit CPU kernels on any host: `model.cpu_4bit_kernel=<this>`.
