@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -112,20 +113,22 @@ def _cpu_without_avx512bf16():
 
 
 @pytest.fixture(params=["fused", "plain"])
-def cpu_kernel(request, monkeypatch) -> str:
+def cpu_kernel(request) -> Iterator[str]:
     """Both 4-bit CPU kernels on any host: `model.cpu_4bit_kernel=<this>`.
 
     Where the CPU has no AVX512-BF16, `fused` runs with the kernel replaced by `reference_fused_gemv`,
-    so the repacking, the train/eval switches and the odd-shape handling are exercised everywhere.
+    so the repacking, the train/eval switches and the odd-shape handling are exercised everywhere. Its
+    own MonkeyPatch: a test's `monkeypatch.undo()` must not take the emulation away mid-test.
     """
     import bitsandbytes.functional as bnb_functional
 
     import qlora_llm.cpu4bit as cpu4bit
 
-    if request.param == "fused" and not cpu4bit.fused_kernel_available():
-        monkeypatch.setattr(cpu4bit, "fused_kernel_available", lambda: True)
-        monkeypatch.setattr(bnb_functional, "gemv_4bit", reference_fused_gemv)
-    return request.param
+    with pytest.MonkeyPatch.context() as mp:
+        if request.param == "fused" and not cpu4bit.fused_kernel_available():
+            mp.setattr(cpu4bit, "fused_kernel_available", lambda: True)
+            mp.setattr(bnb_functional, "gemv_4bit", reference_fused_gemv)
+        yield request.param
 
 
 @pytest.fixture(scope="session")
