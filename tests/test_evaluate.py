@@ -316,3 +316,22 @@ def test_the_base_evaluation_is_computed_once_per_model_data_and_settings(tiny_r
         changed = evaluate(other, tiny_run).metrics
     assert not any("reusing its evaluation" in r.getMessage() for r in caplog.records)
     assert not any("computed by an earlier evaluation" in n for n in changed["notes"])
+
+
+def _vm_hwm() -> int:
+    line = next(x for x in open("/proc/self/status") if x.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def test_evaluation_measures_its_peak_without_erasing_the_process_peak(tiny_run, tmp_path):
+    """/usr/bin/time and rusage report the process's high-water mark; evaluating must not reset it."""
+    import torch
+
+    block = torch.ones(400 * 2**20, dtype=torch.uint8)  # 400 MiB resident, then freed
+    block.add_(1)
+    del block
+    before = _vm_hwm()
+    cfg = load_config(tiny_run / "config.yaml", [f"eval.output_dir={tmp_path}", "eval.compare=none"])
+    m = evaluate(cfg, tiny_run).metrics
+    assert _vm_hwm() >= before
+    assert 0 < m["tuned"]["memory"]["peak_bytes"] < before  # the model's own peak, not the process's

@@ -387,45 +387,55 @@ def run_benchmark_prompts(
     return {"score": passed / len(results) if results else None, "passed": passed, "results": results}
 
 
-def _vm_peak_bytes() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+class PeakMemory:
+    """The peak memory of one model's evaluation: CUDA's own peak counter, or on CPU the largest resident
+    size a sampling thread sees (every 10 ms).
 
+    Not by resetting the kernel's high-water mark (/proc/self/clear_refs): that also erases the whole
+    process's peak, which `/usr/bin/time` and rusage then under-report.
+    """
 
-def reset_peak_memory(device: str) -> None:
-    """Start a fresh peak, so each model's figure is its own (Linux: clear_refs 5 resets VmHWM)."""
-    if device == "cuda":
-        import torch
+    def __init__(self, device: str):
+        import threading
 
-        torch.cuda.reset_peak_memory_stats()
-        return
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
+        self.device = device
+        self._stop = threading.Event()
+        if device == "cuda":
+            import torch
 
+            torch.cuda.reset_peak_memory_stats()
+            return
+        self.peak = self._rss()
+        self._thread = threading.Thread(target=self._sample, name="peak-rss", daemon=True)
+        self._thread.start()
 
-def memory_usage(device: str) -> dict[str, Any]:
-    """CUDA: allocated and peak allocated vs total; CPU: the process's peak RSS vs total RAM."""
-    if device == "cuda":
-        import torch
+    @staticmethod
+    def _rss() -> int:
+        import psutil
 
-        total = torch.cuda.get_device_properties(0).total_memory
-        return {
-            "kind": "cuda",
-            "allocated_bytes": torch.cuda.memory_allocated(),
-            "peak_bytes": torch.cuda.max_memory_allocated(),
-            "total_bytes": total,
-        }
-    import os
+        return int(psutil.Process().memory_info().rss)
 
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"kind": "cpu peak RSS", "peak_bytes": _vm_peak_bytes(), "total_bytes": total}
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, self._rss())
+
+    def stop(self) -> dict[str, Any]:
+        """CUDA: allocated and peak allocated vs total; CPU: the peak RSS vs total RAM."""
+        if self.device == "cuda":
+            import torch
+
+            return {
+                "kind": "cuda",
+                "allocated_bytes": torch.cuda.memory_allocated(),
+                "peak_bytes": torch.cuda.max_memory_allocated(),
+                "total_bytes": torch.cuda.get_device_properties(0).total_memory,
+            }
+        import os
+
+        self._stop.set()
+        self._thread.join()
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return {"kind": "cpu peak RSS", "peak_bytes": max(self.peak, self._rss()), "total_bytes": total}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -526,7 +536,6 @@ def _evaluate_model(
         "benchmark_score": bench["score"] if bench else None,
         "benchmark": bench,
         "speed": speed,
-        "memory": memory_usage(loaded.device),
         "seconds": time.perf_counter() - t0,
         "examples": [
             {"answer": a["text"], "finish_reason": a["finish_reason"], "nll_completion": nll} | scores
@@ -899,8 +908,12 @@ def evaluate(
             log.info("base model: reusing its evaluation with the same model, data and settings (%s)", cache)
             continue
         loaded = load_target(t, device=cfg.model.device, quantization=cfg.eval.quantization)
-        reset_peak_memory(loaded.device)
-        results[label] = _evaluate_model(loaded, records, cfg, prompts, label)
+        peak = PeakMemory(loaded.device)  # after loading: the model's own use while it is evaluated
+        try:
+            results[label] = _evaluate_model(loaded, records, cfg, prompts, label)
+        finally:
+            memory = peak.stop()
+        results[label]["memory"] = memory
         del loaded
         gc.collect()
         if cache is not None:
