@@ -67,8 +67,8 @@ class _Stamps:
         entry = self.data.get(stage, {})
         return entry.get("fingerprint") == fingerprint and entry.get("complete", False)
 
-    def mark(self, stage: str, fingerprint: str, complete: bool) -> None:
-        self.data[stage] = {"fingerprint": fingerprint, "complete": complete}
+    def mark(self, stage: str, fingerprint: str, complete: bool, **extra: Any) -> None:
+        self.data[stage] = {"fingerprint": fingerprint, "complete": complete, **extra}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path, json.dumps(self.data, indent=2) + "\n")
 
@@ -89,11 +89,11 @@ def _prepare_stage(
             "tokenizer": [m.name, m.revision, m.template],
         }
     )
-    prepared = {"train": out / "train.jsonl"}
-    if d.eval_file or d.eval_fraction > 0:
-        prepared["eval"] = out / "eval.jsonl"
-    if stamps.matches("prepare", fingerprint) and all(p.is_file() for p in prepared.values()):
-        return prepared, "skipped (unchanged)"
+    if stamps.matches("prepare", fingerprint):
+        # The files that prepare wrote then (an eval split only when one was made), all still there.
+        done = {k: Path(v) for k, v in stamps.data["prepare"].get("outputs", {}).items()}
+        if done and all(p.is_file() for p in done.values()):
+            return done, "skipped (unchanged)"
     try:
         report = prepare(
             cfg,
@@ -106,15 +106,14 @@ def _prepare_stage(
         )
     except PrepareError as err:
         raise PipelineError(f"prepare: {err}") from None
-    if not report.eval_written:
-        prepared.pop("eval", None)
+    prepared = {"train": out / "train.jsonl"} | ({"eval": out / "eval.jsonl"} if report.eval_written else {})
     for p in report.problems[:5]:
         log.warning("%s", p)
     if len(report.problems) > 5:
         log.warning(
             "... and %d more problems (all in %s)", len(report.problems) - 5, out / "prepare_report.json"
         )
-    stamps.mark("prepare", fingerprint, True)
+    stamps.mark("prepare", fingerprint, True, outputs={k: str(v) for k, v in prepared.items()})
     return prepared, f"done: {report.train_written} train / {report.eval_written} eval examples"
 
 
