@@ -6,6 +6,7 @@
     qlora-llm config configs/smollm2-cpu.yaml train.max_steps=20
     qlora-llm evaluate runs/smollm2-aclsum
     qlora-llm merge runs/smollm2-aclsum
+    qlora-llm export runs/smollm2-aclsum --format ollama --quant q4_k_m
     qlora-llm generate runs/smollm2-aclsum "Summarize ..." --temperature 0
     qlora-llm chat runs/smollm2-aclsum
     qlora-llm serve runs/smollm2-aclsum --port 8000
@@ -227,6 +228,34 @@ def cmd_merge(args: argparse.Namespace) -> int:
         f"(tolerance {v['logits']['tolerance']:.0e}), {v['greedy_answers']['identical']}/"
         f"{v['greedy_answers']['prompts']} greedy answers identical"
     )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from qlora_llm.export import export
+
+    cfg = _target_config(args)
+    result = export(
+        args.target,
+        args.format,
+        quant=args.quant,
+        out_dir=Path(args.out) if args.out else None,
+        adapter_only=args.adapter_only,
+        merged=args.merged,
+        verify=args.verify,
+        force=args.force,
+        model_cfg=cfg.model,
+        device=cfg.model.device,
+    )
+    greedy = result.verification.get("greedy")
+    if greedy:
+        print(
+            f"llama.cpp vs transformers, greedy: agreeing tokens per prompt {greedy['agree_on_first']} "
+            f"of {greedy['answer_tokens']}"
+        )
+    print(f"exported to {result.out_dir} (see EXPORT.md there); run it with:")
+    for command in result.commands:
+        print(f"  {command}")
     return 0
 
 
@@ -485,6 +514,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="where the merged model goes (default <run>/merged)")
     p.add_argument("--force", action="store_true", help="replace an existing merged folder")
 
+    p = target_command("export", "export to llama.cpp (GGUF), Ollama or vLLM, verified")
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value")
+    p.add_argument("--format", choices=("gguf", "ollama", "vllm"), default="gguf", help="(default gguf)")
+    p.add_argument("--quant", choices=("f16", "q8_0", "q4_k_m"), help="GGUF weights (default f16)")
+    p.add_argument("--out", metavar="DIR", help="where the export goes (default <run>/export-FORMAT[-QUANT])")
+    p.add_argument("--adapter-only", action="store_true", help="gguf: the LoRA as a GGUF adapter (--lora)")
+    p.add_argument(
+        "--merged", action="store_true", help="vllm: serve the merged model instead of the adapter"
+    )
+    p.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip running the GGUF in llama.cpp (the first run builds llama.cpp's tools, once)",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing export folder")
+
     p = target_command("serve", "REST server: /generate, /health, OpenAI /v1/*, /metrics")
     p.add_argument("overrides", nargs="*", default=[], metavar="key=value")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="serve more adapters")
@@ -513,13 +559,14 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "generate": cmd_generate,
     "chat": cmd_chat,
     "serve": cmd_serve,
+    "export": cmd_export,
     "plan": cmd_plan,
     "models": cmd_models,
     "config": cmd_config,
 }
 
 # The commands that load a model: they run under mimalloc where it is installed (see allocator.py).
-MODEL_COMMANDS = {"train", "run", "evaluate", "merge", "generate", "chat", "serve"}
+MODEL_COMMANDS = {"train", "run", "evaluate", "merge", "export", "generate", "chat", "serve"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -560,6 +607,8 @@ def main(argv: list[str] | None = None) -> int:
         from qlora_llm.cpu4bit import KernelError
         from qlora_llm.data import PrepareError
         from qlora_llm.evaluate import EvalError
+        from qlora_llm.export import ExportError
+        from qlora_llm.llamacpp import LlamaCppError
         from qlora_llm.merge import MergeError
         from qlora_llm.model import DeviceError, ModelNotFoundError
         from qlora_llm.pipeline import PipelineError
@@ -576,6 +625,8 @@ def main(argv: list[str] | None = None) -> int:
             | PlanError
             | EvalError
             | MergeError
+            | ExportError
+            | LlamaCppError
             | PipelineError,
         ):
             print(f"error: {err}", file=sys.stderr)

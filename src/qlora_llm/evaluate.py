@@ -265,6 +265,7 @@ def generate_greedy(
                 out[k] = {
                     "text": tokenizer.decode(kept, skip_special_tokens=True).strip(),
                     "tokens": len(kept),
+                    "ids": kept,
                     "finish_reason": "length" if end is None else "stop",
                 }
             bar.update(len(batch))

@@ -1,0 +1,617 @@
+"""Export a run to where people already run models: llama.cpp (GGUF), Ollama, and vLLM.
+
+Each export starts from what was verified: GGUF and Ollama from the merged model (`qlora-llm merge`,
+whose logits and greedy answers were checked against the adapter), vLLM from the adapter itself (or the
+merged folder). The run's chat template and stop tokens travel with every export, because an exported
+model without them answers in garbage or never stops (the failure peers' trackers are full of). Each
+export is checked before it is put in place, and `EXPORT.md` beside the files says what was checked:
+
+- GGUF: written by llama.cpp's own converter (`llamacpp.py`), read back (template, EOS), its template
+  rendered with Jinja and compared with ours, and (unless `verify=False`) run in llama.cpp: its greedy
+  tokens compared with transformers' on the merged model.
+- Ollama: the GGUF plus a `Modelfile` whose Go `TEMPLATE` is built from our template and checked to
+  render the same text on several conversations (`ollama_template`).
+- vLLM: what vLLM refuses is refused here first, with what to change; the folder holds the adapter,
+  the chat template and the exact `vllm serve` command.
+
+    export("runs/smollm2-aclsum", "gguf", quant="q4_k_m")   # -> runs/smollm2-aclsum/export-gguf-q4_k_m/
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shlex
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qlora_llm.atomic import atomic_dir
+from qlora_llm.llamacpp import LlamaCpp
+from qlora_llm.model import find_target
+from qlora_llm.templates import render_prompt, resolve_template
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("gguf", "ollama", "vllm")
+GGUF_QUANTS = ("f16", "q8_0", "q4_k_m")
+"""f16 and q8_0 are written by the converter itself; K-quants need llama.cpp's llama-quantize."""
+VERIFY_PROMPTS = 4
+VERIFY_TOKENS = 32
+"""f16 must agree with transformers on this many greedy tokens (or up to where both stop)."""
+VERIFY_MAX_NEW_TOKENS = 64
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The ranks vLLM's `--max-lora-rank` accepts (its LoRAConfig)."""
+
+# The seed's [INST] format (templates._render_mistral) as Jinja, for tools that take a chat template:
+# a system message joins the first user turn; each answer ends with EOS. BOS is the tokenizer's job.
+MISTRAL_JINJA = (
+    "{%- set ns = namespace(system='') -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{%- set ns.system = message['content'] + '\n\n' -%}"
+    "{%- elif message['role'] == 'user' -%}{{ '[INST] ' + ns.system + message['content'] + ' [/INST]' }}"
+    "{%- set ns.system = '' -%}"
+    "{%- else -%}{{ ' ' + message['content'] + eos_token }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+# Conversations every template translation is checked on: with and without a system message, 1-3 turns.
+CHECK_CONVERSATIONS = [
+    [{"role": "user", "content": "Hi there."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}],
+    [
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "4."},
+        {"role": "user", "content": "And 3 + 3?\nTwo lines."},
+    ],
+    [
+        {"role": "system", "content": "You summarize papers."},
+        {"role": "user", "content": "Summarize: A."},
+        {"role": "assistant", "content": "A is a paper."},
+        {"role": "user", "content": "Shorter."},
+        {"role": "assistant", "content": "A."},
+        {"role": "user", "content": "Thanks!"},
+    ],
+]
+
+
+class ExportError(RuntimeError):
+    """The export cannot be made or did not verify; nothing was written. The message says why."""
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    files: list[str]
+    verification: dict[str, Any] = field(default_factory=dict)
+    commands: list[str] = field(default_factory=list)
+
+
+def chat_template_jinja(template: str, tokenizer: Any) -> str:
+    """The run's template as the Jinja chat template that GGUF and vLLM carry."""
+    if resolve_template(template, tokenizer) == "mistral":
+        return MISTRAL_JINJA
+    return tokenizer.chat_template
+
+
+def render_jinja(jinja: str, messages: list[dict[str, str]], tokenizer: Any) -> str:
+    """A generation prompt through a Jinja chat template, as llama.cpp and vLLM apply it, without the BOS
+    text when the tokenizer adds BOS itself (as our prompts are)."""
+    from qlora_llm.templates import adds_bos
+
+    text = tokenizer.apply_chat_template(
+        messages, chat_template=jinja, add_generation_prompt=True, tokenize=False
+    )
+    bos = tokenizer.bos_token or ""
+    return text[len(bos) :] if bos and adds_bos(tokenizer) and text.startswith(bos) else text
+
+
+def _glue(template: str, tokenizer: Any) -> dict[tuple[str, str], str]:
+    """The text our template puts between one message's content and the next, per pair of roles.
+
+    Found by rendering conversations of sentinel contents: ("", role) is what comes before the first
+    message, (role, "") what follows the last user message in a generation prompt.
+    """
+    cases = [
+        [("user", "U1")],
+        [("system", "S1"), ("user", "U1")],
+        [("user", "U1"), ("assistant", "A1"), ("user", "U2")],
+        [("system", "S1"), ("user", "U1"), ("assistant", "A1"), ("user", "U2")],
+    ]
+    glue: dict[tuple[str, str], str] = {}
+    for case in cases:
+        sentinels = [f"\x00{content}\x00" for _, content in case]
+        messages = [{"role": r, "content": s} for (r, _), s in zip(case, sentinels, strict=True)]
+        try:
+            text = render_prompt(messages, template, tokenizer)
+        except ValueError as err:  # a chat template that cannot be used as ours (templates.py says why)
+            raise ExportError(str(err)) from err
+        pieces = re.split("\x00[A-Z][0-9]\x00", text)
+        if len(pieces) != len(case) + 1:
+            raise ExportError(
+                "the template repeats or drops message contents; Ollama's TEMPLATE cannot be derived from it"
+            )
+        roles = ["", *[r for r, _ in case], ""]
+        for k, piece in enumerate(pieces):
+            key = (roles[k], roles[k + 1])
+            if glue.setdefault(key, piece) != piece:
+                raise ExportError(
+                    f"the template puts different text between {key[0] or 'start'} and {key[1] or 'answer'} messages in different conversations; Ollama's TEMPLATE cannot be derived from it"
+                )
+    return glue
+
+
+def _go_string(text: str) -> str:
+    return json.dumps(text)  # a JSON string is a valid Go string literal for the characters we meet
+
+
+def ollama_template(template: str, tokenizer: Any) -> str:
+    """Our template as an Ollama (Go text/template) TEMPLATE over `.Messages`.
+
+    Written as the text between consecutive messages (`_glue`), which covers per-role prefixes and
+    suffixes, default system prompts and the [INST] format's system message joined to the first user
+    turn. Checked in tests by rendering it with Go's own text/template.
+    """
+    glue = _glue(template, tokenizer)
+    branches = []
+    for (before, after), text in sorted(glue.items()):
+        if after == "" or not text:
+            continue
+        branches.append(f'(and (eq $prev "{before}") (eq .Role "{after}"))}}}}{{{{ {_go_string(text)} }}}}')
+    body = "{{- else if ".join(branches)
+    answer = glue.get(("user", ""), "")
+    return (
+        '{{- $prev := "" }}{{- range .Messages }}'
+        f"{{{{- if {body}{{{{- end }}}}"
+        "{{ .Content }}{{ $prev = .Role }}{{- end }}"
+        f'{{{{- if eq $prev "user" }}}}{{{{ {_go_string(answer)} }}}}{{{{- end }}}}'
+    )
+
+
+def _merged_folder(found: Any, device: str) -> Path:
+    """The verified merged model of a target: its own folder, the run's `merged/`, or merged now."""
+    from qlora_llm.merge import merge
+    from qlora_llm.model import resolve_model
+
+    if found.kind == "merged":
+        return found.path
+    if found.kind == "model":  # a base model alone: the converter needs its files
+        resolved = Path(resolve_model(found.model_cfg.name, found.model_cfg.cache_dir))
+        if resolved.is_dir():
+            return resolved
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(found.model_cfg.name, revision=found.model_cfg.revision))
+    existing = (
+        found.path / "merged" if found.kind == "run" else found.path.with_name(found.path.name + "-merged")
+    )
+    verification = existing / "merge_verification.json"
+    if verification.is_file() and json.loads(verification.read_text()).get("passed"):
+        return existing
+    log.info("no verified merged model beside %s yet: merging it first (qlora-llm merge)", found.path)
+    return merge(
+        found.path, existing, model_cfg=found.model_cfg, device=device, force=existing.exists()
+    ).out_dir
+
+
+def _default_out(found: Any, fmt: str, quant: str | None) -> Path:
+    suffix = f"{fmt}-{quant}" if quant else fmt
+    if found.kind == "run":
+        return found.path / f"export-{suffix}"
+    if found.path is not None:
+        return found.path.with_name(f"{found.path.name}-{suffix}")
+    return Path(f"{found.model_cfg.name.replace('/', '--')}-{suffix}")
+
+
+def _run_settings(found: Any) -> Any:
+    """The run's resolved config (for sampling defaults), else the defaults."""
+    from qlora_llm.config import Config, load_config
+
+    for folder in (found.path, found.adapter_dir):
+        if folder is not None and (folder / "config.yaml").is_file():
+            return load_config(folder / "config.yaml")
+    return Config()
+
+
+def _stop_texts(tokenizer: Any, stop_ids: list[int]) -> list[str]:
+    return [tokenizer.convert_ids_to_tokens(i) for i in stop_ids]
+
+
+def _stage_for_converter(merged: Path, stage: Path, jinja: str) -> None:
+    """The merged folder as the converter should see it: same files (linked), our template in the tokenizer config."""
+    stage.mkdir()
+    for item in merged.iterdir():
+        if item.name not in ("tokenizer_config.json", "chat_template.jinja", "chat_template.json"):
+            (stage / item.name).symlink_to(item.resolve())
+    config = (
+        json.loads((merged / "tokenizer_config.json").read_text())
+        if (merged / "tokenizer_config.json").is_file()
+        else {}
+    )
+    config["chat_template"] = (
+        jinja  # tokenizer_config.json's template wins over chat_template.jinja in gguf-py
+    )
+    (stage / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def check_gguf(path: Path, jinja: str, eos_id: int, tokenizer: Any, template: str) -> dict[str, Any]:
+    """Read a GGUF back: it carries our chat template and EOS, and its template renders as ours does."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+
+    def value(key: str) -> Any:
+        f = reader.fields.get(key)
+        return None if f is None else f.contents()
+
+    problems = []
+    if value("tokenizer.chat_template") != jinja:
+        problems.append("its tokenizer.chat_template is not the run's template")
+    if value("tokenizer.ggml.eos_token_id") != eos_id:
+        problems.append(f"its EOS id is {value('tokenizer.ggml.eos_token_id')}, the run trained on {eos_id}")
+    same = sum(
+        render_jinja(jinja, c, tokenizer) == render_prompt(c, template, tokenizer)
+        for c in CHECK_CONVERSATIONS
+    )
+    if same != len(CHECK_CONVERSATIONS):
+        problems.append(
+            f"its template renders {len(CHECK_CONVERSATIONS) - same} of {len(CHECK_CONVERSATIONS)} conversations differently from ours"
+        )
+    if problems:
+        raise ExportError(f"{path.name}: " + "; ".join(problems) + ". Nothing was written.")
+    return {
+        "chat_template": "the run's (checked)",
+        "eos_token_id": eos_id,
+        "eot_token_id": value("tokenizer.ggml.eot_token_id"),
+        "conversations_rendered_identically": same,
+        "file_type": value("general.file_type"),
+    }
+
+
+def _agreement(
+    prompt_ids: list[int], reference_ids: list[int], finished: bool, llama_text: str, tokenizer: Any
+) -> dict[str, Any]:
+    """How many of transformers' greedy tokens llama.cpp's text reproduces, and whether both stopped."""
+    shown_prompt = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    if not llama_text.startswith(shown_prompt):
+        raise ExportError(
+            f"llama.cpp's output does not start with the prompt it was given: {llama_text[:200]!r}"
+        )
+    stopped = llama_text.endswith(" [end of text]\n")
+    text = llama_text[len(shown_prompt) :].removesuffix(" [end of text]\n")
+    ids = [i for i in reference_ids if i not in tokenizer.all_special_ids]
+    agree = 0
+    while agree < len(ids) and text.startswith(tokenizer.decode(ids[: agree + 1], skip_special_tokens=True)):
+        agree += 1
+    return {
+        "tokens": len(ids),
+        "agree": agree,
+        "both_stopped_together": finished
+        and stopped
+        and agree == len(ids)
+        and text == tokenizer.decode(ids, skip_special_tokens=True),
+        "transformers_stopped": finished,
+        "llama_cpp_stopped": stopped,
+    }
+
+
+def compare_with_llama_cpp(
+    tools: LlamaCpp, gguf: Path, merged: Path, template: str, device: str, lora: Path | None = None
+) -> dict[str, Any]:
+    """Greedy answers to benchmark prompts from transformers (merged model) and from llama.cpp (the GGUF)."""
+    from qlora_llm.evaluate import generate_greedy
+    from qlora_llm.model import load_target
+
+    loaded = load_target(merged, device=device)
+    tokenizer = loaded.tokenizer
+    prompts = _verify_prompts()
+    rendered = [render_prompt([{"role": "user", "content": p}], template, tokenizer) for p in prompts]
+    ids = [tokenizer(r, add_special_tokens=True)["input_ids"] for r in rendered]
+    answers = generate_greedy(loaded, ids, max_new_tokens=VERIFY_MAX_NEW_TOKENS, batch_size=1)
+    rows = []
+    for prompt, prompt_ids, answer in zip(rendered, ids, answers, strict=True):
+        text = tools.complete(gguf, prompt, VERIFY_MAX_NEW_TOKENS, lora=lora)
+        rows.append(_agreement(prompt_ids, answer["ids"], answer["finish_reason"] == "stop", text, tokenizer))
+    del loaded
+    return {
+        "prompts": len(rows),
+        "max_new_tokens": VERIFY_MAX_NEW_TOKENS,
+        "first_tokens_required": VERIFY_TOKENS,
+        "agree_on_first": [r["agree"] for r in rows],
+        "answer_tokens": [r["tokens"] for r in rows],
+        "stopped_together": sum(r["both_stopped_together"] for r in rows),
+        "transformers_stopped": sum(r["transformers_stopped"] for r in rows),
+        "all_agree": all(r["agree"] >= min(VERIFY_TOKENS, r["tokens"]) for r in rows),
+    }
+
+
+def _verify_prompts() -> list[str]:
+    from qlora_llm.evaluate import load_benchmark_prompts
+
+    bench = Path("configs/benchmark_prompts.json")
+    if bench.is_file():
+        return [p["prompt"] for p in load_benchmark_prompts(bench)[:VERIFY_PROMPTS]]
+    return [
+        "Say hello.",
+        "What is 2 + 2?",
+        "Name three colours.",
+        "Summarize: LoRA adapts large models cheaply.",
+    ]
+
+
+def export(
+    target: str | Path,
+    fmt: str = "gguf",
+    *,
+    quant: str | None = None,
+    out_dir: Path | None = None,
+    adapter_only: bool = False,
+    merged: bool = False,
+    verify: bool = True,
+    force: bool = False,
+    model_cfg: Any = None,
+    device: str = "auto",
+) -> ExportResult:
+    """Export TARGET (a run, adapter or merged folder) as `gguf`, `ollama` or `vllm` into `out_dir`, atomically."""
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt}: not one of {', '.join(FORMATS)}.")
+    if fmt == "vllm" and quant:
+        raise ExportError("--quant is for gguf and ollama; vLLM serves the adapter on the 16-bit base.")
+    if fmt != "vllm":
+        quant = (quant or "f16").lower()
+    if quant is not None and quant not in GGUF_QUANTS:
+        raise ExportError(f"--quant {quant}: not one of {', '.join(GGUF_QUANTS)}.")
+    found = find_target(target, model_cfg)
+    if adapter_only and (fmt != "gguf" or found.adapter_dir is None):
+        raise ExportError(
+            "--adapter-only writes a run's LoRA adapter as a GGUF adapter: use it with --format gguf on a run or adapter folder."
+        )
+    if fmt == "vllm" and found.adapter_dir is None and not merged and found.kind != "merged":
+        raise ExportError(
+            f"{target}: has no adapter; vLLM export takes a run or adapter folder (or --merged)."
+        )
+    out_dir = (
+        Path(out_dir)
+        if out_dir is not None
+        else _default_out(found, fmt + ("-adapter" if adapter_only else ""), quant)
+    )
+    if out_dir.exists() and not force:
+        raise ExportError(f"{out_dir} already exists; pass --force to replace it, or --out DIR.")
+    start = time.perf_counter()
+    with atomic_dir(out_dir, replace=force) as tmp:
+        if fmt == "vllm":
+            result = _export_vllm(found, tmp, out_dir.resolve(), merged=merged, device=device)
+        else:
+            result = _export_gguf(found, tmp, quant, adapter_only=adapter_only, verify=verify, device=device)
+            if fmt == "ollama":
+                result.commands, result.files = (
+                    _write_modelfile(found, tmp, result),
+                    [*result.files, "Modelfile"],
+                )
+        (tmp / "EXPORT.md").write_text(_export_md(found, fmt, quant, out_dir, result))
+        result.files.append("EXPORT.md")
+        (tmp / "export.json").write_text(
+            json.dumps(
+                {
+                    "format": fmt,
+                    "quant": quant,
+                    "source": str(found.name),
+                    "files": result.files,
+                    "verification": result.verification,
+                    "commands": result.commands,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+    result.out_dir = out_dir
+    log.info("exported %s as %s to %s in %.0f s", found.name, fmt, out_dir, time.perf_counter() - start)
+    return result
+
+
+def _template_and_tokenizer(folder: Path, found: Any) -> tuple[str, Any]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    return resolve_template(found.template, tokenizer), tokenizer
+
+
+def _export_gguf(
+    found: Any, out: Path, quant: str, *, adapter_only: bool, verify: bool, device: str
+) -> ExportResult:
+    tools = LlamaCpp(found.model_cfg.cache_dir)
+    merged_dir = _merged_folder(found, device)
+    template, tokenizer = _template_and_tokenizer(merged_dir, found)
+    jinja = chat_template_jinja(template, tokenizer)
+    eos_id = found.manifest.get("tokens", {}).get("eos_id", tokenizer.eos_token_id)
+    stem = (found.path.name if found.path is not None else found.model_cfg.name.split("/")[-1]).removesuffix(
+        "-merged"
+    )
+    if stem == "merged" and found.path is not None:
+        stem = found.path.parent.name
+    scratch = out / ".work"
+    scratch.mkdir()
+    stage = scratch / "model"
+    _stage_for_converter(merged_dir, stage, jinja)
+    verification: dict[str, Any] = {"llama_cpp": tools.version}
+    if adapter_only:
+        adapter_file = out / f"{stem}-lora-f16.gguf"
+        base_dir = _merged_folder(find_target(found.model_cfg.name, found.model_cfg), device)
+        tools.convert_lora(found.adapter_dir, base_dir, adapter_file)
+        files = [adapter_file.name]
+        if verify:
+            base_gguf = scratch / "base-f16.gguf"
+            base_stage = scratch / "base"
+            _stage_for_converter(base_dir, base_stage, jinja)
+            tools.convert(base_stage, base_gguf, "f16")
+            verification["greedy"] = compare_with_llama_cpp(
+                tools, base_gguf, merged_dir, template, device, lora=adapter_file
+            )
+    else:
+        gguf_file = out / f"{stem}-{quant}.gguf"
+        if quant in ("f16", "q8_0"):
+            log.info("converting %s to GGUF %s with llama.cpp's converter", merged_dir, quant)
+            tools.convert(stage, gguf_file, quant)
+        else:
+            tools.convert(stage, scratch / "f16.gguf", "f16")
+            log.info("quantizing to %s with llama-quantize", quant)
+            tools.quantize(scratch / "f16.gguf", gguf_file, quant)
+        files = [gguf_file.name]
+        verification["gguf"] = check_gguf(gguf_file, jinja, eos_id, tokenizer, template)
+        if verify:
+            verification["greedy"] = compare_with_llama_cpp(tools, gguf_file, merged_dir, template, device)
+    shutil.rmtree(scratch)
+    greedy = verification.get("greedy")
+    if greedy and quant == "f16" and not greedy["all_agree"]:
+        raise ExportError(
+            f"llama.cpp's greedy answers differ from transformers' within the first {VERIFY_TOKENS} tokens "
+            f"(agreeing tokens per prompt: {greedy['agree_on_first']}); nothing was written."
+        )
+    result = ExportResult(out, files, verification)
+    result.verification["template"] = template
+    result.verification["stop_tokens"] = _stop_texts(
+        tokenizer, sorted({eos_id, tokenizer.eos_token_id} - {None})
+    )
+    main = files[0]
+    result.commands = (
+        [f"llama-cli -m BASE.gguf --lora {main}", f"llama-server -m BASE.gguf --lora {main} --jinja"]
+        if adapter_only
+        else [f"llama-cli -m {main}", f"llama-server -m {main} --jinja"]
+    )
+    return result
+
+
+def _write_modelfile(found: Any, out: Path, result: ExportResult) -> list[str]:
+    """Ollama's Modelfile: FROM the GGUF, the run's template as TEMPLATE, its stop tokens and sampling."""
+    settings = _run_settings(found).serve
+    template, tokenizer = result.verification["template"], None
+    from transformers import AutoTokenizer
+
+    source = found.adapter_dir or found.path or found.model_cfg.name
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    go = ollama_template(template, tokenizer)
+    if '"""' in go:
+        raise ExportError(
+            "the template contains three double quotes in a row, which a Modelfile cannot quote."
+        )
+    lines = [f"FROM ./{result.files[0]}", f'TEMPLATE """{go}"""']
+    lines += [f"PARAMETER stop {json.dumps(s)}" for s in result.verification["stop_tokens"]]
+    lines += [
+        f"PARAMETER temperature {settings.temperature}",
+        f"PARAMETER top_p {settings.top_p}",
+        f"PARAMETER num_predict {settings.max_new_tokens}",
+    ]
+    (out / "Modelfile").write_text("\n".join(lines) + "\n")
+    name = (found.path.name if found.path is not None else found.model_cfg.name.split("/")[-1]).lower()
+    return [f"ollama create {name} -f Modelfile", f"ollama run {name}"]
+
+
+def check_vllm_adapter(adapter_dir: Path) -> int:
+    """The `--max-lora-rank` vLLM needs for this adapter, or an ExportError naming what vLLM would refuse."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    problems = []
+    rank = int(config.get("r", 0))
+    if rank > VLLM_LORA_RANKS[-1]:
+        problems.append(
+            f"rank {rank} is above vLLM's largest ({VLLM_LORA_RANKS[-1]}): train with a smaller lora.r"
+        )
+    if config.get("use_dora"):
+        problems.append("DoRA adapters are not supported by vLLM: train with lora.use_dora=false")
+    if config.get("modules_to_save"):
+        problems.append(
+            f"modules_to_save ({', '.join(config['modules_to_save'])}) are not LoRA weights and vLLM does not load them: train without them"
+        )
+    if config.get("bias", "none") != "none":
+        problems.append("LoRA biases are not loaded by vLLM: train with bias 'none'")
+    if problems:
+        raise ExportError(
+            f"{adapter_dir}: vLLM would refuse this adapter: "
+            + "; ".join(problems)
+            + ". Or export with --merged (serves the merged model, no LoRA)."
+        )
+    return next(r for r in VLLM_LORA_RANKS if r >= rank)
+
+
+def _export_vllm(found: Any, out: Path, final: Path, *, merged: bool, device: str) -> ExportResult:
+    """`out` is the folder being written; `final` where it will be (the command names final paths)."""
+    from qlora_llm.model import resolve_model
+
+    name = (found.path.name if found.path is not None else "model").lower()
+    if merged or found.adapter_dir is None:
+        source = _merged_folder(found, device)
+        shutil.copytree(source, out / "model")
+        template, tokenizer = _template_and_tokenizer(out / "model", found)
+        cmd = ["vllm", "serve", str(final / "model"), "--served-model-name", name]
+        files = ["model/"]
+        verification: dict[str, Any] = {"merged": "verified by qlora-llm merge (merge_verification.json)"}
+    else:
+        rank_limit = check_vllm_adapter(found.adapter_dir)
+        shutil.copytree(
+            found.adapter_dir,
+            out / "adapter",
+            ignore=shutil.ignore_patterns(
+                "optimizer.pt", "scheduler.pt", "rng_state*.pth", "training_args.bin", "trainer_state.json"
+            ),
+        )
+        template, tokenizer = _template_and_tokenizer(out / "adapter", found)
+        base = Path(resolve_model(found.model_cfg.name, found.model_cfg.cache_dir))
+        base_arg = str(base.resolve()) if base.exists() else found.model_cfg.name
+        cmd = [
+            "vllm",
+            "serve",
+            base_arg,
+            "--enable-lora",
+            "--lora-modules",
+            f"{name}={final / 'adapter'}",
+            "--max-lora-rank",
+            str(rank_limit),
+        ]
+        files = ["adapter/"]
+        verification = {"adapter": f"rank and options accepted by vLLM (--max-lora-rank {rank_limit})"}
+    (out / "chat_template.jinja").write_text(chat_template_jinja(template, tokenizer))
+    cmd += ["--chat-template", str(final / "chat_template.jinja")]
+    verification["template"] = template
+    return ExportResult(out, [*files, "chat_template.jinja"], verification, [shlex.join(cmd)])
+
+
+def _export_md(found: Any, fmt: str, quant: str | None, out_dir: Path, result: ExportResult) -> str:
+    """EXPORT.md: what the files are, how they were verified, and the commands to run them."""
+    v = result.verification
+    what = {
+        "gguf": f"GGUF ({quant}) for llama.cpp, written by llama.cpp's own converter ({v.get('llama_cpp')})",
+        "ollama": f"a GGUF ({quant}) and a Modelfile for Ollama ({v.get('llama_cpp')})",
+        "vllm": "a LoRA adapter (or merged model) with its chat template, for vLLM",
+    }[fmt]
+    lines = [f"# {found.name} exported: {what}", "", "## Files", ""]
+    lines += [f"- `{f}`" for f in result.files]
+    lines += ["", "## How it was verified", ""]
+    if "gguf" in v:
+        g = v["gguf"]
+        lines.append(
+            f"- Read back: the chat template is the run's ({v['template']}), rendering {g['conversations_rendered_identically']} "
+            f"of {len(CHECK_CONVERSATIONS)} test conversations exactly as qlora-llm does; EOS id {g['eos_token_id']}."
+        )
+    if "greedy" in v:
+        g = v["greedy"]
+        lines.append(
+            f"- Run in llama.cpp: greedy answers to {g['prompts']} benchmark prompts compared with transformers on the merged "
+            f"model: agreeing tokens per prompt {g['agree_on_first']} of {g['answer_tokens']}; "
+            f"{g['stopped_together']} of {g['transformers_stopped']} answers that ended with EOS ended at the same token in llama.cpp."
+        )
+    elif fmt != "vllm":
+        lines.append("- Not run in llama.cpp (exported with --no-verify).")
+    for key in ("adapter", "merged"):
+        if key in v:
+            lines.append(f"- {v[key]}.")
+    if fmt == "ollama":
+        lines.append(
+            "- The Modelfile's TEMPLATE is built from the run's template and renders the same prompts (tested with Go's text/template)."
+        )
+    if v.get("stop_tokens"):
+        lines.append(f"- Stop tokens: {', '.join(f'`{s}`' for s in v['stop_tokens'])}.")
+    lines += ["", "## Run it", "", f"From `{out_dir}`:", "", "```sh", *result.commands, "```", ""]
+    return "\n".join(lines)

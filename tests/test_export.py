@@ -1,0 +1,184 @@
+"""Exports: the template travels (Jinja for GGUF/vLLM, Go for Ollama), vLLM's refusals, and the real llama.cpp."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from qlora_llm.export import (
+    CHECK_CONVERSATIONS,
+    MISTRAL_JINJA,
+    ExportError,
+    check_vllm_adapter,
+    export,
+    ollama_template,
+    render_jinja,
+)
+from qlora_llm.templates import render_prompt
+
+# SmolLM2-135M-Instruct's own chat template (ChatML with a default system prompt), as it ships.
+CHATML_WITH_DEFAULT_SYSTEM = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Ollama executes TEMPLATE with Go's text/template over {.Messages}; this runs the real thing.
+GO_RENDERER = """package main
+
+import (
+	"encoding/json"
+	"os"
+	"strings"
+	"text/template"
+)
+
+type Message struct {
+	Role    string `json:"role"`
+	Content string `json:"content"`
+}
+
+func main() {
+	src, err := os.ReadFile(os.Args[1])
+	if err != nil {
+		panic(err)
+	}
+	var conversations [][]Message
+	if err := json.NewDecoder(os.Stdin).Decode(&conversations); err != nil {
+		panic(err)
+	}
+	t := template.Must(template.New("Modelfile").Parse(string(src)))
+	out := []string{}
+	for _, messages := range conversations {
+		var b strings.Builder
+		if err := t.Execute(&b, map[string]any{"Messages": messages}); err != nil {
+			panic(err)
+		}
+		out = append(out, b.String())
+	}
+	json.NewEncoder(os.Stdout).Encode(out)
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def go_render(tmp_path_factory):
+    """Render a Go template over conversations with Go's own text/template (CI installs Debian's golang-go)."""
+    if shutil.which("go") is None:
+        if os.environ.get("CI"):
+            pytest.fail("Go is missing: .ci/run installs golang-go for the Ollama template test")
+        pytest.skip("needs Go (apt-get install golang-go) to run Ollama's template engine")
+    folder = tmp_path_factory.mktemp("go-render")
+    (folder / "main.go").write_text(GO_RENDERER)
+    env = {**os.environ, "GOCACHE": str(folder / "cache"), "GO111MODULE": "off", "GOFLAGS": ""}
+    subprocess.run(
+        ["go", "build", "-o", str(folder / "render"), str(folder / "main.go")], check=True, env=env
+    )
+
+    def render(template: str, conversations: list) -> list[str]:
+        (folder / "template.txt").write_text(template)
+        done = subprocess.run(
+            [str(folder / "render"), str(folder / "template.txt")],
+            input=json.dumps(conversations),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return json.loads(done.stdout)
+
+    return render
+
+
+@pytest.fixture
+def chatml_tokenizer(mistral_tokenizer):
+    tokenizer = mistral_tokenizer.__class__.from_pretrained(mistral_tokenizer.name_or_path)
+    tokenizer.chat_template = CHATML_WITH_DEFAULT_SYSTEM
+    return tokenizer
+
+
+def test_the_mistral_jinja_renders_every_conversation_as_our_template(mistral_tokenizer):
+    """What GGUF and vLLM carry for template=mistral is our [INST] format, system message and BOS included."""
+    for conversation in CHECK_CONVERSATIONS:
+        ours = render_prompt(conversation, "mistral", mistral_tokenizer)
+        assert render_jinja(MISTRAL_JINJA, conversation, mistral_tokenizer) == ours
+    assert render_prompt(CHECK_CONVERSATIONS[1], "mistral", mistral_tokenizer) == (
+        "[INST] Be brief.\n\nName a colour. [/INST]"
+    )
+
+
+@pytest.mark.parametrize("template", ["mistral", "auto"])
+def test_the_ollama_template_renders_as_ours_in_go(template, mistral_tokenizer, chatml_tokenizer, go_render):
+    """Our template, as the Modelfile's TEMPLATE, gives the same prompt text under Go's text/template."""
+    tokenizer = mistral_tokenizer if template == "mistral" else chatml_tokenizer
+    go = ollama_template(template, tokenizer)
+    ours = [render_prompt(c, template, tokenizer) for c in CHECK_CONVERSATIONS]
+    assert go_render(go, CHECK_CONVERSATIONS) == ours
+    if template == "auto":  # the model's default system prompt is kept when the user gives none
+        assert ours[0].startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+        assert ours[0].endswith("<|im_start|>user\nHi there.<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_a_template_that_repeats_the_message_cannot_become_an_ollama_template(chatml_tokenizer):
+    chatml_tokenizer.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}|{{ m['content'] }}{% endfor %}"
+    )
+    with pytest.raises(ExportError, match="the template repeats or drops message contents"):
+        ollama_template("auto", chatml_tokenizer)
+
+
+def _adapter(folder: Path, **config) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 16, "bias": "none"} | config))
+    return folder
+
+
+def test_vllm_checks_say_what_vllm_would_refuse(tmp_path):
+    assert check_vllm_adapter(_adapter(tmp_path / "a")) == 16
+    assert check_vllm_adapter(_adapter(tmp_path / "b", r=20)) == 32  # the next rank vLLM accepts
+    with pytest.raises(
+        ExportError, match="DoRA adapters are not supported by vLLM: train with lora.use_dora=false"
+    ):
+        check_vllm_adapter(_adapter(tmp_path / "c", use_dora=True))
+    with pytest.raises(ExportError, match=r"modules_to_save \(lm_head\) are not LoRA weights"):
+        check_vllm_adapter(_adapter(tmp_path / "d", modules_to_save=["lm_head"]))
+    with pytest.raises(ExportError, match="rank 1024 is above vLLM's largest \\(512\\)"):
+        check_vllm_adapter(_adapter(tmp_path / "e", r=1024))
+
+
+def test_vllm_export_of_a_run_has_the_adapter_template_and_command(tiny_run, tmp_path, mistral_tokenizer):
+    from peft import PeftConfig
+
+    out = tmp_path / "vllm"
+    result = export(tiny_run, "vllm", out_dir=out, device="cpu")
+    assert result.out_dir == out and (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (out / "adapter" / "optimizer.pt").exists()
+    rank = json.loads((tiny_run / "final_adapter" / "adapter_config.json").read_text())["r"]
+    assert PeftConfig.from_pretrained(out / "adapter").r == rank == 16
+    assert (out / "chat_template.jinja").read_text() == MISTRAL_JINJA
+    (command,) = result.commands
+    name = tiny_run.name.lower()
+    assert f"--enable-lora --lora-modules {name}={out.resolve() / 'adapter'}" in command
+    assert re.search(r"--max-lora-rank 16 ", command)
+    assert f"--chat-template {out.resolve() / 'chat_template.jinja'}" in command
+    assert command in (out / "EXPORT.md").read_text()
+    assert json.loads((out / "export.json").read_text())["format"] == "vllm"
+    with pytest.raises(ExportError, match="already exists; pass --force to replace it"):
+        export(tiny_run, "vllm", out_dir=out, device="cpu")
+
+
+def test_an_export_that_fails_leaves_nothing_under_its_name(tiny_run, tmp_path):
+    bad = tmp_path / "dora-run"
+    shutil.copytree(tiny_run, bad)
+    config = json.loads((bad / "final_adapter" / "adapter_config.json").read_text())
+    (bad / "final_adapter" / "adapter_config.json").write_text(json.dumps(config | {"use_dora": True}))
+    with pytest.raises(ExportError, match="vLLM would refuse this adapter: DoRA"):
+        export(bad, "vllm", device="cpu")
+    assert not (bad / "export-vllm").exists()
+    assert not [p for p in bad.iterdir() if p.name.startswith(".export-vllm")]
