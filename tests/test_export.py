@@ -182,3 +182,42 @@ def test_an_export_that_fails_leaves_nothing_under_its_name(tiny_run, tmp_path):
         export(bad, "vllm", device="cpu")
     assert not (bad / "export-vllm").exists()
     assert not [p for p in bad.iterdir() if p.name.startswith(".export-vllm")]
+
+
+@pytest.mark.slow
+def test_a_real_run_exported_to_gguf_answers_in_llama_cpp_as_in_transformers(smollm2_run, tmp_path):
+    """The real SmolLM2 run, through llama.cpp's converter and its own llama-completion (built here from the
+    pinned source): f16 gives transformers' greedy tokens and stops on the same EOS; q8_0 and the Ollama
+    q4_k_m export run and their agreement is recorded; the GGUF adapter loads with --lora."""
+    from gguf import GGUFReader
+
+    f16 = export(smollm2_run, "gguf", quant="f16", out_dir=tmp_path / "f16", device="cpu")
+    greedy = f16.verification["greedy"]
+    assert greedy["prompts"] == 4 and greedy["all_agree"], greedy
+    assert greedy["transformers_stopped"] >= 1
+    assert (
+        greedy["stopped_together"] == greedy["transformers_stopped"]
+    )  # the GGUF's EOS ends answers as ours do
+    reader = GGUFReader(str(tmp_path / "f16" / f16.files[0]))
+    assert reader.fields["tokenizer.chat_template"].contents().startswith("{% for message in messages %}")
+    assert "agreeing tokens per prompt" in (tmp_path / "f16" / "EXPORT.md").read_text()
+
+    q8 = export(smollm2_run, "gguf", quant="q8_0", out_dir=tmp_path / "q8", device="cpu")
+    assert (tmp_path / "q8" / q8.files[0]).stat().st_size < 0.6 * (
+        tmp_path / "f16" / f16.files[0]
+    ).stat().st_size
+    assert len(q8.verification["greedy"]["agree_on_first"]) == 4
+
+    ollama = export(
+        smollm2_run, "ollama", quant="q4_k_m", out_dir=tmp_path / "ollama", device="cpu", verify=False
+    )
+    modelfile = (tmp_path / "ollama" / "Modelfile").read_text()
+    assert modelfile.startswith(f'FROM ./{ollama.files[0]}\nTEMPLATE """')
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert (tmp_path / "ollama" / ollama.files[0]).stat().st_size < 0.4 * (
+        tmp_path / "f16" / f16.files[0]
+    ).stat().st_size
+
+    lora = export(smollm2_run, "gguf", adapter_only=True, out_dir=tmp_path / "lora", device="cpu")
+    assert GGUFReader(str(tmp_path / "lora" / lora.files[0])).fields["general.type"].contents() == "adapter"
+    assert len(lora.verification["greedy"]["agree_on_first"]) == 4
