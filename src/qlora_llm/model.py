@@ -325,6 +325,7 @@ def load_base_model(
     quantization = quantization or mcfg.quantization
     dtype = dtype or pick_compute_dtype(mcfg.compute_dtype, device)
     cpu_kernel = None
+    # The fused kernel's repacking reads uint8 storage; another storage (FSDP's) keeps the plain kernel.
     if quantization != "none" and device == "cpu" and quant_storage is None:
         from qlora_llm.cpu4bit import choose_kernel
 

@@ -655,10 +655,16 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
         # Every trainable parameter (LoRA) is used in every forward: no search for unused ones. The
         # frozen base and its buffers are the same files on every rank: nothing to broadcast per step.
         ddp_find_unused_parameters=False,
-        **(fsdp_settings(quantized) if t.distributed == "fsdp" else {}),
+        **(fsdp_settings(quantized) if t.distributed == "fsdp" and device == "cuda" else {}),
     )
     # Reading the world size sets up the process group (gloo on CPU, nccl on CUDA) in a launched worker.
     world, main = args.world_size, args.should_save
+    if t.distributed == "fsdp" and device == "cpu" and world > 1:
+        # accelerate's FSDP plugin asks for an accelerator device when it is built (no CPU FSDP there).
+        raise TrainError(
+            "train.distributed=fsdp needs GPUs (accelerate's FSDP support has no CPU device); "
+            "on CPU use train.distributed=ddp."
+        )
     if main and world > 1:
         log.info(
             "%d processes (%s, %s): global batch %d = %d per device x %d processes x %d accumulation steps",
@@ -697,7 +703,7 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
         m,
         str(args.device) if device == "cuda" else device,
         dtype=dtype,
-        quant_storage=dtype if t.distributed == "fsdp" and world > 1 else None,
+        quant_storage=dtype if args.fsdp else None,
     )
     if quantized:
         # Checkpointing is switched on by the Trainer (activation_checkpointing below), under the name
