@@ -260,6 +260,7 @@ def _make_trainer_class() -> type:
         run_manifest: dict[str, Any] = {}
         run_config: Config | None = None
         tokens_seen: int = 0
+        length_sampler: EpochSeededLengthSampler | None = None
 
         def _get_train_sampler(self, train_dataset=None):
             sampler = super()._get_train_sampler(train_dataset)
@@ -270,7 +271,16 @@ def _make_trainer_class() -> type:
                     sampler.batch_size * self.args.world_size, lengths=sampler.lengths
                 )
                 sampler.seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+                self.length_sampler = sampler
             return sampler
+
+        def _run_epoch(self, *args, **kwargs):
+            # accelerate passes set_epoch through the BatchSamplerShard of a multi-process run, but not
+            # through the SkipBatchSampler a resumed epoch puts over it: without this, a resumed 2-process
+            # run shuffles its epoch with the global RNG and trains on other batches.
+            if self.length_sampler is not None:
+                self.length_sampler.set_epoch(kwargs["epoch"])
+            return super()._run_epoch(*args, **kwargs)
 
         def evaluate(self, *args, **kwargs):
             # Each evaluation's DataLoader draws its base seed from the global RNG, which would shift every
