@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -111,15 +112,38 @@ def _print_problems(problems: list) -> None:
         print(f"... and {len(problems) - SHOW_PROBLEMS} more (all in prepare_report.json)", file=sys.stderr)
 
 
+def _in_launched_worker() -> bool:
+    # torch.distributed.run (torchrun) sets these in every process it starts.
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from qlora_llm.train import train
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)  # a config error shows once, before any launch
+    if args.nproc < 1 or args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
+        raise ConfigError(
+            f"--nproc {args.nproc} --nnodes {args.nnodes} --node-rank {args.node_rank}: need --nproc >= 1, "
+            "--nnodes >= 1 and 0 <= --node-rank < --nnodes"
+        )
+    if (args.nproc > 1 or args.nnodes > 1) and not _in_launched_worker():
+        from qlora_llm.distributed import Launch, launch
+
+        worker = ["train", args.config, *args.overrides]
+        worker += ["--resume", args.resume] if args.resume else []
+        worker += ["--force"] if args.force else []
+        worker += ["--verbose"] if args.verbose else []
+        return launch(
+            Launch(args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port), worker
+        )
     result = train(cfg, resume=args.resume, force=args.force)
+    if not result.main_process:
+        return result.exit_code  # rank 0 reports for all
     _print_summary(result.summary, result.run_dir)
     if result.exit_code:
         print(
             f"stopped by {result.stopped}; continue with: qlora-llm train {args.config} --resume auto "
+            + (f"--nproc {os.environ['LOCAL_WORLD_SIZE']} " if _in_launched_worker() else "")
             + " ".join(args.overrides),
             file=sys.stderr,
         )
@@ -359,7 +383,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from qlora_llm.plan import format_plan, plan
 
     memory = int(args.memory * 2**30) if args.memory else None
-    report = plan(load_config(args.config, args.overrides), device_memory_bytes=memory)
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc}: need at least 1 process")
+    report = plan(load_config(args.config, args.overrides), device_memory_bytes=memory, processes=args.nproc)
     print(format_plan(report))
     return 0 if report.fits else 1
 
@@ -444,6 +470,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from the newest complete checkpoint (auto) or the one given",
     )
     p.add_argument("--force", action="store_true", help="train even if the memory plan says it will not fit")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="data-parallel processes on this node (one per GPU; gloo on CPU), via torch.distributed.run",
+    )
+    p.add_argument("--nnodes", type=int, default=1, help="machines in a multi-node run (default 1)")
+    p.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0 to nnodes-1")
+    p.add_argument("--master-addr", default="127.0.0.1", help="address of node 0 (default 127.0.0.1)")
+    p.add_argument("--master-port", type=int, default=29500, help="free TCP port on node 0 (default 29500)")
 
     p = sub.add_parser(
         "run",
@@ -467,6 +504,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="GIB",
         help="plan for a device with this much memory (default: this machine's device)",
+    )
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="memory per GPU of a run on N GPUs (train.distributed)",
     )
 
     p = sub.add_parser("evaluate", help="perplexity, ROUGE, benchmark prompts, speed, memory: base vs tuned")
@@ -583,8 +627,12 @@ def main(argv: list[str] | None = None) -> int:
         if env is not None:
             # Same pid, same stdin/stdout: signals and pipes reach the re-executed process unchanged.
             os.execve(sys.executable, [sys.executable, "-m", "qlora_llm.cli", *sys.argv[1:]], env)
+    # In a multi-process run only rank 0 talks; the others log errors only.
+    replica = os.environ.get("RANK", "0") != "0"
+    if replica:
+        warnings.simplefilter("ignore")
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.ERROR if replica else logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
         force=True,

@@ -130,6 +130,9 @@ class TrainConfig(_Section):
     """Log loss and throughput every this many steps."""
     seed: int = 42
     """Seed of weights init, dropout and data order."""
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """With `--nproc N` > 1: ddp = each process holds the whole model, fsdp = weights, gradients and
+    optimizer state sharded over the processes (for models that do not fit one GPU)."""
 
 
 class EvalConfig(_Section):

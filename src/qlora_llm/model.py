@@ -307,14 +307,26 @@ def describe_device(device: str) -> str:
     return f"cpu ({os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads)"
 
 
-def load_base_model(mcfg: Any, device: str, *, quantization: str | None = None, dtype: Any = None) -> Any:
-    """The base model on `device`, 4-bit (NF4/FP4 via bitsandbytes, on CUDA or CPU) unless quantization is none."""
+def load_base_model(
+    mcfg: Any,
+    device: str,
+    *,
+    quantization: str | None = None,
+    dtype: Any = None,
+    quant_storage: Any = None,
+) -> Any:
+    """The base model on `device`, 4-bit (NF4/FP4 via bitsandbytes, on CUDA or CPU) unless quantization is none.
+
+    `quant_storage`: the dtype the packed 4-bit bytes are stored in (uint8 by default); FSDP needs the
+    compute dtype there to shard them with the other weights.
+    """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quantization = quantization or mcfg.quantization
     dtype = dtype or pick_compute_dtype(mcfg.compute_dtype, device)
     cpu_kernel = None
-    if quantization != "none" and device == "cpu":
+    # The fused kernel's repacking reads uint8 storage; another storage (FSDP's) keeps the plain kernel.
+    if quantization != "none" and device == "cpu" and quant_storage is None:
         from qlora_llm.cpu4bit import choose_kernel
 
         cpu_kernel = choose_kernel(mcfg.cpu_4bit_kernel)  # refuses an impossible choice before loading
@@ -325,6 +337,7 @@ def load_base_model(mcfg: Any, device: str, *, quantization: str | None = None, 
             bnb_4bit_quant_type=quantization,
             bnb_4bit_use_double_quant=mcfg.double_quant,
             bnb_4bit_compute_dtype=dtype,
+            **({"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}),
         )
     resolved = resolve_model(mcfg.name, mcfg.cache_dir)
     model = _from_pretrained(

@@ -285,6 +285,8 @@ def estimate_memory(
     lm_head_loss: Literal["chunked", "full"] = "chunked",
     kbit_prepared: bool = True,
     lora_dtype: Literal["float32", "bfloat16"] | None = None,
+    processes: int = 1,
+    distributed: Literal["ddp", "fsdp"] = "ddp",
 ) -> MemoryEstimate:
     """Bytes a LoRA/QLoRA training step needs, per component; the formulas are in the module docstring.
 
@@ -292,6 +294,12 @@ def estimate_memory(
     and loss, peft's `prepare_model_for_kbit_training` on a 4-bit base, and adapters in TRL's bf16 on a
     4-bit base on CUDA (fp32 otherwise). `lm_head_loss="full", kbit_prepared=False,
     lora_dtype="float32"` describe a plain transformers + peft loop instead.
+
+    `processes` > 1: the memory of each device (GPU) of a run on that many. Under `ddp` every device
+    holds the whole model and its own batch's activations, plus DDP's gradient buckets (a flat copy of
+    the trainable gradients, `gradient_as_bucket_view=False`). Under `fsdp` the weights, gradients and
+    optimizer states are divided by the processes, and one decoder layer's weights are gathered whole
+    while it runs (a transient buffer); activations are per device batch as under DDP.
     """
     shape = ModelShape.from_config(model_config)
     a = DTYPE_BYTES[compute_dtype]
@@ -430,6 +438,18 @@ def estimate_memory(
         if dequant + layer_grads >= logits_grad
         else "the loss's backward buffers"
     )
+    if processes > 1 and distributed == "ddp":
+        lora_gradients *= 2
+        how["lora_gradients"] += f" + DDP's gradient buckets (a copy of them), on each of {processes} GPUs"
+    elif processes > 1:  # fsdp
+        layer_weights = (base_weights - other_numel * w) // n_layers if quantized else sum(linear_numel) * a
+        base_weights, lora_weights, lora_gradients, optimizer_states = (
+            math.ceil(x / processes) for x in (base_weights, lora_weights, lora_gradients, optimizer_states)
+        )
+        for key in ("base_weights", "lora_weights", "lora_gradients", "optimizer_states"):
+            how[key] += f"; FSDP: 1/{processes} per GPU"
+        transient += layer_weights
+        how["transient"] += " + one decoder layer's weights gathered whole by FSDP"
     return MemoryEstimate(
         base_weights=base_weights,
         lora_weights=lora_weights,
@@ -504,7 +524,7 @@ def _device_memory(device: str) -> int:
         raise PlanError("cannot read the total RAM; pass device_memory_bytes") from None
 
 
-def _setup(cfg: Config, device: str) -> dict[str, Any]:
+def _setup(cfg: Config, device: str, processes: int = 1) -> dict[str, Any]:
     """The estimate's keyword arguments, resolved from the config for this device."""
     compute = cfg.model.compute_dtype
     if compute == "auto":
@@ -522,6 +542,8 @@ def _setup(cfg: Config, device: str) -> dict[str, Any]:
         "optim": cfg.train.optim,
         "device": device,
         "lora_dropout": cfg.lora.dropout,
+        "processes": processes,
+        "distributed": cfg.train.distributed,
     }
 
 
@@ -642,6 +664,7 @@ def _is_seed_setup(model_config: dict[str, Any], setup: dict[str, Any]) -> bool:
         and setup["gradient_checkpointing"]
         and setup["optim"] == "paged_adamw_32bit"
         and setup["device"] == "cuda"
+        and setup["processes"] == 1
     )
 
 
@@ -650,21 +673,32 @@ def plan(
     *,
     device_memory_bytes: int | None = None,
     max_suggestions: int = 3,
+    processes: int = 1,
 ) -> PlanReport:
-    """Estimate `cfg`'s training memory on its device and say whether it fits, and if not what would."""
+    """Estimate `cfg`'s training memory on its device and say whether it fits, and if not what would.
+
+    `processes`: the run's number of processes (GPUs), `--nproc`; the estimate is then per GPU, for
+    `train.distributed` (ddp or fsdp).
+    """
     model_config, source = load_model_config(cfg.model.name, cfg.model.revision)
     log.info("planning %s from %s", cfg.model.name, source)
     device = _resolve_device(cfg.model.device)
     memory = device_memory_bytes if device_memory_bytes is not None else _device_memory(device)
+    notes: list[str] = []
+    if device == "cpu" and processes > 1:
+        # The processes of a CPU run share this machine's RAM; each may plan with its share.
+        notes.append(
+            f"{processes} processes share {_gib(memory)} GiB of RAM: {_gib(memory // processes)} each"
+        )
+        memory //= processes
     usable = int(FIT_MARGIN * memory)
 
     def estimate(c: Config) -> MemoryEstimate:
-        return estimate_memory(model_config, **_setup(c, device))
+        return estimate_memory(model_config, **_setup(c, device, processes))
 
-    setup = _setup(cfg, device)
+    setup = _setup(cfg, device, processes)
     est = estimate(cfg)
     fits = est.peak <= usable
-    notes: list[str] = []
     suggestions: list[Suggestion] = []
     if not fits:
         for fix in _single_fixes(cfg):
@@ -726,8 +760,17 @@ def format_plan(report: PlanReport) -> str:
         f"setup: {quant}, {s['compute_dtype']} compute, LoRA r={s['lora_r']} on {len(s['target_modules'])} "
         f"modules ({est.lora_params / 1e6:.1f}M params), batch {s['batch_size']} x {s['seq_len']} tokens, "
         f"gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, {s['optim']}",
-        "",
     ]
+    if s["processes"] > 1:
+        lines.append(
+            f"{s['processes']} processes, {s['distributed']}: memory per {report.device} device; "
+            + (
+                "each holds the whole model, activations for its own batch"
+                if s["distributed"] == "ddp"
+                else "weights, gradients and optimizer states sharded 1/" + str(s["processes"])
+            )
+        )
+    lines.append("")
     seed = report.seed_setup
     header = f"{'component':<20}{'GiB':>7}" + (f"{'GB':>7}{'seed GB':>9}" if seed else "") + "  how"
     lines += [header, "-" * len(header)]

@@ -61,6 +61,8 @@ class TrainResult:
     global_step: int
     stopped: Literal["completed", "early_stopping", "SIGTERM", "SIGINT"]
     summary: dict[str, Any] = field(default_factory=dict)
+    main_process: bool = True
+    """False in every process of a multi-process run but rank 0, which alone wrote files and reports."""
 
     @property
     def exit_code(self) -> int:
@@ -178,6 +180,46 @@ def check_resumable(checkpoint: Path, cfg: Config, target_modules: list[str]) ->
         )
 
 
+def check_processes(checkpoint: Path, processes: int) -> None:
+    """A checkpoint resumes only with the number of processes that wrote it.
+
+    Each process's share of the data order, and its saved RNG state, depend on that number: resuming
+    with another would silently train on other batches than the interrupted run would have.
+    """
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    have = manifest.get("processes", 1)  # checkpoints from before multi-process training: one
+    if have != processes:
+        raise TrainError(
+            f"{checkpoint} was written by {have} training process(es) and this run has {processes}: "
+            "the data order and saved RNG states differ with the number of processes. Resume with "
+            f"--nproc {have} (in all, across nodes), or set a new train.output_dir to start over."
+        )
+
+
+def fsdp_settings(quantized: bool) -> dict[str, Any]:
+    """TrainingArguments for FSDP: full sharding of each decoder layer, one full adapter at the end.
+
+    FSDP1 with `use_orig_params`, the path PEFT and bitsandbytes document for QLoRA: the frozen 4-bit
+    weights (stored in the compute dtype, see load_base_model's quant_storage) and the trainable LoRA
+    weights share flat parameters. Checkpoints use the full state dict: a LoRA adapter and its optimizer
+    state are small, and a full checkpoint is the same files as a one-process one.
+    """
+    return {
+        "fsdp": "full_shard auto_wrap",
+        "fsdp_config": {
+            "version": 1,
+            "use_orig_params": True,
+            # Wrap each decoder layer (the model's `_no_split_modules`): one layer gathered at a time.
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "state_dict_type": "FULL_STATE_DICT",
+            # Rank 0 reads the weights, the others get them by broadcast (a plain base only:
+            # transformers loads a quantized one on every rank).
+            "cpu_ram_efficient_loading": not quantized,
+            "sync_module_states": True,
+        },
+    }
+
+
 # --------------------------------------------------------------------------------------------------
 # Trainer pieces
 
@@ -218,13 +260,27 @@ def _make_trainer_class() -> type:
         run_manifest: dict[str, Any] = {}
         run_config: Config | None = None
         tokens_seen: int = 0
+        length_sampler: EpochSeededLengthSampler | None = None
 
         def _get_train_sampler(self, train_dataset=None):
             sampler = super()._get_train_sampler(train_dataset)
             if isinstance(sampler, LengthGroupedSampler):
-                sampler = EpochSeededLengthSampler(sampler.batch_size, lengths=sampler.lengths)
+                # One order for the whole run, grouped by the global batch: accelerate gives process i
+                # batches i, i+N, ... of it, so N processes see what one process with N times the batch sees.
+                sampler = EpochSeededLengthSampler(
+                    sampler.batch_size * self.args.world_size, lengths=sampler.lengths
+                )
                 sampler.seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+                self.length_sampler = sampler
             return sampler
+
+        def _run_epoch(self, *args, **kwargs):
+            # accelerate passes set_epoch through the BatchSamplerShard of a multi-process run, but not
+            # through the SkipBatchSampler a resumed epoch puts over it: without this, a resumed 2-process
+            # run shuffles its epoch with the global RNG and trains on other batches.
+            if self.length_sampler is not None:
+                self.length_sampler.set_epoch(kwargs["epoch"])
+            return super()._run_epoch(*args, **kwargs)
 
         def evaluate(self, *args, **kwargs):
             # Each evaluation's DataLoader draws its base seed from the global RNG, which would shift every
@@ -244,25 +300,35 @@ def _make_trainer_class() -> type:
                 # Raised before optimizer.step(), so the last good weights and checkpoints stay good.
                 raise TrainError(f"loss became {float(loss)} at step {self.state.global_step + 1}")
             mask = inputs.get("attention_mask")
-            self.tokens_seen += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+            tokens = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())
+            if self.args.world_size > 1:
+                tokens = self.accelerator.reduce(tokens.to(self.args.device), "sum")  # all ranks' tokens
+            self.tokens_seen += int(tokens)
             return loss
 
         def _save_checkpoint(self, model, trial):
             run_dir = Path(self.args.output_dir)
             name = f"checkpoint-{self.state.global_step}"
             staging = run_dir / f".staging-{name}"
-            shutil.rmtree(staging, ignore_errors=True)
+            main = self.args.should_save  # rank 0; every rank writes its own RNG state into staging
+            if main:
+                shutil.rmtree(staging, ignore_errors=True)
+            self.accelerator.wait_for_everyone()  # nobody writes into a staging folder being cleared
             # Trainer writes into <_get_output_dir()>/<name>; point that at the staging folder.
             self._get_output_dir = lambda trial=None: str(staging)
             try:
                 super()._save_checkpoint(model, trial)
             finally:
                 del self._get_output_dir
+            self.accelerator.wait_for_everyone()  # every rank's part is written before it gets its name
             staged = staging / name
             best = self.state.best_model_checkpoint
             if best and Path(best).parent == staging:
                 self.state.best_model_checkpoint = str(run_dir / name)
-                self.state.save_to_json(str(staged / "trainer_state.json"))
+                if main:
+                    self.state.save_to_json(str(staged / "trainer_state.json"))
+            if not main:
+                return
             if self.run_config is not None:
                 save_config(self.run_config, staged / "config.yaml")
             atomic_write_text(staged / "manifest.json", json.dumps(self.run_manifest, indent=2) + "\n")
@@ -286,7 +352,7 @@ def _make_trainer_class() -> type:
     return QLoRATrainer
 
 
-def _make_monitor(run_dir: Path, device: str, stop_requests: list[str]) -> Any:
+def _make_monitor(run_dir: Path, device: str, stop_requests: list[str], world_size: int) -> Any:
     from tqdm.auto import tqdm
     from transformers import TrainerCallback
 
@@ -304,6 +370,9 @@ def _make_monitor(run_dir: Path, device: str, stop_requests: list[str]) -> Any:
             self.metrics_path = run_dir / "metrics.jsonl"
 
         def on_train_begin(self, args, state, control, **kwargs):
+            self.mark = (self.train_seconds, self.trainer.tokens_seen)
+            if not state.is_world_process_zero:
+                return  # one bar, one metrics file: rank 0's
             self.bar = tqdm(
                 total=state.max_steps,
                 initial=state.global_step,
@@ -311,22 +380,26 @@ def _make_monitor(run_dir: Path, device: str, stop_requests: list[str]) -> Any:
                 unit="step",
                 dynamic_ncols=True,
             )
-            self.mark = (self.train_seconds, self.trainer.tokens_seen)
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.step_start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             self.train_seconds += time.perf_counter() - self.step_start
-            self.bar.update(state.global_step - self.bar.n)
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+            if world_size > 1:
+                from qlora_llm.distributed import agree_on_stop
+
+                agree_on_stop(stop_requests, args.device)
             if stop_requests:
                 control.should_save = True
                 control.should_training_stop = True
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
-            if "loss" not in logs and "eval_loss" not in logs:
-                return  # the end-of-training summary: summary.json has it
+            if "loss" not in logs and "eval_loss" not in logs or not state.is_world_process_zero:
+                return  # the end-of-training summary (summary.json has it), or not rank 0
             row: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0, 4)}
             for key, name in (
                 ("loss", "loss"),
@@ -513,21 +586,6 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
             "early stopping keeps the best checkpoint, so every save needs an evaluation."
         )
 
-    from qlora_llm.plan import PlanError, plan
-
-    try:
-        memory = plan(cfg)
-    except PlanError as err:  # an architecture or config.json the planner cannot read: train unchecked
-        log.warning("memory plan unavailable (%s); training without the fit check", err)
-        memory = None
-    if memory is not None and not memory.fits:
-        if not force:
-            raise TrainError(
-                f"this run is estimated not to fit: {memory.verdict} Run `qlora-llm plan` for the "
-                "breakdown, lower the settings it suggests, or pass --force."
-            )
-        log.warning("estimated not to fit, training anyway (--force): %s", memory.verdict)
-
     # Data: the prepared JSONL, split 90/10 unless an eval file is given.
     tokenizer = load_tokenizer(m.name, m.revision, m.cache_dir, m.trust_remote_code)
     # The run records the template it really used (`default` resolved for this tokenizer), so it is
@@ -560,11 +618,103 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
         # A pad distinct from EOS where the vocabulary has one, so no EOS is ever taken for padding.
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
 
+    quantized = m.quantization != "none"
+    use_bf16 = dtype == torch.bfloat16
+    args = SFTConfig(
+        output_dir=str(run_dir),
+        num_train_epochs=t.num_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float < 1 is a ratio
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=_optimizer_for(t.optim, device),
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        bf16=use_bf16,
+        fp16=dtype == torch.float16,
+        use_cpu=device == "cpu",
+        train_sampling_strategy="group_by_length" if t.group_by_length and not t.packing else "random",
+        packing=t.packing,
+        packing_strategy="bfd",
+        padding_free=t.packing,
+        max_length=cfg.data.max_seq_length,
+        completion_only_loss=not t.train_on_prompt,
+        eval_strategy="steps" if eval_rows else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        load_best_model_at_end=bool(eval_rows) and t.early_stopping_patience > 0,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=t.logging_steps,
+        report_to="none",
+        seed=t.seed,
+        data_seed=t.seed,
+        disable_tqdm=True,  # our bar shows loss, tokens/s and memory
+        dataloader_num_workers=0,
+        # The untrained baseline, so a fall in eval loss is visible; after the model is wrapped for
+        # many processes (an evaluate() before train() marks it prepared and DDP never wraps it).
+        # Our evaluate() puts the RNG back, so it does not change the run.
+        eval_on_start=bool(eval_rows) and checkpoint is None,
+        # Every trainable parameter (LoRA) is used in every forward: no search for unused ones. The
+        # frozen base and its buffers are the same files on every rank: nothing to broadcast per step.
+        ddp_find_unused_parameters=False,
+        **(fsdp_settings(quantized) if t.distributed == "fsdp" and device == "cuda" else {}),
+    )
+    # Reading the world size sets up the process group (gloo on CPU, nccl on CUDA) in a launched worker.
+    world, main = args.world_size, args.should_save
+    if t.distributed == "fsdp" and device == "cpu" and world > 1:
+        # accelerate's FSDP plugin asks for an accelerator device when it is built (no CPU FSDP there).
+        raise TrainError(
+            "train.distributed=fsdp needs GPUs (accelerate's FSDP support has no CPU device); "
+            "on CPU use train.distributed=ddp."
+        )
+    if main and world > 1:
+        log.info(
+            "%d processes (%s, %s): global batch %d = %d per device x %d processes x %d accumulation steps",
+            world,
+            t.distributed,
+            args.distributed_state.backend,
+            t.batch_size * world * t.gradient_accumulation_steps,
+            t.batch_size,
+            world,
+            t.gradient_accumulation_steps,
+        )
+    if checkpoint is not None:
+        check_processes(checkpoint, world)
+
+    from qlora_llm.plan import PlanError, plan
+
+    try:
+        memory = plan(cfg, processes=world)
+    except PlanError as err:  # an architecture or config.json the planner cannot read: train unchecked
+        log.warning("memory plan unavailable (%s); training without the fit check", err)
+        memory = None
+    if memory is not None and not memory.fits:
+        if not force:
+            raise TrainError(
+                f"this run is estimated not to fit: {memory.verdict} Run `qlora-llm plan` for the "
+                "breakdown, lower the settings it suggests, or pass --force."
+            )
+        log.warning("estimated not to fit, training anyway (--force): %s", memory.verdict)
+
     # Model: 4-bit base, k-bit preparation, LoRA. Seeded first: LoRA's A matrices are drawn at
     # get_peft_model, before the Trainer seeds anything, and runs must be reproducible.
     set_seed(t.seed)
-    model = load_base_model(m, device, dtype=dtype)
-    quantized = m.quantization != "none"
+    # One GPU per process (LOCAL_RANK); FSDP shards 4-bit weights only when they are stored in the
+    # dtype its flat parameters have, so the packed bytes are kept in the compute dtype there.
+    model = load_base_model(
+        m,
+        str(args.device) if device == "cuda" else device,
+        dtype=dtype,
+        quant_storage=dtype if args.fsdp else None,
+    )
     if quantized:
         # Checkpointing is switched on by the Trainer (activation_checkpointing below), under the name
         # transformers 5 uses; PEFT would switch it on again under the old one.
@@ -607,59 +757,23 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
         "device": describe_device(device),
         "versions": _library_versions(),
         "seed": t.seed,
+        # The data order and the saved RNG states are per process: a checkpoint resumes with as many.
+        "processes": world,
+        "distributed": t.distributed if world > 1 else None,
     }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if checkpoint is None:
-        # A fresh start: rows left by an earlier attempt that never reached a checkpoint would mix in.
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    atomic_write_text(run_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    if main:  # only rank 0 writes; the others hold the same model and data
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if checkpoint is None:
+            # A fresh start: rows left by an earlier attempt that never reached a checkpoint would mix in.
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        atomic_write_text(run_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
 
-    use_bf16 = dtype == torch.bfloat16
-    args = SFTConfig(
-        output_dir=str(run_dir),
-        num_train_epochs=t.num_epochs,
-        max_steps=t.max_steps,
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,  # transformers 5: a float < 1 is a ratio
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optim=_optimizer_for(t.optim, device),
-        activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
-        bf16=use_bf16,
-        fp16=dtype == torch.float16,
-        use_cpu=device == "cpu",
-        train_sampling_strategy="group_by_length" if t.group_by_length and not t.packing else "random",
-        packing=t.packing,
-        packing_strategy="bfd",
-        padding_free=t.packing,
-        max_length=cfg.data.max_seq_length,
-        completion_only_loss=not t.train_on_prompt,
-        eval_strategy="steps" if eval_rows else "no",
-        eval_steps=t.eval_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        load_best_model_at_end=bool(eval_rows) and t.early_stopping_patience > 0,
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
-        logging_steps=t.logging_steps,
-        report_to="none",
-        seed=t.seed,
-        data_seed=t.seed,
-        disable_tqdm=True,  # our bar shows loss, tokens/s and memory
-        dataloader_num_workers=0,
-    )
     callbacks = []
     if eval_rows and t.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
     stop_requests: list[str] = []
-    monitor = _make_monitor(run_dir, device, stop_requests)
+    monitor = _make_monitor(run_dir, device, stop_requests, world)
     callbacks.append(monitor)
     trainer = _make_trainer_class()(
         model=model,
@@ -688,10 +802,6 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
         checkpoint or "scratch",
     )
 
-    if eval_rows and checkpoint is None:
-        # The untrained baseline, so a fall in eval loss is visible. Not TrainingArguments.eval_on_start:
-        # its eval draws from the global RNG before training; our evaluate() puts the RNG back.
-        trainer.evaluate()
     start = time.perf_counter()
     try:
         with _stop_on_signals(stop_requests):
@@ -716,11 +826,18 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
     final = None
     if not stop_requests:
         final = run_dir / "final_adapter"
-        with atomic_dir(final, replace=True) as tmp:
-            trainer.model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            save_config(cfg, tmp / "config.yaml")
-            atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+        # Under FSDP each rank holds a shard: gathering the full state is a collective, rank 0 gets it.
+        full_state = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
+        if main:
+            with atomic_dir(final, replace=True) as tmp:
+                # A plain PEFT adapter folder, whatever wrapped the model for training.
+                trainer.accelerator.unwrap_model(trainer.model).save_pretrained(tmp, state_dict=full_state)
+                tokenizer.save_pretrained(tmp)
+                save_config(cfg, tmp / "config.yaml")
+                atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    trainer.accelerator.wait_for_everyone()  # every rank returns once the run's files are complete
+    if not main:
+        return TrainResult(run_dir, final, state.global_step, stopped, main_process=False)  # type: ignore[arg-type]
     metrics_path = run_dir / "metrics.jsonl"
     if metrics_path.is_file():
         _plot_loss(metrics_path, run_dir / "loss.png")
