@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -347,3 +348,43 @@ def test_fsdp_on_cpu_is_refused_with_the_reason(tiny_mistral, tiny_data, tmp_pat
     log = finish(proc, 1)
     assert "train.distributed=fsdp needs GPUs" in log
     assert not (tmp_path / "run").exists()
+
+
+def _worker_of_rank(launcher_pid: int, rank: int) -> int | None:
+    """The pid of the worker process with RANK=rank among the command's children (Linux /proc)."""
+    for task in Path(f"/proc/{launcher_pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in environ:
+                return int(child)
+    return None
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_run_stops_the_others_and_leaves_only_complete_checkpoints(
+    tiny_mistral, tiny_data, tmp_path
+):
+    """kill -9 of rank 1 (a crash no handler sees): the launcher stops rank 0, the command fails, nothing
+    partial sits under a real name, and `--resume auto` continues from the newest complete checkpoint."""
+    run = tmp_path / "run"
+    args = overrides(tiny_mistral, tiny_data, run, *RESUME, "train.save_steps=2")
+    proc = cli(tmp_path, args)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not complete_checkpoints(run):
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the next steps: the kill may land in a step or in a save
+    victim = _worker_of_rank(proc.pid, 1)
+    assert victim is not None, "no worker with RANK=1 among the command's children"
+    os.kill(victim, signal.SIGKILL)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode not in (0, None), log[-3000:]
+    saved = complete_checkpoints(run)  # a save cut short stays hidden (.staging-...), never a checkpoint-N
+    assert saved and sorted(p.name for p in run.glob("checkpoint-*")) == sorted(p.name for p in saved)
+    assert not (run / "final_adapter").exists()
+    resumed = finish(cli(tmp_path, [*args, "--resume", "auto"]))
+    assert re.search(rf"resume from \S*{saved[-1].name}\b", resumed), resumed[-3000:]
+    assert (run / "final_adapter" / "adapter_model.safetensors").is_file()
+    assert not any(p.name.startswith(".") for p in run.iterdir()), sorted(p.name for p in run.iterdir())

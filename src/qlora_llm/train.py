@@ -763,6 +763,8 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
     }
     if main:  # only rank 0 writes; the others hold the same model and data
         run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in run_dir.glob(".staging-checkpoint-*"):  # a save cut short by a kill or a crash
+            shutil.rmtree(stale, ignore_errors=True)
         if checkpoint is None:
             # A fresh start: rows left by an earlier attempt that never reached a checkpoint would mix in.
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
