@@ -185,11 +185,14 @@ def test_an_export_that_fails_leaves_nothing_under_its_name(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_real_run_exported_to_gguf_answers_in_llama_cpp_as_in_transformers(smollm2_run, tmp_path):
+def test_a_real_run_exported_to_gguf_answers_in_llama_cpp_as_in_transformers(
+    smollm2_run, tmp_path, go_render
+):
     """The real SmolLM2 run, through llama.cpp's converter and its own llama-completion (built here from the
     pinned source): f16 gives transformers' greedy tokens and stops on the same EOS; q8_0 and the Ollama
     q4_k_m export run and their agreement is recorded; the GGUF adapter loads with --lora."""
     from gguf import GGUFReader
+    from transformers import AutoTokenizer
 
     f16 = export(smollm2_run, "gguf", quant="f16", out_dir=tmp_path / "f16", device="cpu")
     greedy = f16.verification["greedy"]
@@ -214,6 +217,10 @@ def test_a_real_run_exported_to_gguf_answers_in_llama_cpp_as_in_transformers(smo
     modelfile = (tmp_path / "ollama" / "Modelfile").read_text()
     assert modelfile.startswith(f'FROM ./{ollama.files[0]}\nTEMPLATE """')
     assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    go_template = modelfile.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_run / "final_adapter")
+    ours = [render_prompt(c, "auto", tokenizer) for c in CHECK_CONVERSATIONS]
+    assert go_render(go_template, CHECK_CONVERSATIONS) == ours
     assert (tmp_path / "ollama" / ollama.files[0]).stat().st_size < 0.4 * (
         tmp_path / "f16" / f16.files[0]
     ).stat().st_size

@@ -198,6 +198,17 @@ def _merged_folder(found: Any, device: str) -> Path:
     ).out_dir
 
 
+def export_name(found: Any) -> str:
+    """What an export is called (file stems, the Ollama model, vLLM's LoRA name): the run's folder name."""
+    if found.path is None:
+        name = found.model_cfg.name.split("/")[-1]
+    elif found.path.name in ("merged", "final_adapter"):
+        name = found.path.parent.name
+    else:
+        name = found.path.name.removesuffix("-merged")
+    return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-") or "model"
+
+
 def _default_out(found: Any, fmt: str, quant: str | None) -> Path:
     suffix = f"{fmt}-{quant}" if quant else fmt
     if found.kind == "run":
@@ -388,10 +399,9 @@ def export(
         else:
             result = _export_gguf(found, tmp, quant, adapter_only=adapter_only, verify=verify, device=device)
             if fmt == "ollama":
-                result.commands, result.files = (
-                    _write_modelfile(found, tmp, result),
-                    [*result.files, "Modelfile"],
-                )
+                _, tokenizer = _template_and_tokenizer(_merged_folder(found, device), found)
+                result.commands = _write_modelfile(found, tmp, result, tokenizer)
+                result.files.append("Modelfile")
         (tmp / "EXPORT.md").write_text(_export_md(found, fmt, quant, out_dir, result))
         result.files.append("EXPORT.md")
         (tmp / "export.json").write_text(
@@ -428,11 +438,7 @@ def _export_gguf(
     template, tokenizer = _template_and_tokenizer(merged_dir, found)
     jinja = chat_template_jinja(template, tokenizer)
     eos_id = found.manifest.get("tokens", {}).get("eos_id", tokenizer.eos_token_id)
-    stem = (found.path.name if found.path is not None else found.model_cfg.name.split("/")[-1]).removesuffix(
-        "-merged"
-    )
-    if stem == "merged" and found.path is not None:
-        stem = found.path.parent.name
+    stem = export_name(found)
     scratch = out / ".work"
     scratch.mkdir()
     stage = scratch / "model"
@@ -491,15 +497,10 @@ def _export_gguf(
     return result
 
 
-def _write_modelfile(found: Any, out: Path, result: ExportResult) -> list[str]:
+def _write_modelfile(found: Any, out: Path, result: ExportResult, tokenizer: Any) -> list[str]:
     """Ollama's Modelfile: FROM the GGUF, the run's template as TEMPLATE, its stop tokens and sampling."""
     settings = _run_settings(found).serve
-    template, tokenizer = result.verification["template"], None
-    from transformers import AutoTokenizer
-
-    source = found.adapter_dir or found.path or found.model_cfg.name
-    tokenizer = AutoTokenizer.from_pretrained(str(source))
-    go = ollama_template(template, tokenizer)
+    go = ollama_template(result.verification["template"], tokenizer)
     if '"""' in go:
         raise ExportError(
             "the template contains three double quotes in a row, which a Modelfile cannot quote."
@@ -512,7 +513,7 @@ def _write_modelfile(found: Any, out: Path, result: ExportResult) -> list[str]:
         f"PARAMETER num_predict {settings.max_new_tokens}",
     ]
     (out / "Modelfile").write_text("\n".join(lines) + "\n")
-    name = (found.path.name if found.path is not None else found.model_cfg.name.split("/")[-1]).lower()
+    name = export_name(found)
     return [f"ollama create {name} -f Modelfile", f"ollama run {name}"]
 
 
@@ -531,8 +532,8 @@ def check_vllm_adapter(adapter_dir: Path) -> int:
         problems.append(
             f"modules_to_save ({', '.join(config['modules_to_save'])}) are not LoRA weights and vLLM does not load them: train without them"
         )
-    if config.get("bias", "none") != "none":
-        problems.append("LoRA biases are not loaded by vLLM: train with bias 'none'")
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        problems.append("LoRA biases are not loaded by vLLM: train without them (bias 'none')")
     if problems:
         raise ExportError(
             f"{adapter_dir}: vLLM would refuse this adapter: "
@@ -546,7 +547,7 @@ def _export_vllm(found: Any, out: Path, final: Path, *, merged: bool, device: st
     """`out` is the folder being written; `final` where it will be (the command names final paths)."""
     from qlora_llm.model import resolve_model
 
-    name = (found.path.name if found.path is not None else "model").lower()
+    name = export_name(found)
     if merged or found.adapter_dir is None:
         source = _merged_folder(found, device)
         shutil.copytree(source, out / "model")
