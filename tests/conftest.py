@@ -141,6 +141,22 @@ def smollm2_cache(tmp_path_factory) -> Path:
     return cache
 
 
+WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """Short, learnable examples: name the word after a given word (28 train, 4 eval)."""
+    folder = tmp_path_factory.mktemp("data")
+    rows = [
+        {"instruction": f"What comes after {w}?", "input": "", "output": f"{WORDS[(i + 1) % 8]} {i % 3}"}
+        for i, w in enumerate(WORDS * 4)
+    ]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:28]))
+    (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[28:]))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tiny_mistral, tmp_path_factory) -> Path:
     """A 3-step LoRA run of the tiny Mistral (non-zero adapter, dropout off), with eval data and one benchmark prompt."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import reference_fused_gemv
-from test_train import lora_state, patch_trainer, tiny_cfg, tiny_data  # noqa: F401 (tiny_data is a fixture)
+from test_train import lora_state, patch_trainer, tiny_cfg
 
 from qlora_llm.config import ModelConfig
 from qlora_llm.cpu4bit import KernelError, choose_kernel, fused_kernel_available, is_fused

@@ -25,21 +25,8 @@ from qlora_llm.distributed import Launch, exit_code_of, launcher_args
 from qlora_llm.train import TrainError, complete_checkpoints, train
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
 # Measured: 2 processes x batch 2 against 1 process x batch 4, 8 steps, same data order (see README).
 LOSS_TOLERANCE = 1e-5
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("data")
-    rows = [
-        {"instruction": f"What comes after {w}?", "input": "", "output": f"{WORDS[(i + 1) % 8]} {i % 3}"}
-        for i, w in enumerate(WORDS * 4)
-    ]
-    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:28]))
-    (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[28:]))
-    return folder
 
 
 def overrides(tiny_mistral, tiny_data, out, *extra) -> list[str]:

@@ -13,26 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import WORDS
 
 from qlora_llm.config import load_config
 from qlora_llm.train import CHECKPOINT_FILES, TrainError, complete_checkpoints, tokenize_examples, train
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE_STEP = ("train.max_steps=1", "train.save_steps=1", "train.eval_steps=1")
-WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    """Short, learnable examples: name the word after a given word."""
-    folder = tmp_path_factory.mktemp("data")
-    rows = [
-        {"instruction": f"What comes after {w}?", "input": "", "output": f"{WORDS[(i + 1) % 8]} {i % 3}"}
-        for i, w in enumerate(WORDS * 4)
-    ]
-    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:28]))
-    (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[28:]))
-    return folder
 
 
 def tiny_cfg(tiny_mistral, tiny_data, out, *extra):
