@@ -194,7 +194,10 @@ def test_a_real_run_exported_to_gguf_answers_in_llama_cpp_as_in_transformers(
     from gguf import GGUFReader
     from transformers import AutoTokenizer
 
-    f16 = export(smollm2_run, "gguf", quant="f16", out_dir=tmp_path / "f16", device="cpu")
+    # A copy: the export merges into RUN/merged first, and the shared run must stay as the merge test expects it.
+    run = tmp_path / "run"
+    shutil.copytree(smollm2_run, run, ignore=shutil.ignore_patterns("checkpoint-*", "merged", "eval"))
+    f16 = export(run, "gguf", quant="f16", out_dir=tmp_path / "f16", device="cpu")
     greedy = f16.verification["greedy"]
     assert greedy["prompts"] == 4 and greedy["all_agree"], greedy
     assert greedy["transformers_stopped"] >= 1
@@ -205,26 +208,24 @@ def test_a_real_run_exported_to_gguf_answers_in_llama_cpp_as_in_transformers(
     assert reader.fields["tokenizer.chat_template"].contents().startswith("{% for message in messages %}")
     assert "agreeing tokens per prompt" in (tmp_path / "f16" / "EXPORT.md").read_text()
 
-    q8 = export(smollm2_run, "gguf", quant="q8_0", out_dir=tmp_path / "q8", device="cpu")
+    q8 = export(run, "gguf", quant="q8_0", out_dir=tmp_path / "q8", device="cpu")
     assert (tmp_path / "q8" / q8.files[0]).stat().st_size < 0.6 * (
         tmp_path / "f16" / f16.files[0]
     ).stat().st_size
     assert len(q8.verification["greedy"]["agree_on_first"]) == 4
 
-    ollama = export(
-        smollm2_run, "ollama", quant="q4_k_m", out_dir=tmp_path / "ollama", device="cpu", verify=False
-    )
+    ollama = export(run, "ollama", quant="q4_k_m", out_dir=tmp_path / "ollama", device="cpu", verify=False)
     modelfile = (tmp_path / "ollama" / "Modelfile").read_text()
     assert modelfile.startswith(f'FROM ./{ollama.files[0]}\nTEMPLATE """')
     assert 'PARAMETER stop "<|im_end|>"' in modelfile
     go_template = modelfile.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_run / "final_adapter")
+    tokenizer = AutoTokenizer.from_pretrained(run / "final_adapter")
     ours = [render_prompt(c, "auto", tokenizer) for c in CHECK_CONVERSATIONS]
     assert go_render(go_template, CHECK_CONVERSATIONS) == ours
     assert (tmp_path / "ollama" / ollama.files[0]).stat().st_size < 0.4 * (
         tmp_path / "f16" / f16.files[0]
     ).stat().st_size
 
-    lora = export(smollm2_run, "gguf", adapter_only=True, out_dir=tmp_path / "lora", device="cpu")
+    lora = export(run, "gguf", adapter_only=True, out_dir=tmp_path / "lora", device="cpu")
     assert GGUFReader(str(tmp_path / "lora" / lora.files[0])).fields["general.type"].contents() == "adapter"
     assert len(lora.verification["greedy"]["agree_on_first"]) == 4
