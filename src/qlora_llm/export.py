@@ -154,7 +154,8 @@ def ollama_template(template: str, tokenizer: Any) -> str:
 
     Written as the text between consecutive messages (`_glue`), which covers per-role prefixes and
     suffixes, default system prompts and the [INST] format's system message joined to the first user
-    turn. Checked in tests by rendering it with Go's own text/template.
+    turn. Checked in tests by rendering it with Go's own text/template. A pair of roles our template
+    never puts side by side (two user turns in a row) gets no text between them.
     """
     glue = _glue(template, tokenizer)
     branches = []
