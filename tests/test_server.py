@@ -19,6 +19,7 @@ from qlora_llm.generate import Generator, SamplingParams
 from qlora_llm.server import app as server_app
 from qlora_llm.server.app import create_app
 from qlora_llm.server.engine import Engine, Job
+from qlora_llm.server.routes import PATHS
 
 
 @pytest.fixture(scope="module")
@@ -518,3 +519,77 @@ def test_the_bare_builtin_model_answers_through_its_own_template(smollm2_cache, 
     argv = ["generate", "smollm2-135m-instruct", question[0]["content"], "--temperature", "0"]
     assert main([*argv, f"model.cache_dir={smollm2_cache}"]) == 0
     assert "Paris" in capsys.readouterr().out
+
+
+def _api_routes(routes) -> list:
+    """Every endpoint, inside included routers too (FastAPI 0.165 keeps them as `original_router`)."""
+    from fastapi.routing import APIRoute
+
+    found = []
+    for route in routes:
+        if isinstance(route, APIRoute) or (hasattr(route, "path") and hasattr(route, "methods")):
+            found.append(route)
+        elif hasattr(route, "original_router"):
+            found += _api_routes(route.original_router.routes)
+        elif hasattr(route, "routes"):  # a mounted app or router
+            found += _api_routes(route.routes)
+    return found
+
+
+def test_every_route_but_health_refuses_a_missing_wrong_or_recased_key(generator, tiny_mistral, caplog):
+    """Enumerated from the app itself, so a route added later cannot slip through; the key never leaks."""
+    key = "S3cret-Key-42"
+    caplog.set_level("DEBUG")
+    with TestClient(create_app(cfg_with(), tiny_mistral, api_key=key, generator=generator)) as c:
+        wait_ready(c)
+        routes = [(r.path, m) for r in _api_routes(c.app.routes) for m in r.methods]
+        assert {path for path, _ in routes} == PATHS
+        refused = [
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": f"Bearer {key.lower()}"},
+            {"Authorization": f"Bearer {key.swapcase()}"},
+            {"X-API-Key": key.upper()},
+            {"Authorization": f"Basic {key}"},
+        ]
+        bodies = []
+        for path, method in routes:
+            for headers in refused:
+                r = c.request(method, path, headers=headers, json={"prompt": "hi"})
+                expected = 200 if path == "/health" else 401
+                assert r.status_code == expected, (method, path, headers, r.text)
+                bodies.append(r.text)
+        ok = {"Authorization": f"Bearer {key}"}
+        assert c.get("/openapi.json", headers=ok).json()["paths"].keys() >= {"/generate", "/v1/models"}
+        metrics = c.get("/metrics", headers=ok).text
+    assert all(key.lower() not in b.lower() for b in [*bodies, metrics])
+    assert key.lower() not in caplog.text.lower()
+
+
+@pytest.mark.parametrize(
+    "name", ["../qx7zz", "/etc/qx7zz", "qx7zz\x00y", "..%2F..%2Fqx7zz", "~/models/qx7zz", "C:\\qx7zz"]
+)
+def test_model_names_that_look_like_paths_are_refused_without_touching_the_filesystem(
+    client, name, monkeypatch
+):
+    import builtins
+    import os
+
+    touched = []
+    real_stat, real_open = os.stat, builtins.open
+
+    def stat(path, *a, **k):
+        touched.append(str(path))
+        return real_stat(path, *a, **k)
+
+    def open_(path, *a, **k):
+        touched.append(str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(os, "stat", stat)
+    monkeypatch.setattr(builtins, "open", open_)
+    body = {"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    r = client.post("/v1/chat/completions", json=body)
+    monkeypatch.undo()
+    assert r.status_code == 404 and "is not served here" in r.json()["error"]["message"]
+    assert not [p for p in touched if "qx7zz" in p], touched  # refused by name; no path was looked at

@@ -194,7 +194,9 @@ def create_app(
         if app.state.engine is not None:
             app.state.engine.stop()
 
-    app = FastAPI(title="qlora-llm", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="qlora-llm", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
     state = app.state
     state.cfg, state.api_key, state.started = cfg, api_key, time.time()
     state.engine, state.generator, state.load_error = None, None, None

@@ -22,7 +22,15 @@ from qlora_llm.generate import SamplingParams
 from qlora_llm.server.engine import Job, QueueFull
 from qlora_llm.server.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest
 
-PATHS = {"/health", "/generate", "/v1/chat/completions", "/v1/completions", "/v1/models", "/metrics"}
+PATHS = {
+    "/health",
+    "/generate",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/models",
+    "/metrics",
+    "/openapi.json",
+}
 
 
 def _fail(status: int, message: str, param: str | None = None, headers: dict | None = None) -> HTTPException:
@@ -316,3 +324,9 @@ async def metrics(request: Request) -> Response:
     state = request.app.state
     state.metrics.in_flight.set(state.engine.in_flight if state.engine is not None else 0)
     return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+# FastAPI's own /openapi.json would be public; the schema describes every route, so it takes the key too.
+@protected.get("/openapi.json", include_in_schema=False)
+async def openapi(request: Request) -> JSONResponse:
+    return JSONResponse(request.app.openapi())
