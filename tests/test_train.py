@@ -248,6 +248,29 @@ def test_checkpoint_of_another_lora_shape_is_refused(tiny_mistral, tiny_data, tm
         train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "run", "lora.r=8"), resume="auto")
 
 
+def test_a_checkpoint_damaged_after_its_save_is_refused_and_the_previous_one_offered(
+    tiny_mistral, tiny_data, tmp_path
+):
+    out = tmp_path / "run"
+    train(tiny_cfg(tiny_mistral, tiny_data, out))  # checkpoints at steps 3 and 6
+    sums = json.loads((out / "checkpoint-6" / "checksums.json").read_text())
+    assert {"adapter_model.safetensors", "optimizer.pt", "rng_state.pth", "manifest.json"} <= sums.keys()
+    weights = out / "checkpoint-6" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit pattern in a tensor: still loads, silently wrong
+    weights.write_bytes(bytes(data))
+    more = ("train.max_steps=9",)
+    with pytest.raises(TrainError) as err:
+        train(tiny_cfg(tiny_mistral, tiny_data, out, *more), resume="auto")
+    assert str(err.value) == (
+        f"{out / 'checkpoint-6'} is damaged: adapter_model.safetensors changed or vanished after it was "
+        "saved (the checksums in checksums.json do not match); it was not resumed. Delete it and resume "
+        f"from the previous one with --resume {out / 'checkpoint-3'}."
+    )
+    result = train(tiny_cfg(tiny_mistral, tiny_data, out, *more), resume=str(out / "checkpoint-3"))
+    assert result.global_step == 9 and complete_checkpoints(out)[-1].name == "checkpoint-9"
+
+
 def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(
     tiny_mistral, tiny_data, tmp_path, monkeypatch
 ):

@@ -38,6 +38,7 @@ from qlora_llm.templates import render, resolve_template
 log = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+CHECKSUMS = "checksums.json"
 # What a checkpoint must hold to be resumed from; staged saving makes a partial one impossible, this
 # also rejects folders written by other tools or older versions.
 CHECKPOINT_FILES = (
@@ -155,6 +156,40 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
         if m and p.is_dir() and all((p / f).is_file() for f in CHECKPOINT_FILES):
             found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
+
+
+def write_checksums(checkpoint: Path) -> None:
+    """Record every file's SHA-256 in the checkpoint, so damage after the save is found at resume."""
+    sums = {
+        str(f.relative_to(checkpoint)): sha256_file(f)
+        for f in sorted(checkpoint.rglob("*"))
+        if f.is_file() and f.name != CHECKSUMS
+    }
+    atomic_write_text(checkpoint / CHECKSUMS, json.dumps(sums, indent=2) + "\n")
+
+
+def verify_checksums(checkpoint: Path, earlier: list[Path]) -> None:
+    """Refuse a checkpoint whose files changed after it was saved; name the newest earlier one instead."""
+    listed = checkpoint / CHECKSUMS
+    if not listed.is_file():
+        log.warning("%s has no %s (saved by an older version): resuming it unchecked", checkpoint, CHECKSUMS)
+        return
+    sums = json.loads(listed.read_text())
+    bad = [
+        name
+        for name, digest in sums.items()
+        if not (checkpoint / name).is_file() or sha256_file(checkpoint / name) != digest
+    ]
+    if bad:
+        offer = (
+            f"resume from the previous one with --resume {earlier[-1]}"
+            if earlier
+            else "no earlier checkpoint is left; start over in a new train.output_dir"
+        )
+        raise TrainError(
+            f"{checkpoint} is damaged: {', '.join(bad)} changed or vanished after it was saved (the "
+            f"checksums in {CHECKSUMS} do not match); it was not resumed. Delete it and {offer}."
+        )
 
 
 def _identity(cfg: Config) -> dict[str, Any]:
@@ -332,6 +367,7 @@ def _make_trainer_class() -> type:
             if self.run_config is not None:
                 save_config(self.run_config, staged / "config.yaml")
             atomic_write_text(staged / "manifest.json", json.dumps(self.run_manifest, indent=2) + "\n")
+            write_checksums(staged)
             with contextlib.suppress(FileNotFoundError):
                 shutil.rmtree(run_dir / name)  # the same step saved again (e.g. the final save)
             os.rename(staged, run_dir / name)  # the moment the checkpoint becomes visible, complete
@@ -580,6 +616,8 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
             raise TrainError(
                 f"{checkpoint} is not a complete checkpoint (needs {', '.join(CHECKPOINT_FILES)})."
             )
+    if checkpoint is not None:
+        verify_checksums(checkpoint, existing[: existing.index(checkpoint)] if checkpoint in existing else [])
     if t.early_stopping_patience and t.save_steps % t.eval_steps:
         raise TrainError(
             f"train.save_steps={t.save_steps} must be a multiple of train.eval_steps={t.eval_steps}: "
