@@ -248,6 +248,20 @@ def test_checkpoint_of_another_lora_shape_is_refused(tiny_mistral, tiny_data, tm
         train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "run", "lora.r=8"), resume="auto")
 
 
+def test_a_sequence_length_beyond_the_models_context_is_refused_before_loading(
+    tiny_mistral, tiny_data, tmp_path, monkeypatch
+):
+    import qlora_llm.model
+
+    monkeypatch.setattr(qlora_llm.model, "load_tokenizer", lambda *a, **k: pytest.fail("loaded first"))
+    with pytest.raises(TrainError) as err:
+        train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "run", "data.max_seq_length=5000"))
+    assert str(err.value) == (
+        f"data.max_seq_length=5000 is beyond the context of {tiny_mistral} (1024 tokens, its "
+        "max_position_embeddings): set data.max_seq_length=1024 or less."
+    )
+
+
 def test_a_checkpoint_damaged_after_its_save_is_refused_and_the_previous_one_offered(
     tiny_mistral, tiny_data, tmp_path
 ):

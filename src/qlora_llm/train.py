@@ -215,6 +215,22 @@ def check_resumable(checkpoint: Path, cfg: Config, target_modules: list[str]) ->
         )
 
 
+def check_context(cfg: Config) -> None:
+    """`data.max_seq_length` within the model's context, said before anything is loaded or tokenized."""
+    from qlora_llm.plan import PlanError, load_model_config
+
+    try:
+        config, _ = load_model_config(cfg.model.name, cfg.model.revision)
+    except PlanError:  # no config.json to read offline: the model's own loading will say what is wrong
+        return
+    context = config.get("max_position_embeddings")
+    if context and cfg.data.max_seq_length > context:
+        raise TrainError(
+            f"data.max_seq_length={cfg.data.max_seq_length} is beyond the context of {cfg.model.name} "
+            f"({context} tokens, its max_position_embeddings): set data.max_seq_length={context} or less."
+        )
+
+
 def check_processes(checkpoint: Path, processes: int) -> None:
     """A checkpoint resumes only with the number of processes that wrote it.
 
@@ -616,6 +632,7 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
             raise TrainError(
                 f"{checkpoint} is not a complete checkpoint (needs {', '.join(CHECKPOINT_FILES)})."
             )
+    check_context(cfg)
     if checkpoint is not None:
         verify_checksums(checkpoint, existing[: existing.index(checkpoint)] if checkpoint in existing else [])
     if t.early_stopping_patience and t.save_steps % t.eval_steps:
