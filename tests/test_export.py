@@ -229,3 +229,22 @@ def test_a_real_run_exported_to_gguf_answers_in_llama_cpp_as_in_transformers(
     lora = export(run, "gguf", adapter_only=True, out_dir=tmp_path / "lora", device="cpu")
     assert GGUFReader(str(tmp_path / "lora" / lora.files[0])).fields["general.type"].contents() == "adapter"
     assert len(lora.verification["greedy"]["agree_on_first"]) == 4
+
+
+def test_an_export_that_dies_mid_write_leaves_the_previous_one_intact(tiny_run, tmp_path, monkeypatch):
+    import qlora_llm.export as qexport
+
+    out = tmp_path / "vllm"
+    export(tiny_run, "vllm", out_dir=out, device="cpu")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def dies_after_the_adapter(found, folder, final, **kwargs):
+        shutil.copytree(found.adapter_dir, folder / "adapter")
+        raise KeyboardInterrupt  # as Ctrl-C or a kill would, halfway through writing
+
+    monkeypatch.setattr(qexport, "_export_vllm", dies_after_the_adapter)
+    with pytest.raises(KeyboardInterrupt):
+        export(tiny_run, "vllm", out_dir=out, device="cpu", force=True)
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    assert [p.name for p in tmp_path.iterdir()] == ["vllm"]  # no half-written folder beside it
