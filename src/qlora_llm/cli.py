@@ -656,6 +656,7 @@ def main(argv: list[str] | None = None) -> int:
         from qlora_llm.data import PrepareError
         from qlora_llm.evaluate import EvalError
         from qlora_llm.export import ExportError
+        from qlora_llm.integrity import DamagedFileError
         from qlora_llm.llamacpp import LlamaCppError
         from qlora_llm.merge import MergeError
         from qlora_llm.model import DeviceError, ModelNotFoundError
@@ -674,6 +675,7 @@ def main(argv: list[str] | None = None) -> int:
             | EvalError
             | MergeError
             | ExportError
+            | DamagedFileError
             | LlamaCppError
             | PipelineError,
         ):

@@ -55,6 +55,8 @@ class ModelConfig(_Section):
     """Where built-in models are converted to HF folders (once)."""
     trust_remote_code: bool = False
     """Run model code shipped with a Hub repository; off unless you trust it."""
+    allow_pickle: bool = False
+    """Load pickle weights (`*.bin`) when a folder has no safetensors; unpickling can run code."""
 
 
 class DataConfig(_Section):

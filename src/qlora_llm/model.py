@@ -521,9 +521,14 @@ def load_target(
     perplexity 28.0 -> 35.7, bench/cpu_4bit_paths.py). `adapter=False` loads the base alone (the "before"
     of a comparison).
     """
+    from qlora_llm.integrity import check_weights
+
     found = target if isinstance(target, Target) else find_target(target, model_cfg)
     device = pick_device(device)
     mcfg = found.model_cfg
+    for folder in (found.path if found.kind == "merged" else None, found.adapter_dir if adapter else None):
+        if folder is not None:
+            check_weights(folder, allow_pickle=mcfg.allow_pickle)
     model = load_base_model(mcfg, device, quantization=quantization)
     model.eval()
     tokenizer = load_tokenizer(
@@ -535,7 +540,16 @@ def load_target(
     if adapter and found.adapter_dir is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(found.adapter_dir), is_trainable=False)
+        try:
+            model = PeftModel.from_pretrained(model, str(found.adapter_dir), is_trainable=False)
+        except RuntimeError as err:
+            if "size mismatch" not in str(err):
+                raise
+            first = next(line.strip() for line in str(err).splitlines() if "size mismatch" in line)
+            raise ModelNotFoundError(
+                f"{found.adapter_dir}: its LoRA weights do not fit {mcfg.name} ({first}); the adapter was "
+                "trained on another base model, or its adapter_config.json does not match its weights."
+            ) from err
         model.eval()
         log.info("applied adapter %s (unmerged)", found.adapter_dir)
     if tokenizer.pad_token_id is None:
