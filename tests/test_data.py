@@ -339,3 +339,16 @@ def test_bundled_data_is_valid_and_split_clean(tmp_path):
     )
     assert report.invalid == report.duplicates == report.overlength_dropped == report.eval_leaks_removed == 0
     assert report.train_written >= 200 and report.eval_written >= 80
+
+
+def test_a_lone_surrogate_is_reported_with_its_line_not_passed_to_the_tokenizer(tmp_path):
+    """Found by tests/test_fuzz.py: valid JSON (a \\ud800 escape) that no tokenizer accepts."""
+    raw = tmp_path / "raw.jsonl"
+    raw.write_bytes(b"".join(jl(g) for g in GOOD) + b'{"instruction": "a\\ud800b", "output": "c"}\n')
+    report = prepare(cfg(), [raw], tmp_path / "out")
+    (problem,) = report.problems
+    assert str(problem) == (
+        f"{raw}:13: instruction: 'instruction' holds a lone surrogate (\\ud800), which is not text. "
+        "Fix or remove that \\u escape: it is one half of a UTF-16 pair."
+    )
+    assert report.train_written == 12 and report.invalid == 1

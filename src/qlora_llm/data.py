@@ -419,6 +419,19 @@ def _text_field(
             )
         )
         return None
+    surrogate = next((c for c in value if "\ud800" <= c <= "\udfff"), None)
+    if surrogate is not None:  # valid JSON (a \u escape), but not text: no tokenizer can take it
+        problems.append(
+            Problem(
+                file,
+                line,
+                key,
+                f"'{key}' holds a lone surrogate (\\u{ord(surrogate):04x}), which is not text",
+                "Fix or remove that \\u escape: it is one half of a UTF-16 pair.",
+                kind="encoding",
+            )
+        )
+        return None
     text = _clean(value)
     if required and not text:
         problems.append(
