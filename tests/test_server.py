@@ -4,6 +4,7 @@ batching, multiple adapters, every validation error, 413/429, API keys, and disc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -593,3 +594,51 @@ def test_model_names_that_look_like_paths_are_refused_without_touching_the_files
     monkeypatch.undo()
     assert r.status_code == 404 and "is not served here" in r.json()["error"]["message"]
     assert not [p for p in touched if "qx7zz" in p], touched  # refused by name; no path was looked at
+
+
+@pytest.mark.slow
+def test_sigterm_lets_in_flight_requests_finish_or_cancels_them_and_exits_0(tiny_mistral, tmp_path):
+    """The real `qlora-llm serve` process: SIGTERM mid-stream; it exits 0 within serve.shutdown_timeout_s
+    plus a bound; the stream in flight finishes or is cut, never left hanging."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "qlora_llm.cli", "serve", str(tiny_mistral), "--port", str(port)]
+        + ["model.device=cpu", "serve.shutdown_timeout_s=0.5"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        body = {"prompt": "hi", "max_new_tokens": 1000, "temperature": 1.0, "stream": True}
+        events = []
+        with httpx.stream("POST", url + "/generate", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            events.append(next(lines))
+            sent = time.time()
+            server.send_signal(signal.SIGTERM)
+            with contextlib.suppress(httpx.HTTPError):
+                events += list(lines)
+        code = server.wait(timeout=30)
+        took = time.time() - sent
+    finally:
+        if server.poll() is None:
+            server.kill()
+    log = server.stdout.read()
+    assert code == 0, log[-3000:]
+    assert took < 0.5 + 10, took  # the grace period, then cancellation and the engine's stop
+    assert events[0].startswith("data: ")  # it was streaming when the signal came

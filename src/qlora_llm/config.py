@@ -183,6 +183,8 @@ class ServeConfig(_Section):
     """How long the first queued request waits for others to join its batch."""
     max_queue: int = Field(32, gt=0)
     """Requests running or waiting before new ones get 429 with Retry-After."""
+    shutdown_timeout_s: float = Field(10.0, ge=0)
+    """On SIGTERM/Ctrl-C: how long in-flight requests may finish before they are cancelled."""
     max_body_bytes: int = Field(1_000_000, gt=0)
     """Largest request body; bigger ones get 413 before they are parsed."""
     cors_origins: list[str] = Field(default_factory=list)

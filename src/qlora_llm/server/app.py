@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -249,4 +250,15 @@ def serve(
     app = create_app(cfg, target, adapters=adapters, api_key=api_key)
     if cfg.serve.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", cfg.serve.host)
-    uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="info")
+    # uvicorn re-raises the stop signal after its graceful shutdown, with the handler it found installed:
+    # a no-op one makes a SIGTERM'd server exit 0 (a clean stop) instead of dying by the signal.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    # On SIGTERM uvicorn stops accepting, lets in-flight requests finish for shutdown_timeout_s, then
+    # cancels the rest (a cancelled stream stops its generation) and runs the lifespan's engine stop.
+    uvicorn.run(
+        app,
+        host=cfg.serve.host,
+        port=cfg.serve.port,
+        log_level="info",
+        timeout_graceful_shutdown=cfg.serve.shutdown_timeout_s,
+    )
