@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -320,7 +322,31 @@ SCRIPT = textwrap.dedent("""
                 time.sleep(600)
             return real_save(obj, f, *a, **k)
         torch.save = slow_save
+    if mode.startswith(("count-save-6", "die-at-write-")):
+        # Every write of checkpoint-6's save (files, renames), counted; the N-th one is a kill -9.
+        import builtins, os, signal, peft.peft_model as pm
+        die_at = int(mode.rsplit("-", 1)[1]) if mode.startswith("die-at-write-") else 0
+        seen = []
+        def event(what, path):
+            if "checkpoint-6" in str(path):
+                seen.append(f"{what} {path}")
+                if len(seen) == die_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        def hook(name, real, kind, pos=0, writes_only=False):
+            def wrapped(*a, **k):
+                mode_arg = a[1] if len(a) > 1 else k.get("mode", "r")
+                if not writes_only or any(c in str(mode_arg) for c in "wax+"):
+                    event(kind, a[pos])
+                return real(*a, **k)
+            return wrapped
+        torch.save = hook("save", torch.save, "torch.save", pos=1)
+        pm.safe_save_file = hook("safe_save_file", pm.safe_save_file, "safetensors", pos=1)
+        builtins.open = hook("open", builtins.open, "open", writes_only=True)
+        os.replace = hook("replace", os.replace, "replace", pos=1)
+        os.rename = hook("rename", os.rename, "rename", pos=1)
     result = train(cfg, resume="auto")
+    if mode == "count-save-6":
+        print("".join(f"EVENT {e}\\n" for e in seen))
     sys.exit(result.exit_code)
 """)
 
@@ -356,6 +382,47 @@ def _args(tiny_mistral, tiny_data, out, *extra):
         "train.early_stopping_patience=0",
         *extra,
     ]
+
+
+@pytest.mark.slow
+def test_kill_9_at_every_stage_of_a_save_leaves_only_complete_checkpoints(tiny_mistral, tiny_data, tmp_path):
+    """A save is many writes (adapter, optimizer, scheduler, RNG, states, manifest, checksums, renames):
+    kill -9 at each of them in turn; every time only complete checkpoints carry a real name, and the
+    last interrupted run resumes from the newest one and finishes."""
+    count = _run_script(
+        tmp_path, "count-save-6", _args(tiny_mistral, tiny_data, tmp_path / "count", "train.max_steps=6")
+    )
+    log = count.communicate(timeout=300)[0]
+    assert count.returncode == 0, log[-3000:]
+    events = re.findall(r"^EVENT (\S+) (.+)$", log, flags=re.M)
+    # One kill per stage: the first write of each kind (torch.save, safetensors, open, replace, rename),
+    # of each file resume depends on, and the very last write (temporary names folded).
+    key_files = {"adapter_model.safetensors", "optimizer.pt", "rng_state.pth", "trainer_state.json"}
+    key_files |= {"manifest.json", "checksums.json"}
+    stages: dict[str, int] = {}
+    for k, (kind, path) in enumerate(events, start=1):
+        name = re.sub(r"^\.(.+)\.\w+\.tmp$", r"\1", Path(path).name)
+        stages.setdefault(kind, k)
+        if name in key_files:
+            stages.setdefault(name, k)
+    stages["last"] = len(events)
+    assert key_files | {"torch.save", "safetensors", "open", "replace", "rename"} <= stages.keys(), stages
+    out = tmp_path / "run"
+    args = _args(tiny_mistral, tiny_data, out, "train.max_steps=6")
+    for k in sorted(set(stages.values())):
+        shutil.rmtree(out, ignore_errors=True)
+        proc = _run_script(tmp_path, f"die-at-write-{k}", args)
+        log = proc.communicate(timeout=300)[0]
+        assert proc.returncode == -9, (k, events[k - 1], log[-2000:])
+        names = sorted(p.name for p in out.glob("checkpoint-*"))
+        complete = [p.name for p in complete_checkpoints(out)]
+        assert names == complete and complete[0] == "checkpoint-3", (k, names)
+        assert not (out / "final_adapter").exists()
+    finish = _run_script(tmp_path, "normal", [*args[:-1], "train.max_steps=9"])
+    log = finish.communicate(timeout=300)[0]
+    assert finish.returncode == 0 and "resume from " in log, log[-3000:]
+    assert [p.name for p in complete_checkpoints(out)][-1] == "checkpoint-9"
+    assert not any(p.name.startswith(".staging") for p in out.iterdir())
 
 
 @pytest.mark.slow
