@@ -8,7 +8,8 @@ addressed), sends a fixed number of requests (60% plain /generate, 20% streams c
 first event, 20% malformed: cut-short JSON, bytes that are not JSON, wrong types, an out-of-range
 max_new_tokens), then waits for the server's in-flight gauge to return to 0 and stops it with SIGTERM. Prints
 requests by status, p50/p99 latency of the plain ones, the server's resident memory at start and
-end, and whether every disconnected generation was cancelled (in-flight back to 0). Bounded in count
+end (after a warm-up round of 2 x clients requests, which allocates the generation buffers once), and
+whether every disconnected generation was cancelled (in-flight back to 0). Bounded in count
 and time; a short run of it is a CI test (tests/test_soak.py).
 """
 
@@ -117,6 +118,10 @@ def run(target: str, requests: int, clients: int, max_tokens: int, overrides: li
     url = f"http://127.0.0.1:{port}"
     server = start_server(target, port, overrides)
     try:
+        loaded_rss = rss_bytes(server.pid)
+        # A warm-up round first: the first batches allocate generation buffers once; growth after
+        # that is what a leak would show.
+        asyncio.run(soak(url, 2 * clients, clients, max_tokens))
         start_rss = rss_bytes(server.pid)
         began = time.perf_counter()
         results = asyncio.run(soak(url, requests, clients, max_tokens))
@@ -141,6 +146,7 @@ def run(target: str, requests: int, clients: int, max_tokens: int, overrides: li
         "server_errors_5xx": sum(status >= 500 and status != 503 for _, status, _ in results),
         "latency_p50_s": round(statistics.median(plain), 3) if plain else None,
         "latency_p99_s": round(plain[min(len(plain) - 1, int(0.99 * len(plain)))], 3) if plain else None,
+        "rss_loaded_mib": round(loaded_rss / 2**20, 1),
         "rss_start_mib": round(start_rss / 2**20, 1),
         "rss_end_mib": round(end_rss / 2**20, 1),
         "in_flight_after": gauge,
