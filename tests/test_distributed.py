@@ -22,7 +22,7 @@ import torch
 
 from qlora_llm.config import ConfigError, load_config
 from qlora_llm.distributed import Launch, exit_code_of, launcher_args
-from qlora_llm.train import TrainError, complete_checkpoints, train
+from qlora_llm.train import TrainError, complete_checkpoints, train, write_checksums
 
 ROOT = Path(__file__).resolve().parents[1]
 # Measured: 2 processes x batch 2 against 1 process x batch 4, 8 steps, same data order (see README).
@@ -221,6 +221,7 @@ def test_resume_with_another_process_count_is_refused(tiny_mistral, tiny_data, t
     data = json.loads(manifest.read_text())
     assert data["processes"] == 1
     manifest.write_text(json.dumps({**data, "processes": 2}))  # as a 2-process run writes it
+    write_checksums(manifest.parent)  # (an edit after the save would be refused as damage first)
     with pytest.raises(
         TrainError, match=r"written by 2 training process\(es\) and this run has 1: .* --nproc 2"
     ):
