@@ -248,3 +248,22 @@ def test_an_export_that_dies_mid_write_leaves_the_previous_one_intact(tiny_run, 
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
     assert [p.name for p in tmp_path.iterdir()] == ["vllm"]  # no half-written folder beside it
+
+
+def test_an_export_remerges_when_the_adapter_changed_since_the_last_merge(tiny_run, tmp_path):
+    """RUN/merged is reused only if it was merged from these adapter weights (by SHA-256)."""
+    from safetensors.torch import load_file, save_file
+
+    from qlora_llm.model import sha256_file
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("merged", "export-*"))
+    export(run, "vllm", merged=True, out_dir=tmp_path / "first", device="cpu")
+    weights = run / "final_adapter" / "adapter_model.safetensors"
+    first = json.loads((run / "merged" / "merge_verification.json").read_text())
+    assert first["adapter_sha256"] == sha256_file(weights)
+    tensors = load_file(str(weights))
+    save_file({k: v * 2 for k, v in tensors.items()}, str(weights))  # as a retrain would change them
+    export(run, "vllm", merged=True, out_dir=tmp_path / "second", device="cpu")
+    second = json.loads((run / "merged" / "merge_verification.json").read_text())
+    assert second["adapter_sha256"] == sha256_file(weights) != first["adapter_sha256"]

@@ -176,7 +176,7 @@ def ollama_template(template: str, tokenizer: Any) -> str:
 def _merged_folder(found: Any, device: str) -> Path:
     """The verified merged model of a target: its own folder, the run's `merged/`, or merged now."""
     from qlora_llm.merge import merge
-    from qlora_llm.model import resolve_model
+    from qlora_llm.model import resolve_model, sha256_file
 
     if found.kind == "merged":
         return found.path
@@ -191,9 +191,13 @@ def _merged_folder(found: Any, device: str) -> Path:
         found.path / "merged" if found.kind == "run" else found.path.with_name(found.path.name + "-merged")
     )
     verification = existing / "merge_verification.json"
-    if verification.is_file() and json.loads(verification.read_text()).get("passed"):
+    done = json.loads(verification.read_text()) if verification.is_file() else {}
+    weights = found.adapter_dir / "adapter_model.safetensors"
+    if done.get("passed") and done.get("adapter_sha256") == sha256_file(weights):
         return existing
-    log.info("no verified merged model beside %s yet: merging it first (qlora-llm merge)", found.path)
+    log.info(
+        "no verified merge of this adapter beside %s yet: merging it first (qlora-llm merge)", found.path
+    )
     return merge(
         found.path, existing, model_cfg=found.model_cfg, device=device, force=existing.exists()
     ).out_dir

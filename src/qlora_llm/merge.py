@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_llm.atomic import atomic_dir
-from qlora_llm.model import find_target, load_target
+from qlora_llm.model import find_target, load_target, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,8 @@ def merge(
             "answers": [a["text"] for a in after_answers],
         },
         "adapter": str(found.adapter_dir),
+        # What was merged, by content: an export reuses this folder only for the same adapter weights.
+        "adapter_sha256": sha256_file(found.adapter_dir / "adapter_model.safetensors"),
         "base_model": found.model_cfg.name,
     }
     if not verification["passed"]:
