@@ -144,6 +144,28 @@ def smollm2_cache(tmp_path_factory) -> Path:
 WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
 
 
+def tiny_overrides(model, data, out, *extra, steps: int, batch: int, every: int) -> list[str]:
+    """A short run of the tiny model on `tiny_data`: `every` steps an evaluation and a checkpoint."""
+    return [
+        f"model.name={model}",
+        "model.device=cpu",
+        f"data.train_file={data / 'train.jsonl'}",
+        f"data.eval_file={data / 'eval.jsonl'}",
+        "data.max_seq_length=64",
+        f"train.output_dir={out}",
+        f"train.max_steps={steps}",
+        f"train.batch_size={batch}",
+        "train.gradient_accumulation_steps=1",
+        f"train.eval_steps={every}",
+        f"train.save_steps={every}",
+        "train.logging_steps=1",
+        "train.learning_rate=1e-2",
+        "train.warmup_ratio=0",
+        "train.early_stopping_patience=0",
+        *extra,
+    ]
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """Short, learnable examples: name the word after a given word (28 train, 4 eval)."""

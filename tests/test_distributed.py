@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import tiny_overrides
 
 from qlora_llm.config import ConfigError, load_config
 from qlora_llm.distributed import Launch, exit_code_of, launcher_args
@@ -30,24 +31,7 @@ LOSS_TOLERANCE = 1e-5
 
 
 def overrides(tiny_mistral, tiny_data, out, *extra) -> list[str]:
-    return [
-        f"model.name={tiny_mistral}",
-        "model.device=cpu",
-        f"data.train_file={tiny_data / 'train.jsonl'}",
-        f"data.eval_file={tiny_data / 'eval.jsonl'}",
-        "data.max_seq_length=64",
-        f"train.output_dir={out}",
-        "train.max_steps=8",
-        "train.batch_size=2",
-        "train.gradient_accumulation_steps=1",
-        "train.eval_steps=4",
-        "train.save_steps=4",
-        "train.logging_steps=1",
-        "train.learning_rate=1e-2",
-        "train.warmup_ratio=0",
-        "train.early_stopping_patience=0",
-        *extra,
-    ]
+    return tiny_overrides(tiny_mistral, tiny_data, out, *extra, steps=8, batch=2, every=4)
 
 
 def free_port() -> int:

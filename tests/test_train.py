@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WORDS
+from conftest import WORDS, tiny_overrides
 
 from qlora_llm.config import load_config
 from qlora_llm.train import CHECKPOINT_FILES, TrainError, complete_checkpoints, tokenize_examples, train
@@ -25,27 +25,7 @@ ONE_STEP = ("train.max_steps=1", "train.save_steps=1", "train.eval_steps=1")
 
 
 def tiny_cfg(tiny_mistral, tiny_data, out, *extra):
-    return load_config(
-        None,
-        [
-            f"model.name={tiny_mistral}",
-            "model.device=cpu",
-            f"data.train_file={tiny_data / 'train.jsonl'}",
-            f"data.eval_file={tiny_data / 'eval.jsonl'}",
-            "data.max_seq_length=64",
-            f"train.output_dir={out}",
-            "train.max_steps=6",
-            "train.batch_size=4",
-            "train.gradient_accumulation_steps=1",
-            "train.eval_steps=3",
-            "train.save_steps=3",
-            "train.logging_steps=1",
-            "train.learning_rate=1e-2",
-            "train.warmup_ratio=0",
-            "train.early_stopping_patience=0",
-            *extra,
-        ],
-    )
+    return load_config(None, tiny_overrides(tiny_mistral, tiny_data, out, *extra, steps=6, batch=4, every=3))
 
 
 def patch_trainer(monkeypatch, mixin: type) -> None:
