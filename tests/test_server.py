@@ -642,3 +642,11 @@ def test_sigterm_lets_in_flight_requests_finish_or_cancels_them_and_exits_0(tiny
     assert code == 0, log[-3000:]
     assert took < 0.5 + 10, took  # the grace period, then cancellation and the engine's stop
     assert events[0].startswith("data: ")  # it was streaming when the signal came
+
+
+def test_a_denormal_temperature_decodes_greedily_instead_of_failing(client):
+    # Found by schemathesis: logits / 2e-313 overflow to inf and softmax gives NaN (a 500 before).
+    body = {"prompt": "Summarize: the cat sat.", "max_new_tokens": 6, "seed": 1}
+    tiny = client.post("/generate", json=body | {"temperature": 2.2250738585e-313})
+    greedy = client.post("/generate", json=body | {"temperature": 0})
+    assert tiny.status_code == 200 and tiny.json() == greedy.json()

@@ -36,6 +36,12 @@ class SamplingParams:
     seed: int | None = None
     """Seed for sampling; None draws from the global RNG."""
 
+    @property
+    def greedy(self) -> bool:
+        # Below 1e-4 sampling is greedy in effect, and dividing logits by a tiny (or denormal) temperature
+        # overflows to inf, which softmax turns into NaN: found by schemathesis with temperature=2e-313.
+        return self.temperature < 1e-4
+
 
 @dataclass
 class Completion:
@@ -126,7 +132,7 @@ class Generator:
             "eos_token_id": self.stop_ids,
             "pad_token_id": self.tokenizer.pad_token_id,
         }
-        if params.temperature == 0:
+        if params.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
             kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=None)

@@ -10,8 +10,10 @@ stack trace or a server path.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
+import re
 import signal
 import threading
 import time
@@ -38,6 +40,23 @@ def error_body(status: int, message: str, param: str | None = None) -> dict[str,
         status, "invalid_request_error" if status < 500 else "server_error"
     )
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+# An absolute path not inside a URL or a relative path: "/srv/models/x" but not "https://h/x" or "runs/x".
+_SERVER_PATH = re.compile(r"(?<![\w:/.~])(?:/[^\s/'\"`,;()]+)+/?")
+
+
+def public_message(err: Exception) -> str:
+    """An error's message fit for a public body: every server path cut to its last part (the log has all)."""
+    return _SERVER_PATH.sub(lambda m: Path(m.group(0).rstrip("/")).name or "/", str(err))
+
+
+def _document_limits(schema: dict[str, Any], limit: int) -> None:
+    """Write this server's token limit into the request schemas, where clients and schema tools read it."""
+    for component in schema.get("components", {}).get("schemas", {}).values():
+        for name in ("max_new_tokens", "max_tokens", "max_completion_tokens"):
+            if name in component.get("properties", {}):
+                component["properties"][name].update(minimum=1, maximum=limit)
 
 
 class BodyLimit:
@@ -75,10 +94,39 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _reject(self, send: Any) -> None:
-        body = json.dumps(error_body(413, f"request body over the limit of {self.limit} bytes")).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await _send_error(send, 413, f"request body over the limit of {self.limit} bytes")
+
+
+class RequireKey:
+    """Refuse every path but the public ones without the API key (Bearer or X-API-Key, exact case),
+    compared in constant time, before routing or parsing."""
+
+    def __init__(self, app: Any, key: str, public: set[str]):
+        self.app, self.key, self.public = app, key.encode(), public
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in self.public:
+            return await self.app(scope, receive, send)
+        headers = {name.lower(): value for name, value in scope["headers"]}
+        given = headers.get(b"x-api-key", b"")
+        auth = headers.get(b"authorization", b"")
+        if auth.lower().startswith(b"bearer "):
+            given = auth[7:].strip()
+        if hmac.compare_digest(given, self.key):
+            return await self.app(scope, receive, send)
+        await _send_error(
+            send,
+            401,
+            "missing or wrong API key: send 'Authorization: Bearer KEY'",
+            [(b"www-authenticate", b"Bearer")],
+        )
+
+
+async def _send_error(send: Any, status: int, message: str, headers: list | None = None) -> None:
+    body = json.dumps(error_body(status, message)).encode()
+    start = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": start + (headers or [])})
+    await send({"type": "http.response.body", "body": body})
 
 
 class CountRequests:
@@ -164,7 +212,8 @@ def _load(
         log.info("serving %s as %s", target.name, ", ".join(state.served))
     except Exception as err:
         log.exception("loading %s failed", target.name)
-        state.load_error = f"{type(err).__name__}: {err}"
+        # /health is public: what went wrong, without the exception's type or the server's paths.
+        state.load_error = public_message(err)
 
 
 def create_app(
@@ -199,7 +248,7 @@ def create_app(
         title="qlora-llm", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
     state = app.state
-    state.cfg, state.api_key, state.started = cfg, api_key, time.time()
+    state.cfg, state.started = cfg, time.time()
     state.engine, state.generator, state.load_error = None, None, None
     state.metrics = Metrics()
     state.primary, state.served = _served_models(found, adapters)
@@ -228,6 +277,10 @@ def create_app(
         log.exception("unhandled error on %s", request.url.path)
         return JSONResponse(error_body(500, "internal server error"), 500)
 
+    # Starlette runs the last added middleware first: count, limit the body, answer CORS preflights
+    # (browsers send them without credentials), then check the key.
+    if api_key:
+        app.add_middleware(RequireKey, key=api_key, public=routes.PUBLIC_PATHS)
     if cfg.serve.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -238,6 +291,14 @@ def create_app(
     app.add_middleware(CountRequests, metrics=state.metrics, paths=routes.PATHS)
     app.include_router(routes.public)
     app.include_router(routes.protected)
+    schema_of = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            _document_limits(schema_of(), cfg.serve.max_new_tokens_limit)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 

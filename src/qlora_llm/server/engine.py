@@ -326,7 +326,7 @@ class Engine:
         picked = []
         for b, j in enumerate(jobs):
             row = logits[b].float().cpu()
-            if j.params.temperature == 0:
+            if j.params.greedy:
                 picked.append(int(row.argmax()))
                 continue
             probs = torch.softmax(row / j.params.temperature, dim=-1)

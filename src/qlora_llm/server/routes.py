@@ -8,19 +8,24 @@ job's cancel flag, which the engine checks before every token.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from qlora_llm.generate import SamplingParams
 from qlora_llm.server.engine import Job, QueueFull
-from qlora_llm.server.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest
+from qlora_llm.server.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+)
 
 PATHS = {
     "/health",
@@ -37,27 +42,41 @@ def _fail(status: int, message: str, param: str | None = None, headers: dict | N
     return HTTPException(status, {"message": message, "param": param}, headers=headers)
 
 
-async def require_api_key(request: Request) -> None:
-    key = request.app.state.api_key
-    if not key:
-        return
-    given = request.headers.get("x-api-key", "")
-    auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        given = auth[7:].strip()
-    if not hmac.compare_digest(given.encode(), key.encode()):
-        raise _fail(
-            401,
-            "missing or wrong API key: send 'Authorization: Bearer KEY'",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+# Documented in the OpenAPI schema, so clients and schema-driven tools (schemathesis in our tests) know
+# every answer a route can give: its errors and, with "stream": true, server-sent events.
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in [
+        (400, "malformed JSON body"),
+        (401, "missing or wrong API key"),
+        (404, "the requested model is not served here"),
+        (413, "body larger than serve.max_body_bytes"),
+        (422, "a field is missing, of the wrong type or out of range; the message names it"),
+        (429, "the queue is full (serve.max_queue); retry later"),
+        (503, "the model is still loading or failed to load"),
+    ]
+}
+# Before OpenAPI 3.2 (FastAPI writes 3.1) an event stream's schema describes each event.
+STREAMED = {
+    "text/event-stream": {
+        "schema": {
+            "type": "object",
+            "properties": {
+                "data": {"type": "string", "description": "a JSON object; OpenAI's end with [DONE]"}
+            },
+            "required": ["data"],
+        }
+    }
+}
 
-
+# The API key is checked by the app's RequireKey middleware for every path but these, before routing:
+# a route added later cannot slip past it, and no body is parsed for a client without the key.
+PUBLIC_PATHS = {"/health"}
 public = APIRouter()
-protected = APIRouter(dependencies=[Depends(require_api_key)])
+protected = APIRouter(responses=ERRORS)
 
 
-@public.get("/health")
+@public.get("/health", responses={503: {"description": "the model is loading, or failed to load"}})
 async def health(request: Request) -> JSONResponse:
     state = request.app.state
     body: dict[str, Any] = {"status": "ok", "gpu": None, "model": state.primary, "models": list(state.served)}
@@ -180,7 +199,9 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # The seed's contract
 
 
-@protected.post("/generate", response_model=None)
+@protected.post(
+    "/generate", response_model=None, responses={200: {"model": GenerateResponse, "content": STREAMED}}
+)
 async def generate(body: GenerateRequest, request: Request) -> dict[str, str] | StreamingResponse:
     engine = _engine(request)
     _, adapter = _adapter(request, body.model)
@@ -215,7 +236,7 @@ def _usage(result: dict[str, Any]) -> dict[str, int]:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-@protected.post("/v1/chat/completions", response_model=None)
+@protected.post("/v1/chat/completions", response_model=None, responses={200: {"content": STREAMED}})
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> dict | StreamingResponse:
     _engine(request)
     name, adapter = _adapter(request, body.model)
@@ -271,7 +292,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> dic
     return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-@protected.post("/v1/completions", response_model=None)
+@protected.post("/v1/completions", response_model=None, responses={200: {"content": STREAMED}})
 async def completions(body: CompletionRequest, request: Request) -> dict | StreamingResponse:
     _engine(request)
     name, adapter = _adapter(request, body.model)
@@ -319,7 +340,8 @@ async def models(request: Request) -> dict[str, Any]:
     }
 
 
-@protected.get("/metrics")
+# Not response_class=PlainTextResponse: that would document the JSON errors as text too.
+@protected.get("/metrics", responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(request: Request) -> Response:
     state = request.app.state
     state.metrics.in_flight.set(state.engine.in_flight if state.engine is not None else 0)
