@@ -1,4 +1,4 @@
-"""`prepare` on generated inputs (hypothesis): every run ends in a clear error or a valid output.
+"""Generated inputs (hypothesis): `prepare` on any bytes, and any config file or override.
 
 Invariants, whatever the bytes: no traceback (the CLI returns 0 or 1), no partial or temporary file, and
 nothing lost silently: every record read is written or reported (in = out + reported). The example
@@ -10,15 +10,24 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import tempfile
 from pathlib import Path
 
-from conftest import MISTRAL_TOKENIZER
+import pytest
+import yaml
+from conftest import MISTRAL_TOKENIZER, tiny_overrides
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qlora_llm.cli import main
+from qlora_llm.config import ConfigError, describe_keys, load_config
 from qlora_llm.data import OUTPUT_FILES, read_jsonl
+
+
+def _config_keys() -> list[str]:
+    return [key for key, _, _ in describe_keys()]
+
 
 BUDGET = settings(
     max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
@@ -119,3 +128,100 @@ def test_prepare_on_generated_csv_ends_in_a_clear_error_or_a_valid_output(rows, 
         raw = Path(tmp) / ("raw.tsv" if delimiter == "\t" else "raw.csv")
         raw.write_bytes(data)
         _check_outcome(_run(raw, Path(tmp) / "out"), Path(tmp) / "out")
+
+
+# --------------------------------------------------------------------------------------------------
+# Config files and overrides
+
+yaml_words = st.sampled_from(
+    [
+        "true",
+        "null",
+        "~",
+        "[]",
+        "{}",
+        "[1, 2]",
+        "{a: 1}",
+        "-0",
+        "nan",
+        ".nan",
+        ".inf",
+        "-.inf",
+        "1e309",
+        "0x10",
+    ]
+)
+override_values = st.one_of(
+    text.filter(lambda s: "\n" not in s),
+    st.integers(-(10**12), 10**12).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    yaml_words,
+)
+
+
+CONFIG_BUDGET = settings(BUDGET, max_examples=300)  # no model: a few ms each
+
+
+@CONFIG_BUDGET
+@given(
+    key=st.sampled_from(_config_keys()) | st.from_regex(r"\A[a-z]{1,6}\.[a-z_]{1,12}\Z"),
+    value=override_values,
+)
+def test_any_override_is_taken_or_refused_naming_the_override(key, value):
+    try:
+        cfg = load_config(None, [f"{key}={value}"])
+    except ConfigError as err:
+        assert f"override '{key}={value}'" in str(err) or f"unknown key {key!r}" in str(err), str(err)
+        return
+    section, name = key.split(".")
+    taken = getattr(getattr(cfg, section), name)
+    assert not (isinstance(taken, float) and not math.isfinite(taken)), f"{key}={value} taken as {taken}"
+
+
+@CONFIG_BUDGET
+@given(
+    tree=st.dictionaries(
+        st.sampled_from(["model", "data", "lora", "train", "eval", "serve", "x"]),
+        st.dictionaries(st.sampled_from([k.split(".")[1] for k in _config_keys()] + ["zz"]), json_values)
+        | json_values,
+        max_size=3,
+    )
+)
+def test_any_config_file_is_taken_or_refused_naming_the_file(tree):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(yaml.safe_dump(tree), encoding="utf-8")
+        try:
+            load_config(path)
+        except ConfigError as err:
+            assert all(line.startswith(str(path)) for line in str(err).splitlines()), str(err)
+
+
+@pytest.mark.parametrize(
+    "override, code, message",
+    [
+        ("lora.r=0", 2, "override 'lora.r=0': lora.r: Input should be greater than 0 (got 0)"),
+        ("train.learning_rate=-1e-4", 2, "train.learning_rate: Input should be greater than 0"),
+        ("train.batch_size=1000000000", 1, "error: this run is estimated not to fit"),
+        ("data.max_seq_length=10000000", 1, "data.max_seq_length=10000000 is beyond the context of"),
+        ("train.batch_size=two", 2, "train.batch_size: Input should be a valid integer"),
+        ("lora.rank=8", 2, "unknown key 'lora.rank'. Did you mean 'lora.r'?"),
+        ("data.train_file=/nonexistent/qx.jsonl", 1, "/nonexistent/qx.jsonl: training data not found"),
+        ("model.name=/nonexistent/qx-model", 1, "model '/nonexistent/qx-model' not found: not a folder"),
+    ],
+)
+def test_absurd_settings_get_one_clear_message_before_any_model_loads(
+    override, code, message, tiny_mistral, tiny_data, tmp_path, monkeypatch, capsys
+):
+    import qlora_llm.model as qmodel
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was loaded before the settings were checked")
+
+    monkeypatch.setattr(qmodel, "load_base_model", loaded)
+    args = tiny_overrides(tiny_mistral, tiny_data, tmp_path / "run", steps=2, batch=2, every=2)
+    (tmp_path / "empty.yaml").write_text("{}\n")
+    assert main(["train", str(tmp_path / "empty.yaml"), *args, override]) == code
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

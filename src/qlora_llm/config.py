@@ -24,7 +24,10 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     # Field docstrings become descriptions, so `qlora-llm` can show them and the defaults stay documented.
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    # No inf or NaN anywhere: `train.weight_decay=.inf` would otherwise pass every range check.
+    model_config = ConfigDict(
+        extra="forbid", use_attribute_docstrings=True, validate_assignment=True, allow_inf_nan=False
+    )
 
 
 SEED_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -217,7 +220,7 @@ def _known_keys() -> list[str]:
 def _unknown_key_message(key: str, where: str) -> str:
     hint = difflib.get_close_matches(key, _known_keys(), n=1)
     fix = f" Did you mean '{hint[0]}'?" if hint else " Run `qlora-llm config --keys` to list them."
-    return f"{where}: unknown key '{key}'.{fix}"
+    return f"{where}: unknown key {key!r}.{fix}"  # repr: a key with a newline stays on one line
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -247,11 +250,11 @@ def _check_keys(tree: dict, sources: dict[str, str]) -> None:
     for section, body in tree.items():
         if section not in SECTIONS:
             where = sources.get(section, "config")
-            problems.append(f"{where}: unknown section '{section}'; sections are {', '.join(SECTIONS)}.")
+            problems.append(f"{where}: unknown section {section!r}; sections are {', '.join(SECTIONS)}.")
             continue
         if not isinstance(body, dict):
             where = sources.get(section, "config")
-            problems.append(f"{where}: '{section}' must be a mapping of keys, got {type(body).__name__}")
+            problems.append(f"{where}: {section!r} must be a mapping of keys, got {type(body).__name__}")
             continue
         for key in body:
             if key not in SECTIONS[section].model_fields:
