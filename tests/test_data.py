@@ -352,3 +352,68 @@ def test_a_lone_surrogate_is_reported_with_its_line_not_passed_to_the_tokenizer(
         "Fix or remove that \\u escape: it is one half of a UTF-16 pair."
     )
     assert report.train_written == 12 and report.invalid == 1
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("stop_at", [1, 2, 3, 4])
+def test_a_prepare_interrupted_mid_write_leaves_the_previous_output_as_it_was(tmp_path, monkeypatch, stop_at):
+    """Stopped as each of its files is finished (train, eval, plot, report): the previous set stays whole,
+    the new one's partial files go; nothing is mixed."""
+    import os
+
+    raw, held_out = tmp_path / "r.jsonl", tmp_path / "e.jsonl"
+    raw.write_text("".join(json.dumps(g) + "\n" for g in GOOD))
+    held_out.write_text("".join(json.dumps(good(i)) + "\n" for i in range(50, 53)))
+    out = tmp_path / "out"
+    prepare(cfg(), [raw], out, eval_inputs=[held_out])
+    before = _snapshot(out)
+    assert set(before) == set(OUTPUT_FILES)
+    raw.write_text("".join(json.dumps(good(i)) + "\n" for i in range(100, 112)))  # different data
+    calls, real_fsync = [], os.fsync
+
+    def stops(fd):
+        real_fsync(fd)
+        calls.append(fd)
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt  # as Ctrl-C would, with some files of the new set written
+
+    monkeypatch.setattr(os, "fsync", stops)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(cfg(), [raw], out, eval_inputs=[held_out], force=True)
+    monkeypatch.undo()
+    assert _snapshot(out) == before
+    prepare(cfg(), [raw], out, eval_inputs=[held_out], force=True)
+    assert _snapshot(out) != before and set(_snapshot(out)) == set(OUTPUT_FILES)
+
+
+@pytest.mark.slow
+def test_a_prepare_killed_mid_write_leaves_the_previous_output_under_its_names(tmp_path):
+    import subprocess
+    import sys
+
+    raw, held_out = tmp_path / "r.jsonl", tmp_path / "e.jsonl"
+    raw.write_text("".join(json.dumps(g) + "\n" for g in GOOD))
+    held_out.write_text("".join(json.dumps(good(i)) + "\n" for i in range(50, 53)))
+    out = tmp_path / "out"
+    prepare(cfg(), [raw], out, eval_inputs=[held_out])
+    before = _snapshot(out)
+    raw.write_text("".join(json.dumps(good(i)) + "\n" for i in range(100, 112)))
+    script = (
+        "import os, signal, sys\n"
+        "real = os.fsync\n"
+        "def fsync(fd):\n"
+        "    real(fd)\n"
+        "    if 'token_lengths' in os.readlink(f'/proc/self/fd/{fd}'):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)  # kill -9 with train and eval written\n"
+        "os.fsync = fsync\n"
+        "from qlora_llm.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    cmd = ["prepare", str(raw), "--eval-input", str(held_out), "--output-dir", str(out), "--model", TOKENIZER]
+    cmd.append("--force")
+    proc = subprocess.run([sys.executable, "-c", script, *cmd], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert {k: v for k, v in _snapshot(out).items() if not k.startswith(".")} == before

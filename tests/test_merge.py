@@ -161,3 +161,28 @@ def test_a_real_smollm2_qlora_run_merges_and_answers_the_same(smollm2_run, capsy
         assert main(["generate", str(target), prompt, "--temperature", "0", "--max-new-tokens", "24"]) == 0
         answers.append(capsys.readouterr().out)
     assert answers[0] == answers[1] and answers[0].strip()
+
+
+@pytest.mark.slow
+def test_a_merge_killed_mid_write_leaves_the_previous_merge_as_it_was(merged, tiny_run, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    out = tmp_path / "merged"
+    shutil.copytree(merged.out_dir, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    script = (
+        "import os, signal, sys\n"
+        "from transformers import PreTrainedTokenizerBase\n"
+        "def killed(self, *a, **k):\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)  # kill -9 with the new weights written\n"
+        "PreTrainedTokenizerBase.save_pretrained = killed\n"
+        "from qlora_llm.merge import merge\n"
+        "merge(sys.argv[1], sys.argv[2], device='cpu', force=True)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tiny_run), str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

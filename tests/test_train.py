@@ -287,6 +287,126 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(
     assert all(torch.isfinite(t).all() for t in ckpt.values())
 
 
+def _no_partial_files(out: Path) -> None:
+    hidden = [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert not hidden, hidden  # no staging folder, no temporary adapter
+    assert {p.name for p in out.glob("checkpoint-*")} == {p.name for p in complete_checkpoints(out)}
+
+
+@pytest.fixture(scope="module")
+def straight_9(tiny_mistral, tiny_data, tmp_path_factory) -> Path:
+    """An uninterrupted 9-step run (checkpoints every 3): what every interrupted run must end equal to."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    train(tiny_cfg(tiny_mistral, tiny_data, out, "train.max_steps=9"))
+    return out
+
+
+def _assert_same_final(a: Path, b: Path) -> None:
+    x, y = lora_state(a / "final_adapter"), lora_state(b / "final_adapter")
+    assert x.keys() == y.keys()
+    for k in x:
+        torch.testing.assert_close(x[k], y[k], rtol=0, atol=1e-6)
+
+
+def test_a_full_disk_during_a_save_keeps_the_last_checkpoint_and_resumes_exactly(
+    tiny_mistral, tiny_data, tmp_path, monkeypatch, straight_9
+):
+    import errno
+
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        if "checkpoint-6" in str(f) and str(f).endswith("optimizer.pt"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "run"
+    with pytest.raises(TrainError) as err:
+        train(tiny_cfg(tiny_mistral, tiny_data, out, "train.max_steps=9"))
+    message = str(err.value)
+    assert message.startswith("writing checkpoint-6 failed at step 6: [Errno 28] No space left on device")
+    assert message.endswith(
+        f"nothing partial was kept; the last good checkpoint is {out / 'checkpoint-3'}. Free some space "
+        "(or fix the cause) and continue with --resume auto."
+    )
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-3"]
+    assert not (out / "final_adapter").exists()
+    _no_partial_files(out)
+    monkeypatch.undo()  # space freed
+    result = train(tiny_cfg(tiny_mistral, tiny_data, out, "train.max_steps=9"), resume="auto")
+    assert (result.stopped, result.global_step) == ("completed", 9)
+    _assert_same_final(out, straight_9)
+
+
+def test_a_full_disk_during_the_final_adapter_write_leaves_no_part_of_it(
+    tiny_mistral, tiny_data, tmp_path, monkeypatch, straight_9
+):
+    import errno
+
+    import peft.peft_model as pm
+
+    real = pm.safe_save_file
+
+    def full_disk(tensors, filename, *a, **k):
+        if ".final_adapter." in str(filename):
+            raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+        return real(tensors, filename, *a, **k)
+
+    monkeypatch.setattr(pm, "safe_save_file", full_disk)
+    out = tmp_path / "run"
+    with pytest.raises(TrainError, match=r"^writing final_adapter failed at step 9: \[Errno 28\] No space"):
+        train(tiny_cfg(tiny_mistral, tiny_data, out, "train.max_steps=9"))
+    assert not (out / "final_adapter").exists()
+    _no_partial_files(out)
+    monkeypatch.undo()
+    result = train(tiny_cfg(tiny_mistral, tiny_data, out, "train.max_steps=9"), resume="auto")
+    assert (result.stopped, result.global_step) == ("completed", 9)
+    _assert_same_final(out, straight_9)
+
+
+def test_sigterm_during_an_evaluation_stops_after_it_and_resumes_exactly(
+    tiny_mistral, tiny_data, tmp_path, monkeypatch, straight_9
+):
+    class TermDuringEval:
+        def evaluate(self, *a, **k):
+            if self.state.global_step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().evaluate(*a, **k)
+
+    patch_trainer(monkeypatch, TermDuringEval)
+    out = tmp_path / "run"
+    first = train(tiny_cfg(tiny_mistral, tiny_data, out, "train.max_steps=9"))
+    assert first.stopped == "SIGTERM" and first.exit_code == 143 and first.global_step in (3, 4)
+    assert first.final_adapter is None and not (out / "final_adapter").exists()
+    _no_partial_files(out)
+    monkeypatch.undo()
+    result = train(tiny_cfg(tiny_mistral, tiny_data, out, "train.max_steps=9"), resume="auto")
+    assert (result.stopped, result.global_step) == ("completed", 9)
+    _assert_same_final(out, straight_9)
+
+
+def test_sigterm_during_the_final_adapter_write_lets_it_finish(
+    tiny_mistral, tiny_data, tmp_path, monkeypatch, straight_9
+):
+    import peft
+
+    real = peft.PeftModel.save_pretrained
+
+    def term_then_save(self, directory, *a, **k):
+        if ".final_adapter." in str(directory):
+            os.kill(os.getpid(), signal.SIGTERM)  # as a user's stop arrives mid-write
+        return real(self, directory, *a, **k)
+
+    monkeypatch.setattr(peft.PeftModel, "save_pretrained", term_then_save)
+    out = tmp_path / "run"
+    result = train(tiny_cfg(tiny_mistral, tiny_data, out, "train.max_steps=9"))
+    assert (result.stopped, result.exit_code, result.global_step) == ("SIGTERM", 143, 9)
+    assert result.final_adapter == out / "final_adapter"
+    _no_partial_files(out)
+    _assert_same_final(out, straight_9)
+
+
 SCRIPT = textwrap.dedent("""
     import logging, sys, time, torch
     from qlora_llm.config import load_config

@@ -25,9 +25,9 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
-from qlora_llm.atomic import atomic_file, atomic_write_text
+from qlora_llm.atomic import atomic_file_set
 from qlora_llm.config import Config
 from qlora_llm.templates import ROLES, render, resolve_template
 
@@ -671,7 +671,7 @@ def _length_stats(lengths: list[int]) -> dict[str, float]:
     }
 
 
-def _plot_lengths(path: Path, train: list[int], eval_: list[int], max_len: int, model: str) -> None:
+def _plot_lengths(out: IO[bytes], train: list[int], eval_: list[int], max_len: int, model: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -690,8 +690,7 @@ def _plot_lengths(path: Path, train: list[int], eval_: list[int], max_len: int, 
     ax.set_title("Token lengths of the prepared data")
     ax.legend(frameon=False)
     fig.tight_layout()
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png")
+    fig.savefig(out, format="png")
     plt.close(fig)
 
 
@@ -909,23 +908,24 @@ def prepare(
     report.train_written, report.eval_written = len(train), len(evals)
     report.token_lengths = _length_stats(train_lengths)
     output_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_file(train_path) as f:
-        for r in train:
-            f.write(_dump(r.data) + "\n")
-    report.outputs = [str(train_path)]
-    eval_path = output_dir / "eval.jsonl"
-    if evals:
-        with atomic_file(eval_path) as f:
-            for r in evals:
-                f.write(_dump(r.data) + "\n")
-        report.outputs.append(str(eval_path))
-    elif eval_path.exists():
-        eval_path.unlink()  # a stale eval split from an earlier run would not match this train.jsonl
-    png = output_dir / "token_lengths.png"
-    _plot_lengths(png, train_lengths, eval_lengths, d.max_seq_length, m.name)
+    eval_path, png = output_dir / "eval.jsonl", output_dir / "token_lengths.png"
     report_path = output_dir / "prepare_report.json"
-    report.outputs += [str(png), str(report_path)]
-    atomic_write_text(report_path, json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n")
+    report.outputs = [str(train_path), *([str(eval_path)] if evals else []), str(png), str(report_path)]
+    # One set: an error or a kill before all four are written leaves the previous output as it was.
+    with atomic_file_set(output_dir) as out:
+        with out.open(train_path.name) as f:
+            for r in train:
+                f.write(_dump(r.data) + "\n")
+        if evals:
+            with out.open(eval_path.name) as f:
+                for r in evals:
+                    f.write(_dump(r.data) + "\n")
+        else:
+            out.remove(eval_path.name)  # a stale eval split from an earlier run would not match this train
+        with out.open(png.name, "wb") as f:
+            _plot_lengths(f, train_lengths, eval_lengths, d.max_seq_length, m.name)
+        with out.open(report_path.name) as f:
+            f.write(json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n")
     log.info("wrote %d train / %d eval examples to %s", len(train), len(evals), output_dir)
     return report
 

@@ -55,6 +55,22 @@ class TrainError(RuntimeError):
     """Training cannot start or cannot go on; the message says why and what to change."""
 
 
+class _LossNotFinite(TrainError):
+    pass
+
+
+class _SaveFailed(TrainError):
+    """A checkpoint or the final adapter could not be written (a full disk, a write error)."""
+
+    def __init__(self, what: str, step: int, run_dir: Path, cause: BaseException):
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        free = shutil.disk_usage(run_dir).free / 2**20 if run_dir.exists() else float("nan")
+        super().__init__(
+            f"writing {what} failed at step {step}: {first} ({free:,.0f} MiB free on the disk of {run_dir}); "
+            "nothing partial was kept"
+        )
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -326,6 +342,11 @@ def _make_trainer_class() -> type:
             return sampler
 
         def _run_epoch(self, *args, **kwargs):
+            if self.state.max_steps and self.state.global_step >= self.state.max_steps:
+                # Resumed from the last step's checkpoint (a stop during the final write): nothing is left
+                # to train. transformers would take one more step, since it checks only after a step.
+                self.control.should_training_stop = True
+                return None
             # accelerate passes set_epoch through the BatchSamplerShard of a multi-process run, but not
             # through the SkipBatchSampler a resumed epoch puts over it: without this, a resumed 2-process
             # run shuffles its epoch with the global RNG and trains on other batches.
@@ -349,7 +370,7 @@ def _make_trainer_class() -> type:
             loss = super().training_step(model, inputs, num_items_in_batch)
             if not math.isfinite(float(loss)):
                 # Raised before optimizer.step(), so the last good weights and checkpoints stay good.
-                raise TrainError(f"loss became {float(loss)} at step {self.state.global_step + 1}")
+                raise _LossNotFinite(f"loss became {float(loss)} at step {self.state.global_step + 1}")
             mask = inputs.get("attention_mask")
             tokens = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())
             if self.args.world_size > 1:
@@ -365,6 +386,19 @@ def _make_trainer_class() -> type:
             if main:
                 shutil.rmtree(staging, ignore_errors=True)
             self.accelerator.wait_for_everyone()  # nobody writes into a staging folder being cleared
+            try:
+                self._save_staged(model, trial, run_dir, name, staging, main)
+            except BaseException as err:
+                # A full disk, a write error, a second Ctrl-C: the part written goes, the last checkpoint stays.
+                if main:
+                    shutil.rmtree(staging, ignore_errors=True)
+                if isinstance(err, Exception):
+                    raise _SaveFailed(name, self.state.global_step, run_dir, err) from err
+                raise
+            if main:
+                self._rotate(run_dir)
+
+        def _save_staged(self, model, trial, run_dir: Path, name: str, staging: Path, main: bool) -> None:
             # Trainer writes into <_get_output_dir()>/<name>; point that at the staging folder.
             self._get_output_dir = lambda trial=None: str(staging)
             try:
@@ -388,7 +422,6 @@ def _make_trainer_class() -> type:
                 shutil.rmtree(run_dir / name)  # the same step saved again (e.g. the final save)
             os.rename(staged, run_dir / name)  # the moment the checkpoint becomes visible, complete
             shutil.rmtree(staging, ignore_errors=True)
-            self._rotate(run_dir)
 
         def _rotate(self, run_dir: Path) -> None:
             limit = self.args.save_total_limit
@@ -493,7 +526,7 @@ def _stop_on_signals(stop_requests: list[str]) -> Iterator[None]:
         name = signal.Signals(signum).name
         if stop_requests:
             raise KeyboardInterrupt  # asked twice: stop now
-        log.warning("%s received: saving a checkpoint at the end of this step, then stopping", name)
+        log.warning("%s received: stopping at the end of this step (or of the file being written)", name)
         stop_requests.append(name)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -587,6 +620,30 @@ def _optimizer_for(optim: str, device: str) -> str:
         )
         return CPU_OPTIMIZERS[optim]
     return optim
+
+
+def _last_good(run_dir: Path) -> str:
+    last = complete_checkpoints(run_dir)
+    return f"; the last good checkpoint is {last[-1]}" if last else "; no checkpoint had been saved"
+
+
+def _write_final_adapter(
+    trainer: Any, run_dir: Path, tokenizer: Any, cfg: Config, manifest: dict, main: bool
+) -> Path:
+    final = run_dir / "final_adapter"
+    # Under FSDP each rank holds a shard: gathering the full state is a collective, rank 0 gets it.
+    full_state = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
+    if main:
+        try:
+            with atomic_dir(final, replace=True) as tmp:
+                # A plain PEFT adapter folder, whatever wrapped the model for training.
+                trainer.accelerator.unwrap_model(trainer.model).save_pretrained(tmp, state_dict=full_state)
+                tokenizer.save_pretrained(tmp)
+                save_config(cfg, tmp / "config.yaml")
+                atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+        except Exception as err:
+            raise _SaveFailed("final_adapter", trainer.state.global_step, run_dir, err) from err
+    return final
 
 
 def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> TrainResult:
@@ -860,9 +917,19 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
     )
 
     start = time.perf_counter()
+    final = None
     try:
+        # The handler stays on through the final adapter write: a SIGTERM there lets it finish.
         with _stop_on_signals(stop_requests):
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            elapsed = time.perf_counter() - start
+            stopped: str = stop_requests[0] if stop_requests else "completed"
+            state = trainer.state
+            if not stop_requests and state.max_steps and state.global_step < state.max_steps:
+                stopped = "early_stopping"
+            if not stop_requests:
+                final = _write_final_adapter(trainer, run_dir, tokenizer, cfg, manifest, main)
+                stopped = stop_requests[0] if stop_requests else stopped
     except torch.OutOfMemoryError:
         raise TrainError(
             f"out of memory on {device} at step {trainer.state.global_step}. Lower train.batch_size "
@@ -870,28 +937,14 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
             f"data.max_seq_length (now {cfg.data.max_seq_length}), or lora.r (now {cfg.lora.r}); keep "
             "train.gradient_checkpointing=true. `qlora-llm plan` shows what fits."
         ) from None
-    except TrainError as err:
-        last = complete_checkpoints(run_dir)
-        keep = f"; the last good checkpoint is {last[-1]}" if last else "; no checkpoint had been saved"
-        raise TrainError(f"{err}{keep}. Lower train.learning_rate or check the data.") from None
-    elapsed = time.perf_counter() - start
-
-    state = trainer.state
-    stopped: str = stop_requests[0] if stop_requests else "completed"
-    if not stop_requests and state.max_steps and state.global_step < state.max_steps:
-        stopped = "early_stopping"
-    final = None
-    if not stop_requests:
-        final = run_dir / "final_adapter"
-        # Under FSDP each rank holds a shard: gathering the full state is a collective, rank 0 gets it.
-        full_state = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
-        if main:
-            with atomic_dir(final, replace=True) as tmp:
-                # A plain PEFT adapter folder, whatever wrapped the model for training.
-                trainer.accelerator.unwrap_model(trainer.model).save_pretrained(tmp, state_dict=full_state)
-                tokenizer.save_pretrained(tmp)
-                save_config(cfg, tmp / "config.yaml")
-                atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    except _SaveFailed as err:
+        raise TrainError(
+            f"{err}{_last_good(run_dir)}. Free some space (or fix the cause) and continue with --resume auto."
+        ) from None
+    except _LossNotFinite as err:
+        raise TrainError(
+            f"{err}{_last_good(run_dir)}. Lower train.learning_rate or check the data."
+        ) from None
     trainer.accelerator.wait_for_everyone()  # every rank returns once the run's files are complete
     if not main:
         return TrainResult(run_dir, final, state.global_step, stopped, main_process=False)  # type: ignore[arg-type]
