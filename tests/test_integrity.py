@@ -112,3 +112,33 @@ def test_a_config_with_auto_map_runs_no_remote_code(tiny_mistral, tmp_path):
     loaded = load_target(folder, device="cpu")
     assert type(loaded.model).__module__.startswith("transformers.")
     assert not (tmp_path / "RAN").exists()
+
+
+def test_an_adapter_for_another_base_architecture_is_refused(tiny_run, tiny_odd, tmp_path):
+    folder = _adapter_copy(tiny_run, tmp_path)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(
+        json.dumps(config | {"base_model_name_or_path": str(tiny_odd)})
+    )
+    (folder / "config.yaml").unlink()  # a bare PEFT folder: its adapter_config.json names the base
+    with pytest.raises(ModelNotFoundError, match="its LoRA weights do not fit .*size mismatch"):
+        load_target(folder, device="cpu")
+
+
+def test_a_tokenizer_folder_without_a_model_is_refused_by_name(tiny_mistral, tmp_path):
+    folder = tmp_path / "tokenizer-only"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tiny_mistral / name, folder / name)
+    with pytest.raises(
+        ModelNotFoundError, match=r"holds neither final_adapter/, adapter_config.json nor config"
+    ):
+        load_target(folder, device="cpu")
+
+
+def test_a_model_folder_without_weights_is_refused_by_name(tiny_mistral, tmp_path):
+    folder = tmp_path / "no-weights"
+    shutil.copytree(tiny_mistral, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    with pytest.raises((ModelNotFoundError, DamagedFileError)) as err:
+        load_target(folder, device="cpu")
+    assert str(folder) in str(err.value) and "weights" in str(err.value), str(err.value)
