@@ -180,6 +180,23 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_pairs(tmp_path_factory) -> Path:
+    """Preference pairs on tiny_data's task: the right next word chosen, a wrong one rejected (28 + 4)."""
+    folder = tmp_path_factory.mktemp("pairs")
+    rows = [
+        {
+            "prompt": f"What comes after {w}?",
+            "chosen": f"{WORDS[(i + 1) % 8]} {i % 3}",
+            "rejected": f"{w} {i % 3}",
+        }
+        for i, w in enumerate(WORDS * 4)
+    ]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:28]))
+    (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[28:]))
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_run(tiny_mistral, tmp_path_factory) -> Path:
     """A 3-step LoRA run of the tiny Mistral (non-zero adapter, dropout off), with eval data and one benchmark prompt."""
     from qlora_llm.config import load_config

@@ -33,7 +33,7 @@ def patch_trainer(monkeypatch, mixin: type) -> None:
     import qlora_llm.train as qtrain
 
     real = qtrain._make_trainer_class
-    monkeypatch.setattr(qtrain, "_make_trainer_class", lambda: type(mixin.__name__, (mixin, real()), {}))
+    monkeypatch.setattr(qtrain, "_make_trainer_class", lambda *a: type(mixin.__name__, (mixin, real(*a)), {}))
 
 
 def lora_state(folder: Path) -> dict[str, torch.Tensor]:

@@ -60,6 +60,9 @@ class ModelConfig(_Section):
     """Run model code shipped with a Hub repository; off unless you trust it."""
     allow_pickle: bool = False
     """Load pickle weights (`*.bin`) when a folder has no safetensors; unpickling can run code."""
+    adapter: Path | None = None
+    """Start from this LoRA adapter (a run folder or an adapter folder) instead of a fresh one: DPO after
+    SFT continues the SFT adapter, which is then also DPO's reference. None starts a fresh adapter."""
 
 
 class DataConfig(_Section):
@@ -135,6 +138,16 @@ class TrainConfig(_Section):
     """Log loss and throughput every this many steps."""
     seed: int = 42
     """Seed of weights init, dropout and data order."""
+    method: Literal["sft", "dpo", "orpo"] = "sft"
+    """sft = supervised fine-tuning on examples; dpo / orpo = preference tuning on chosen/rejected pairs
+    (TRL's DPOTrainer / ORPOTrainer). DPO's reference is the starting model (the base with a fresh
+    adapter, or `model.adapter`), held as a frozen copy of the adapter: no second model is loaded."""
+    beta: float = Field(0.1, gt=0)
+    """DPO's beta (how far the tuned model may move from the reference) or ORPO's lambda (the weight of
+    its odds-ratio term beside the supervised loss on the chosen answer)."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = []
+    """Also hand the metrics to these trackers (their packages are optional: `pip install tensorboard`,
+    ...), with the run's config and manifest as parameters; offline by default where the tool allows."""
     distributed: Literal["ddp", "fsdp"] = "ddp"
     """With `--nproc N` > 1: ddp = each process holds the whole model, fsdp = weights, gradients and
     optimizer state sharded over the processes (for models that do not fit one GPU)."""

@@ -7,7 +7,9 @@ number), so each problem names file, line and field, with a hint on how to fix i
 normalised to one canonical shape, so the same records give byte-identical output from any input kind:
 - `{"instruction", "input", "output"}` for single-turn records (the seed's format; `{prompt,
   completion}` becomes instruction + output),
-- `{"messages": [{"role", "content"}, ...]}` for conversations (system/user/assistant).
+- `{"messages": [{"role", "content"}, ...]}` for conversations (system/user/assistant),
+- `{"messages": [prompt turns], "chosen", "rejected"}` for preference pairs (DPO/ORPO); see
+  `_normalize_pair` for the shapes read.
 Lengths are counted with the model's real tokenizer on the rendered template, exactly as training
 sees them. Outputs are written atomically: a failed run leaves no partial file behind.
 """
@@ -443,15 +445,17 @@ def _text_field(
     return text
 
 
-def _normalize_messages(obj: dict, file: str, line: int, problems: list[Problem]) -> dict | None:
-    messages = obj["messages"]
+def _normalize_messages(
+    obj: dict, file: str, line: int, problems: list[Problem], key: str = "messages"
+) -> dict | None:
+    messages = obj[key]
     if not isinstance(messages, list) or not messages:
         problems.append(
             Problem(
                 file,
                 line,
-                "messages",
-                "'messages' must be a non-empty list",
+                key,
+                f"'{key}' must be a non-empty list",
                 'Write "messages": [{"role": "user", "content": "..."}, ...].',
                 kind="type",
             )
@@ -459,7 +463,7 @@ def _normalize_messages(obj: dict, file: str, line: int, problems: list[Problem]
         return None
     out, before = [], len(problems)
     for i, m in enumerate(messages):
-        where = f"messages[{i}]"
+        where = f"{key}[{i}]"
         if not isinstance(m, dict):
             problems.append(
                 Problem(
@@ -505,7 +509,7 @@ def _normalize_messages(obj: dict, file: str, line: int, problems: list[Problem]
             Problem(
                 file,
                 line,
-                "messages",
+                key,
                 "conversation has no assistant turn",
                 'Add the answer to learn as a final {"role": "assistant", ...} message.',
                 kind="no_assistant",
@@ -519,7 +523,7 @@ def _normalize_messages(obj: dict, file: str, line: int, problems: list[Problem]
             Problem(
                 file,
                 line,
-                "messages",
+                key,
                 f"roles must be [system,] user, assistant, user, assistant, ...; got {', '.join(roles)}",
                 "Alternate user and assistant, start with user (after an optional system) and end with the assistant "
                 "answer to learn.",
@@ -528,6 +532,73 @@ def _normalize_messages(obj: dict, file: str, line: int, problems: list[Problem]
         )
         return None
     return {"messages": out}
+
+
+def _normalize_pair(obj: dict, file: str, line: int, problems: list[Problem]) -> dict | None:
+    """A preference pair -> {"messages": the prompt turns (ending with the user's), "chosen", "rejected"}.
+
+    Three shapes: strings {"prompt", "chosen", "rejected"}; conversations {"chosen": [...], "rejected":
+    [...]} that share every turn but the last (the answers); and {"prompt": [...], "chosen": [answer
+    turn], "rejected": [answer turn]} (then indices in the messages count from the prompt's first turn).
+    """
+    if not isinstance(obj.get("chosen"), list) and not isinstance(obj.get("rejected"), list):
+        prompt = _text_field(obj, "prompt", file, line, True, problems)
+        chosen = _text_field(obj, "chosen", file, line, True, problems)
+        rejected = _text_field(obj, "rejected", file, line, True, problems)
+        if problems:
+            return None
+        messages = [{"role": "user", "content": prompt}]
+    else:
+        sides = {}
+        for key in ("chosen", "rejected"):
+            turns = obj.get(key)
+            if isinstance(obj.get("prompt"), list) and isinstance(turns, list):
+                turns = obj["prompt"] + turns
+            conversation = _normalize_messages({key: turns}, file, line, problems, key=key)
+            if conversation is not None:
+                sides[key] = conversation["messages"]
+        if problems:
+            return None
+        if sides["chosen"][:-1] != sides["rejected"][:-1]:
+            problems.append(
+                Problem(
+                    file,
+                    line,
+                    "rejected",
+                    "'chosen' and 'rejected' do not share the same turns before their last answer",
+                    "A pair answers one prompt: only the final assistant turn may differ.",
+                    kind="prompt_mismatch",
+                )
+            )
+            return None
+        messages = sides["chosen"][:-1]
+        chosen, rejected = sides["chosen"][-1]["content"], sides["rejected"][-1]["content"]
+    if chosen == rejected:
+        problems.append(
+            Problem(
+                file,
+                line,
+                "rejected",
+                "'chosen' and 'rejected' are the same answer",
+                "A pair must prefer one answer over a different one; drop it or fix the rejected answer.",
+                kind="identical_pair",
+            )
+        )
+        return None
+    return {"messages": messages, "chosen": chosen, "rejected": rejected}
+
+
+def is_pair(record: dict) -> bool:
+    """Whether a canonical record is a preference pair (else a supervised example)."""
+    return "chosen" in record
+
+
+def pair_examples(record: dict) -> tuple[dict, dict]:
+    """A pair as two supervised examples (prompt + chosen, prompt + rejected), for the one template."""
+    return tuple(  # type: ignore[return-value]
+        {"messages": [*record["messages"], {"role": "assistant", "content": record[side]}]}
+        for side in ("chosen", "rejected")
+    )
 
 
 def normalize(obj: Any, file: str, line: int) -> tuple[dict | None, list[Problem]]:
@@ -545,6 +616,8 @@ def normalize(obj: Any, file: str, line: int) -> tuple[dict | None, list[Problem
             )
         )
         return None, problems
+    if "chosen" in obj or "rejected" in obj:
+        return _normalize_pair(obj, file, line, problems), problems
     if "messages" in obj:
         return _normalize_messages(obj, file, line, problems), problems
     if "instruction" in obj or "output" in obj:
@@ -567,7 +640,7 @@ def normalize(obj: Any, file: str, line: int) -> tuple[dict | None, list[Problem
             line,
             None,
             f"unknown record shape (keys: {keys})",
-            "Use instruction/input/output, prompt/completion, or messages; for CSV columns "
+            "Use instruction/input/output, prompt/completion, messages, or prompt/chosen/rejected; for CSV columns "
             "with other names use --map output=COLUMN.",
             kind="shape",
         )
@@ -577,7 +650,9 @@ def normalize(obj: Any, file: str, line: int) -> tuple[dict | None, list[Problem
 
 def _prompt_key(record: dict) -> str:
     """What the model is asked, whitespace- and case-folded: finds eval prompts that leaked into train."""
-    if "messages" in record:
+    if is_pair(record):
+        asked = [m["content"] for m in record["messages"]]
+    elif "messages" in record:
         asked = [m["content"] for m in record["messages"][:-1]]
     else:
         asked = [record["instruction"], record["input"]]
@@ -615,16 +690,23 @@ def _count_tokens(records: list[Record], tokenizer: Any, template: str, batch: i
         unit="batch",
         disable=len(records) < 4 * batch or None,
     ):
-        texts = []
-        for r in records[start : start + batch]:
-            rendered = render(r.data, template, tokenizer)
-            texts.append(rendered.prompt + rendered.completion)
-        lengths.extend(_token_counts(tokenizer, texts))
+        texts, owners = [], []
+        for i, r in enumerate(records[start : start + batch]):
+            for example in pair_examples(r.data) if is_pair(r.data) else (r.data,):
+                rendered = render(example, template, tokenizer)
+                texts.append(rendered.prompt + rendered.completion)
+                owners.append(i)
+        counts = [0] * len(records[start : start + batch])
+        for i, n in zip(owners, _token_counts(tokenizer, texts), strict=True):
+            counts[i] = max(counts[i], n)  # a pair is as long as its longer side
+        lengths.extend(counts)
     return lengths
 
 
 def _truncate(record: dict, tokenizer: Any, template: str, max_len: int) -> dict | None:
     """Shorten the longest prompt-side text so the example fits, keeping the answer and its EOS whole."""
+    if is_pair(record):
+        return None  # a pair is dropped, not cut: both sides must see the same prompt
     record = json.loads(json.dumps(record))
     if "messages" in record:
         candidates = [
@@ -734,6 +816,38 @@ def _read_all(
     return records
 
 
+def _one_kind(
+    train: list[Record], evals: list[Record], report: PrepareReport
+) -> tuple[list[Record], list[Record]]:
+    """One output holds supervised examples or preference pairs, not both: the first record decides."""
+    if not train:
+        return train, evals
+    pairs = is_pair(train[0].data)
+    kept: tuple[list[Record], list[Record]] = ([], [])
+    for out, records in zip(kept, (train, evals), strict=True):
+        for r in records:
+            if is_pair(r.data) == pairs:
+                out.append(r)
+                continue
+            report.invalid += 1
+            first, this = (
+                ("preference pair", "supervised example")
+                if pairs
+                else ("supervised example", "preference pair")
+            )
+            report.problems.append(
+                Problem(
+                    r.file,
+                    r.line,
+                    None,
+                    f"a {this} among {first}s (the first record, {train[0].file}:{train[0].line}, is a {first})",
+                    "Prepare supervised examples and preference pairs as separate datasets.",
+                    kind="mixed_kinds",
+                )
+            )
+    return kept
+
+
 def _drop_duplicates(records: list[Record], report: PrepareReport, label: str = "") -> list[Record]:
     seen: dict[str, Record] = {}
     kept = []
@@ -795,6 +909,7 @@ def prepare(
         if eval_inputs
         else []
     )
+    train, evals = _one_kind(train, evals, report)
 
     if not train:
         raise PrepareError(
@@ -810,8 +925,9 @@ def prepare(
     tokenizer = load_tokenizer(m.name, m.revision, m.cache_dir, m.trust_remote_code)
     m = m.model_copy(update={"template": resolve_template(m.template, tokenizer)})
     report.template = m.template
-    report.example = {k: v for k, v in asdict(render(train[0].data, m.template, tokenizer)).items()}
-    report.example["text"] = render(train[0].data, m.template, tokenizer).text
+    first = pair_examples(train[0].data)[0] if is_pair(train[0].data) else train[0].data
+    report.example = {k: v for k, v in asdict(render(first, m.template, tokenizer)).items()}
+    report.example["text"] = render(first, m.template, tokenizer).text
 
     def fit(records: list[Record]) -> tuple[list[Record], list[int]]:
         lengths = _count_tokens(records, tokenizer, m.template)

@@ -158,6 +158,154 @@ def tokenize_examples(
     return rows, dropped
 
 
+def tokenize_pairs(
+    records: list[dict], tokenizer: Any, template: str, max_length: int
+) -> tuple[list[dict], int]:
+    """Preference pairs as TRL's DPO columns (prompt_ids, chosen_ids, rejected_ids), by the one template.
+
+    The same ids `tokenize_examples` gives the pair's two sides: one BOS, each answer ending in EOS. A pair
+    whose longer side is over `max_length` is dropped, not cut (both sides must keep their EOS).
+    """
+    from qlora_llm.data import pair_examples
+
+    rows, dropped = [], 0
+    for record in records:
+        sides = []
+        for example in pair_examples(record):
+            r = render(example, template, tokenizer)
+            sides.append(tokenizer(r.prompt + r.completion, add_special_tokens=True)["input_ids"])
+        prompt_ids = tokenizer(r.prompt, add_special_tokens=True)["input_ids"]
+        n = 0  # the shared prefix: where the prompt ends in both tokenizations
+        while n < min(len(prompt_ids), *map(len, sides)) and all(ids[n] == prompt_ids[n] for ids in sides):
+            n += 1
+        if max(map(len, sides)) > max_length:
+            dropped += 1
+            continue
+        rows.append({"prompt_ids": sides[0][:n], "chosen_ids": sides[0][n:], "rejected_ids": sides[1][n:]})
+    return rows, dropped
+
+
+def _method_args(method: str, cfg: Config, beta: float) -> tuple[type, dict[str, Any]]:
+    """TRL's config class for `method` and the settings only it takes."""
+    t = cfg.train
+    if method == "sft":
+        from trl import SFTConfig
+
+        return SFTConfig, {
+            "train_sampling_strategy": "group_by_length" if t.group_by_length and not t.packing else "random",
+            "packing": t.packing,
+            "packing_strategy": "bfd",
+            "padding_free": t.packing,
+            "max_length": cfg.data.max_seq_length,
+            "completion_only_loss": not t.train_on_prompt,
+        }
+    if method == "dpo":
+        from trl import DPOConfig
+
+        # Pairs are tokenized and length-checked by us (tokenize_pairs): nothing for TRL to cut.
+        return DPOConfig, {"beta": beta, "max_length": None, "precompute_ref_log_probs": False}
+    from trl.experimental.orpo import ORPOConfig
+
+    return ORPOConfig, {
+        "beta": beta,
+        "max_length": cfg.data.max_seq_length,
+        "remove_unused_columns": False,
+    }
+
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+
+
+def _setup_trackers(report_to: list[str], run_dir: Path) -> list[str]:
+    """Check the trackers' packages are there, and keep them offline and in the run folder by default
+    (a variable the user set wins). Returns the variables set, to take back after the run."""
+    import importlib.util
+
+    missing = [t for t in report_to if importlib.util.find_spec(TRACKER_PACKAGES[t]) is None]
+    if missing:
+        raise TrainError(
+            f"train.report_to={report_to}: {', '.join(missing)} not installed. "
+            f"`pip install {' '.join(TRACKER_PACKAGES[t] for t in missing)}`, or leave it out."
+        )
+    run_dir = Path(run_dir).resolve()
+    defaults = {
+        "tensorboard": {"TENSORBOARD_LOGGING_DIR": str(run_dir / "tensorboard")},
+        "mlflow": {
+            "MLFLOW_TRACKING_URI": (run_dir / "mlruns").as_uri(),
+            "MLFLOW_EXPERIMENT_NAME": "qlora-llm",
+            "MLFLOW_ALLOW_FILE_STORE": "true",  # a local store: no server or database to set up
+        },
+        "wandb": {"WANDB_MODE": "offline", "WANDB_DIR": str(run_dir)},
+        "trackio": {},  # trackio keeps its runs in a local store unless told where else
+    }
+    added = []
+    for tracker in report_to:
+        for key, value in defaults[tracker].items():
+            if key not in os.environ:
+                os.environ[key] = value
+                added.append(key)
+    return added
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    if isinstance(tree, dict):
+        out: dict[str, str] = {}
+        for key, value in tree.items():
+            out |= _flatten(value, f"{prefix}{key}.")
+        return out
+    return {prefix.rstrip("."): str(tree)[:250]}  # MLflow's limit on a parameter value's length
+
+
+def _make_tracker_params(cfg: Config, manifest: dict[str, Any]) -> Any:
+    """A callback that gives each tracker the run's resolved config and manifest as parameters."""
+    from transformers import TrainerCallback
+    from transformers.integrations import MLflowCallback, TensorBoardCallback, WandbCallback
+
+    params = _flatten({"config": cfg.model_dump(mode="json"), "manifest": manifest})
+
+    class TrackerParams(TrainerCallback):
+        callbacks: list = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return
+            for cb in self.callbacks:  # the integrations set themselves up before us
+                if isinstance(cb, TensorBoardCallback) and cb.tb_writer is not None:
+                    cb.tb_writer.add_text("qlora_llm/params", json.dumps(params, indent=1))
+                elif isinstance(cb, MLflowCallback) and cb._initialized:
+                    items = sorted(params.items())
+                    for i in range(0, len(items), 100):  # MLflow takes at most 100 per call
+                        cb._ml_flow.log_params(dict(items[i : i + 100]))
+                elif isinstance(cb, WandbCallback) and cb._wandb is not None:
+                    cb._wandb.config.update(params, allow_val_change=True)
+
+    return TrackerParams()
+
+
+def _adapter_folder(path: Path) -> Path:
+    path = Path(path)
+    folder = path / "final_adapter" if (path / "final_adapter").is_dir() else path
+    if not (folder / "adapter_config.json").is_file():
+        raise TrainError(
+            f"model.adapter={path}: not a PEFT adapter folder or a run folder with final_adapter/ "
+            "(train one with `qlora-llm train`)."
+        )
+    return folder
+
+
+def _check_kind(records: list[dict], method: str, path: Path) -> None:
+    from qlora_llm.data import is_pair
+
+    pairs = bool(records) and is_pair(records[0])
+    if method == "sft" and pairs:
+        raise TrainError(f"{path} holds preference pairs: set train.method=dpo or orpo to tune on them.")
+    if method != "sft" and records and not pairs:
+        raise TrainError(
+            f"train.method={method} needs preference pairs (prompt, chosen, rejected); {path} holds "
+            "supervised examples. Prepare a pairs file, or set train.method=sft."
+        )
+
+
 # --------------------------------------------------------------------------------------------------
 # Checkpoints
 
@@ -301,14 +449,21 @@ def _memory_bytes(device: str) -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def _make_trainer_class() -> type:
-    """SFTTrainer with staged checkpoints, a finite-loss guard and real-token counting.
+def _make_trainer_class(method: str = "sft") -> type:
+    """TRL's trainer for `method` (SFT, DPO or ORPO) with staged checkpoints, a finite-loss guard and
+    real-token counting.
 
     Built in a function so importing this module does not import TRL (the CLI stays fast).
     """
     import torch
     from transformers.trainer_pt_utils import LengthGroupedSampler
-    from trl import SFTTrainer
+
+    if method == "dpo":
+        from trl import DPOTrainer as Base
+    elif method == "orpo":
+        from trl.experimental.orpo import ORPOTrainer as Base
+    else:
+        from trl import SFTTrainer as Base
 
     class EpochSeededLengthSampler(LengthGroupedSampler):
         """group_by_length whose shuffle is a function of (seed, epoch) only.
@@ -323,7 +478,7 @@ def _make_trainer_class() -> type:
         def set_epoch(self, epoch: int) -> None:
             self.generator = torch.Generator().manual_seed(self.seed + epoch)
 
-    class QLoRATrainer(SFTTrainer):
+    class QLoRATrainer(Base):
         run_manifest: dict[str, Any] = {}
         run_config: Config | None = None
         tokens_seen: int = 0
@@ -371,12 +526,33 @@ def _make_trainer_class() -> type:
             if not math.isfinite(float(loss)):
                 # Raised before optimizer.step(), so the last good weights and checkpoints stay good.
                 raise _LossNotFinite(f"loss became {float(loss)} at step {self.state.global_step + 1}")
-            mask = inputs.get("attention_mask")
-            tokens = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())
+            # SFT and DPO batches carry one attention_mask; ORPO's one per side (its prompt is in both).
+            masks = [
+                v for k, v in inputs.items() if k.endswith("attention_mask") and not k.startswith("prompt")
+            ]
+            tokens = sum(m.sum() for m in masks) if masks else torch.tensor(inputs["input_ids"].numel())
             if self.args.world_size > 1:
                 tokens = self.accelerator.reduce(tokens.to(self.args.device), "sum")  # all ranks' tokens
             self.tokens_seen += int(tokens)
             return loss
+
+        def _prepare_dataset(self, dataset, *args, **kwargs):
+            # DPO: the pairs come tokenized by the one template (tokenize_pairs); TRL would render them again.
+            if method == "dpo" and "prompt_ids" in dataset.column_names:
+                return dataset
+            return super()._prepare_dataset(dataset, *args, **kwargs)
+
+        def tokenize_row(self, feature, model=None):
+            # ORPO: the same ids as DPO's (tokenize_pairs), in ORPO's columns; TRL's own would add a BOS
+            # to tokenizers that have none in their template (SmolLM2's ChatML).
+            prompt = feature["prompt_ids"]
+            row = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+            for side in ("chosen", "rejected"):
+                answer = feature[f"{side}_ids"]
+                row[f"{side}_input_ids"] = prompt + answer
+                row[f"{side}_attention_mask"] = [1] * (len(prompt) + len(answer))
+                row[f"{side}_labels"] = [-100] * len(prompt) + answer
+            return row
 
         def _save_checkpoint(self, model, trial):
             run_dir = Path(self.args.output_dir)
@@ -491,6 +667,11 @@ def _make_monitor(run_dir: Path, device: str, stop_requests: list[str], world_si
                 ("eval_loss", "eval_loss"),
                 ("learning_rate", "lr"),
                 ("grad_norm", "grad_norm"),
+                # DPO and ORPO: how often, and by how much, the chosen answer out-scores the rejected one.
+                ("rewards/accuracies", "reward_accuracy"),
+                ("rewards/margins", "reward_margin"),
+                ("eval_rewards/accuracies", "eval_reward_accuracy"),
+                ("eval_rewards/margins", "eval_reward_margin"),
             ):
                 if key in logs:
                     row[name] = logs[key]
@@ -637,7 +818,10 @@ def _write_final_adapter(
         try:
             with atomic_dir(final, replace=True) as tmp:
                 # A plain PEFT adapter folder, whatever wrapped the model for training.
-                trainer.accelerator.unwrap_model(trainer.model).save_pretrained(tmp, state_dict=full_state)
+                # Only the trained adapter: DPO's frozen reference copy ("ref") is not part of the result.
+                trainer.accelerator.unwrap_model(trainer.model).save_pretrained(
+                    tmp, state_dict=full_state, selected_adapters=["default"]
+                )
                 tokenizer.save_pretrained(tmp)
                 save_config(cfg, tmp / "config.yaml")
                 atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
@@ -657,7 +841,6 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import EarlyStoppingCallback, PrinterCallback, set_seed
-    from trl import SFTConfig
 
     from qlora_llm.model import (
         describe_device,
@@ -690,6 +873,9 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
                 f"{checkpoint} is not a complete checkpoint (needs {', '.join(CHECKPOINT_FILES)})."
             )
     check_context(cfg)
+    if m.adapter is not None:
+        _adapter_folder(m.adapter)
+    tracker_env = _setup_trackers(t.report_to, run_dir)
     if checkpoint is not None:
         verify_checksums(checkpoint, existing[: existing.index(checkpoint)] if checkpoint in existing else [])
     if t.early_stopping_patience and t.save_steps % t.eval_steps:
@@ -706,12 +892,15 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
     cfg.model.template = resolve_template(m.template, tokenizer)
     m = cfg.model
     records = load_examples(cfg.data.train_file)
+    _check_kind(records, t.method, cfg.data.train_file)
     if cfg.data.eval_file:
         train_records, eval_records = records, load_examples(cfg.data.eval_file)
+        _check_kind(eval_records, t.method, cfg.data.eval_file)
     else:
         train_records, eval_records = split_examples(records, cfg.data.eval_fraction, cfg.data.seed)
-    train_rows, dropped = tokenize_examples(train_records, tokenizer, m.template, cfg.data.max_seq_length)
-    eval_rows, eval_dropped = tokenize_examples(eval_records, tokenizer, m.template, cfg.data.max_seq_length)
+    tokenize = tokenize_examples if t.method == "sft" else tokenize_pairs
+    train_rows, dropped = tokenize(train_records, tokenizer, m.template, cfg.data.max_seq_length)
+    eval_rows, eval_dropped = tokenize(eval_records, tokenizer, m.template, cfg.data.max_seq_length)
     if dropped or eval_dropped:
         log.warning(
             "dropped %d train / %d eval examples longer than data.max_seq_length=%d",
@@ -732,7 +921,8 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
 
     quantized = m.quantization != "none"
     use_bf16 = dtype == torch.bfloat16
-    args = SFTConfig(
+    args_class, method_args = _method_args(t.method, cfg, t.beta)
+    args = args_class(
         output_dir=str(run_dir),
         num_train_epochs=t.num_epochs,
         max_steps=t.max_steps,
@@ -745,17 +935,9 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=_optimizer_for(t.optim, device),
-        activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
         bf16=use_bf16,
         fp16=dtype == torch.float16,
         use_cpu=device == "cpu",
-        train_sampling_strategy="group_by_length" if t.group_by_length and not t.packing else "random",
-        packing=t.packing,
-        packing_strategy="bfd",
-        padding_free=t.packing,
-        max_length=cfg.data.max_seq_length,
-        completion_only_loss=not t.train_on_prompt,
         eval_strategy="steps" if eval_rows else "no",
         eval_steps=t.eval_steps,
         save_strategy="steps",
@@ -765,7 +947,7 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
         metric_for_best_model="eval_loss",
         greater_is_better=False,
         logging_steps=t.logging_steps,
-        report_to="none",
+        report_to=t.report_to or "none",
         seed=t.seed,
         data_seed=t.seed,
         disable_tqdm=True,  # our bar shows loss, tokens/s and memory
@@ -777,6 +959,9 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
         # Every trainable parameter (LoRA) is used in every forward: no search for unused ones. The
         # frozen base and its buffers are the same files on every rank: nothing to broadcast per step.
         ddp_find_unused_parameters=False,
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        **method_args,
         **(fsdp_settings(quantized) if t.distributed == "fsdp" and device == "cuda" else {}),
     )
     # Reading the world size sets up the process group (gloo on CPU, nccl on CUDA) in a launched worker.
@@ -840,20 +1025,31 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
         )
     if checkpoint is not None:
         check_resumable(checkpoint, cfg, targets)
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=cfg.lora.r,
-            lora_alpha=cfg.lora.alpha,
-            lora_dropout=cfg.lora.dropout,
-            target_modules=targets,
-            bias=cfg.lora.bias,
-            task_type="CAUSAL_LM",
-        ),
-    )
+    if m.adapter is not None:
+        # Continue an adapter (DPO after SFT): its own rank and targets; TRL keeps a frozen copy of it as
+        # DPO's reference.
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(_adapter_folder(m.adapter)), is_trainable=True)
+        log.info("starting from the adapter in %s (its LoRA settings, not lora.*)", m.adapter)
+    else:
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.lora.r,
+                lora_alpha=cfg.lora.alpha,
+                lora_dropout=cfg.lora.dropout,
+                target_modules=targets,
+                bias=cfg.lora.bias,
+                task_type="CAUSAL_LM",
+            ),
+        )
 
     files = [cfg.data.train_file] + ([cfg.data.eval_file] if cfg.data.eval_file else [])
-    example = render(train_records[0], m.template, tokenizer)
+    from qlora_llm.data import is_pair, pair_examples
+
+    first = pair_examples(train_records[0])[0] if is_pair(train_records[0]) else train_records[0]
+    example = render(first, m.template, tokenizer)
     manifest = {
         "identity": {**_identity(cfg), "target_modules": sorted(targets)},
         "base_model": _base_model_identity(cfg),
@@ -869,6 +1065,8 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
         "device": describe_device(device),
         "versions": _library_versions(),
         "seed": t.seed,
+        "method": t.method,
+        "start_adapter": str(m.adapter) if m.adapter is not None else None,
         # The data order and the saved RNG states are per process: a checkpoint resumes with as many.
         "processes": world,
         "distributed": t.distributed if world > 1 else None,
@@ -889,7 +1087,12 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
     stop_requests: list[str] = []
     monitor = _make_monitor(run_dir, device, stop_requests, world)
     callbacks.append(monitor)
-    trainer = _make_trainer_class()(
+    start_weights = (
+        {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        if m.adapter is not None
+        else {}
+    )
+    trainer = _make_trainer_class(t.method)(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(train_rows),
@@ -898,12 +1101,19 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
         callbacks=callbacks,
     )
     trainer.run_manifest, trainer.run_config, monitor.trainer = manifest, cfg, trainer
+    if t.report_to:
+        tracker_params = _make_tracker_params(cfg, manifest)
+        tracker_params.callbacks = list(trainer.callback_handler.callbacks)
+        trainer.add_callback(tracker_params)
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; our bar and metrics.jsonl show them
     if device == "cpu":
         # TRL casts LoRA weights to bf16 on a 4-bit base even with bf16=False; bf16 math is ~2x slower
-        # for QLoRA on CPU (30x for full bf16 compute), so the trainable weights go back to fp32.
-        for p in trainer.model.parameters():
-            if p.requires_grad and p.dtype != torch.float32:
+        # for QLoRA on CPU (30x for full bf16 compute), so the trainable weights go back to fp32: a
+        # continued adapter (model.adapter) exactly as it was saved, as DPO's reference copy of it is.
+        for name, p in trainer.model.named_parameters():
+            if name in start_weights:
+                p.data = start_weights[name]
+            elif p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     log.info(
@@ -945,6 +1155,9 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
         raise TrainError(
             f"{err}{_last_good(run_dir)}. Lower train.learning_rate or check the data."
         ) from None
+    finally:
+        for key in tracker_env:  # the next run in this process picks its own folders
+            os.environ.pop(key, None)
     trainer.accelerator.wait_for_everyone()  # every rank returns once the run's files are complete
     if not main:
         return TrainResult(run_dir, final, state.global_step, stopped, main_process=False)  # type: ignore[arg-type]

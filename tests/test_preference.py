@@ -1,0 +1,184 @@
+"""Preference tuning (DPO, ORPO) on the 4-bit base, with everything `train` guarantees; and trackers."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+
+import pytest
+import torch
+from conftest import tiny_overrides
+from safetensors.torch import load_file
+
+from qlora_llm.config import load_config
+from qlora_llm.train import TrainError, train
+
+# beta 1: with DPO's usual 0.1 the tiny model needs ten times the steps to show the same move.
+LEARNS = ("train.learning_rate=1e-2", "train.beta=1.0", "lora.dropout=0")
+
+
+def pair_cfg(model, pairs, out, *extra, steps=40, every=20):
+    return load_config(
+        None, tiny_overrides(model, pairs, out, *LEARNS, *extra, steps=steps, batch=4, every=every)
+    )
+
+
+def metrics(out):
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def adapter(folder):
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_dpo_loss_falls_and_reward_accuracy_rises_on_the_tiny_model(tiny_mistral, tiny_pairs, tmp_path):
+    out = tmp_path / "dpo"
+    result = train(pair_cfg(tiny_mistral, tiny_pairs, out, "train.method=dpo"))
+    assert result.stopped == "completed" and result.global_step == 40
+    evals = [r for r in metrics(out) if "eval_loss" in r]
+    # Step 0: the policy is its reference, so every pair scores ln 2 and no margin.
+    assert evals[0]["eval_loss"] == pytest.approx(0.6931, abs=1e-4) and evals[0]["eval_reward_margin"] == 0
+    assert (
+        evals[-1]["eval_loss"] < 0.6 and evals[-1]["eval_reward_accuracy"] > evals[0]["eval_reward_accuracy"]
+    )
+    assert evals[-1]["eval_reward_margin"] > 0.5
+    final = out / "final_adapter"
+    assert not (final / "ref").exists()  # the frozen reference copy is not part of the result
+    assert json.loads((out / "manifest.json").read_text())["method"] == "dpo"
+    assert (out / "loss.png").stat().st_size > 0
+
+
+def test_dpo_resume_is_exact(tiny_mistral, tiny_pairs, tmp_path, monkeypatch):
+    import qlora_llm.train as qtrain
+
+    straight = tmp_path / "straight"
+    train(
+        pair_cfg(
+            tiny_mistral, tiny_pairs, straight, "train.method=dpo", "lora.dropout=0.1", steps=12, every=6
+        )
+    )
+    real = qtrain._make_trainer_class
+
+    def interrupted(*a):
+        class Interrupted(real(*a)):
+            def training_step(self, *args, **kwargs):
+                if self.state.global_step == 5:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return super().training_step(*args, **kwargs)
+
+        return Interrupted
+
+    monkeypatch.setattr(qtrain, "_make_trainer_class", interrupted)
+    split = tmp_path / "split"
+    cfg = pair_cfg(tiny_mistral, tiny_pairs, split, "train.method=dpo", "lora.dropout=0.1", steps=12, every=6)
+    first = train(cfg)
+    assert (first.stopped, first.global_step) == ("SIGTERM", 6)
+    monkeypatch.undo()
+    assert train(cfg, resume="auto").global_step == 12
+    a, b = adapter(straight / "final_adapter"), adapter(split / "final_adapter")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_dpo_continues_an_sft_adapter_which_is_also_its_reference(
+    tiny_mistral, tiny_data, tiny_pairs, tmp_path
+):
+    sft = tmp_path / "sft"
+    train(load_config(None, tiny_overrides(tiny_mistral, tiny_data, sft, steps=4, batch=4, every=4)))
+    out = tmp_path / "dpo"
+    train(
+        pair_cfg(tiny_mistral, tiny_pairs, out, "train.method=dpo", f"model.adapter={sft}", steps=8, every=4)
+    )
+    evals = [r for r in metrics(out) if "eval_loss" in r]
+    # A reference other than the SFT adapter (the bare base) would score the SFT model apart from it at step 0.
+    assert evals[0]["eval_reward_margin"] == 0 and evals[0]["eval_loss"] == pytest.approx(0.6931, abs=1e-4)
+    start, tuned = adapter(sft / "final_adapter"), adapter(out / "final_adapter")
+    assert start.keys() == tuned.keys() and any(not torch.equal(start[k], tuned[k]) for k in start)
+    assert json.loads((out / "manifest.json").read_text())["start_adapter"] == str(sft)
+
+
+def test_orpo_runs_end_to_end(tiny_mistral, tiny_pairs, tmp_path):
+    out = tmp_path / "orpo"
+    result = train(pair_cfg(tiny_mistral, tiny_pairs, out, "train.method=orpo", steps=8, every=4))
+    assert result.stopped == "completed" and (out / "final_adapter" / "adapter_model.safetensors").is_file()
+    rows = metrics(out)
+    train_losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(train_losses) == 8 and all(l == l for l in train_losses)  # noqa: E741 - finite, logged each step
+    assert any("eval_reward_accuracy" in r for r in rows)
+
+
+@pytest.mark.parametrize("method, data, message", [
+    ("sft", "pairs", "holds preference pairs: set train.method=dpo or orpo"),
+    ("dpo", "examples", "train.method=dpo needs preference pairs (prompt, chosen, rejected)"),
+])  # fmt: skip
+def test_a_method_and_data_of_different_kinds_are_refused(
+    tiny_mistral, tiny_data, tiny_pairs, tmp_path, method, data, message
+):
+    folder = tiny_pairs if data == "pairs" else tiny_data
+    cfg = pair_cfg(tiny_mistral, folder, tmp_path / "run", f"train.method={method}")
+    with pytest.raises(TrainError, match=re.escape(message)):
+        train(cfg)
+
+
+def test_tensorboard_gets_readable_events_with_the_runs_config(
+    tiny_mistral, tiny_data, tmp_path, monkeypatch
+):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    out = tmp_path / "run"
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tiny_mistral, tiny_data, out, "train.report_to=[tensorboard]", steps=4, batch=4, every=2
+        ),
+    )
+    train(cfg)
+    monkeypatch.undo()
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0, "scalars": 0}).Reload()
+    losses = events.Scalars("train/loss")
+    assert [e.step for e in losses] == [1, 2, 3, 4] and all(e.value > 0 for e in losses)
+    assert [e.step for e in events.Scalars("eval/loss")] == [0, 2, 4]
+    texts = {t for t in events.Tags()["tensors"]}
+    assert "qlora_llm/params/text_summary" in texts
+    params = events.Tensors("qlora_llm/params/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert '"config.train.report_to": "[\'tensorboard\']"' in params and "manifest.identity" in params
+
+
+def test_mlflow_local_store_gets_params_and_metrics(tiny_mistral, tiny_data, tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_ALLOW_FILE_STORE"):
+        monkeypatch.delenv(var, raising=False)
+    out = tmp_path / "run"
+    cfg = load_config(
+        None,
+        tiny_overrides(tiny_mistral, tiny_data, out, "train.report_to=[mlflow]", steps=4, batch=4, every=2),
+    )
+    train(cfg)
+    client = mlflow.tracking.MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
+    (experiment,) = [e for e in client.search_experiments() if e.name == "qlora-llm"]
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.params["config.lora.r"] == "16" and run.data.params["manifest.method"] == "sft"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert "eval_loss" in run.data.metrics
+
+
+def test_a_tracker_that_is_not_installed_is_named_before_loading(
+    tiny_mistral, tiny_data, tmp_path, monkeypatch
+):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tiny_mistral, tiny_data, tmp_path / "r", "train.report_to=[wandb]", steps=2, batch=4, every=2
+        ),
+    )
+    with pytest.raises(TrainError, match=r"wandb not installed. `pip install wandb`"):
+        train(cfg)
