@@ -417,3 +417,47 @@ def test_a_prepare_killed_mid_write_leaves_the_previous_output_under_its_names(t
     proc = subprocess.run([sys.executable, "-c", script, *cmd], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert {k: v for k, v in _snapshot(out).items() if not k.startswith(".")} == before
+
+
+def test_preference_pairs_are_validated_line_by_line_and_counted(tmp_path):
+    user, bot = "user", "assistant"
+
+    def turn(role, text):
+        return {"role": role, "content": text}
+
+    lines = {
+        1: {"prompt": "Summarize A.", "chosen": "A is short.", "rejected": "A is long and wrong."},
+        2: {"prompt": "Summarize B.", "chosen": "Same.", "rejected": "Same."},
+        3: {"prompt": "Summarize C.", "chosen": "", "rejected": "C."},
+        4: {"chosen": [turn(user, "D?"), turn(bot, "D.")], "rejected": [turn(user, "E?"), turn(bot, "E.")]},
+        5: {"chosen": [turn(bot, "F."), turn(user, "F?")], "rejected": [turn(bot, "G."), turn(user, "F?")]},
+        6: {"instruction": "A supervised one.", "output": "Among pairs."},
+        7: {"prompt": [turn("system", "Be brief."), turn(user, "H?")], "chosen": [turn(bot, "H.")],
+            "rejected": [turn(bot, "Not H.")]},
+        8: {"prompt": "Summarize " + "very " * 400 + "long.", "chosen": "Long.", "rejected": "Longer."},
+        9: {"chosen": [turn(user, "I?"), turn(bot, "I.")], "rejected": [turn(user, "I?"), turn(bot, "J.")]},
+    }  # fmt: skip
+    raw = tmp_path / "pairs.jsonl"
+    raw.write_text("".join(json.dumps(lines[i]) + "\n" for i in sorted(lines)))
+    report = prepare(cfg(max_seq_length=256, min_examples=1), [raw], tmp_path / "out")
+    found = {(p.line, p.kind) for p in report.problems}
+    assert found == {
+        (2, "identical_pair"),
+        (3, "empty"),
+        (4, "prompt_mismatch"),
+        (5, "roles_order"),
+        (6, "mixed_kinds"),
+        (8, "overlength"),
+    }, found
+    written = read_jsonl(tmp_path / "out" / "train.jsonl")
+    assert written == [
+        {"messages": [{"role": "user", "content": "Summarize A."}], "chosen": "A is short.", "rejected": "A is long and wrong."},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "H?"}], "chosen": "H.", "rejected": "Not H."},
+        {"messages": [{"role": "user", "content": "I?"}], "chosen": "I.", "rejected": "J."},
+    ]  # fmt: skip
+    assert report.records_read == len(written) + report.invalid + report.overlength_dropped == 9
+    (problem,) = [p for p in report.problems if p.line == 4]
+    assert str(problem) == (
+        f"{raw}:4: rejected: 'chosen' and 'rejected' do not share the same turns before their last answer. "
+        "A pair answers one prompt: only the final assistant turn may differ."
+    )

@@ -182,3 +182,29 @@ def test_a_tracker_that_is_not_installed_is_named_before_loading(
     )
     with pytest.raises(TrainError, match=r"wandb not installed. `pip install wandb`"):
         train(cfg)
+
+
+def test_evaluating_a_dpo_run_reports_reward_accuracy_base_vs_tuned(tiny_mistral, tiny_pairs, tmp_path):
+    from qlora_llm.evaluate import evaluate
+
+    out = tmp_path / "dpo"
+    train(pair_cfg(tiny_mistral, tiny_pairs, out, "train.method=dpo"))
+    cfg = load_config(None, ["model.device=cpu", "eval.max_new_tokens=4", "eval.speed_runs=1"])
+    result = evaluate(cfg, out)
+    rows = {r["metric"]: r for r in result.metrics["table"]}
+    assert rows["reward_accuracy"]["base"] == 0 and rows["reward_accuracy"]["tuned"] >= 0.75
+    assert rows["reward_margin"]["tuned"] > 0.5
+    assert rows["preference_accuracy"]["tuned"] > rows["preference_accuracy"]["base"]
+    assert "rougeL" in rows  # the usual metrics too, on the chosen answers
+    report = (out / "eval" / "report.md").read_text()
+    assert "reward accuracy" in report
+
+
+def test_the_plan_counts_both_answers_and_the_reference_copy():
+    from qlora_llm.plan import format_plan, plan
+
+    sft, dpo = (plan(load_config("configs/smollm2-cpu.yaml", [f"train.method={m}"])) for m in ("sft", "dpo"))
+    assert dpo.estimate.lora_weights == 2 * sft.estimate.lora_weights  # the frozen reference copy
+    assert dpo.estimate.activations > 1.9 * sft.estimate.activations  # chosen and rejected: 2 x batch
+    assert dpo.estimate.base_weights == sft.estimate.base_weights  # no second model
+    assert "the reference is the base with a frozen copy of the adapter, not a second model" in format_plan(dpo)

@@ -557,10 +557,47 @@ TABLE = [
     ("rougeLsum", "ROUGE-Lsum F1", "higher", "{:.4f}"),
     ("stop_rate", "stop rate (EOS before the limit)", "higher", "{:.0%}"),
     ("benchmark_score", "benchmark prompts passed", "higher", "{:.0%}"),
+    ("preference_accuracy", "pairs preferred (log-prob chosen > rejected)", "higher", "{:.0%}"),
+    ("reward_accuracy", "reward accuracy (vs the base row)", "higher", "{:.0%}"),
+    ("reward_margin", "reward margin (vs the base row)", "higher", "{:.3f}"),
     ("tokens_per_s", "generation tokens/s (p50)", "higher", "{:.1f}"),
     ("ttft_s", "time to first token s (p50)", "lower", "{:.3f}"),
     ("peak_memory_gib", "peak memory GiB", "lower", "{:.2f}"),
 ]
+
+
+PAIR_KEYS = {"preference_accuracy", "reward_accuracy", "reward_margin"}
+
+
+def pair_scores(loaded: LoadedModel, pairs: list[dict], cfg: Config) -> dict[str, Any]:
+    """Summed log-probabilities of each pair's chosen and rejected answer, as DPO scores them."""
+    from qlora_llm.data import pair_examples
+
+    sides = {}
+    for i, side in enumerate(("chosen", "rejected")):
+        rows = tokenize_for_scoring([pair_examples(p)[i] for p in pairs], loaded.tokenizer, loaded.template)
+        s = score_tokens(loaded.model, rows, batch_size=cfg.eval.batch_size, max_length=cfg.eval.max_length)
+        sides[side] = [-nll for nll in s.nll_completion]
+    preferred = [c > r for c, r in zip(sides["chosen"], sides["rejected"], strict=True)]
+    return {"pair_logps": sides, "preference_accuracy": sum(preferred) / len(preferred)}
+
+
+def add_rewards(results: dict[str, Any], beta: float) -> None:
+    """DPO's implicit reward of the tuned model against the base row: beta * (log pi_tuned - log pi_base),
+    chosen over rejected; its accuracy counts pairs whose chosen answer gains more (the base row scores
+    0% and 0 by definition)."""
+    tuned, base = results["tuned"]["pair_logps"], results["base"]["pair_logps"]
+    margins = [
+        beta * ((tc - bc) - (tr - br))
+        for tc, bc, tr, br in zip(
+            tuned["chosen"], base["chosen"], tuned["rejected"], base["rejected"], strict=True
+        )
+    ]
+    results["tuned"] |= {
+        "reward_accuracy": sum(m > 0 for m in margins) / len(margins),
+        "reward_margin": sum(margins) / len(margins),
+    }
+    results["base"] |= {"reward_accuracy": 0.0, "reward_margin": 0.0}
 
 
 SHORT_LABELS = {
@@ -590,6 +627,8 @@ def comparison_table(tuned: dict[str, Any], base: dict[str, Any] | None) -> list
     t, b = _flat(tuned), _flat(base) if base else {}
     for key, label, better, fmt in TABLE:
         tv, bv = t.get(key), b.get(key)
+        if key in PAIR_KEYS and tv is None and bv is None:
+            continue  # not a preference evaluation
         change = None
         if tv is not None and bv is not None:
             change = tv - bv
@@ -875,6 +914,12 @@ def evaluate(
         records = records[: cfg.eval.max_examples]
     if not records:
         raise EvalError(f"{data_file}: no examples to evaluate.")
+    from qlora_llm.data import is_pair, pair_examples
+
+    # Preference pairs: the usual metrics on the chosen answers, plus how the pairs are scored.
+    pairs = records if is_pair(records[0]) else None
+    if pairs:
+        records = [pair_examples(p)[0] for p in pairs]
     prompts = load_benchmark_prompts(cfg.eval.benchmark_prompts) if cfg.eval.benchmark_prompts else []
     out = Path(output_dir or cfg.eval.output_dir or ((found.path or Path("runs/eval")) / "eval"))
     if (
@@ -903,7 +948,7 @@ def evaluate(
         if t is None:
             continue
         # The base scores the same for every run of the same model, data and settings: computed once.
-        cache = _base_cache_file(cfg, t, records) if label == "base" else None
+        cache = _base_cache_file(cfg, t, pairs or records) if label == "base" else None
         if cache is not None and cache.is_file():
             results[label], reused = json.loads(cache.read_text()), cache
             log.info("base model: reusing its evaluation with the same model, data and settings (%s)", cache)
@@ -912,6 +957,8 @@ def evaluate(
         peak = PeakMemory(loaded.device)  # after loading: the model's own use while it is evaluated
         try:
             results[label] = _evaluate_model(loaded, records, cfg, prompts, label)
+            if pairs:
+                results[label] |= pair_scores(loaded, pairs, cfg)
         finally:
             memory = peak.stop()
         results[label]["memory"] = memory
@@ -920,6 +967,8 @@ def evaluate(
         if cache is not None:
             atomic_write_text(cache, json.dumps(results[label], ensure_ascii=False) + "\n")
 
+    if pairs and "base" in results:
+        add_rewards(results, _run_beta(found))
     table = comparison_table(results["tuned"], results.get("base"))
     notes = []
     non_ascii = max(r["rouge_texts_mostly_non_ascii"] for r in results.values())
@@ -977,6 +1026,16 @@ def evaluate(
     write_report(metrics, out)
     log.info("%s", metrics["headline"])
     return EvalResult(out, metrics)
+
+
+def _run_beta(target: Target) -> float:
+    """The run's train.beta (DPO's), so the rewards are on the scale it trained with; else DPO's 0.1."""
+    from qlora_llm.config import load_config
+
+    for folder in (target.path, target.adapter_dir):
+        if folder is not None and (Path(folder) / "config.yaml").is_file():
+            return load_config(Path(folder) / "config.yaml").train.beta
+    return 0.1
 
 
 def _base_cache_file(cfg: Config, base: Target, records: list[dict]) -> Path | None:

@@ -287,6 +287,7 @@ def estimate_memory(
     lora_dtype: Literal["float32", "bfloat16"] | None = None,
     processes: int = 1,
     distributed: Literal["ddp", "fsdp"] = "ddp",
+    method: Literal["sft", "dpo", "orpo"] = "sft",
 ) -> MemoryEstimate:
     """Bytes a LoRA/QLoRA training step needs, per component; the formulas are in the module docstring.
 
@@ -306,7 +307,10 @@ def estimate_memory(
     h, i, n_layers, v = shape.hidden, shape.intermediate, shape.layers, shape.vocab
     attn_width = shape.heads * shape.head_dim
     linears = shape.linears()
-    tokens = batch_size * seq_len
+    # A preference step forwards each example's chosen and rejected answer together: twice the sequences.
+    # DPO's reference forward runs without gradients, so its activations never add to the training ones.
+    sequences = batch_size * (1 if method == "sft" else 2)
+    tokens = sequences * seq_len
     quantized = quantization != "none"
     # Weights that stay unquantized (embeddings, lm_head, norms): fp32 once prepare_model_for_kbit_training
     # upcast them. The embeddings' dtype is also the residual stream's: bf16 layer outputs added to an
@@ -355,6 +359,10 @@ def estimate_memory(
         f"{lora_params:,} params (r={lora_r}, {len(targets)} targets x {n_layers} layers) x {lb} B "
         + ("(TRL casts adapters on a 4-bit base to bf16)" if lb == 2 else "(fp32)")
     )
+    if method == "dpo":
+        # The reference is the same base with a frozen copy of the adapter: no second model.
+        lora_weights *= 2
+        how["lora_weights"] += " x 2 (DPO's frozen reference copy; no second model is loaded)"
     how["lora_gradients"] = f"one {lora_dtype} gradient per LoRA param"
     optimizer_states, how["optimizer_states"] = _optimizer_bytes(optim, matrices, lora_params, lb)
     paged = "paged" in optim.lower() and device == "cuda"  # paging is CUDA unified memory
@@ -390,7 +398,7 @@ def estimate_memory(
     # The final norm's fp32 input; autocast's cached 16-bit copies of fp32 adapters.
     shared = tokens * 4 * h + (lora_params * a if lb > a else 0)
     if attention == "eager":
-        shared += batch_size * seq_len * seq_len * a  # one float mask, added (not kept) in each layer
+        shared += sequences * seq_len * seq_len * a  # one float mask, added (not kept) in each layer
     if gradient_checkpointing:
         checkpoints = n_layers * tokens * h * w
         activations = checkpoints + per_layer + shared
@@ -421,7 +429,7 @@ def estimate_memory(
         # and the logits' gradient come and go, so they are in `transient`.
         logits = tokens * v * (a + 4) + head_cast
         logits_grad = tokens * v * (4 + (a if a < 4 else 0))
-        how["logits"] = f"(B,T,V)=({batch_size},{seq_len},{v}) in {compute_dtype} + fp32 log-softmax"
+        how["logits"] = f"(B,T,V)=({sequences},{seq_len},{v}) in {compute_dtype} + fp32 log-softmax"
 
     overhead = CUDA_OVERHEAD if device == "cuda" else CPU_OVERHEAD
     how["overhead"] = (
@@ -544,6 +552,9 @@ def _setup(cfg: Config, device: str, processes: int = 1) -> dict[str, Any]:
         "lora_dropout": cfg.lora.dropout,
         "processes": processes,
         "distributed": cfg.train.distributed,
+        "method": cfg.train.method,
+        # ORPO's trainer computes the full (B,T,V) logits; SFT and DPO use TRL's fused LM head.
+        **({"lm_head_loss": "full"} if cfg.train.method == "orpo" else {}),
     }
 
 
@@ -761,6 +772,15 @@ def format_plan(report: PlanReport) -> str:
         f"modules ({est.lora_params / 1e6:.1f}M params), batch {s['batch_size']} x {s['seq_len']} tokens, "
         f"gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, {s['optim']}",
     ]
+    if s.get("method", "sft") != "sft":
+        lines.append(
+            f"{s['method'].upper()}: each example's chosen and rejected answers in one step (2 x batch)"
+            + (
+                "; the reference is the base with a frozen copy of the adapter, not a second model"
+                if s["method"] == "dpo"
+                else "; no reference model"
+            )
+        )
     if s["processes"] > 1:
         lines.append(
             f"{s['processes']} processes, {s['distributed']}: memory per {report.device} device; "
