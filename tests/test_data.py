@@ -461,3 +461,36 @@ def test_preference_pairs_are_validated_line_by_line_and_counted(tmp_path):
         f"{raw}:4: rejected: 'chosen' and 'rejected' do not share the same turns before their last answer. "
         "A pair answers one prompt: only the final assistant turn may differ."
     )
+
+
+def test_bundled_preference_pairs_are_valid_reproducible_and_held_out(tmp_path):
+    """data/aclsum-pairs: valid pairs, rebuilt byte for byte from the kept base answers, on papers no
+    other split uses."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    pairs = repo / "data" / "aclsum-pairs"
+    report = prepare(
+        cfg(max_seq_length=512), [pairs / "train.jsonl"], tmp_path / "out", eval_inputs=[pairs / "eval.jsonl"]
+    )
+    assert report.invalid == report.duplicates == report.overlength_dropped == report.eval_leaks_removed == 0
+    assert report.train_written >= 100 and report.eval_written >= 25
+    rebuilt = tmp_path / "rebuilt"
+    rebuilt.mkdir()
+    (rebuilt / "base_answers.jsonl").write_bytes((pairs / "base_answers.jsonl").read_bytes())
+    done = subprocess.run(
+        [sys.executable, str(repo / "data" / "make_aclsum_pairs.py"), "--out-dir", str(rebuilt)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("train.jsonl", "eval.jsonl", "base_answers.jsonl"):
+        assert (rebuilt / name).read_bytes() == (pairs / name).read_bytes(), name  # no model was run
+    sft = {
+        json.loads(x)["input"]
+        for f in ("train", "eval", "test")
+        for x in (repo / "data" / "aclsum" / f"{f}.jsonl").read_text().splitlines()
+    }
+    for name in ("train.jsonl", "eval.jsonl"):
+        for line in (pairs / name).read_text().splitlines():
+            assert json.loads(line)["prompt"].split("\n\n", 1)[1] not in sft  # a paper the SFT demo never saw
