@@ -207,4 +207,6 @@ def test_the_plan_counts_both_answers_and_the_reference_copy():
     assert dpo.estimate.lora_weights == 2 * sft.estimate.lora_weights  # the frozen reference copy
     assert dpo.estimate.activations > 1.9 * sft.estimate.activations  # chosen and rejected: 2 x batch
     assert dpo.estimate.base_weights == sft.estimate.base_weights  # no second model
-    assert "the reference is the base with a frozen copy of the adapter, not a second model" in format_plan(dpo)
+    assert "the reference is the base with a frozen copy of the adapter, not a second model" in format_plan(
+        dpo
+    )
