@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from seed_table import print_seed_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = Path(sys.executable).with_name("qlora-llm")
@@ -46,17 +48,7 @@ def main() -> None:
     args = ap.parse_args()
     tables = {seed: run_seed(seed, args.runs_dir) for seed in args.seeds}
 
-    first = tables[args.seeds[0]]
-    print(
-        f"\n{'metric':20} {'base':>7} "
-        + " ".join(f"{'seed ' + str(s):>9}" for s in args.seeds)
-        + "   min / median / max"
-    )
-    for key, label, scale, fmt in METRICS:
-        tuned = [tables[s][key]["tuned"] * scale for s in args.seeds]
-        cells = " ".join(f"{fmt.format(v):>9}" for v in tuned)
-        spread = " / ".join(fmt.format(f(tuned)) for f in (min, statistics.median, max))
-        print(f"{label:20} {fmt.format(first[key]['base'] * scale):>7} {cells}   {spread}")
+    print_seed_table("metric", "base", tables, METRICS)
     print()
     for seed in args.seeds:
         t = tables[seed]
