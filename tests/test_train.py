@@ -712,9 +712,12 @@ def test_activation_checkpointing_follows_the_setting(tiny_mistral, tiny_data, t
     assert seen == [on]
 
 
-def test_a_cli_training_log_has_no_third_party_warning(tiny_mistral, tiny_data, tmp_path):
+@pytest.mark.parametrize("method", ["sft", "dpo", "orpo"])
+def test_a_cli_training_log_has_no_third_party_warning(tiny_mistral, tiny_data, tiny_pairs, tmp_path, method):
     """What the terminal shows: our log lines, our progress bar and summary; no library warning or bar."""
-    args = _args(tiny_mistral, tiny_data, tmp_path / "run", "train.max_steps=2", "train.eval_steps=1")
+    data = tiny_data if method == "sft" else tiny_pairs
+    extra = ("train.max_steps=2", "train.eval_steps=1", f"train.method={method}")
+    args = _args(tiny_mistral, data, tmp_path / "run", *extra)
     (tmp_path / "empty.yaml").write_text("{}\n")
     proc = subprocess.run(
         [sys.executable, "-m", "qlora_llm.cli", "train", str(tmp_path / "empty.yaml"), *args],

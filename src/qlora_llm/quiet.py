@@ -6,8 +6,11 @@ shows. Our own warnings are untouched. What is filtered and why:
   Face Hub (`kernels-community`) and logs "Failed to load CPU gemm_4bit_forward ..." when the optional
   `kernels` package is missing; its own kernel is used instead, and our log says which (cpu4bit.py).
 - transformers 5 renamed gradient checkpointing to activation checkpointing and warns whenever PEFT or
-  TRL still use the old names (`is_gradient_checkpointing`, `gradient_checkpointing_enable`); our own
+  TRL still use the old names (`is_gradient_checkpointing`, `gradient_checkpointing_enable`, DPO's
+  `gradient_checkpointing_disable` around its reference pass); our own
   code uses the new ones.
+- TRL warns on every import of `trl.experimental`, where ORPO's trainer lives: `train.method=orpo` is a
+  choice the user made, and our log says it runs on TRL's experimental trainer.
 - the per-call progress bars of `datasets` (TRL's "Building labels ...") and of transformers' weight
   loading and saving: our progress bar and log lines say what is happening.
 
@@ -25,8 +28,11 @@ import warnings
 BITSANDBYTES_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
 KERNELS_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
 RENAMED_CHECKPOINTING = (
-    r"`(is_)?gradient_checkpointing(_enable|_kwargs)?` is deprecated and will be removed in v6"
+    r"`(is_)?gradient_checkpointing(_enable|_disable|_kwargs)?` is deprecated and will be removed in v6"
 )
+
+
+TRL_EXPERIMENTAL = r"You are importing from 'trl\.experimental'"
 
 
 class _DropMessages(logging.Filter):
@@ -46,6 +52,7 @@ def install() -> None:
     warnings.filterwarnings(
         "ignore", message=RENAMED_CHECKPOINTING, category=FutureWarning, module="transformers"
     )
+    warnings.filterwarnings("ignore", message=TRL_EXPERIMENTAL)
     # datasets reads it at import; Hub downloads keep their bars (a 14 GB download wants an ETA).
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     import transformers

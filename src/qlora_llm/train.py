@@ -1087,6 +1087,12 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
     stop_requests: list[str] = []
     monitor = _make_monitor(run_dir, device, stop_requests, world)
     callbacks.append(monitor)
+    # The pad the tokenizer was given, in the model's configs too (transformers would align them and say so).
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if t.method == "orpo":
+        log.info("ORPO runs on TRL's ORPOTrainer, which TRL keeps in trl.experimental (its API may change)")
     start_weights = (
         {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         if m.adapter is not None
