@@ -210,3 +210,22 @@ def test_the_plan_counts_both_answers_and_the_reference_copy():
     assert "the reference is the base with a frozen copy of the adapter, not a second model" in format_plan(
         dpo
     )
+
+
+def test_dpo_with_a_supervised_term_keeps_the_chosen_answers_likely(tiny_mistral, tiny_pairs, tmp_path):
+    """train.sft_weight adds the NLL of the chosen answers (RPO): the chosen answers get more likely, not
+    only more likely than the rejected ones."""
+    from qlora_llm.evaluate import evaluate
+
+    out = tmp_path / "rpo"
+    train(
+        pair_cfg(
+            tiny_mistral, tiny_pairs, out, "train.method=dpo", "train.sft_weight=1.0", steps=20, every=10
+        )
+    )
+    evals = [r for r in metrics(out) if "eval_loss" in r]
+    assert evals[0]["eval_loss"] > 1.0  # ln 2 plus the chosen answers' NLL
+    assert evals[-1]["eval_reward_accuracy"] > evals[0]["eval_reward_accuracy"]
+    cfg = load_config(None, ["model.device=cpu", "eval.max_new_tokens=4", "eval.speed_runs=1"])
+    rows = {r["metric"]: r for r in evaluate(cfg, out).metrics["table"]}
+    assert rows["perplexity_completion"]["tuned"] < rows["perplexity_completion"]["base"]

@@ -145,6 +145,10 @@ class TrainConfig(_Section):
     beta: float = Field(0.1, gt=0)
     """DPO's beta (how far the tuned model may move from the reference) or ORPO's lambda (the weight of
     its odds-ratio term beside the supervised loss on the chosen answer)."""
+    sft_weight: float = Field(0.0, ge=0)
+    """DPO: add this weight times the supervised loss on the chosen answers (RPO, Pang et al. 2024). It
+    keeps the model writing the chosen kind of answer while it learns the preference: plain DPO on easy
+    pairs can win by making every answer unlikely, down to answering nothing. 0 = plain DPO."""
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = []
     """Also hand the metrics to these trackers (their packages are optional: `pip install tensorboard`,
     ...), with the run's config and manifest as parameters; offline by default where the tool allows."""

@@ -203,7 +203,8 @@ def _method_args(method: str, cfg: Config, beta: float) -> tuple[type, dict[str,
         from trl import DPOConfig
 
         # Pairs are tokenized and length-checked by us (tokenize_pairs): nothing for TRL to cut.
-        return DPOConfig, {"beta": beta, "max_length": None, "precompute_ref_log_probs": False}
+        extra = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, t.sft_weight]} if t.sft_weight else {}
+        return DPOConfig, {"beta": beta, "max_length": None, "precompute_ref_log_probs": False, **extra}
     from trl.experimental.orpo import ORPOConfig
 
     return ORPOConfig, {
