@@ -726,10 +726,16 @@ def _headline(table: list[dict[str, Any]]) -> str:
         r = by_key[key]
         return bool(r["change"]) and (r["change"] > 0) == (r["better"] == "lower")
 
-    helped = not worse("perplexity_completion") and not worse("rougeL")
-    text = ("Fine-tuning helped: " if helped else "Fine-tuning did not clearly help: ") + "; ".join(
-        moved(k) for k in ("perplexity_completion", "rougeL", "stop_rate") if by_key[k]["change"] is not None
-    )
+    if "reward_accuracy" in by_key:  # a preference run: first whether the pairs moved, then the answers
+        text = f"Preference tuning: {moved('reward_accuracy')}; {moved('preference_accuracy')}. On the chosen answers: "
+        text += "; ".join(moved(k) for k in ("perplexity_completion", "rougeL", "stop_rate"))
+    else:
+        helped = not worse("perplexity_completion") and not worse("rougeL")
+        text = ("Fine-tuning helped: " if helped else "Fine-tuning did not clearly help: ") + "; ".join(
+            moved(k)
+            for k in ("perplexity_completion", "rougeL", "stop_rate")
+            if by_key[k]["change"] is not None
+        )
     regressed = [
         moved(k) for k in ("stop_rate", "benchmark_score") if by_key[k]["change"] is not None and worse(k)
     ]
