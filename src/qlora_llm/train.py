@@ -214,19 +214,16 @@ def _method_args(method: str, cfg: Config, beta: float) -> tuple[type, dict[str,
     }
 
 
-TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
-
-
 def _setup_trackers(report_to: list[str], run_dir: Path) -> list[str]:
     """Check the trackers' packages are there, and keep them offline and in the run folder by default
     (a variable the user set wins). Returns the variables set, to take back after the run."""
     import importlib.util
 
-    missing = [t for t in report_to if importlib.util.find_spec(TRACKER_PACKAGES[t]) is None]
+    missing = [t for t in report_to if importlib.util.find_spec(t) is None]  # each imports as its name
     if missing:
         raise TrainError(
             f"train.report_to={report_to}: {', '.join(missing)} not installed. "
-            f"`pip install {' '.join(TRACKER_PACKAGES[t] for t in missing)}`, or leave it out."
+            f"`pip install {' '.join(missing)}`, or leave it out."
         )
     run_dir = Path(run_dir).resolve()
     defaults = {
