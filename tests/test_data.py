@@ -358,18 +358,23 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
+def _prepared_once(tmp_path: Path) -> tuple[Path, Path, Path, dict[str, bytes]]:
+    """A prepared output (train, eval, plot, report) and its bytes: what an interrupted re-run must keep."""
+    raw, held_out = tmp_path / "r.jsonl", tmp_path / "e.jsonl"
+    raw.write_text("".join(json.dumps(g) + "\n" for g in GOOD))
+    held_out.write_text("".join(json.dumps(good(i)) + "\n" for i in range(50, 53)))
+    out = tmp_path / "out"
+    prepare(cfg(), [raw], out, eval_inputs=[held_out])
+    return raw, held_out, out, _snapshot(out)
+
+
 @pytest.mark.parametrize("stop_at", [1, 2, 3, 4])
 def test_a_prepare_interrupted_mid_write_leaves_the_previous_output_as_it_was(tmp_path, monkeypatch, stop_at):
     """Stopped as each of its files is finished (train, eval, plot, report): the previous set stays whole,
     the new one's partial files go; nothing is mixed."""
     import os
 
-    raw, held_out = tmp_path / "r.jsonl", tmp_path / "e.jsonl"
-    raw.write_text("".join(json.dumps(g) + "\n" for g in GOOD))
-    held_out.write_text("".join(json.dumps(good(i)) + "\n" for i in range(50, 53)))
-    out = tmp_path / "out"
-    prepare(cfg(), [raw], out, eval_inputs=[held_out])
-    before = _snapshot(out)
+    raw, held_out, out, before = _prepared_once(tmp_path)
     assert set(before) == set(OUTPUT_FILES)
     raw.write_text("".join(json.dumps(good(i)) + "\n" for i in range(100, 112)))  # different data
     calls, real_fsync = [], os.fsync
@@ -394,12 +399,7 @@ def test_a_prepare_killed_mid_write_leaves_the_previous_output_under_its_names(t
     import subprocess
     import sys
 
-    raw, held_out = tmp_path / "r.jsonl", tmp_path / "e.jsonl"
-    raw.write_text("".join(json.dumps(g) + "\n" for g in GOOD))
-    held_out.write_text("".join(json.dumps(good(i)) + "\n" for i in range(50, 53)))
-    out = tmp_path / "out"
-    prepare(cfg(), [raw], out, eval_inputs=[held_out])
-    before = _snapshot(out)
+    raw, held_out, out, before = _prepared_once(tmp_path)
     raw.write_text("".join(json.dumps(good(i)) + "\n" for i in range(100, 112)))
     script = (
         "import os, signal, sys\n"

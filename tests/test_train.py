@@ -301,6 +301,13 @@ def straight_9(tiny_mistral, tiny_data, tmp_path_factory) -> Path:
     return out
 
 
+def _resume_ends_as_straight(tiny_mistral, tiny_data, out: Path, straight: Path) -> None:
+    """`--resume auto` finishes the 9-step run, with the adapter the uninterrupted run ended with."""
+    result = train(tiny_cfg(tiny_mistral, tiny_data, out, "train.max_steps=9"), resume="auto")
+    assert (result.stopped, result.global_step) == ("completed", 9)
+    _assert_same_final(out, straight)
+
+
 def _assert_same_final(a: Path, b: Path) -> None:
     x, y = lora_state(a / "final_adapter"), lora_state(b / "final_adapter")
     assert x.keys() == y.keys()
@@ -334,9 +341,7 @@ def test_a_full_disk_during_a_save_keeps_the_last_checkpoint_and_resumes_exactly
     assert not (out / "final_adapter").exists()
     _no_partial_files(out)
     monkeypatch.undo()  # space freed
-    result = train(tiny_cfg(tiny_mistral, tiny_data, out, "train.max_steps=9"), resume="auto")
-    assert (result.stopped, result.global_step) == ("completed", 9)
-    _assert_same_final(out, straight_9)
+    _resume_ends_as_straight(tiny_mistral, tiny_data, out, straight_9)
 
 
 def test_a_full_disk_during_the_final_adapter_write_leaves_no_part_of_it(
@@ -360,9 +365,7 @@ def test_a_full_disk_during_the_final_adapter_write_leaves_no_part_of_it(
     assert not (out / "final_adapter").exists()
     _no_partial_files(out)
     monkeypatch.undo()
-    result = train(tiny_cfg(tiny_mistral, tiny_data, out, "train.max_steps=9"), resume="auto")
-    assert (result.stopped, result.global_step) == ("completed", 9)
-    _assert_same_final(out, straight_9)
+    _resume_ends_as_straight(tiny_mistral, tiny_data, out, straight_9)
 
 
 def test_sigterm_during_an_evaluation_stops_after_it_and_resumes_exactly(
@@ -381,9 +384,7 @@ def test_sigterm_during_an_evaluation_stops_after_it_and_resumes_exactly(
     assert first.final_adapter is None and not (out / "final_adapter").exists()
     _no_partial_files(out)
     monkeypatch.undo()
-    result = train(tiny_cfg(tiny_mistral, tiny_data, out, "train.max_steps=9"), resume="auto")
-    assert (result.stopped, result.global_step) == ("completed", 9)
-    _assert_same_final(out, straight_9)
+    _resume_ends_as_straight(tiny_mistral, tiny_data, out, straight_9)
 
 
 def test_sigterm_during_the_final_adapter_write_lets_it_finish(

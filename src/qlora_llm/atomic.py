@@ -25,21 +25,12 @@ def _umask() -> int:
 
 @contextlib.contextmanager
 def atomic_file(path: Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator:
-    """Open a temporary file beside `path`; on success it replaces `path`, on error it is removed."""
+    """Open a temporary file beside `path`; on success it replaces `path`, on error it is removed
+    (a set of one file: see `atomic_file_set`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a dataset should get normal permissions
-    try:
-        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding, newline=None) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file_set(path.parent) as files, files.open(path.name, mode, encoding) as f:
+        yield f
 
 
 def atomic_write_text(path: Path, text: str) -> None:
