@@ -1163,6 +1163,11 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
         for key in tracker_env:  # the next run in this process picks its own folders
             os.environ.pop(key, None)
     trainer.accelerator.wait_for_everyone()  # every rank returns once the run's files are complete
+    if world > 1 and torch.distributed.is_initialized():
+        # Closed here, not left to interpreter exit: there gloo's threads can still be running when the
+        # process ends, and it aborts ("terminate called without an active exception", exit 134; seen
+        # once in CI on rank 1 after a complete 2-process run).
+        torch.distributed.destroy_process_group()
     if not main:
         return TrainResult(run_dir, final, state.global_step, stopped, main_process=False)  # type: ignore[arg-type]
     metrics_path = run_dir / "metrics.jsonl"
