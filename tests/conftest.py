@@ -20,6 +20,10 @@ os.environ["HOME"] = tempfile.mkdtemp(prefix="qlora-llm-test-home-")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `compute_dtype: auto` picks bf16 for training on CPUs that compute it natively (a probe decides): the
+# suite pins fp32 so its numbers are the same on every host; tests/test_model.py covers the probe and
+# tests/test_train.py a bf16 run.
+os.environ.setdefault("QLORA_LLM_CPU_AUTO_DTYPE", "float32")
 
 ROOT = Path(__file__).resolve().parents[1]
 MISTRAL_TOKENIZER = (

@@ -139,3 +139,48 @@ def test_prepare_with_real_smollm2_chat_template(smollm2_cache, tmp_path):
     assert r.prompt.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
     ids = tok(r.prompt + r.completion)["input_ids"]
     assert ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == 3  # system, user, answer
+
+
+@pytest.mark.parametrize(
+    ("flags", "speedup", "chosen"),
+    [
+        (["avx512_bf16"], 2.6, "bfloat16"),
+        (["avx512_bf16"], 1.1, "bfloat16"),  # a busy machine blurs the probe; the flags settle it
+        (["avx512_bf16"], 0.5, "float32"),
+        ([], 1.5, "bfloat16"),
+        ([], 1.29, "float32"),
+        ([], 0.03, "float32"),  # bf16 emulated: ~30x slower
+    ],
+)
+def test_auto_compute_dtype_on_cpu_follows_the_probe(monkeypatch, caplog, flags, speedup, chosen):
+    """Training on CPU takes bf16 where the probe shows it 1.3x as fast as fp32, or as fast with the flags."""
+    import logging
+
+    import torch
+
+    monkeypatch.delenv("QLORA_LLM_CPU_AUTO_DTYPE")
+    monkeypatch.setattr(qmodel, "cpu_bf16_speedup", lambda: speedup)
+    monkeypatch.setattr(qmodel, "cpu_bf16_flags", lambda: flags)
+    qmodel._cpu_auto_dtype.cache_clear()
+    try:
+        with caplog.at_level(logging.INFO, logger="qlora_llm.model"):
+            assert qmodel.pick_compute_dtype("auto", "cpu", probe_cpu=True) == getattr(torch, chosen)
+        assert (
+            f"compute dtype {chosen} (model.compute_dtype=auto): a bf16 matmul ran {speedup:.2f}x"
+            in caplog.text
+        )
+        assert ("(flags avx512_bf16)" if flags else "(no AVX-512 BF16 / AMX flags)") in caplog.text
+        # Evaluation and serving keep fp32 on CPU whatever the probe says; an explicit dtype is kept.
+        assert qmodel.pick_compute_dtype("auto", "cpu") == torch.float32
+        assert qmodel.pick_compute_dtype("bfloat16", "cpu") == torch.bfloat16
+    finally:
+        qmodel._cpu_auto_dtype.cache_clear()
+
+
+def test_cpu_bf16_probe_measures_a_ratio():
+    """The probe is a measurement (a positive ratio), not a rule; the flags are read from /proc/cpuinfo."""
+    qmodel.cpu_bf16_speedup.cache_clear()
+    ratio = qmodel.cpu_bf16_speedup()
+    assert 0.001 < ratio < 100
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    assert ("avx512_bf16" in flags) == ("avx512_bf16" in qmodel.cpu_bf16_flags())

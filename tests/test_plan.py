@@ -175,8 +175,8 @@ def test_suggestions_really_fit_when_replanned(overrides, memory_gib):
 def test_smollm2_on_cpu_fits_in_24_gib():
     report = plan(load_config(ROOT / "configs" / "smollm2-cpu.yaml"), device_memory_bytes=24 * GIB)
     assert report.device == "cpu" and report.setup["compute_dtype"] == "float32"
-    assert report.fits
-    assert report.estimate.peak < 3 * GIB
+    assert report.fits and report.checkpointing == "auto: off (the run fits without it)"
+    assert report.estimate.peak < 4 * GIB
     assert not report.seed_setup and "seed GB" not in format_plan(report)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -711,6 +712,73 @@ def test_activation_checkpointing_follows_the_setting(tiny_mistral, tiny_data, t
     extra = ("train.max_steps=1", "train.save_steps=1", "train.eval_steps=1")
     train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "run", *extra, f"train.gradient_checkpointing={on}"))
     assert seen == [on]
+
+
+def test_bf16_compute_on_cpu_keeps_lora_and_optimizer_state_in_fp32(
+    tiny_mistral, tiny_data, tmp_path, monkeypatch
+):
+    """What `compute_dtype: auto` picks on a CPU with native bf16: bf16 matmuls, fp32 trainable state."""
+    seen = {}
+
+    class Observe:
+        def training_step(self, model, *a, **k):
+            loss = super().training_step(model, *a, **k)
+            seen["lora"] = {p.dtype for p in model.parameters() if p.requires_grad}
+            seen["autocast"] = torch.is_autocast_enabled("cpu") or self.args.bf16
+            return loss
+
+    patch_trainer(monkeypatch, Observe)
+    cfg = tiny_cfg(tiny_mistral, tiny_data, tmp_path / "run", "model.compute_dtype=bfloat16")
+    result = train(cfg)
+    assert seen == {"lora": {torch.float32}, "autocast": True}
+    assert result.summary["compute_dtype"] == "bfloat16"
+    state = torch.load(tmp_path / "run" / "checkpoint-6" / "optimizer.pt", weights_only=False)["state"]
+    assert {t.dtype for s in state.values() for t in s.values() if t.dim() > 0} == {torch.float32}
+    assert result.summary["train_loss_last"] < result.summary["train_loss_first"]
+
+
+def _layer_checkpointing(model) -> list[bool]:
+    return [layer.gradient_checkpointing for layer in model.base_model.model.model.layers]
+
+
+@pytest.mark.parametrize("room", ["plenty", "half", "none"])
+def test_checkpointing_auto_takes_the_fewest_layers_that_fit(
+    tiny_mistral, tiny_data, tmp_path, monkeypatch, caplog, room
+):
+    """auto: off when the run fits without it; layer 0 of 2 when only that fits; every layer otherwise."""
+    import qlora_llm.plan as qplan
+
+    cfg = tiny_cfg(tiny_mistral, tiny_data, tmp_path / "run", "train.max_steps=1", "train.save_steps=1")
+    model_config, _ = qplan.load_model_config(str(tiny_mistral))
+    setup = qplan._setup(cfg, "cpu")
+    peak = {
+        every: qplan.estimate_memory(
+            model_config, **setup | {"gradient_checkpointing": every > 0, "every_n_layers": max(every, 1)}
+        ).peak
+        for every in (0, 2, 1)  # off, layer 0 of 2, both layers
+    }
+    assert peak[0] > max(peak[1], peak[2])  # (checkpointing the last of 2 layers saves nothing: n=2 < n=1)
+    usable = {"plenty": peak[0] + 1, "half": (peak[0] + peak[2]) // 2, "none": min(peak.values()) - 1}[room]
+    monkeypatch.setattr(qplan, "_device_memory", lambda device: int(usable / qplan.FIT_MARGIN) + 1)
+    seen = []
+
+    class Observe:
+        def training_step(self, model, *a, **k):
+            seen.append(_layer_checkpointing(model))
+            return super().training_step(model, *a, **k)
+
+    patch_trainer(monkeypatch, Observe)
+    with caplog.at_level(logging.INFO, logger="qlora_llm.train"):
+        result = train(cfg, force=room == "none")
+    expected = {"plenty": [False, False], "half": [True, False], "none": [True, True]}[room]
+    assert seen == [expected]
+    said = {
+        "plenty": "auto: off (the run fits without it)",
+        "half": "auto: on for 1 of 2 layers (every 2), the fewest that fit",
+        "none": "auto: on for all 2 layers",
+    }[room]
+    assert result.summary["gradient_checkpointing"] == said
+    assert f"gradient checkpointing {said}" in caplog.text
 
 
 @pytest.mark.parametrize("method", ["sft", "dpo", "orpo"])

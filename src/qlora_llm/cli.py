@@ -167,7 +167,15 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
             f"{fmt(summary['eval_loss_first'])} -> {fmt(summary['eval_loss_best'])}",
         ),
         ("trained tokens/s", summary["tokens_per_s"]),
-        ("peak memory", f"{summary['peak_memory_bytes'] / 2**30:.2f} GiB"),
+        (
+            "peak memory (while loading)",
+            f"{summary['peak_memory_bytes'] / 2**30:.2f} GiB "
+            f"({summary.get('load_peak_memory_bytes', 0) / 2**30:.2f} GiB)",
+        ),
+        (
+            "compute dtype, checkpointing",
+            f"{summary.get('compute_dtype')}, {summary.get('gradient_checkpointing')}",
+        ),
         ("trainable parameters", f"{summary['trainable_parameters']:,}"),
         ("best checkpoint", summary["best_checkpoint"]),
         ("final adapter", summary["final_adapter"]),

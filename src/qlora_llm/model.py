@@ -285,15 +285,93 @@ def pick_device(device: str) -> str:
     return device
 
 
-def pick_compute_dtype(compute_dtype: str, device: str) -> Any:
-    """`auto`: bf16 on CUDA that has it, else fp16 on CUDA; fp32 on CPU, where bf16 matmuls are ~30x slower."""
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+"""CPU flags (/proc/cpuinfo) of native bf16 arithmetic: AVX-512 BF16 dot products, AMX tiles."""
+BF16_MIN_SPEEDUP = 1.3
+"""A CPU without the flags trains in bf16 under `compute_dtype: auto` only when the probe's bf16 matmul is
+this much faster than fp32; with them, when it is not slower."""
+
+
+def cpu_bf16_flags() -> list[str]:
+    """The native-bf16 flags this CPU reports (empty where /proc/cpuinfo is missing or lacks them)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.partition(":")[2].split())
+            return [f for f in BF16_FLAGS if f in flags]
+    return []
+
+
+@functools.cache
+def cpu_bf16_speedup() -> float:
+    """How many times faster a bf16 matmul runs than an fp32 one here, at a LoRA-training shape.
+
+    Measured, not assumed: hosts differ by 100x (bf16 ~30x slower than fp32 without AVX-512 BF16, 2.6x
+    faster with it). A (1024 x 1024) @ (1024 x 2048) product, the two dtypes taking turns 5 times after a
+    warm-up, best of each: another process busy on the same cores slows both alike (~0.2 s, once).
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(1024, 1024, generator=gen), torch.randn(1024, 2048, generator=gen)
+    pairs = {torch.float32: (x, w), torch.bfloat16: (x.bfloat16(), w.bfloat16())}
+    best = {dtype: float("inf") for dtype in pairs}
+    for a, b in pairs.values():
+        a @ b  # warm-up: oneDNN picks and caches its kernel
+    for _ in range(5):
+        for dtype, (a, b) in pairs.items():
+            start = time.perf_counter()
+            a @ b
+            best[dtype] = min(best[dtype], time.perf_counter() - start)
+    return best[torch.float32] / best[torch.bfloat16]
+
+
+def pick_compute_dtype(compute_dtype: str, device: str, *, probe_cpu: bool = False) -> Any:
+    """The torch dtype for `model.compute_dtype` on `device`; `auto` is decided per device and logged.
+
+    `auto`: bf16 on CUDA that has it, else fp16. On CPU, fp32 unless `probe_cpu` (training) and this
+    CPU's matmul probe shows bf16 at least `BF16_MIN_SPEEDUP` x faster, or at least as fast on a CPU with
+    native bf16 flags (AVX-512 BF16, AMX): then bf16 (the trainable LoRA
+    weights and optimizer state stay fp32; see train.py). Evaluation and serving keep fp32 on CPU under
+    `auto`, so the numbers they report are the model's, not bf16 rounding's.
+    `QLORA_LLM_CPU_AUTO_DTYPE=float32|bfloat16` fixes the CPU's choice without a probe (the tests pin it).
+    """
+    import os
+
     import torch
 
     if compute_dtype != "auto":
         return getattr(torch, compute_dtype)
     if device == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    if not probe_cpu:
+        return torch.float32
+    return getattr(torch, _cpu_auto_dtype(os.environ.get("QLORA_LLM_CPU_AUTO_DTYPE")))
+
+
+@functools.cache
+def _cpu_auto_dtype(pinned: str | None) -> str:
+    # Cached: the planner asks again for every setting it tries, and the reason is logged once.
+    if pinned in ("float32", "bfloat16"):
+        log.info("compute dtype %s: QLORA_LLM_CPU_AUTO_DTYPE", pinned)
+        return pinned
+    flags, speedup = cpu_bf16_flags(), cpu_bf16_speedup()
+    # The flags settle a probe that a busy machine blurred (measured 1.24x once, 4.3x a minute later, on
+    # the same AVX-512 BF16 host); without them only a clear probe result takes bf16.
+    native = bool(flags) and speedup >= 1.0 or speedup >= BF16_MIN_SPEEDUP
+    chosen = "bfloat16" if native else "float32"
+    log.info(
+        "compute dtype %s (model.compute_dtype=auto): a bf16 matmul ran %.2fx as fast as fp32 on this CPU "
+        "(%s); bf16 is taken at %.1fx or more, or at 1x with those flags",
+        chosen,
+        speedup,
+        "flags " + ", ".join(flags) if flags else "no AVX-512 BF16 / AMX flags",
+        BF16_MIN_SPEEDUP,
+    )
+    return chosen
 
 
 def describe_device(device: str) -> str:

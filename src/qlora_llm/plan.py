@@ -280,6 +280,7 @@ def estimate_memory(
     gradient_checkpointing: bool,
     optim: str,
     device: Literal["cuda", "cpu"],
+    every_n_layers: int = 1,
     lora_dropout: float = 0.05,
     attention: Literal["sdpa", "eager"] = "sdpa",
     lm_head_loss: Literal["chunked", "full"] = "chunked",
@@ -400,11 +401,18 @@ def estimate_memory(
     if attention == "eager":
         shared += sequences * seq_len * seq_len * a  # one float mask, added (not kept) in each layer
     if gradient_checkpointing:
-        checkpoints = n_layers * tokens * h * w
-        activations = checkpoints + per_layer + shared
+        # transformers checkpoints layers 0, n, 2n, ...; the others keep their full set. The backward
+        # pass frees each layer's set as it goes, so at most the uncheckpointed sets are alive at once,
+        # plus one recomputed set when the last layer is a checkpointed one (its backward comes first).
+        kept = math.ceil(n_layers / every_n_layers)
+        checkpoints = kept * tokens * h * w
+        sets = n_layers - kept + (1 if (n_layers - 1) % every_n_layers == 0 else 0)
+        activations = checkpoints + sets * per_layer + shared
+        whole = f"; {n_layers - kept} layers kept whole" if kept < n_layers else ""
         how["activations"] = (
-            f"checkpointed: {n_layers} layer inputs ({checkpoints / GB:.2f} GB, {w} B/value) + 1 layer "
-            f"recomputed ({per_layer / GB:.2f} GB = {per_token / 1024:.0f} KiB/token) + final norm"
+            f"checkpointed: {kept} layer inputs ({checkpoints / GB:.2f} GB, {w} B/value){whole}; at most "
+            f"{sets} full layer sets alive ({per_layer / GB:.2f} GB each = {per_token / 1024:.0f} KiB/token) "
+            "+ final norm"
         )
     else:
         activations = n_layers * per_layer + shared
@@ -535,9 +543,13 @@ def _device_memory(device: str) -> int:
 def _setup(cfg: Config, device: str, processes: int = 1) -> dict[str, Any]:
     """The estimate's keyword arguments, resolved from the config for this device."""
     compute = cfg.model.compute_dtype
-    if compute == "auto":
+    if compute == "auto" and device == "cuda":
         # bf16 and fp16 are both 2 bytes, so CUDA without bf16 (model.pick_compute_dtype) plans the same.
-        compute = "bfloat16" if device == "cuda" else "float32"
+        compute = "bfloat16"
+    elif compute == "auto":
+        from qlora_llm.model import pick_compute_dtype
+
+        compute = str(pick_compute_dtype("auto", "cpu", probe_cpu=True)).removeprefix("torch.")
     return {
         "quantization": cfg.model.quantization,
         "double_quant": cfg.model.double_quant,
@@ -546,7 +558,9 @@ def _setup(cfg: Config, device: str, processes: int = 1) -> dict[str, Any]:
         "target_modules": list(cfg.lora.target_modules),
         "batch_size": cfg.train.batch_size,
         "seq_len": cfg.data.max_seq_length,
+        # "auto" until _resolve_checkpointing decides, with the memory at hand.
         "gradient_checkpointing": cfg.train.gradient_checkpointing,
+        "every_n_layers": 1,
         "optim": cfg.train.optim,
         "device": device,
         "lora_dropout": cfg.lora.dropout,
@@ -556,6 +570,34 @@ def _setup(cfg: Config, device: str, processes: int = 1) -> dict[str, Any]:
         # ORPO's trainer computes the full (B,T,V) logits; SFT and DPO use TRL's fused LM head.
         **({"lm_head_loss": "full"} if cfg.train.method == "orpo" else {}),
     }
+
+
+def _resolve_checkpointing(
+    model_config: dict[str, Any], setup: dict[str, Any], usable: int
+) -> tuple[dict[str, Any], str]:
+    """`train.gradient_checkpointing: auto` decided with the memory at hand, and a phrase saying what.
+
+    Off when the run fits without it (checkpointing costs ~a third of the speed); else on for the fewest
+    decoder layers that make it fit (transformers checkpoints every n-th layer: 1, 2, 3, ... of L);
+    else on for all, and the plan's suggestions take it from there.
+    """
+    chosen = setup["gradient_checkpointing"]
+    layers = ModelShape.from_config(model_config).layers
+    if chosen != "auto":
+        return setup, "on" if chosen else "off"
+    off = setup | {"gradient_checkpointing": False}
+    if estimate_memory(model_config, **off).peak <= usable:
+        return off, "auto: off (the run fits without it)"
+    tried: set[int] = set()
+    for every in range(layers, 1, -1):
+        kept = math.ceil(layers / every)
+        if kept in tried:
+            continue
+        tried.add(kept)
+        partial = setup | {"gradient_checkpointing": True, "every_n_layers": every}
+        if estimate_memory(model_config, **partial).peak <= usable:
+            return partial, f"auto: on for {kept} of {layers} layers (every {every}), the fewest that fit"
+    return setup | {"gradient_checkpointing": True}, f"auto: on for all {layers} layers"
 
 
 def _with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
@@ -589,7 +631,7 @@ def _single_fixes(cfg: Config) -> list[dict[str, Any]]:
     """One change each, in the order to try them: the cheapest in quality and speed first."""
     effective = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
     fixes: list[dict[str, Any]] = []
-    if not cfg.train.gradient_checkpointing:
+    if cfg.train.gradient_checkpointing is False:  # "auto" already checkpoints as much as needed
         fixes.append({"train.gradient_checkpointing": True})
     if cfg.train.batch_size > 1:
         fixes.append(_halved_batch(cfg.train.batch_size, effective))
@@ -606,7 +648,7 @@ def _stacked_fixes(cfg: Config) -> Iterator[dict[str, Any]]:
     """The same changes piled up in the same order, the batch halved down to 1: for when none suffices alone."""
     effective = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
     stacked: dict[str, Any] = {}
-    if not cfg.train.gradient_checkpointing:
+    if cfg.train.gradient_checkpointing is False:
         stacked["train.gradient_checkpointing"] = True
         yield dict(stacked)
     batch = cfg.train.batch_size
@@ -647,6 +689,8 @@ class PlanReport:
     suggestions: list[Suggestion]
     notes: list[str]
     seed_setup: bool
+    checkpointing: str = "on"
+    """What gradient checkpointing the run gets: on, off, or what `auto` chose and why."""
 
     @property
     def usable_memory(self) -> int:
@@ -672,7 +716,8 @@ def _is_seed_setup(model_config: dict[str, Any], setup: dict[str, Any]) -> bool:
         and sorted(setup["target_modules"]) == sorted(ALL_LINEAR)
         and setup["batch_size"] == 2
         and setup["seq_len"] == 512
-        and setup["gradient_checkpointing"]
+        and setup["gradient_checkpointing"] is True
+        and setup["every_n_layers"] == 1
         and setup["optim"] == "paged_adamw_32bit"
         and setup["device"] == "cuda"
         and setup["processes"] == 1
@@ -705,10 +750,11 @@ def plan(
     usable = int(FIT_MARGIN * memory)
 
     def estimate(c: Config) -> MemoryEstimate:
-        return estimate_memory(model_config, **_setup(c, device, processes))
+        resolved, _ = _resolve_checkpointing(model_config, _setup(c, device, processes), usable)
+        return estimate_memory(model_config, **resolved)
 
-    setup = _setup(cfg, device, processes)
-    est = estimate(cfg)
+    setup, checkpointing = _resolve_checkpointing(model_config, _setup(cfg, device, processes), usable)
+    est = estimate_memory(model_config, **setup)
     fits = est.peak <= usable
     suggestions: list[Suggestion] = []
     if not fits:
@@ -751,6 +797,7 @@ def plan(
         suggestions=suggestions,
         notes=notes,
         seed_setup=_is_seed_setup(model_config, setup),
+        checkpointing=checkpointing,
     )
 
 
@@ -770,7 +817,7 @@ def format_plan(report: PlanReport) -> str:
         f"(config.json: {report.config_source})",
         f"setup: {quant}, {s['compute_dtype']} compute, LoRA r={s['lora_r']} on {len(s['target_modules'])} "
         f"modules ({est.lora_params / 1e6:.1f}M params), batch {s['batch_size']} x {s['seq_len']} tokens, "
-        f"gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, {s['optim']}",
+        f"gradient checkpointing {report.checkpointing}, {s['optim']}",
     ]
     if s.get("method", "sft") != "sft":
         lines.append(

@@ -442,9 +442,60 @@ def _memory_bytes(device: str) -> int:
         import torch
 
         return int(torch.cuda.max_memory_allocated())
-    import psutil
+    import resource
 
-    return int(psutil.Process().memory_info().rss)
+    # The process's peak RSS so far (Linux counts KiB): like the CUDA figure, the peak, not the moment's
+    # RSS, which misses the loss's transients and the loading of the weights.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+CPU_LOSS_TILE = (256, 8192)
+"""Tokens x vocabulary entries per tile of TRL's fused LM head + loss on CPU (TRL's own: 4096 x 32768)."""
+
+
+@contextlib.contextmanager
+def _cpu_loss_tiles(device: str) -> Iterator[None]:
+    """Smaller tiles for TRL's fused LM head on CPU, put back after the run.
+
+    Without Triton, TRL folds each logits tile with plain torch ops that hold several fp32 temporaries of
+    the tile's size: 1024 tokens x 32768 vocabulary entries is 128 MiB each, ~1 GiB for a moment in every
+    step, half of the whole run's peak for SmolLM2. TRL has no setting for the tile, so its two module
+    constants are set here; smaller tiles do the same arithmetic (bench/loss_tiles.py measures both).
+    """
+    if device != "cpu":
+        yield
+        return
+    import trl.kernels.chunked_logprob as kernel
+    import trl.trainer.utils as trl_utils
+
+    saved = kernel.TOKEN_CHUNK_SIZE, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
+    kernel.TOKEN_CHUNK_SIZE, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = CPU_LOSS_TILE
+    try:
+        yield
+    finally:
+        kernel.TOKEN_CHUNK_SIZE, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = saved
+
+
+def _apply_checkpointing(args: Any, setting: bool | str, memory: Any) -> str:
+    """Set the Trainer's checkpointing from `train.gradient_checkpointing` (auto: the plan's choice)."""
+    if setting != "auto":
+        return "on" if setting else "off"
+    if memory is None:
+        log.info("gradient checkpointing auto: on for every layer (no memory plan to decide with)")
+        return "auto: on (no memory plan)"
+    # Both names: TRL still reads transformers' deprecated `gradient_checkpointing*` aliases.
+    args.activation_checkpointing = args.gradient_checkpointing = memory.setup["gradient_checkpointing"]
+    args.activation_checkpointing_kwargs = args.gradient_checkpointing_kwargs = {
+        "use_reentrant": False,
+        "every_n_layers": memory.setup["every_n_layers"],
+    }
+    log.info(
+        "gradient checkpointing %s; planned peak %.2f GiB of %.2f GiB usable",
+        memory.checkpointing,
+        memory.estimate.peak / 2**30,
+        memory.usable_memory / 2**30,
+    )
+    return memory.checkpointing
 
 
 def _make_trainer_class(method: str = "sft") -> type:
@@ -627,9 +678,11 @@ def _make_monitor(run_dir: Path, device: str, stop_requests: list[str], world_si
             self.step_start = 0.0
             self.mark = (0.0, 0)
             self.metrics_path = run_dir / "metrics.jsonl"
+            self.load_peak = 0
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.mark = (self.train_seconds, self.trainer.tokens_seen)
+            self.load_peak = _memory_bytes(device)  # loading the model and data, before the first step
             if not state.is_world_process_zero:
                 return  # one bar, one metrics file: rank 0's
             self.bar = tqdm(
@@ -852,7 +905,7 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
     t, m = cfg.train, cfg.model
     run_dir = Path(t.output_dir)
     device = pick_device(m.device)
-    dtype = pick_compute_dtype(m.compute_dtype, device)
+    dtype = pick_compute_dtype(m.compute_dtype, device, probe_cpu=True)
     log.info("device: %s; compute dtype %s", describe_device(device), str(dtype).removeprefix("torch."))
 
     existing = complete_checkpoints(run_dir)
@@ -957,7 +1010,8 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
         # Every trainable parameter (LoRA) is used in every forward: no search for unused ones. The
         # frozen base and its buffers are the same files on every rank: nothing to broadcast per step.
         ddp_find_unused_parameters=False,
-        activation_checkpointing=t.gradient_checkpointing,
+        # `auto` is decided below, once the memory plan has been made.
+        activation_checkpointing=t.gradient_checkpointing is not False,
         activation_checkpointing_kwargs={"use_reentrant": False},
         **method_args,
         **(fsdp_settings(quantized) if t.distributed == "fsdp" and device == "cuda" else {}),
@@ -991,6 +1045,7 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
     except PlanError as err:  # an architecture or config.json the planner cannot read: train unchecked
         log.warning("memory plan unavailable (%s); training without the fit check", err)
         memory = None
+    checkpointing = _apply_checkpointing(args, t.gradient_checkpointing, memory)
     if memory is not None and not memory.fits:
         if not force:
             raise TrainError(
@@ -1134,7 +1189,7 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
     final = None
     try:
         # The handler stays on through the final adapter write: a SIGTERM there lets it finish.
-        with _stop_on_signals(stop_requests):
+        with _stop_on_signals(stop_requests), _cpu_loss_tiles(device):
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
             elapsed = time.perf_counter() - start
             stopped: str = stop_requests[0] if stop_requests else "completed"
@@ -1194,6 +1249,9 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
         if monitor.train_seconds
         else None,
         "peak_memory_bytes": _memory_bytes(device),
+        "load_peak_memory_bytes": monitor.load_peak,
+        "compute_dtype": str(dtype).removeprefix("torch."),
+        "gradient_checkpointing": checkpointing,
         "trainable_parameters": trainable,
         "final_adapter": str(final) if final else None,
     }
