@@ -8,6 +8,7 @@ GiB (2**30 bytes) where they are compared with a device's memory, as `torch.cuda
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -220,3 +221,33 @@ def test_unknown_hub_id_offline_is_a_clear_error():
             device_memory_bytes=GIB,
         )
     assert "config.json" in str(err.value) and "folder" in str(err.value)
+
+
+def _plan_accuracy():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import plan_accuracy
+
+    return plan_accuracy
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "point",
+    [
+        (1, 256, "true", 16, "nf4", "float32", None),  # the weights' loading sets the peak
+        (4, 256, "false", 16, "nf4", "float32", None),  # the activations of every layer do
+        (2, 256, "true", 16, "none", "float32", None),  # plain LoRA on fp32 weights
+    ],
+    ids=["nf4-checkpointed-b1", "nf4-b4-no-checkpointing", "lora-checkpointed-b2"],
+)
+def test_plan_is_within_15_percent_of_the_measured_peak_on_cpu(point, smollm2_cache, tmp_path):
+    """`plan` vs the whole-process peak RSS of a real 2-step run of SmolLM2 (bench/plan_accuracy.py)."""
+    accuracy = _plan_accuracy()
+    extra = (f"model.cache_dir={smollm2_cache}",)
+    data = accuracy.filled_data(tmp_path, {point[1]}, count=8, extra=extra)[point[1]]
+    out = tmp_path / "run"
+    planned, _ = accuracy.planned(point, data, out, 2, extra)
+    measured = accuracy.measure(point, data, out, 2, extra)
+    assert "error" not in measured, measured
+    error = (planned - measured["peak"]) / measured["peak"]
+    assert abs(error) <= 0.15, f"planned {planned / GIB:.2f} GiB, measured {measured['peak'] / GIB:.2f} GiB"

@@ -102,6 +102,10 @@ QUANT_BLOCK = 64  # bitsandbytes 4-bit blocksize (BitsAndBytesConfig default)
 DOUBLE_QUANT_BLOCK = 256  # absmax values per second-level fp32 constant with double quant
 FUSED_TOKEN_TILE = 4096  # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE
 FUSED_VOCAB_TILE = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
+CPU_LOSS_TILE = (256, 8192)
+"""Tokens x vocabulary entries per tile of TRL's fused LM head on CPU, which train.py sets (see there)."""
+CPU_FOLD_TEMPORARIES = 8
+"""fp32 tile-sized temporaries TRL's torch fold (no Triton: CPU) holds at once; bench/loss_tiles.py."""
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 SEED_MODEL = "mistralai/Mistral-7B-Instruct-v0.2"
@@ -120,6 +124,8 @@ SEED_TOTAL_GB = 6.2
 SEED_PEAK_GB = 7.5
 
 # config.json files shipped in the package, so planning works offline for the models the configs name.
+# SmolLM2's says float32: the dtype of the folder qlora-llm converts the built-in model to (the Hub's own
+# files are bf16, so its loading line is then on the safe side).
 SHIPPED_CONFIGS = {
     "smollm2-135m-instruct": "smollm2-135m-instruct.json",
     "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m-instruct.json",
@@ -211,6 +217,8 @@ class MemoryEstimate:
     lora_params: int
     paged_optimizer: bool
     how: dict[str, str] = field(default_factory=dict)
+    loading: int = 0
+    """Peak while the weights load (CPU), when the weights file and the model built from it are both in RAM."""
 
     COMPONENTS: ClassVar[tuple[tuple[str, str], ...]] = (
         ("base_weights", "base weights"),
@@ -228,7 +236,7 @@ class MemoryEstimate:
 
     @property
     def peak(self) -> int:
-        return self.total + self.transient
+        return max(self.total + self.transient, self.loading)
 
 
 def _resolve_targets(target_modules: list[str], shape: ModelShape) -> list[str]:
@@ -422,15 +430,21 @@ def estimate_memory(
         )
 
     # Under autocast a fp32 lm_head is used through a compute-dtype copy of (a tile of) its weight.
-    head_cast = min(v, FUSED_VOCAB_TILE if lm_head_loss == "chunked" else v) * h * a if w != a else 0
+    token_tile, vocab_tile = CPU_LOSS_TILE if device == "cpu" else (FUSED_TOKEN_TILE, FUSED_VOCAB_TILE)
+    token_tile, vocab_tile = min(tokens, token_tile), min(v, vocab_tile)
+    head_cast = (vocab_tile if lm_head_loss == "chunked" else v) * h * a if w != a else 0
     if lm_head_loss == "chunked":
-        tile = min(tokens, FUSED_TOKEN_TILE) * min(v, FUSED_VOCAB_TILE) * a
+        tile = token_tile * vocab_tile * a
+        if device == "cpu":
+            tile += CPU_FOLD_TEMPORARIES * token_tile * vocab_tile * 4
         # The kernel keeps the final hidden states (w bytes) and works one logits tile at a time.
         logits = tile + tokens * h * w + head_cast
         logits_grad = tile + tokens * h * 4 + head_cast  # backward: fp32 grad of the hidden states
         how["logits"] = (
-            f"TRL's fused LM head + loss: one {min(tokens, FUSED_TOKEN_TILE)} x {min(v, FUSED_VOCAB_TILE)}"
-            f" logits tile, never the full (B,T,V)" + (", + bf16 copy of the lm_head" if head_cast else "")
+            f"TRL's fused LM head + loss: one {token_tile} x {vocab_tile} logits tile"
+            + (f" (+ {CPU_FOLD_TEMPORARIES} fp32 temporaries of it on CPU)" if device == "cpu" else "")
+            + ", never the full (B,T,V)"
+            + (", + bf16 copy of the lm_head" if head_cast else "")
         )
     else:
         # The model's logits and the fp32 log-softmax cross-entropy keeps; the fp32 upcast (16-bit only)
@@ -439,12 +453,32 @@ def estimate_memory(
         logits_grad = tokens * v * (4 + (a if a < 4 else 0))
         how["logits"] = f"(B,T,V)=({sequences},{seq_len},{v}) in {compute_dtype} + fp32 log-softmax"
 
+
     overhead = CUDA_OVERHEAD if device == "cuda" else CPU_OVERHEAD
     how["overhead"] = (
         "CUDA context, cuBLAS workspace, kernels"
         if device == "cuda"
         else "Python + torch/transformers/peft/trl imported (0.47 GiB measured)"
     )
+    loading = 0
+    if device == "cpu":
+        # from_pretrained maps the weights file: its pages count in the RSS next to the model being built
+        # from them (quantized, or cast to the compute dtype; mapped as they are when the dtypes agree).
+        file_dtype = str(model_config.get("dtype") or model_config.get("torch_dtype") or "float32")
+        file_bytes = base_params * DTYPE_BYTES.get(file_dtype, 4)
+        built = base_weights if quantized or DTYPE_BYTES.get(file_dtype, 4) != a else 0
+        loading = overhead + file_bytes + built
+        how["loading"] = (
+            f"runtime overhead + the {file_dtype} weights file ({file_bytes / GB:.2f} GB, mapped)"
+            + (f" + the model built from it ({built / GB:.2f} GB)" if built else "")
+        )
+        if quantized and DTYPE_BYTES.get(file_dtype, 4) == a:
+            # Loaded in the file's own dtype, the unquantized weights are the file's pages, so the mapping
+            # outlives the load and every page read for quantizing stays in the RSS (clean, reclaimable,
+            # but counted). Loaded in another dtype they are copies, and the mapping goes.
+            mapped = max(file_bytes - other_numel * w, 0)
+            overhead += mapped
+            how["overhead"] += f" + the rest of the weights file, still mapped ({mapped / GB:.2f} GB)"
 
     dequant = max(linear_numel) * a if quantized else 0
     layer_grads = tokens * (3 * i + 2 * h) * a
@@ -475,6 +509,7 @@ def estimate_memory(
         logits=logits,
         overhead=overhead,
         transient=transient,
+        loading=loading,
         base_params=base_params,
         lora_params=lora_params,
         paged_optimizer=paged,
@@ -852,7 +887,12 @@ def format_plan(report: PlanReport) -> str:
             row(label, getattr(est, key), "-" if seed_gb is None else f"{seed_gb:.1f}", est.how[key])
         )
     lines.append(row("total", est.total, f"{SEED_TOTAL_GB:.1f}", "sum of the lines above"))
-    lines.append(row("peak", est.peak, f"<={SEED_PEAK_GB:.1f}", f"total + transient: {est.how['transient']}"))
+    if est.loading:
+        lines.append(row("while loading", est.loading, "-", est.how["loading"]))
+    step_peak = f"total + transient: {est.how['transient']}"
+    if est.loading:
+        step_peak = f"the larger of loading and {step_peak}"
+    lines.append(row("peak", est.peak, f"<={SEED_PEAK_GB:.1f}", step_peak))
     if seed:
         lines.append(
             "seed column: the seed's base is 4 bits x the linear params only; ours adds the quantization "

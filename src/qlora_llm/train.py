@@ -449,10 +449,6 @@ def _memory_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-CPU_LOSS_TILE = (256, 8192)
-"""Tokens x vocabulary entries per tile of TRL's fused LM head + loss on CPU (TRL's own: 4096 x 32768)."""
-
-
 @contextlib.contextmanager
 def _cpu_loss_tiles(device: str) -> Iterator[None]:
     """Smaller tiles for TRL's fused LM head on CPU, put back after the run.
@@ -467,6 +463,8 @@ def _cpu_loss_tiles(device: str) -> Iterator[None]:
         return
     import trl.kernels.chunked_logprob as kernel
     import trl.trainer.utils as trl_utils
+
+    from qlora_llm.plan import CPU_LOSS_TILE
 
     saved = kernel.TOKEN_CHUNK_SIZE, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
     kernel.TOKEN_CHUNK_SIZE, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = CPU_LOSS_TILE

@@ -1,0 +1,193 @@
+"""Does `qlora-llm plan` tell the truth on CPU? Planned vs measured whole-process peak over a grid.
+
+    python bench/plan_accuracy.py                      # the whole grid (~15 min on 2 cores)
+    python bench/plan_accuracy.py --points 0 3 7       # some points (their numbers in the table)
+
+Each point trains the built-in SmolLM2-135M-Instruct for --steps steps (`qlora-llm train
+configs/smollm2-cpu.yaml` with the point's overrides, no evaluation or saving in the steps), in a
+process of its own, on examples cut from the ACLSum papers to just under the length (so every batch is
+B x T tokens, the plan's worst case). Measured = the process's peak RSS (`ru_maxrss`, what
+`/usr/bin/time` reports) under mimalloc as `qlora-llm train` runs, from the run's summary.json; planned = `plan(...).estimate.peak` for the same
+config on this machine. Partial checkpointing (`auto` that checkpoints only some layers) happens only
+when memory is short, so its points give the planner a smaller RAM size, in the run and in the plan
+alike. Numbers are printed, never asserted; tests/test_plan.py holds three points to 15%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+CONFIG = ROOT / "configs" / "smollm2-cpu.yaml"
+ACLSUM = ROOT / "data" / "aclsum" / "train.jsonl"
+GIB = 2**30
+
+# (batch, length, checkpointing, r, quantization, compute dtype, RAM GiB the planner is told or None)
+GRID = [
+    (1, 256, "true", 16, "nf4", "auto", None),
+    (4, 256, "true", 16, "nf4", "auto", None),
+    (4, 512, "false", 16, "nf4", "auto", None),
+    (8, 512, "true", 16, "nf4", "auto", None),
+    (4, 1024, "true", 16, "nf4", "auto", None),
+    (1, 1024, "false", 16, "nf4", "auto", None),
+    (4, 512, "auto", 16, "nf4", "auto", 3.5),  # partial: the planner is told 3.5 GiB of RAM
+    (4, 512, "true", 8, "nf4", "auto", None),
+    (4, 512, "true", 64, "nf4", "auto", None),
+    (4, 512, "true", 16, "none", "auto", None),
+    (4, 512, "false", 16, "none", "auto", None),
+    (4, 512, "true", 16, "nf4", "float32", None),
+    (8, 256, "false", 16, "nf4", "float32", None),
+]
+
+# The child: train with the point's overrides; a RAM size for the planner replaces the real one.
+CHILD = r"""
+import sys
+memory = float(sys.argv[1])
+if memory:
+    import qlora_llm.plan as plan
+    plan._device_memory = lambda device: int(memory * 2**30)
+from qlora_llm.cli import main
+sys.exit(main(["train", *sys.argv[2:]]))
+"""
+
+
+def overrides(point: tuple, data: Path, out: Path, steps: int, extra: tuple[str, ...] = ()) -> list[str]:
+    batch, length, checkpointing, r, quantization, dtype, _ = point
+    return [
+        f"data.train_file={data}",
+        "data.eval_file=null",
+        "data.eval_fraction=0",
+        f"data.max_seq_length={length}",
+        f"model.quantization={quantization}",
+        f"model.compute_dtype={dtype}",
+        f"lora.r={r}",
+        "lora.dropout=0.05",
+        f"train.batch_size={batch}",
+        "train.gradient_accumulation_steps=1",
+        f"train.gradient_checkpointing={checkpointing}",
+        f"train.max_steps={steps}",
+        "train.logging_steps=1",
+        "train.save_steps=1000000",
+        "train.eval_steps=1000000",
+        "train.early_stopping_patience=0",
+        f"train.output_dir={out}",
+        *extra,
+    ]
+
+
+def label(point: tuple) -> str:
+    batch, length, checkpointing, r, quantization, dtype, memory = point
+    ram = f" ({memory:g} GiB)" if memory else ""
+    return f"b{batch} T{length} ckpt={checkpointing}{ram} r{r} {quantization} {dtype}"
+
+
+def filled_data(folder: Path, lengths: set[int], count: int, extra: tuple[str, ...] = ()) -> dict[int, Path]:
+    """JSONL files of examples just under each length, in SmolLM2's own template, cut from ACLSum."""
+    from gpu_check import filled_examples
+
+    from qlora_llm.config import load_config
+    from qlora_llm.model import load_tokenizer
+    from qlora_llm.templates import resolve_template
+
+    cfg = load_config(CONFIG, list(extra))
+    tokenizer = load_tokenizer(cfg.model.name, cache_dir=cfg.model.cache_dir)
+    template = resolve_template(cfg.model.template, tokenizer)
+    text = " ".join(json.loads(line)["input"] for line in ACLSUM.read_text().splitlines()[:40])
+    files = {}
+    for length in sorted(lengths):
+        files[length] = folder / f"filled-{length}.jsonl"
+        rows = filled_examples(tokenizer, length, count, text, template)
+        files[length].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return files
+
+
+def planned(point: tuple, data: Path, out: Path, steps: int, extra: tuple[str, ...] = ()) -> tuple[int, str]:
+    from qlora_llm.config import load_config
+    from qlora_llm.plan import plan
+
+    memory = point[-1]
+    report = plan(
+        load_config(CONFIG, overrides(point, data, out, steps, extra)),
+        device_memory_bytes=int(memory * GIB) if memory else None,
+    )
+    return report.estimate.peak, report.checkpointing
+
+
+def measure(point: tuple, data: Path, out: Path, steps: int, extra: tuple[str, ...] = ()) -> dict:
+    cmd = [
+        sys.executable,
+        "-c",
+        CHILD,
+        str(point[-1] or 0),
+        str(CONFIG),
+        *overrides(point, data, out, steps, extra),
+    ]
+    # Under mimalloc, as `qlora-llm train` runs itself (qlora_llm.allocator); glibc's peaks differ by 2x.
+    from qlora_llm.allocator import preload_env
+
+    env = preload_env(os.environ) or dict(os.environ)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False, env=env)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
+    summary = json.loads((out / "summary.json").read_text())
+    return {
+        "peak": summary["peak_memory_bytes"],
+        "load_peak": summary.get("load_peak_memory_bytes"),
+        "used": f"{summary.get('compute_dtype')}, {summary.get('gradient_checkpointing')}",
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--points", type=int, nargs="*", help="grid indices (default: all)")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args()
+    points = [(i, GRID[i]) for i in (args.points if args.points else range(len(GRID)))]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="plan-accuracy-") as tmp:
+        data = filled_data(Path(tmp), {p[1] for _, p in points}, count=16)
+        header = f"{'#':>2}  {'point':<42}{'planned GiB':>12}{'measured GiB':>13}{'error %':>9}  used"
+        print(header, flush=True)
+        for i, point in points:
+            out = Path(tmp) / f"run-{i}"
+            plan_peak, chose = planned(point, data[point[1]], out, args.steps)
+            got = measure(point, data[point[1]], out, args.steps)
+            row = {
+                "point": i,
+                "label": label(point),
+                "planned": plan_peak,
+                "plan_checkpointing": chose,
+                **got,
+            }
+            rows.append(row)
+            if "error" in got:
+                print(
+                    f"{i:>2}  {label(point):<42}{plan_peak / GIB:>12.2f}  failed: {got['error']}", flush=True
+                )
+                continue
+            err = 100 * (plan_peak - got["peak"]) / got["peak"]
+            print(
+                f"{i:>2}  {label(point):<42}{plan_peak / GIB:>12.2f}{got['peak'] / GIB:>13.2f}{err:>+9.1f}  "
+                f"{got['used']} (load {got['load_peak'] / GIB:.2f})",
+                flush=True,
+            )
+    errors = [abs(100 * (r["planned"] - r["peak"]) / r["peak"]) for r in rows if "peak" in r]
+    if errors:
+        print(
+            f"|error| max {max(errors):.1f}%, mean {sum(errors) / len(errors):.1f}% over {len(errors)} points"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The README's training table: qlora-llm beside LLaMA-Factory, LitGPT and the seed's plain TRL script,
+# one run at a time, through the peers harness (../shared/peers: its step clock, settings and summary).
+#
+#   bash ../shared/peers/install.sh                 # once, ~10 min
+#   bash bench/side_by_side.sh PASS [RUN ...]       # default: every run below, ~30 min on 2 cores
+#   python ../shared/peers/summarize.py             # one JSON row per run: tokens/s over steps 6-30, peak RSS
+#
+# Peer runs (trl-glibc, lf-qlora, lf-lora-nogc, litgpt-lora, ...) are the harness's own. Ours are run
+# here with the harness's exact settings, environment and clock, plus `lora.dropout=0.05`: the
+# harness's ours-* runs take the demo config's dropout 0, which the peers do not get.
+#   ours-qlora       the defaults: compute_dtype auto, gradient_checkpointing auto (off: it fits)
+#   ours-qlora-gc    checkpointing on for every layer (the memory-matched comparison)
+#   ours-qlora-gc-fp32, ours-qlora-fp32   the same in fp32 (what `auto` gave before the probe)
+#   ours-lora        plain LoRA (model.quantization=none), checkpointing auto
+#   ours-lora-fp32   the same in fp32
+set -u
+PASS=${1:?usage: side_by_side.sh PASS [RUN ...]}; shift
+RUNS=${*:-trl-glibc lf-qlora lf-lora-nogc litgpt-lora ours-qlora ours-qlora-gc ours-lora ours-qlora-gc-fp32 ours-lora-fp32}
+PROJECT=$(cd "$(dirname "$0")/.." && pwd)
+HARNESS=$(cd "$PROJECT/../shared/peers" && pwd)
+P=${PEERS_DIR:-$HOME/.cache/qlora-llm-peers}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
+OURS="data.train_file=$P/data/train200.jsonl data.eval_file=null data.eval_fraction=0 data.max_seq_length=256 \
+train.batch_size=4 train.gradient_accumulation_steps=1 train.max_steps=30 train.learning_rate=2e-4 train.logging_steps=1 \
+train.early_stopping_patience=0 train.eval_steps=30 train.save_steps=30 lora.dropout=0.05"
+mkdir -p "$P/logs" "$P/runs"
+for RUN in $RUNS; do
+  case $RUN in
+    ours-qlora)         EXTRA="" ;;
+    ours-qlora-gc)      EXTRA="train.gradient_checkpointing=true" ;;
+    ours-qlora-fp32)    EXTRA="model.compute_dtype=float32" ;;
+    ours-qlora-gc-fp32) EXTRA="train.gradient_checkpointing=true model.compute_dtype=float32" ;;
+    ours-lora)          EXTRA="model.quantization=none" ;;
+    ours-lora-fp32)     EXTRA="model.quantization=none model.compute_dtype=float32" ;;
+    *) (cd "$PROJECT" && bash "$HARNESS/run_bench.sh" "$PASS" "$RUN"); continue ;;
+  esac
+  N=$RUN-p$PASS; OUT=$P/runs/$N; rm -rf "$OUT"; rm -f "$P/logs/$N".*
+  echo "=== $N start $(date -u +%FT%TZ)" | tee -a "$P/logs/bench.log"
+  # shellcheck disable=SC2086  # the overrides are words
+  (cd "$PROJECT" && PYTHONPATH=$HARNESS/hook BENCH_STEPLOG=$P/logs/$N.steps.jsonl \
+    /usr/bin/time -v -o "$P/logs/$N.time" .venv/bin/qlora-llm train configs/smollm2-cpu.yaml $OURS $EXTRA \
+    train.output_dir="$OUT") > "$P/logs/$N.log" 2>&1
+  echo "=== $N end rc=$? $(date -u +%FT%TZ)" | tee -a "$P/logs/bench.log"
+done
