@@ -453,7 +453,6 @@ def estimate_memory(
         logits_grad = tokens * v * (4 + (a if a < 4 else 0))
         how["logits"] = f"(B,T,V)=({sequences},{seq_len},{v}) in {compute_dtype} + fp32 log-softmax"
 
-
     overhead = CUDA_OVERHEAD if device == "cuda" else CPU_OVERHEAD
     how["overhead"] = (
         "CUDA context, cuBLAS workspace, kernels"

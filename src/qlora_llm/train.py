@@ -1164,9 +1164,10 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
         trainer.add_callback(tracker_params)
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; our bar and metrics.jsonl show them
     if device == "cpu":
-        # TRL casts LoRA weights to bf16 on a 4-bit base even with bf16=False; bf16 math is ~2x slower
-        # for QLoRA on CPU (30x for full bf16 compute), so the trainable weights go back to fp32: a
-        # continued adapter (model.adapter) exactly as it was saved, as DPO's reference copy of it is.
+        # TRL casts LoRA weights to bf16 on a 4-bit base even with bf16=False. The trainable weights go
+        # back to fp32 (with bf16 compute, autocast runs their matmuls in bf16 and the optimizer updates
+        # fp32 masters; without it, bf16 math is ~30x slower on a CPU lacking AVX-512 BF16): a continued
+        # adapter (model.adapter) exactly as it was saved, as DPO's reference copy of it is.
         for name, p in trainer.model.named_parameters():
             if name in start_weights:
                 p.data = start_weights[name]
