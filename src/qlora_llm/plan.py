@@ -62,7 +62,14 @@ QLoRA paper does; else 4: peft's fp32, and train.py casts them back to fp32 on C
   B*T*V * (a + 4); in fp32 that is "B*T*V*4 twice".
 - runtime overhead: CUDA context, cuBLAS workspace and kernels ~0.5 GiB on CUDA. On CPU the Python
   process with torch, transformers, peft, trl, datasets and bitsandbytes imported: 0.47 GiB RSS was
-  measured (torch 2.13 CPU), counted as 0.5 GiB.
+  measured (torch 2.13 CPU), counted as 0.5 GiB. Plus, on CPU, the rest of the weights file when the
+  weights load in the file's own dtype: the unquantized weights are then its mapped pages, the mapping
+  stays, and every page read while quantizing stays in the RSS.
+- loading (CPU, only in `peak`): runtime overhead + the weights file (mapped while it is read) + the
+  model built from it (quantized, or cast to the compute dtype). It sets the peak of short CPU runs.
+- CPU loss tiles: train.py gives TRL's fused head 256 x 8192 tiles on CPU (`CPU_LOSS_TILE`), and its
+  torch fold (no Triton) holds ~8 fp32 temporaries of a tile (`CPU_FOLD_TEMPORARIES`).
+  Calibrated on CPU against whole-process peaks (`bench/plan_accuracy.py`: 13 points within 8.2%).
 - transient (only in `peak`): buffers alive for a moment, in no line above: the largest 4-bit weight
   dequantized to the compute dtype for its matmul (forward and backward) plus the gradients of one
   layer's largest intermediates in backward, B*T*(3I + 2H)*a; or, when larger, the loss's backward
@@ -70,10 +77,10 @@ QLoRA paper does; else 4: peft's fp32, and train.py casts them back to fp32 on C
   (B*T*H*4); for the full loss the logits' fp32 upcast and gradient, B*T*V * (4 [+ a if a < 4]).
 
 `total` sums the lines as if each were at its maximum at once (slightly conservative: the logits are
-freed before the layers are recomputed); `peak` adds the transient buffers. A run fits when its peak
-is at most 92% of the device's memory: PyTorch's caching allocator rounds and fragments blocks
-(reserved memory is typically a few percent above allocated), other processes and the display hold
-some, and this estimate has its own error of several percent.
+freed before the layers are recomputed); `peak` adds the transient buffers (or is the loading line,
+when larger). A run fits when its peak is at most 92% of the device's memory: PyTorch's caching
+allocator rounds and fragments blocks (reserved memory is typically a few percent above allocated),
+other processes and the display hold some, and this estimate has its own error of several percent.
 """
 
 from __future__ import annotations
