@@ -7,7 +7,7 @@ each stage skipped when already done, the base model evaluated once and reused),
 and as min / median / max over the seeds, base vs fine-tuned on the 50 held-out ACLSum test papers:
 ROUGE-L/1/2 F1, answer perplexity, stop rate, and the demo's criteria (ROUGE-L at least 5 points above
 the base, lower answer perplexity, stop rate at least 90%, no drop in ROUGE-1 or ROUGE-2). Numbers,
-never asserted; the tables in the README come from this script.
+never asserted; the tables in docs/demo.md come from this script.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ final adapter is there) and `qlora-llm evaluate` on the 30 held-out pairs agains
 reference), then prints per seed and as min / median / max: reward accuracy and margin (DPO's implicit
 reward against the reference), the share of pairs whose chosen answer has the higher log-probability,
 and ROUGE-L of greedy answers against the chosen (human) summaries. Numbers, never asserted; the
-README's preference-tuning table comes from this script.
+the preference-tuning table in docs/preference.md comes from this script.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's training table: qlora-llm beside LLaMA-Factory, LitGPT and the seed's plain TRL script,
+# The training table in docs/train.md: qlora-llm beside LLaMA-Factory, LitGPT and the seed's plain TRL script,
 # one run at a time, through the peers harness (../shared/peers: its step clock, settings and summary).
 #
 #   bash ../shared/peers/install.sh                 # once, ~10 min

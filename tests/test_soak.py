@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from soak import run  # noqa: E402
 
-# Bounds: what a leak or a stuck generation would break. Measured on the tiny model: see the README.
+# Bounds: what a leak or a stuck generation would break. Measured on the tiny model: see docs/testing.md.
 MAX_RSS_GROWTH_MIB = 150
 
 

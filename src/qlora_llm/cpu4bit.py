@@ -49,7 +49,7 @@ def fused_kernel_available() -> bool:
 
 
 def choose_kernel(setting: str) -> Kernel:
-    """`auto` -> fused where the CPU has AVX512-BF16 (measured faster there, README), else plain."""
+    """`auto` -> fused where the CPU has AVX512-BF16 (measured faster there, docs/cpu.md), else plain."""
     if setting == "plain":
         return "plain"
     available = fused_kernel_available()
