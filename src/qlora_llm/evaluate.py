@@ -196,8 +196,14 @@ def _mostly_non_ascii(text: str) -> bool:
     return sum(ord(c) > 127 for c in letters) > len(letters) / 2
 
 
+def _words(text: str) -> int:
+    return len(text.split())
+
+
 def compute_rouge(predictions: list[str], references: list[str]) -> dict[str, Any]:
-    """Mean ROUGE-1/2/L/Lsum F1 over the pairs, plus every pair's scores. Deterministic: no bootstrap."""
+    """Mean ROUGE-1/2/L/Lsum F1, precision and recall over the pairs, plus every pair's scores, and the
+    mean answer and reference lengths in words (F1 rewards matching the reference's length: precision,
+    recall and the lengths show a gain from brevity as such). Deterministic: no bootstrap."""
     from rouge_score import rouge_scorer
 
     if len(predictions) != len(references):
@@ -206,11 +212,17 @@ def compute_rouge(predictions: list[str], references: list[str]) -> dict[str, An
     per_example = []
     for pred, ref in zip(predictions, references, strict=True):
         scores = scorer.score(_sentences(ref), _sentences(pred))
-        per_example.append({k: scores[k].fmeasure for k in ROUGE_KEYS})
+        per_example.append(
+            {k: scores[k].fmeasure for k in ROUGE_KEYS}
+            | {f"{k}_precision": scores[k].precision for k in ROUGE_KEYS}
+            | {f"{k}_recall": scores[k].recall for k in ROUGE_KEYS}
+            | {"answer_words": _words(pred), "reference_words": _words(ref)}
+        )
     # rouge-score keeps only [a-z0-9] tokens: text in other scripts scores as empty.
     non_ascii = sum(1 for text in [*predictions, *references] if _mostly_non_ascii(text))
     means = {
-        k: (sum(e[k] for e in per_example) / len(per_example) if per_example else None) for k in ROUGE_KEYS
+        k: (sum(e[k] for e in per_example) / len(per_example) if per_example else None)
+        for k in (per_example[0] if per_example else ROUGE_KEYS)
     }
     return {**means, "per_example": per_example, "texts_mostly_non_ascii": non_ascii}
 
@@ -531,7 +543,7 @@ def _evaluate_model(
         "perplexity_full": ppl["perplexity_full"],
         "tokens_scored_completion": ppl["tokens_completion"],
         "tokens_scored_full": ppl["tokens_full"],
-        **{k: rouge[k] for k in ROUGE_KEYS},
+        **{k: v for k, v in rouge.items() if k not in ("per_example", "texts_mostly_non_ascii")},
         "rouge_texts_mostly_non_ascii": rouge["texts_mostly_non_ascii"],
         "stop_rate": sum(finished) / len(finished) if finished else None,
         "benchmark_score": bench["score"] if bench else None,
@@ -547,6 +559,215 @@ def _evaluate_model(
     }
 
 
+# --------------------------------------------------------------------------------------------------
+# General ability (src/qlora_llm/benchmarks.py): lm-eval likelihood tasks, a generative task, KL
+
+
+def _general_plan(cfg: Config) -> dict[str, Any] | None:
+    """The general tasks, checked, and the items each scores: fixed before either model loads."""
+    from qlora_llm.benchmarks import BenchmarkError, check_general, generative_items, likelihood_samples
+
+    e = cfg.eval
+    if not e.general_tasks and not e.general_generative:
+        return None
+    try:
+        tasks = check_general(
+            e.general_tasks, e.general_generative, Path(cfg.model.cache_dir).expanduser() / "lm_eval_tasks"
+        )
+        samples = likelihood_samples(tasks, e.general_limit, e.general_seed) if tasks.likelihood else {}
+        items = {n: generative_items(n, e.general_generative_limit, e.general_seed) for n in tasks.generative}
+    except BenchmarkError as err:
+        raise EvalError(str(err)) from None
+    return {"tasks": tasks, "samples": samples, "items": items}
+
+
+def _evaluate_general(
+    loaded: LoadedModel,
+    general: dict[str, Any],
+    cfg: Config,
+    label: str,
+    base: dict[str, Any] | None,
+    base_logps: list[Any] | None,
+) -> tuple[dict[str, Any], list[Any] | None]:
+    """Likelihood tasks through lm-eval, generative tasks on greedy answers, and the KL prompts' log-probs.
+
+    The base (or a target alone) fixes the KL prompts: the first generative questions with its own answers;
+    the fine-tuned model is scored on the same tokens. Returns the results and the base's log-probs.
+    """
+    from qlora_llm.benchmarks import (
+        generative_prompt,
+        mean_kl,
+        run_likelihood_tasks,
+        score_generative,
+        token_log_probs,
+    )
+    from qlora_llm.templates import render_prompt
+
+    e, t0 = cfg.eval, time.perf_counter()
+    tasks: dict[str, Any] = {}
+    if general["samples"]:
+        tasks |= run_likelihood_tasks(
+            loaded.model,
+            loaded.tokenizer,
+            general["tasks"],
+            general["samples"],
+            batch_size=e.general_batch_size,
+        )
+    own_sequences = []
+    for name, items in general["items"].items():
+        ids = [
+            loaded.tokenizer(
+                render_prompt(
+                    [{"role": "user", "content": generative_prompt(it)}], loaded.template, loaded.tokenizer
+                ),
+                add_special_tokens=True,
+            )["input_ids"]
+            for it in items
+        ]
+        answers = generate_greedy(
+            loaded,
+            ids,
+            max_new_tokens=e.general_max_new_tokens,
+            batch_size=e.general_batch_size,
+            desc=f"{label}: {name}",
+            progress=True,
+        )
+        tasks[name] = score_generative(items, [a["text"] for a in answers])
+        if not own_sequences:
+            own_sequences = [p + a["ids"] for p, a in zip(ids, answers, strict=True)][: e.kl_prompts]
+    out: dict[str, Any] = {"tasks": tasks}
+    logps = None
+    if base is None:  # the base, or a target with no comparison
+        out["kl_sequences"] = own_sequences
+        logps = token_log_probs(loaded.model, own_sequences) if label == "base" and own_sequences else None
+    elif base_logps is not None and base["general"]["kl_sequences"]:
+        tuned_logps = token_log_probs(loaded.model, base["general"]["kl_sequences"])
+        out["kl"] = mean_kl(base_logps, tuned_logps) | {"prompts": len(base_logps)}
+    out["seconds"] = time.perf_counter() - t0
+    log.info("%s: general benchmarks took %.1f s", label, out["seconds"])
+    return out, logps
+
+
+def _save_logps(path: Path, logps: list[Any]) -> None:
+    import torch
+
+    with atomic_file(path, "wb") as f:
+        torch.save(logps, f)
+
+
+def _load_logps(path: Path) -> list[Any] | None:
+    import torch
+
+    return torch.load(path, weights_only=True) if path.is_file() else None
+
+
+def _general_metrics(general: dict[str, Any], results: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """metrics.json's `general`: the paired comparison per task (or the target's scores alone) and KL."""
+    from qlora_llm.benchmarks import compare
+
+    e, tuned = cfg.eval, results["tuned"]["general"]
+    if "base" in results:
+        rows = compare(results["base"]["general"]["tasks"], tuned["tasks"], seed=e.general_seed)
+    else:
+        rows = [
+            {"task": n, "kind": t["kind"], "metric": k, "n": t["n"], "base": None, "tuned": t[k]}
+            for n, t in tuned["tasks"].items()
+            for k in ("acc", "acc_norm")
+            if k in t
+        ]
+        lik = [r for r in rows if r["kind"] == "likelihood" and r["metric"] == "acc"]
+        if len(lik) > 1:
+            mean = sum(r["tuned"] for r in lik) / len(lik)
+            rows.append(
+                {"task": "mean", "kind": "likelihood", "metric": "acc", "n": sum(r["n"] for r in lik)}
+                | {"base": None, "tuned": mean}
+            )
+        rows = [r | {"diff": None, "lo": None, "hi": None, "verdict": None} for r in rows]
+    return {
+        "likelihood": [r for r in rows if r["kind"] == "likelihood"],
+        "generative": [r for r in rows if r["kind"] == "generative"],
+        "kl": tuned.get("kl"),
+        "settings": {
+            "tasks": list(general["samples"]) + list(general["items"]),
+            "limit": e.general_limit,
+            "generative_limit": e.general_generative_limit,
+            "seed": e.general_seed,
+            "interval": "paired bootstrap, 10000 resamples, 95% percentile",
+        },
+        "seconds": {
+            label: r["general"]["seconds"] for label, r in results.items() if "seconds" in r["general"]
+        },
+    }
+
+
+def _general_table(g: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows for the comparison table: accuracy per task (acc; acc_norm lives in the report's section)."""
+    rows = []
+    for r in g["likelihood"] + g["generative"]:
+        if r["metric"] != "acc":
+            continue
+        kind = "likelihood" if r["kind"] == "likelihood" else "generative"
+        rows.append(
+            {
+                "metric": f"general:{r['task']}",
+                "label": f"general {kind}: {r['task']} acc",
+                "better": "higher",
+                "base": r["base"],
+                "tuned": r["tuned"],
+                "change": r["diff"],
+                "relative": r["diff"] / r["base"] if r["diff"] is not None and r["base"] else None,
+                "format": "{:.0%}",
+            }
+        )
+    if g["kl"] is not None:
+        rows.append(
+            {
+                "metric": "general:kl",
+                "label": "KL(base || tuned) per token",
+                "better": "neither",
+                "base": None,
+                "tuned": g["kl"]["kl"],
+                "change": None,
+                "relative": None,
+                "format": "{:.4f}",
+            }
+        )
+    return rows
+
+
+def _interval_text(r: dict[str, Any]) -> str:
+    """'+1.0 points (95% CI -2.0 to +4.0): no measurable loss'."""
+    if r["diff"] is None:
+        return "-"
+    return (
+        f"{r['diff'] * 100:+.1f} points (95% CI {r['lo'] * 100:+.1f} to {r['hi'] * 100:+.1f}): {r['verdict']}"
+    )
+
+
+def _general_sentence(g: dict[str, Any]) -> str:
+    """General ability in one sentence: the likelihood mean (or the one task), each generative task, KL."""
+    parts = []
+    lik = [r for r in g["likelihood"] if r["metric"] == "acc"]
+    mean = next((r for r in lik if r["task"] == "mean"), lik[0] if len(lik) == 1 else None)
+    if mean is not None:
+        what = f"mean of {len(lik) - 1} tasks" if mean["task"] == "mean" else mean["task"]
+        parts.append(
+            f"likelihood benchmarks ({what}, lm-eval) acc {mean['base']:.1%} → {mean['tuned']:.1%}, "
+            + _interval_text(mean)
+            if mean["base"] is not None
+            else f"likelihood benchmarks ({what}, lm-eval) acc {mean['tuned']:.1%}"
+        )
+    for r in g["generative"]:
+        parts.append(
+            f"generative {r['task']} {r['base']:.1%} → {r['tuned']:.1%}, " + _interval_text(r)
+            if r["base"] is not None
+            else f"generative {r['task']} {r['tuned']:.1%}"
+        )
+    if g["kl"] is not None:
+        parts.append(f"KL(base‖tuned) {g['kl']['kl']:.4f} nats/token over {g['kl']['prompts']} prompts")
+    return "General ability: " + "; ".join(parts) + "." if parts else ""
+
+
 # (metric key, label, which direction is better, how to format)
 TABLE = [
     ("perplexity_completion", "perplexity (answers)", "lower", "{:.3f}"),
@@ -555,6 +776,10 @@ TABLE = [
     ("rouge2", "ROUGE-2 F1", "higher", "{:.4f}"),
     ("rougeL", "ROUGE-L F1", "higher", "{:.4f}"),
     ("rougeLsum", "ROUGE-Lsum F1", "higher", "{:.4f}"),
+    ("rougeL_precision", "ROUGE-L precision", "higher", "{:.4f}"),
+    ("rougeL_recall", "ROUGE-L recall", "higher", "{:.4f}"),
+    ("answer_words", "answer length (mean words)", "neither", "{:.1f}"),
+    ("reference_words", "reference length (mean words)", "neither", "{:.1f}"),
     ("stop_rate", "stop rate (EOS before the limit)", "higher", "{:.0%}"),
     ("benchmark_score", "benchmark prompts passed", "higher", "{:.0%}"),
     ("preference_accuracy", "pairs preferred (log-prob chosen > rejected)", "higher", "{:.0%}"),
@@ -664,11 +889,15 @@ def _change_text(row: dict[str, Any]) -> str:
 
 
 def _verdict(row: dict[str, Any]) -> str:
-    improved = (row["change"] < 0) == (row["better"] == "lower") if row["change"] else None
+    if not row["change"] or row["better"] == "neither":
+        return ""
+    improved = (row["change"] < 0) == (row["better"] == "lower")
     return "" if improved is None else (" ✓" if improved else " ✗")
 
 
-def _plot(table: list[dict[str, Any]], png: Path, has_base: bool) -> None:
+def _plot(
+    table: list[dict[str, Any]], png: Path, has_base: bool, general: dict[str, Any] | None = None
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -683,8 +912,15 @@ def _plot(table: list[dict[str, Any]], png: Path, has_base: bool) -> None:
         ("speed and memory", ["tokens_per_s", "peak_memory_gib"]),
     ]
     by_key = {r["metric"]: r for r in table}
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), gridspec_kw={"width_ratios": [3, 1.2, 1.2]})
-    for ax, (title, keys) in zip(axes, groups, strict=True):
+    accs = [r for r in (general or {}).get("likelihood", []) + (general or {}).get("generative", [])]
+    accs = [r for r in accs if r["metric"] == "acc"]
+    ratios = [3, 1.2, 1.2] + ([max(1.2, 0.6 * len(accs))] if accs else [])
+    fig, axes = plt.subplots(
+        1, len(ratios), figsize=(14 + 3 * bool(accs), 4.2), gridspec_kw={"width_ratios": ratios}
+    )
+    if accs:
+        _plot_general(axes[3], accs, has_base, general["kl"])
+    for ax, (title, keys) in zip(axes[:3], groups, strict=True):
         keys = [k for k in keys if by_key[k]["tuned"] is not None]
         x = range(len(keys))
         width = 0.38 if has_base else 0.6
@@ -712,11 +948,44 @@ def _plot(table: list[dict[str, Any]], png: Path, has_base: bool) -> None:
     plt.close(fig)
 
 
-def _headline(table: list[dict[str, Any]]) -> str:
-    """One sentence: did it help (answer perplexity, ROUGE-L), what regressed, what did it cost."""
+def _plot_general(ax: Any, rows: list[dict[str, Any]], has_base: bool, kl: dict[str, Any] | None) -> None:
+    """Accuracy per general task, base vs fine-tuned, the fine-tuned bar with its paired 95% interval."""
+    x = range(len(rows))
+    width = 0.38 if has_base else 0.6
+    if has_base:
+        ax.bar([i - width / 2 for i in x], [r["base"] for r in rows], width, label="base", color="#9aa5b1")
+    err = None
+    if has_base:
+        # The interval is on the difference; drawn around the fine-tuned bar it reads as "where tuned could be".
+        err = [
+            [r["tuned"] - (r["base"] + r["lo"]) for r in rows],
+            [(r["base"] + r["hi"]) - r["tuned"] for r in rows],
+        ]
+        err = [[max(0.0, v) for v in side] for side in err]
+    ax.bar(
+        [i + (width / 2 if has_base else 0) for i in x],
+        [r["tuned"] for r in rows],
+        width,
+        yerr=err,
+        capsize=3,
+        label="fine-tuned",
+        color="#2f6fdf",
+    )
+    ax.set_xticks(list(x), [r["task"] for r in rows], rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    title = "general ability (accuracy)"
+    if kl is not None:
+        title += f"\nKL(base||tuned) {kl['kl']:.4f}/token"
+    ax.set_title(title, fontsize=10)
+
+
+def _headline(table: list[dict[str, Any]], general: dict[str, Any] | None = None) -> str:
+    """Did it help (answer perplexity, ROUGE-L), what ROUGE rewarded (precision, recall, length), what
+    regressed, what did it cost; then general ability (benchmarks with paired intervals, KL)."""
     by_key = {r["metric"]: r for r in table}
+    tail = (" " + _general_sentence(general)) if general else ""
     if by_key["perplexity_completion"]["base"] is None:
-        return "No comparison model: the figures below are the target's alone."
+        return "No comparison model: the figures below are the target's alone." + tail
 
     def moved(key: str) -> str:
         r = by_key[key]
@@ -736,12 +1005,19 @@ def _headline(table: list[dict[str, Any]]) -> str:
             for k in ("perplexity_completion", "rougeL", "stop_rate")
             if by_key[k]["change"] is not None
         )
+    if by_key["rougeL_precision"]["change"] is not None:
+        p, r, w = by_key["rougeL_precision"], by_key["rougeL_recall"], by_key["answer_words"]
+        text += (
+            f". ROUGE-L precision {p['base']:.4f} → {p['tuned']:.4f}, recall {r['base']:.4f} → "
+            f"{r['tuned']:.4f}; answers {w['base']:.1f} → {w['tuned']:.1f} words (references "
+            f"{by_key['reference_words']['tuned']:.1f})"
+        )
     regressed = [
         moved(k) for k in ("stop_rate", "benchmark_score") if by_key[k]["change"] is not None and worse(k)
     ]
     if regressed:
         text += ". Regressed: " + "; ".join(regressed)
-    return text + f". Cost: {moved('tokens_per_s')}."
+    return text + f". Cost: {moved('tokens_per_s')}." + tail
 
 
 def _worst(metrics: dict[str, Any], records: list[dict], n: int = 5) -> list[dict[str, Any]]:
@@ -765,11 +1041,86 @@ def _short(text: str, n: int = 400) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+GENERAL_SECTIONS = (
+    (
+        "likelihood",
+        "General ability: likelihood benchmarks (what the model knows)",
+        "Zero-shot multiple choice scored by lm-evaluation-harness (log-likelihood of each choice; acc_norm "
+        "divides by the choice's length in characters), on the same seeded items for both models.",
+    ),
+    (
+        "generative",
+        "General ability: generative task (what the model does)",
+        "Short-answer questions asked through the model's chat template, answered greedily; right when the "
+        "answer contains the gold answer as whole words.",
+    ),
+)
+
+
+def _general_md(g: dict[str, Any]) -> list[str]:
+    md = []
+    for kind, title, what in GENERAL_SECTIONS:
+        if not g[kind]:
+            continue
+        md += [
+            f"## {title}",
+            "",
+            what,
+            "",
+            "| task | metric | items | base | fine-tuned | change (paired 95% CI) |",
+        ]
+        md.append("|---|---|---|---|---|---|")
+        for r in g[kind]:
+            md.append(
+                f"| {r['task']} | {r['metric']} | {r['n']} | {_fmt(r['base'], '{:.1%}')} | "
+                f"{_fmt(r['tuned'], '{:.1%}')} | {_interval_text(r)} |"
+            )
+        md.append("")
+    md += ["## Drift from the base", ""]
+    if g["kl"] is not None:
+        md.append(
+            f"Mean per-token KL(base ‖ tuned): **{g['kl']['kl']:.4f}** nats over {g['kl']['tokens']} tokens of "
+            f"{g['kl']['prompts']} general prompts (each with the base model's own greedy answer)."
+        )
+    else:
+        md.append(
+            "KL(base ‖ tuned): not measured (no comparison model, no generative task, or kl_prompts=0)."
+        )
+    return md + [""]
+
+
+def _general_html(g: dict[str, Any]) -> str:
+    e = html.escape
+    parts = []
+    for kind, title, what in GENERAL_SECTIONS:
+        if not g[kind]:
+            continue
+        rows = "".join(
+            f"<tr><td>{e(r['task'])}</td><td>{e(r['metric'])}</td><td>{r['n']}</td>"
+            f"<td>{_fmt(r['base'], '{:.1%}')}</td><td>{_fmt(r['tuned'], '{:.1%}')}</td>"
+            f'<td class="{"bad" if r["verdict"] == "measurable loss" else "good" if r["verdict"] else ""}">'
+            f"{e(_interval_text(r))}</td></tr>"
+            for r in g[kind]
+        )
+        parts.append(
+            f'<h2>{e(title)}</h2><p>{e(what)}</p><table id="general-{kind}"><thead><tr><th>task</th>'
+            "<th>metric</th><th>items</th><th>base</th><th>fine-tuned</th><th>change (paired 95% CI)</th>"
+            f"</tr></thead><tbody>{rows}</tbody></table>"
+        )
+    kl = (
+        f"Mean per-token KL(base ‖ tuned): <b>{g['kl']['kl']:.4f}</b> nats over {g['kl']['tokens']} tokens of "
+        f"{g['kl']['prompts']} general prompts (each with the base model's own greedy answer)."
+        if g["kl"] is not None
+        else "KL(base ‖ tuned): not measured."
+    )
+    return "".join(parts) + f'<h2>Drift from the base</h2><p id="kl">{e(kl)}</p>'
+
+
 def write_report(metrics: dict[str, Any], out: Path) -> None:
     """report.md and report.html (one page) and metrics.png from the metrics dict."""
     has_base = metrics.get("base") is not None
     table = metrics["table"]
-    _plot(table, out / "metrics.png", has_base)
+    _plot(table, out / "metrics.png", has_base, metrics.get("general"))
     cols = ["metric", "base", "fine-tuned", "change"] if has_base else ["metric", "value"]
     md = [
         f"# Evaluation: {metrics['target']}",
@@ -786,7 +1137,10 @@ def write_report(metrics: dict[str, Any], out: Path) -> None:
     for r in table:
         cells = [r["label"], _fmt(r["base"], r["format"]), _fmt(r["tuned"], r["format"]), _change_text(r)]
         md.append("| " + " | ".join(cells if has_base else [cells[0], cells[2]]) + " |")
-    md += ["", "![metrics](metrics.png)", "", "## Benchmark prompts", ""]
+    md += ["", "![metrics](metrics.png)", ""]
+    if metrics.get("general"):
+        md += _general_md(metrics["general"])
+    md += ["## Benchmark prompts", ""]
     bench_rows = metrics["benchmark_prompts"]
     md.append("| id | base | fine-tuned |" if has_base else "| id | answer |")
     md.append("|---|---|---|" if has_base else "|---|---|")
@@ -823,7 +1177,7 @@ def write_report(metrics: dict[str, Any], out: Path) -> None:
         cells = [r["label"], _fmt(r["base"], r["format"]), _fmt(r["tuned"], r["format"]), _change_text(r)]
         cells = cells if has_base else [cells[0], cells[2]]
         cls = ""
-        if has_base and r["change"]:
+        if has_base and r["change"] and r["better"] != "neither":
             cls = ' class="good"' if (r["change"] < 0) == (r["better"] == "lower") else ' class="bad"'
         body.append(
             "<tr>" + "".join(f"<td>{e(c)}</td>" for c in cells[:-1]) + f"<td{cls}>{e(cells[-1])}</td></tr>"
@@ -881,6 +1235,7 @@ Greedy answers, at most {metrics["settings"]["max_new_tokens"]} new tokens.</p>
 {"".join(body)}
 </tbody></table>
 <img src="metrics.png" alt="metrics, base vs fine-tuned">
+{_general_html(metrics["general"]) if metrics.get("general") else ""}
 <h2>Benchmark prompts</h2>
 <table id="benchmark"><thead><tr><th>prompt</th>{"<th>base</th>" if has_base else ""}<th>fine-tuned</th></tr></thead><tbody>
 {"".join(bench_html)}
@@ -927,6 +1282,7 @@ def evaluate(
     if pairs:
         records = [pair_examples(p)[0] for p in pairs]
     prompts = load_benchmark_prompts(cfg.eval.benchmark_prompts) if cfg.eval.benchmark_prompts else []
+    general = _general_plan(cfg)  # before any model loads: a missing extra or a bad task name fails fast
     out = Path(output_dir or cfg.eval.output_dir or ((found.path or Path("runs/eval")) / "eval"))
     if (
         found.kind == "adapter"
@@ -950,6 +1306,7 @@ def evaluate(
 
     results: dict[str, Any] = {}
     reused: Path | None = None
+    base_logps = None  # the base's next-token log-probs on the KL prompts, for KL(base || tuned)
     for label, t in (("base", base_target), ("tuned", found)):
         if t is None:
             continue
@@ -958,6 +1315,7 @@ def evaluate(
         if cache is not None and cache.is_file():
             results[label], reused = json.loads(cache.read_text()), cache
             log.info("base model: reusing its evaluation with the same model, data and settings (%s)", cache)
+            base_logps = _load_logps(cache.with_suffix(".kl.pt")) if general else None
             continue
         loaded = load_target(t, device=cfg.model.device, quantization=cfg.eval.quantization)
         peak = PeakMemory(loaded.device)  # after loading: the model's own use while it is evaluated
@@ -965,17 +1323,27 @@ def evaluate(
             results[label] = _evaluate_model(loaded, records, cfg, prompts, label)
             if pairs:
                 results[label] |= pair_scores(loaded, pairs, cfg)
+            if general:
+                results[label]["general"], logps = _evaluate_general(
+                    loaded, general, cfg, label, results.get("base") if label == "tuned" else None, base_logps
+                )
+                base_logps = logps if label == "base" else base_logps
         finally:
             memory = peak.stop()
         results[label]["memory"] = memory
         del loaded
         gc.collect()
         if cache is not None:
+            if base_logps is not None:
+                _save_logps(cache.with_suffix(".kl.pt"), base_logps)
             atomic_write_text(cache, json.dumps(results[label], ensure_ascii=False) + "\n")
 
     if pairs and "base" in results:
         add_rewards(results, _run_beta(found))
     table = comparison_table(results["tuned"], results.get("base"))
+    general_metrics = _general_metrics(general, results, cfg) if general else None
+    if general_metrics:
+        table += _general_table(general_metrics)
     notes = []
     non_ascii = max(r["rouge_texts_mostly_non_ascii"] for r in results.values())
     if non_ascii:
@@ -1008,9 +1376,10 @@ def evaluate(
         "tuned": results["tuned"],
         "base": results.get("base"),
         "table": table,
+        "general": general_metrics,
         "notes": notes,
     }
-    metrics["headline"] = _headline(table)
+    metrics["headline"] = _headline(table, general_metrics)
     metrics["worst_examples"] = _worst(metrics, records)
     metrics["benchmark_prompts"] = [
         {"id": p["id"], "set": p["set"], "prompt": p["prompt"], "keywords": p["keywords"]}
