@@ -5,7 +5,10 @@ and, unless told otherwise, the base model it was trained from, and measures bot
 
 - perplexity, token-weighted over the whole set, on the answer tokens and on the full text
   (texts longer than the window are scored with a strided sliding window, every token once);
-- ROUGE-1/2/L/Lsum F1 (Google's `rouge-score`, stemming on) of greedy answers against the references;
+- ROUGE-1/2/L/Lsum F1, precision and recall (Google's `rouge-score`, stemming on) of greedy answers
+  against the references, and answer vs reference length in words (so a gain from brevity shows);
+- general ability (src/qlora_llm/benchmarks.py): lm-eval likelihood benchmarks and a generative task,
+  offline, on the same seeded items for both models, with paired 95% intervals, and KL(base || tuned);
 - the stop rate: the share of answers that ended with EOS before `max_new_tokens`;
 - the benchmark prompts of `configs/benchmark_prompts.json` (expected keywords), pass/fail each;
 - speed: a warm-up, then timed runs: tokens/s, time to first token, time per output token, p50/p90;
