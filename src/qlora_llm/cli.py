@@ -645,7 +645,8 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         force=True,
     )
-    for noisy in ("httpx", "urllib3", "filelock", "matplotlib", "PIL", "absl"):
+    # lm_eval: the general benchmarks' harness logs a dozen lines per task per model at INFO.
+    for noisy in ("httpx", "urllib3", "filelock", "matplotlib", "PIL", "absl", "lm_eval"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command in MODEL_COMMANDS | {"prepare", "models"}:
         quiet.install()

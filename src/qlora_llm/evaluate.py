@@ -709,11 +709,17 @@ def _general_table(g: dict[str, Any]) -> list[dict[str, Any]]:
     for r in g["likelihood"] + g["generative"]:
         if r["metric"] != "acc":
             continue
-        kind = "likelihood" if r["kind"] == "likelihood" else "generative"
+        # Short enough for the CLI's 34-character column: arc_easy_local -> arc_easy, basic_skills_x -> x.
+        name = r["task"].removesuffix("_local").removeprefix("basic_skills_")
+        label = (
+            "likelihood tasks mean acc"
+            if name == "mean"
+            else f"{name} acc" + (" (lm-eval)" if r["kind"] == "likelihood" else " (generative)")
+        )
         rows.append(
             {
                 "metric": f"general:{r['task']}",
-                "label": f"general {kind}: {r['task']} acc",
+                "label": label,
                 "better": "higher",
                 "base": r["base"],
                 "tuned": r["tuned"],
