@@ -126,3 +126,41 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(ROOT / "configs" / "smollm2-cpu.yaml", ["train.max_steps=3"])
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def _an_element(section: str, key: str):
+    """A value one element of this list field may take: its default's first, else a Literal's first."""
+    import typing
+
+    from qlora_llm.config import SECTIONS
+
+    field = SECTIONS[section].model_fields[key]
+    default = field.get_default(call_default_factory=True)
+    if default:
+        return default[0]
+    (arg,) = typing.get_args(field.annotation)
+    return typing.get_args(arg)[0] if typing.get_origin(arg) is typing.Literal else "x"
+
+
+def test_every_list_field_takes_one_value_as_a_list_of_one(tmp_path):
+    """`train.report_to=tensorboard` is `[tensorboard]`, as transformers takes report_to: every list field,
+    from an override and from a YAML file, found from the models so a new list field is covered too."""
+    from qlora_llm.config import SECTIONS, list_fields
+
+    fields = [(s, k) for s, cls in SECTIONS.items() for k in sorted(list_fields(cls))]
+    assert ("train", "report_to") in fields and ("lora", "target_modules") in fields
+    for section, key in fields:
+        value = _an_element(section, key)
+        one = load_config(None, [f"{section}.{key}={value}"])
+        listed = load_config(None, [f"{section}.{key}=[{value}]"])
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump({section: {key: value}}))
+        from_file = load_config(tmp_path / "c.yaml")
+        got = [getattr(getattr(c, section), key) for c in (one, listed, from_file)]
+        assert got == [[value]] * 3, (section, key, got)
+
+
+def test_a_wrong_single_value_for_a_list_field_is_still_refused_by_name():
+    with pytest.raises(
+        ConfigError, match=r"override 'train.report_to=tensorbored': train.report_to.0: Input"
+    ):
+        load_config(None, ["train.report_to=tensorbored"])

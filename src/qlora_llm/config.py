@@ -11,11 +11,13 @@ the key and where it came from.
 from __future__ import annotations
 
 import difflib
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 
 class ConfigError(ValueError):
@@ -28,6 +30,27 @@ class _Section(BaseModel):
     model_config = ConfigDict(
         extra="forbid", use_attribute_docstrings=True, validate_assignment=True, allow_inf_nan=False
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _one_value_is_a_list_of_one(cls, value: Any, info: ValidationInfo) -> Any:
+        """`train.report_to=tensorboard` means `[tensorboard]`, as transformers' own `report_to` takes it."""
+        if info.field_name in list_fields(cls) and value is not None and not isinstance(value, list | tuple):
+            return [value]
+        return value
+
+
+def _is_list(annotation: Any) -> bool:
+    if typing.get_origin(annotation) is list:
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_is_list(arg) for arg in typing.get_args(annotation))
+    return False
+
+
+def list_fields(section: type[BaseModel]) -> set[str]:
+    """The fields of a section that hold a list (a single value given for one becomes a one-item list)."""
+    return {name for name, field in section.model_fields.items() if _is_list(field.annotation)}
 
 
 SEED_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
