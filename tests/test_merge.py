@@ -186,3 +186,46 @@ def test_a_merge_killed_mid_write_leaves_the_previous_merge_as_it_was(merged, ti
     )
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def _logits_of(loaded, text: str = "[INST] What comes after a? [/INST]") -> torch.Tensor:
+    ids = loaded.tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return loaded.model(ids).logits
+
+
+def test_adapter_scale_zero_is_the_base_and_one_is_the_merged_model(merged, tiny_run, tiny_mistral):
+    """WiSE-FT through PEFT's own scaling: W0 + scale x delta. 0 gives the base's logits exactly, 1 the
+    merged model's, and a scale between gives neither."""
+    from qlora_llm.config import ModelConfig
+
+    def at(scale: float):
+        return _logits_of(load_target(tiny_run, model_cfg=ModelConfig(adapter_scale=scale), device="cpu"))
+
+    base = _logits_of(load_target(tiny_run, device="cpu", adapter=False))
+    as_merged = _logits_of(load_target(merged.out_dir, device="cpu"))
+    assert torch.equal(at(0.0), base)
+    torch.testing.assert_close(at(1.0), as_merged, atol=1e-4, rtol=1e-4)
+    half = at(0.5)
+    assert not torch.allclose(half, base, atol=1e-4) and not torch.allclose(half, as_merged, atol=1e-4)
+    assert not torch.allclose(base, as_merged, atol=1e-4)  # the adapter moved the model at all
+
+
+def test_a_scaled_merge_verifies_against_the_scaled_adapter_and_says_its_scale(
+    merged, tiny_run, tiny_mistral, tmp_path
+):
+    from qlora_llm.config import ModelConfig
+
+    cfg = ModelConfig(adapter_scale=0.5, device="cpu")
+    half = merge(tiny_run, tmp_path / "half", model_cfg=cfg, benchmark_prompts=tiny_run.parent / "bench.json")
+    v = json.loads((half.out_dir / "merge_verification.json").read_text())
+    assert v["passed"] and v["adapter_scale"] == 0.5 and merged.verification["adapter_scale"] == 1.0
+    scaled = _logits_of(load_target(tiny_run, model_cfg=cfg, device="cpu"))
+    torch.testing.assert_close(
+        _logits_of(load_target(half.out_dir, device="cpu")), scaled, atol=1e-4, rtol=1e-4
+    )
+    # The merged weights sit half-way between the base and the full merge: W0 + 0.5 x delta.
+    q = "model.layers.0.self_attn.q_proj.weight"
+    w0 = load_file(tiny_mistral / "model.safetensors")[q]
+    full, halfway = (load_file(f / "model.safetensors")[q] for f in (merged.out_dir, half.out_dir))
+    torch.testing.assert_close(halfway - w0, 0.5 * (full - w0), atol=1e-6, rtol=1e-4)

@@ -88,6 +88,9 @@ class ModelConfig(_Section):
     adapter: Path | None = None
     """Start from this LoRA adapter (a run folder or an adapter folder) instead of a fresh one: DPO after
     SFT continues the SFT adapter, which is then also DPO's reference. None starts a fresh adapter."""
+    adapter_scale: float = Field(1.0, ge=0.0, le=4.0)
+    """Scale of the LoRA delta wherever an adapter is applied or merged: W0 + scale x delta (WiSE-FT).
+    1 = as trained, 0 = the base; below 1 trades task gain for general ability (`evaluate`, `merge`)."""
 
 
 class DataConfig(_Section):

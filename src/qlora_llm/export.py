@@ -193,7 +193,8 @@ def _merged_folder(found: Any, device: str) -> Path:
     verification = existing / "merge_verification.json"
     done = json.loads(verification.read_text()) if verification.is_file() else {}
     weights = found.adapter_dir / "adapter_model.safetensors"
-    if done.get("passed") and done.get("adapter_sha256") == sha256_file(weights):
+    same_scale = done.get("adapter_scale", 1.0) == found.model_cfg.adapter_scale
+    if done.get("passed") and same_scale and done.get("adapter_sha256") == sha256_file(weights):
         return existing
     log.info(
         "no verified merge of this adapter beside %s yet: merging it first (qlora-llm merge)", found.path

@@ -159,6 +159,7 @@ def merge(
         "adapter": str(found.adapter_dir),
         # What was merged, by content: an export reuses this folder only for the same adapter weights.
         "adapter_sha256": sha256_file(found.adapter_dir / "adapter_model.safetensors"),
+        "adapter_scale": found.model_cfg.adapter_scale,  # W0 + scale x delta (model.adapter_scale)
         "base_model": found.model_cfg.name,
     }
     if not verification["passed"]:

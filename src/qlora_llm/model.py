@@ -543,8 +543,9 @@ def find_target(target: str | Path, model_cfg: Any = None) -> Target:
             "cache_dir": model_cfg.cache_dir,
             "cpu_4bit_kernel": model_cfg.cpu_4bit_kernel,
         }
-        if "compute_dtype" in model_cfg.model_fields_set:
-            caller["compute_dtype"] = model_cfg.compute_dtype
+        for key in ("compute_dtype", "adapter_scale"):  # the caller's when it sets one
+            if key in model_cfg.model_fields_set:
+                caller[key] = getattr(model_cfg, key)
         mcfg = mcfg.model_copy(update=caller)
     else:
         base = _read_json(adapter_dir / "adapter_config.json").get("base_model_name_or_path")
@@ -583,6 +584,23 @@ def stop_token_ids(tokenizer: Any, model: Any, manifest: dict[str, Any]) -> list
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids += gen_eos if isinstance(gen_eos, list) else [gen_eos]
     return sorted({int(i) for i in ids if i is not None})
+
+
+def scale_adapter(model: Any, scale: float) -> None:
+    """W0 + scale x (the LoRA delta) in every LoRA layer: PEFT's own `set_scale` (alpha/r times scale).
+
+    Merging afterwards merges the scaled delta, so a merged folder is the scaled model (WiSE-FT's
+    interpolation between the base, scale 0, and the fine-tune, scale 1).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    if not layers:
+        raise ModelNotFoundError("model.adapter_scale: the model has no LoRA layers to scale")
+    for layer in layers:
+        for name in list(layer.scaling):
+            layer.set_scale(name, scale)
+    log.info("adapter scaled by %g: W0 + %g x the LoRA delta (model.adapter_scale)", scale, scale)
 
 
 def load_target(
@@ -630,6 +648,8 @@ def load_target(
             ) from err
         model.eval()
         log.info("applied adapter %s (unmerged)", found.adapter_dir)
+        if mcfg.adapter_scale != 1.0:
+            scale_adapter(model, mcfg.adapter_scale)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     own = getattr(tokenizer, "chat_template", None)
