@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_llm.atomic import atomic_write_text
+from qlora_llm.errors import QloraError
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def load(path, split="validation", **_):
 '''
 
 
-class BenchmarkError(RuntimeError):
+class BenchmarkError(QloraError, RuntimeError):
     """General-ability benchmarks cannot run as asked; the message says what to change."""
 
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 from qlora_llm import __version__, quiet
 from qlora_llm.allocator import active_allocator, preload_env
 from qlora_llm.config import Config, ConfigError, describe_keys, load_config
+from qlora_llm.errors import QloraError
 
 if TYPE_CHECKING:
     from qlora_llm.generate import Generator, SamplingParams
@@ -660,37 +661,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C/SIGTERM during training, or Ctrl-C elsewhere
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as err:
-        from qlora_llm.cpu4bit import KernelError
-        from qlora_llm.data import PrepareError
-        from qlora_llm.evaluate import EvalError
-        from qlora_llm.export import ExportError
-        from qlora_llm.integrity import DamagedFileError
-        from qlora_llm.llamacpp import LlamaCppError
-        from qlora_llm.merge import MergeError
-        from qlora_llm.model import DeviceError, ModelNotFoundError
-        from qlora_llm.pipeline import PipelineError
-        from qlora_llm.plan import PlanError
-        from qlora_llm.train import TrainError
-
-        if isinstance(
-            err,
-            ModelNotFoundError
-            | PrepareError
-            | TrainError
-            | DeviceError
-            | KernelError
-            | PlanError
-            | EvalError
-            | MergeError
-            | ExportError
-            | DamagedFileError
-            | LlamaCppError
-            | PipelineError,
-        ):
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-        raise
+    except QloraError as err:  # every refusal of the library, its message written for the user
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -19,8 +19,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from qlora_llm.errors import QloraError
 
-class ConfigError(ValueError):
+
+class ConfigError(QloraError, ValueError):
     """A config file or override is wrong; the message says where and how to fix it."""
 
 

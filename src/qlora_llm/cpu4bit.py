@@ -31,13 +31,15 @@ import logging
 import re
 from typing import Any, Literal
 
+from qlora_llm.errors import QloraError
+
 log = logging.getLogger(__name__)
 
 Kernel = Literal["fused", "plain"]
 FUSED_BLOCK_N = 32  # output rows per block in bitsandbytes' CPU layout (`_convert_weight_packed_for_cpu`)
 
 
-class KernelError(ValueError):
+class KernelError(QloraError, ValueError):
     """The configured 4-bit CPU kernel cannot run on this machine."""
 
 

@@ -31,6 +31,7 @@ from typing import IO, Any, Literal
 
 from qlora_llm.atomic import atomic_file_set
 from qlora_llm.config import Config
+from qlora_llm.errors import QloraError
 from qlora_llm.templates import ROLES, render, resolve_template
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ FIELDS = ("instruction", "input", "output")
 MAX_PROBLEMS_IN_REPORT = 10_000
 
 
-class PrepareError(RuntimeError):
+class PrepareError(QloraError, RuntimeError):
     """Nothing (or too little) valid to write, or the overlength policy says stop; no output was written."""
 
     def __init__(self, message: str, report: PrepareReport | None = None):

@@ -35,6 +35,7 @@ from typing import Any
 
 from qlora_llm.atomic import atomic_file, atomic_write_text
 from qlora_llm.config import Config
+from qlora_llm.errors import QloraError
 from qlora_llm.model import LoadedModel, Target, find_target, load_target, sha256_file
 from qlora_llm.templates import render, to_messages
 
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
 
-class EvalError(RuntimeError):
+class EvalError(QloraError, RuntimeError):
     """Evaluation cannot run as asked; the message says what to change."""
 
 

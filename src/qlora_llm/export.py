@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_llm.atomic import atomic_dir
+from qlora_llm.errors import QloraError
 from qlora_llm.llamacpp import LlamaCpp
 from qlora_llm.model import find_target
 from qlora_llm.templates import render_prompt, resolve_template
@@ -79,7 +80,7 @@ CHECK_CONVERSATIONS = [
 ]
 
 
-class ExportError(RuntimeError):
+class ExportError(QloraError, RuntimeError):
     """The export cannot be made or did not verify; nothing was written. The message says why."""
 
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qlora_llm.errors import QloraError
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
 WEIGHT_STEMS = ("model", "pytorch_model", "adapter_model")
 
 
-class DamagedFileError(RuntimeError):
+class DamagedFileError(QloraError, RuntimeError):
     """A weight file that must not be loaded; the message names it and says what to do."""
 
 

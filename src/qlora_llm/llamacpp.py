@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from qlora_llm.atomic import atomic_dir
+from qlora_llm.errors import QloraError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ CMAKE_FLAGS = (
 )
 
 
-class LlamaCppError(RuntimeError):
+class LlamaCppError(QloraError, RuntimeError):
     """A llama.cpp step failed or cannot run here; the message says what to do."""
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_llm.atomic import atomic_dir
+from qlora_llm.errors import QloraError
 from qlora_llm.model import find_target, load_target, sha256_file
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ VERIFY_PROMPTS = 4
 VERIFY_NEW_TOKENS = 24
 
 
-class MergeError(RuntimeError):
+class MergeError(QloraError, RuntimeError):
     """The merge cannot be made or did not verify; the message says why."""
 
 

@@ -24,13 +24,14 @@ from typing import Any
 from urllib.parse import urlparse
 
 from qlora_llm.atomic import atomic_dir
+from qlora_llm.errors import QloraError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = Path("~/.cache/qlora-llm")
 
 
-class ModelNotFoundError(RuntimeError):
+class ModelNotFoundError(QloraError, RuntimeError):
     """A model name that is neither a folder, a built-in, nor reachable on the Hub."""
 
 
@@ -267,7 +268,7 @@ def list_models(cache_dir: Path | None = None) -> list[dict[str, str]]:
 # Loading for training and inference.
 
 
-class DeviceError(RuntimeError):
+class DeviceError(QloraError, RuntimeError):
     """The configured device cannot be used; nothing falls back silently."""
 
 
@@ -503,6 +504,20 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def adapter_folder(path: str | Path, given_as: str = "") -> Path:
+    """The PEFT adapter of PATH: a run folder's `final_adapter/`, else PATH itself. The one rule every
+    caller (evaluate, merge, export, serve's --adapter, train's model.adapter) resolves adapters by;
+    `given_as` names the setting in the error (`model.adapter=`)."""
+    path = Path(path).expanduser()
+    folder = path / "final_adapter" if (path / "final_adapter").is_dir() else path
+    if not (folder / "adapter_config.json").is_file():
+        raise ModelNotFoundError(
+            f"{given_as}{path}: not a LoRA adapter: neither a PEFT adapter folder (adapter_config.json) nor a run folder "
+            "with final_adapter/adapter_config.json (train one with `qlora-llm train`)."
+        )
+    return folder
+
+
 def find_target(target: str | Path, model_cfg: Any = None) -> Target:
     """Classify TARGET by its files. `model_cfg` supplies settings (template, cache_dir) for a bare model name."""
     from qlora_llm.config import ModelConfig, load_config
@@ -515,10 +530,9 @@ def find_target(target: str | Path, model_cfg: Any = None) -> Target:
         raise ModelNotFoundError(
             f"{path}: not a folder. Give a run folder, an adapter folder, a merged model folder or a model name."
         )
-    if (path / "final_adapter" / "adapter_config.json").is_file():
-        kind, adapter_dir, own = "run", path / "final_adapter", path
-    elif (path / "adapter_config.json").is_file():
-        kind, adapter_dir, own = "adapter", path, path
+    if (path / "final_adapter").is_dir() or (path / "adapter_config.json").is_file():
+        adapter_dir, own = adapter_folder(path), path
+        kind = "run" if adapter_dir != path else "adapter"
     elif (path / "config.json").is_file():
         manifest = _read_json(path / "manifest.json")
         mcfg = model_cfg.model_copy(update={"name": str(path), "revision": None})

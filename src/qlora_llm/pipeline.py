@@ -22,6 +22,7 @@ from typing import Any
 
 from qlora_llm.atomic import atomic_write_text
 from qlora_llm.config import Config
+from qlora_llm.errors import QloraError
 from qlora_llm.fingerprint import digest, file_digest, folder_fingerprint
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 STAGES = ("prepare", "train", "evaluate", "merge", "answer")
 
 
-class PipelineError(RuntimeError):
+class PipelineError(QloraError, RuntimeError):
     """A stage cannot run as asked; the message says what to change."""
 
 

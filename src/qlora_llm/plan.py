@@ -95,6 +95,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from qlora_llm.config import Config
+from qlora_llm.errors import QloraError
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ SHIPPED_CONFIGS = {
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class PlanError(ValueError):
+class PlanError(QloraError, ValueError):
     """The plan cannot be made (no config.json offline, unknown shapes); the message says what to do."""
 
 

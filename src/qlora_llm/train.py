@@ -32,7 +32,8 @@ from typing import Any, Literal
 
 from qlora_llm.atomic import atomic_dir, atomic_write_text
 from qlora_llm.config import Config, save_config
-from qlora_llm.model import sha256_file
+from qlora_llm.errors import QloraError
+from qlora_llm.model import adapter_folder, sha256_file
 from qlora_llm.templates import render, resolve_template
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ CHECKPOINT_FILES = (
 )
 
 
-class TrainError(RuntimeError):
+class TrainError(QloraError, RuntimeError):
     """Training cannot start or cannot go on; the message says why and what to change."""
 
 
@@ -278,17 +279,6 @@ def _make_tracker_params(cfg: Config, manifest: dict[str, Any]) -> Any:
                     cb._wandb.config.update(params, allow_val_change=True)
 
     return TrackerParams()
-
-
-def _adapter_folder(path: Path) -> Path:
-    path = Path(path)
-    folder = path / "final_adapter" if (path / "final_adapter").is_dir() else path
-    if not (folder / "adapter_config.json").is_file():
-        raise TrainError(
-            f"model.adapter={path}: not a PEFT adapter folder or a run folder with final_adapter/ "
-            "(train one with `qlora-llm train`)."
-        )
-    return folder
 
 
 def _check_kind(records: list[dict], method: str, path: Path) -> None:
@@ -931,7 +921,7 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
             )
     check_context(cfg)
     if m.adapter is not None:
-        _adapter_folder(m.adapter)
+        adapter_folder(m.adapter, "model.adapter=")
     tracker_env = _setup_trackers(t.report_to, run_dir)
     if checkpoint is not None:
         verify_checksums(checkpoint, existing[: existing.index(checkpoint)] if checkpoint in existing else [])
@@ -1089,7 +1079,9 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
         # DPO's reference.
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(_adapter_folder(m.adapter)), is_trainable=True)
+        model = PeftModel.from_pretrained(
+            model, str(adapter_folder(m.adapter, "model.adapter=")), is_trainable=True
+        )
         log.info("starting from the adapter in %s (its LoRA settings, not lora.*)", m.adapter)
     else:
         model = get_peft_model(

@@ -225,16 +225,13 @@ def create_app(
     generator: Generator | None = None,
 ) -> FastAPI:
     """The server for TARGET (a run, adapter or merged folder, or a model name), plus named adapters."""
-    from qlora_llm.model import find_target
+    from qlora_llm.model import adapter_folder, find_target
     from qlora_llm.server import routes
 
     adapters = dict(adapters or {})
     found = generator.loaded.target if generator is not None else find_target(target, cfg.model)
     for name, path in adapters.items():
-        if not (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "final_adapter").is_dir():
-            raise ValueError(f"--adapter {name}={path}: not a PEFT adapter folder or a run folder")
-        if (Path(path) / "final_adapter").is_dir():
-            adapters[name] = Path(path) / "final_adapter"
+        adapters[name] = adapter_folder(path, f"--adapter {name}=")  # the CLI prints it as one line
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -27,13 +27,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from qlora_llm.errors import QloraError
 from qlora_llm.generate import SamplingParams
 from qlora_llm.model import LoadedModel
 
 log = logging.getLogger(__name__)
 
 
-class QueueFull(RuntimeError):
+class QueueFull(QloraError, RuntimeError):
     """More requests are running or waiting than the server accepts."""
 
 
