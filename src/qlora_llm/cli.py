@@ -316,6 +316,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from qlora_llm.evaluate import evaluate
 
     cfg = _target_config(args)
+    if args.adapter_scales:
+        return _sweep(cfg, args)
     result = evaluate(
         cfg,
         args.target,
@@ -325,6 +327,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     _print_table(result.metrics)
     print(f"report: {result.output_dir / 'report.html'}")
+    return 0
+
+
+def _sweep(cfg: Config, args: argparse.Namespace) -> int:
+    from qlora_llm.sweep import sweep_adapter_scale
+
+    try:
+        scales = [float(x) for x in args.adapter_scales.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"--adapter-scales {args.adapter_scales}: expected numbers, e.g. 0.25,0.5,1"
+        ) from None
+    result = sweep_adapter_scale(
+        cfg, args.target, scales, output_dir=Path(args.output_dir) if args.output_dir else None
+    )
+    print(f"\n{'scale':>6} {'ROUGE-L':>8} {'general mean acc':>17}  general comparisons")
+    for r in result.rows:
+        mean = "-" if r["general_mean_tuned"] is None else f"{r['general_mean_tuned']:.0%}"
+        verdicts = "; ".join(f"{g['task']}: {g['verdict']}" for g in r["general"]) or "-"
+        print(f"{r['scale']:>6g} {r['task_tuned']:>8.4f} {mean:>17}  {verdicts}")
+    if result.chosen is None:
+        print("\nno scale kept general ability on the eval split (see sweep.json)")
+    else:
+        print(
+            f"\nchosen: model.adapter_scale={result.chosen:g} (merge with it: qlora-llm merge RUN "
+            f"model.adapter_scale={result.chosen:g})"
+        )
+    print(f"trade-off: {result.output_dir / 'sweep.png'}")
     return 0
 
 
@@ -533,6 +563,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output-dir", metavar="DIR", help="where the report goes (default: <run>/eval)")
     p.add_argument("--config", help="YAML config (default: the run's own config.yaml)")
+    p.add_argument(
+        "--adapter-scales",
+        metavar="L,L,...",
+        help="sweep model.adapter_scale on the run's eval split, e.g. 0.25,0.5,0.75,1: task gain vs general "
+        "ability per scale, and the best scale with no measurable general loss (<run>/sweep/)",
+    )
 
     def target_command(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
