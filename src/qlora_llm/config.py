@@ -181,6 +181,10 @@ class TrainConfig(_Section):
     """DPO: add this weight times the supervised loss on the chosen answers (RPO, Pang et al. 2024). It
     keeps the model writing the chosen kind of answer while it learns the preference: plain DPO on easy
     pairs can win by making every answer unlikely, down to answering nothing. 0 = plain DPO."""
+    kl_weight: float = Field(0.0, ge=0)
+    """SFT: add this weight times KL(base || tuned) per answer token to the loss, to keep the tuned model's
+    answers near the base's (general ability). The base's distribution is the same model with the
+    adapter disabled: no second model in memory, one more forward pass per step. 0 = off."""
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = []
     """Also hand the metrics to these trackers (their packages are optional: `pip install tensorboard`,
     ...), with the run's config and manifest as parameters; offline by default where the tool allows."""

@@ -494,6 +494,33 @@ def _apply_checkpointing(args: Any, setting: bool | str, memory: Any) -> str:
     return memory.checkpointing
 
 
+def _loss_with_kl_to_base(trainer: Any, model: Any, inputs: dict, weight: float, num_items: Any) -> Any:
+    """The answer loss plus `weight` x KL(base || tuned) summed over the answer tokens, normalised as TRL
+    normalises the loss (by the tokens of the whole accumulated, all-rank batch when it is given).
+
+    One forward of the tuned model gives both terms (TRL's fused head yields only the label log-probs, and
+    KL needs the whole distribution); the base's comes from the same model with the adapter disabled,
+    without gradients. At step 0 LoRA's B is zero, so the two are the same model and KL is exactly 0.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    forward = {k: v for k, v in inputs.items() if k != "labels"} | {"use_cache": False}
+    labels = inputs["labels"][:, 1:]
+    mask = labels != -100
+    logp = F.log_softmax(model(**forward).logits[:, :-1][mask].float(), dim=-1)
+    nll = -logp.gather(-1, labels[mask].unsqueeze(-1)).sum()
+    with torch.no_grad(), trainer.accelerator.unwrap_model(model).disable_adapter():
+        base = F.log_softmax(model(**forward).logits[:, :-1][mask].float(), dim=-1)
+    kl = (base.exp() * (base - logp)).sum(-1)  # per answer token
+    tokens = mask.sum() if num_items is None else num_items
+    loss = (nll + weight * kl.sum()) / torch.as_tensor(tokens).clamp(min=1)
+    if trainer.args.average_tokens_across_devices and num_items is not None:
+        loss = loss * trainer.accelerator.num_processes  # DDP averages the gradients; TRL does the same
+    trainer._metrics["train"]["kl"].append(kl.mean().item() if kl.numel() else 0.0)
+    return loss
+
+
 def _make_trainer_class(method: str = "sft") -> type:
     """TRL's trainer for `method` (SFT, DPO or ORPO) with staged checkpoints, a finite-loss guard and
     real-token counting.
@@ -565,6 +592,14 @@ def _make_trainer_class(method: str = "sft") -> type:
                 torch.set_rng_state(cpu)
                 if cuda is not None:
                     torch.cuda.set_rng_state_all(cuda)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            kl_weight = self.run_config.train.kl_weight if self.run_config is not None else 0.0
+            if method != "sft" or not kl_weight or not model.training:
+                # Evaluation keeps the plain answer loss, so eval loss compares across runs and settings.
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss = _loss_with_kl_to_base(self, model, inputs, kl_weight, num_items_in_batch)
+            return (loss, None) if return_outputs else loss
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
@@ -719,6 +754,7 @@ def _make_monitor(run_dir: Path, device: str, stop_requests: list[str], world_si
                 ("rewards/margins", "reward_margin"),
                 ("eval_rewards/accuracies", "eval_reward_accuracy"),
                 ("eval_rewards/margins", "eval_reward_margin"),
+                ("kl", "kl"),  # train.kl_weight: KL(base || tuned) per answer token
             ):
                 if key in logs:
                     row[name] = logs[key]
