@@ -110,6 +110,13 @@ class DataConfig(_Section):
     """Fewer valid examples than this is an error: too little data to fine-tune on."""
     seed: int = 42
     """Seed of the train/eval split."""
+    replay_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    """Self-replay: add this fraction (of the training examples) of general prompts answered by the base
+    model itself, generated once and cached, to keep its general behaviour. 0 = off (SFT only)."""
+    replay_prompts: Path = Path("configs/replay_prompts.jsonl")
+    """General prompts for self-replay, one {"prompt": ...} per line (none from the evaluation sets)."""
+    replay_max_new_tokens: int = Field(96, gt=0)
+    """Length limit of the base model's replay answers."""
 
 
 class LoraSettings(_Section):

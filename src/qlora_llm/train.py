@@ -34,6 +34,7 @@ from qlora_llm.atomic import atomic_dir, atomic_write_text
 from qlora_llm.config import Config, save_config
 from qlora_llm.errors import QloraError
 from qlora_llm.model import adapter_folder, sha256_file
+from qlora_llm.replay import mix
 from qlora_llm.templates import render, resolve_template
 
 log = logging.getLogger(__name__)
@@ -521,6 +522,15 @@ def _loss_with_kl_to_base(trainer: Any, model: Any, inputs: dict, weight: float,
     return loss
 
 
+def _replay_file(cfg: Config) -> Path:
+    """The cached file of the base's answers for self-replay (data.replay_fraction), made on first use."""
+    from qlora_llm.replay import base_answers
+
+    if cfg.train.method != "sft":
+        raise TrainError("data.replay_fraction mixes supervised examples into SFT; set it to 0 for DPO/ORPO.")
+    return base_answers(cfg, _base_model_identity(cfg))
+
+
 def _make_trainer_class(method: str = "sft") -> type:
     """TRL's trainer for `method` (SFT, DPO or ORPO) with staged checkpoints, a finite-loss guard and
     real-token counting.
@@ -981,6 +991,17 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
         _check_kind(eval_records, t.method, cfg.data.eval_file)
     else:
         train_records, eval_records = split_examples(records, cfg.data.eval_fraction, cfg.data.seed)
+    replay_file = _replay_file(cfg) if cfg.data.replay_fraction else None
+    if replay_file is not None:
+        task = len(train_records)
+        train_records = mix(
+            train_records, load_examples(replay_file), cfg.data.replay_fraction, cfg.data.seed
+        )
+        log.info(
+            "self-replay: %d of the base model's own answers beside %d task examples",
+            len(train_records) - task,
+            task,
+        )
     tokenize = tokenize_examples if t.method == "sft" else tokenize_pairs
     train_rows, dropped = tokenize(train_records, tokenizer, m.template, cfg.data.max_seq_length)
     eval_rows, eval_dropped = tokenize(eval_records, tokenizer, m.template, cfg.data.max_seq_length)
@@ -1133,6 +1154,7 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
         )
 
     files = [cfg.data.train_file] + ([cfg.data.eval_file] if cfg.data.eval_file else [])
+    files += [replay_file] if replay_file is not None else []
     from qlora_llm.data import is_pair, pair_examples
 
     first = pair_examples(train_records[0])[0] if is_pair(train_records[0]) else train_records[0]
@@ -1148,7 +1170,12 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
             "eos": tokenizer.eos_token,
         },
         "data": {str(p): sha256_file(Path(p)) for p in files}
-        | {"train_examples": len(train_rows), "eval_examples": len(eval_rows)},
+        | {"train_examples": len(train_rows), "eval_examples": len(eval_rows)}
+        | (
+            {"replay_examples": sum(r.get("source") == "replay" for r in train_records)}
+            if replay_file
+            else {}
+        ),
         "device": describe_device(device),
         "versions": _library_versions(),
         "seed": t.seed,
