@@ -312,6 +312,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_studio(args: argparse.Namespace) -> int:
+    from qlora_llm.studio.app import serve_studio
+
+    if args.insecure_no_auth and not args.api_key:
+        print(f"WARNING: the studio on {args.host} has no login (--insecure-no-auth)", file=sys.stderr)
+    data = Path(args.data) if args.data else None
+    serve_studio(Path(args.runs), data, args.host, args.port, args.api_key, args.insecure_no_auth)
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from qlora_llm.evaluate import evaluate
 
@@ -627,6 +637,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="interface to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="TCP port (default 8000)")
 
+    p = sub.add_parser("studio", help="the web studio: launch, watch, stop and resume runs in a browser")
+    p.add_argument("--runs", default="runs", help="folder of run folders (default runs)")
+    p.add_argument("--data", help="folder the form's data files may come from (default: the runs folder)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=7860, help="TCP port (default 7860)")
+    p.add_argument("--api-key", help="require this key to sign in (needed to bind beyond loopback)")
+    p.add_argument("--insecure-no-auth", action="store_true", help="bind beyond loopback with no login")
+
     p = sub.add_parser("models", help="list known models and whether each is available here")
     p.add_argument("--config", help="YAML config (for model.cache_dir)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -652,6 +670,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "plan": cmd_plan,
     "models": cmd_models,
     "config": cmd_config,
+    "studio": cmd_studio,
 }
 
 # The commands that load a model: they run under mimalloc where it is installed (see allocator.py).

@@ -1,0 +1,55 @@
+// A tiny line chart on a canvas: train and eval loss over steps, live from the run's SSE stream.
+// No dependencies, so the studio works offline and ships with the package.
+(function () {
+  const canvas = document.getElementById("chart");
+  if (!canvas) return;
+  const ctx = canvas.getContext("2d");
+  const series = { loss: [], eval_loss: [] };
+  const colors = { loss: "#1f77b4", eval_loss: "#d62728" };
+  const logBox = document.getElementById("logscale");
+  const count = document.getElementById("points");
+  const status = document.getElementById("status");
+  const progress = document.getElementById("progress");
+
+  function draw() {
+    const W = canvas.width, H = canvas.height, pad = 40;
+    ctx.clearRect(0, 0, W, H);
+    const log = logBox && logBox.checked;
+    const f = (v) => (log ? Math.log10(Math.max(v, 1e-12)) : v);
+    const all = series.loss.concat(series.eval_loss);
+    if (count) count.textContent = String(all.length);
+    canvas.dataset.points = String(all.length);
+    if (all.length === 0) return;
+    let x0 = Math.min(...all.map((p) => p[0])), x1 = Math.max(...all.map((p) => p[0]));
+    let y0 = Math.min(...all.map((p) => f(p[1]))), y1 = Math.max(...all.map((p) => f(p[1])));
+    if (x1 === x0) x1 = x0 + 1;
+    if (y1 === y0) y1 = y0 + 1;
+    const sx = (x) => pad + ((x - x0) / (x1 - x0)) * (W - 2 * pad);
+    const sy = (y) => H - pad - ((f(y) - y0) / (y1 - y0)) * (H - 2 * pad);
+    ctx.strokeStyle = "#999"; ctx.strokeRect(pad, pad, W - 2 * pad, H - 2 * pad);
+    ctx.fillStyle = "#333"; ctx.font = "11px sans-serif";
+    ctx.fillText((log ? 10 ** y1 : y1).toPrecision(3), 2, pad + 4);
+    ctx.fillText((log ? 10 ** y0 : y0).toPrecision(3), 2, H - pad);
+    ctx.fillText("step " + x0, pad, H - pad + 14);
+    ctx.fillText("step " + x1, W - pad - 40, H - pad + 14);
+    for (const name of ["loss", "eval_loss"]) {
+      const pts = series[name];
+      ctx.strokeStyle = colors[name]; ctx.fillStyle = colors[name]; ctx.beginPath();
+      pts.forEach((p, i) => (i ? ctx.lineTo(sx(p[0]), sy(p[1])) : ctx.moveTo(sx(p[0]), sy(p[1]))));
+      ctx.stroke();
+      pts.forEach((p) => ctx.fillRect(sx(p[0]) - 2, sy(p[1]) - 2, 4, 4));
+    }
+  }
+
+  if (logBox) logBox.addEventListener("change", draw);
+  const source = new EventSource(canvas.dataset.events);
+  source.addEventListener("reset", () => { series.loss = []; series.eval_loss = []; draw(); });
+  source.onmessage = (event) => {
+    const row = JSON.parse(event.data);
+    for (const name of ["loss", "eval_loss"]) if (name in row) series[name].push([row.step, row[name]]);
+    if (progress && canvas.dataset.maxSteps) progress.textContent = row.step + " / " + canvas.dataset.maxSteps;
+    draw();
+  };
+  source.addEventListener("status", (event) => { if (status) status.textContent = event.data; });
+  draw();
+})();
