@@ -305,7 +305,9 @@ def create_app(
         if job is not None and Path(job.log).is_file():
             with open(job.log, "rb") as f:
                 f.seek(max(0, Path(job.log).stat().st_size - LOG_TAIL_BYTES))
-                tail = f.read().decode("utf-8", errors="replace")
+                # Progress bars redraw with \r: each redraw is a line of its own, the last ones kept.
+                text = f.read().decode("utf-8", errors="replace").replace("\r", "\n")
+                tail = "\n".join(line for line in text.splitlines() if line.strip())
         actions = ""
         if job is not None and job.state == "running":
             actions += f"<form method='post' action='/runs/{_e(name)}/stop'>{csrf_field()}<button id='stop'>Stop</button></form>"
@@ -320,7 +322,7 @@ def create_app(
             "(<span style='color:#1f77b4'>train</span>, <span style='color:#d62728'>eval</span>)</p>"
             f"<canvas id='chart' width='800' height='320' data-events='/runs/{_e(name)}/events' "
             f"data-max-steps='{_e(info['max_steps'])}'></canvas>"
-            f"<h2>Command</h2><pre id='command'>{_e(_hide_paths(shlex.join(job.command[2:]) if job else '', runs, data))}</pre>"
+            f"<h2>Command</h2><pre id='command'>{_e(_hide_paths(shlex.join(['qlora-llm', *job.command[3:]]) if job else '', runs, data))}</pre>"
             f"<h2>Log</h2><pre id='log'>{_e(_hide_paths(tail, runs, data))}</pre>"
             f"<h2>Checkpoints</h2><ul id='checkpoints'>{checkpoints}</ul>"
             f"<h2>Config</h2><pre>{_e(_hide_paths(yaml.safe_dump(info['config'], sort_keys=False), runs, data))}</pre>"

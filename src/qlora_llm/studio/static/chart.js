@@ -50,6 +50,10 @@
     if (progress && canvas.dataset.maxSteps) progress.textContent = row.step + " / " + canvas.dataset.maxSteps;
     draw();
   };
-  source.addEventListener("status", (event) => { if (status) status.textContent = event.data; });
+  // The page was rendered for one job state; when the job moves on (running, stopped, done), render it
+  // again so the buttons, log and checkpoints match the real job.
+  source.addEventListener("status", (event) => {
+    if (status && status.textContent !== event.data) location.reload();
+  });
   draw();
 })();

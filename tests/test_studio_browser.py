@@ -1,0 +1,175 @@
+"""The studio end to end in a real Chromium (Debian's, driven by Playwright): form -> live chart -> stop ->
+resume -> done, on the tiny test model. Screenshots land in the test's tmp folder.
+
+    .venv/bin/pytest tests/test_studio_browser.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+KEY = "browser-test-key"
+STEPS = 40
+TIMEOUT_MS = 240_000  # the CI machine has 2 shared cores: loading the model alone can take a while
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture
+def studio(tmp_path, tiny_data):
+    runs = tmp_path / "runs"
+    port = _free_port()
+    log = open(tmp_path / "studio.log", "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qlora_llm.cli", "studio", "--runs", str(runs), "--data", str(tiny_data)]
+        + ["--port", str(port), "--api-key", KEY],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=dict(os.environ),
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def up():
+        try:
+            return httpx.get(f"{url}/login", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return process.poll() is not None
+
+    _wait(up, 60, "the studio to listen")
+    assert process.poll() is None, (tmp_path / "studio.log").read_text()
+    yield url, runs
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    log.close()
+
+
+def test_launch_watch_stop_resume_in_chromium(studio, tmp_path, tiny_mistral, tiny_data):
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the dev extra)")
+    url, runs = studio
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+
+    # Without the key every route is refused (the sign-in page and static files excepted).
+    for method, path in [("GET", "/"), ("GET", "/new"), ("GET", "/runs/x"), ("GET", "/runs/x/metrics")] + [
+        ("GET", "/runs/x/events"),
+        ("POST", "/new"),
+        ("POST", "/runs/x/stop"),
+        ("POST", "/runs/x/resume"),
+        ("POST", "/jobs/1/cancel"),
+    ]:
+        assert httpx.request(method, url + path, timeout=10).status_code == 401, path
+
+    fields = {
+        "run_name": "browser",
+        "model.name": str(tiny_mistral),
+        "model.device": "cpu",
+        "data.train_file": str(tiny_data / "train.jsonl"),
+        "data.eval_file": str(tiny_data / "eval.jsonl"),
+        "data.max_seq_length": "64",
+        "train.max_steps": str(STEPS),
+        "train.batch_size": "4",
+        "train.gradient_accumulation_steps": "1",
+        "train.eval_steps": "10",
+        "train.save_steps": "1000",
+        "train.logging_steps": "1",
+        "train.learning_rate": "0.01",
+        "train.warmup_ratio": "0",
+        "train.early_stopping_patience": "0",
+        "lora.r": "0",  # invalid: the form must say so beside the field
+    }
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        page = browser.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(url + "/")
+        assert page.url.endswith("/login")
+        page.fill("input[name=key]", KEY)
+        page.click("button")
+        page.wait_for_url(url + "/")
+
+        page.goto(url + "/new")
+        for name, value in fields.items():
+            page.fill(f"input[name='{name}']", value)
+        page.click("#new-run button")
+        error = page.locator("[id='error-lora.r']")
+        assert error.inner_text() == "Input should be greater than 0 (got 0)"
+        assert "lora.r=0" in page.locator("#command").inner_text()
+        page.screenshot(path=str(shots / "form-error.png"), full_page=True)
+        page.fill("input[name='lora.r']", "8")
+        page.click("#new-run button")
+        page.wait_for_url(url + "/runs/browser")
+
+        # The chart gains points while the job runs; a reload mid-run loses nothing.
+        page.wait_for_function("Number(document.getElementById('chart').dataset.points) >= 3")
+        page.wait_for_selector("#stop")
+        before = int(page.locator("#chart").get_attribute("data-points"))
+        page.screenshot(path=str(shots / "run-live.png"), full_page=True)
+        page.reload()
+        page.wait_for_function(f"Number(document.getElementById('chart').dataset.points) >= {before}")
+
+        # Stop: SIGTERM, the CLI saves a checkpoint at the next step and exits.
+        page.click("#stop")
+        page.wait_for_function("document.getElementById('status').textContent === 'stopped'")
+        checkpoints = sorted(p.name for p in (runs / "browser").glob("checkpoint-*"))
+        assert checkpoints, "stopping must leave a checkpoint"
+        stopped_at = int(checkpoints[-1].split("-")[1])
+        assert 0 < stopped_at < STEPS
+        assert checkpoints[-1] in page.locator("#checkpoints").inner_text()
+        page.screenshot(path=str(shots / "run-stopped.png"), full_page=True)
+
+        # Resume to completion from that checkpoint.
+        page.click("#resume")
+        page.wait_for_function("document.getElementById('status').textContent === 'done'")
+        rows = [json.loads(line) for line in (runs / "browser" / "metrics.jsonl").read_text().splitlines()]
+        assert rows[-1]["step"] == STEPS
+        assert any("eval_loss" in r for r in rows)
+        page.wait_for_function(f"document.getElementById('progress').textContent.startsWith('{STEPS} /')")
+        page.screenshot(path=str(shots / "run-done.png"), full_page=True)
+        page.goto(url + "/")
+        assert "done" in page.locator("#runs").inner_text()
+        page.screenshot(path=str(shots / "runs.png"), full_page=True)
+        browser.close()
+    assert len(list(shots.glob("*.png"))) == 5
