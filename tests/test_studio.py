@@ -232,3 +232,20 @@ def test_errors_show_no_stack_trace(tmp_path):
     response = c.get("/runs/broken")
     assert response.status_code == 500
     assert "Traceback" not in response.text and str(tmp_path) not in response.text
+
+
+def test_compare_overlays_curves_and_shows_only_differing_config(tmp_path):
+    cli_run(tmp_path, "a")
+    b = cli_run(tmp_path, "b")
+    config = yaml.safe_load((b / "config.yaml").read_text())
+    config["train"]["max_steps"] = 8
+    (b / "config.yaml").write_text(yaml.safe_dump(config))
+    (b / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 8, "eval_loss": 0.5}\n')
+    c = client(tmp_path)
+    page = c.get("/compare?run=a&run=b").text
+    assert page.count("class='curve'") == 4  # train and eval for each run
+    diff = re.search(r"<table id='diff'>.*?</table>", page).group(0)
+    assert "train.max_steps" in diff and "model.name" not in diff
+    assert "0.5000" in page and "1.2500" in page
+    for bad in ("/compare?run=a", "/compare?run=a&run=a", "/compare?run=a&run=..%2F..%2Fetc"):
+        assert c.get(bad).status_code in (400, 404), bad

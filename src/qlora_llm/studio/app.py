@@ -282,7 +282,8 @@ def create_app(
         rows = "".join(
             f"<tr><td><a href='/runs/{_e(r['name'])}'>{_e(r['name'])}</a></td><td class='status'>{_e(r['status'])}</td>"
             f"<td>{_e(r['model'])}</td><td>{_e(r['data'])}</td><td>{_e(r['step'])} / {_e(r['max_steps'])}</td>"
-            f"<td>{_loss(r['best_eval_loss'])}</td></tr>"
+            f"<td>{_loss(r['best_eval_loss'])}</td>"
+            f"<td><input type='checkbox' name='run' value='{_e(r['name'])}' form='compare'></td></tr>"
             for r in list_runs(runs, store)
         )
         queue = "".join(
@@ -293,7 +294,36 @@ def create_app(
         return page(
             "Runs",
             "<table id='runs'><tr><th>Run</th><th>Status</th><th>Model</th><th>Data</th><th>Steps</th>"
-            f"<th>Best eval loss</th></tr>{rows}</table><h2>Waiting</h2><ul id='queue'>{queue}</ul>",
+            f"<th>Best eval loss</th><th>Compare</th></tr>{rows}</table>"
+            "<form id='compare' method='get' action='/compare'><button>Compare 2-4 selected runs</button></form>"
+            f"<h2>Waiting</h2><ul id='queue'>{queue}</ul>",
+        )
+
+    @app.get("/compare", response_class=HTMLResponse)
+    def compare_page(request: Request) -> HTMLResponse:
+        """2-4 runs: overlaid train and eval loss, best eval loss side by side, the config keys that differ."""
+        names = request.query_params.getlist("run")
+        if not 2 <= len(names) <= 4 or len(set(names)) != len(names):
+            raise Refused(400, "choose 2 to 4 different runs to compare")
+        infos = [run_info(run_folder(runs, n), store) for n in names]
+        curves = {info["name"]: read_metrics(runs / info["name"]) for info in infos}
+        flat = [_flatten(info["config"]) for info in infos]
+        keys = sorted({k for f in flat for k in f if len({repr(g.get(k)) for g in flat}) > 1})
+        keys = [k for k in keys if k != "train.output_dir"]  # always differs: one folder per run
+        head = "".join(f"<th>{_e(n)}</th>" for n in names)
+        diff = "".join(
+            f"<tr><td>{_e(k)}</td>"
+            + "".join(f"<td>{_e(_hide_paths(str(f.get(k, '')), runs, data))}</td>" for f in flat)
+            + "</tr>"
+            for k in keys
+        )
+        best = "".join(f"<td>{_loss(info['best_eval_loss'])}</td>" for info in infos)
+        steps = "".join(f"<td>{_e(info['step'])}</td>" for info in infos)
+        return page(
+            "Compare runs",
+            f"{_svg_chart(curves)}<table id='metrics'><tr><th></th>{head}</tr><tr><td>best eval loss</td>{best}</tr>"
+            f"<tr><td>steps</td>{steps}</tr></table><h2>Config diff</h2>"
+            f"<table id='diff'><tr><th>key</th>{head}</tr>{diff or '<tr><td>no differences</td></tr>'}</table>",
         )
 
     @app.get("/runs/{name}", response_class=HTMLResponse)
@@ -438,6 +468,48 @@ def create_app(
         return RedirectResponse(f"/runs/{name}", status_code=303)
 
     return app
+
+
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+
+
+def _flatten(config: dict) -> dict[str, object]:
+    return {f"{s}.{k}": v for s, body in config.items() if isinstance(body, dict) for k, v in body.items()}
+
+
+def _svg_chart(curves: dict[str, list[dict]], width: int = 800, height: int = 320, pad: int = 40) -> str:
+    """Overlaid loss curves as inline SVG: one color per run, solid train loss, dashed eval loss."""
+    points = [
+        (r["step"], r[key])
+        for rows in curves.values()
+        for r in rows
+        for key in ("loss", "eval_loss")
+        if key in r
+    ]
+    if not points:
+        return "<p>No logged steps yet.</p>"
+    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
+    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+
+    def xy(step: float, value: float) -> str:
+        x = pad + (step - x0) / (x1 - x0) * (width - 2 * pad)
+        y = height - pad - (value - y0) / (y1 - y0) * (height - 2 * pad)
+        return f"{x:.1f},{y:.1f}"
+
+    lines, legend = [], []
+    for i, (name, rows) in enumerate(curves.items()):
+        color = COLORS[i % len(COLORS)]
+        for key, dash in (("loss", ""), ("eval_loss", " stroke-dasharray='6 3'")):
+            pts = " ".join(xy(r["step"], r[key]) for r in rows if key in r)
+            if pts:
+                lines.append(f"<polyline class='curve' fill='none' stroke='{color}'{dash} points='{pts}'/>")
+        legend.append(f"<span style='color:{color}'>{_e(name)}</span>")
+    return (
+        f"<p>{' · '.join(legend)} (solid: train loss, dashed: eval loss; {y0:.4g} to {y1:.4g})</p>"
+        f"<svg id='compare-chart' width='{width}' height='{height}'><rect x='{pad}' y='{pad}' "
+        f"width='{width - 2 * pad}' height='{height - 2 * pad}' fill='none' stroke='#999'/>{''.join(lines)}</svg>"
+    )
 
 
 def _loss(value: float | None) -> str:
