@@ -20,7 +20,8 @@ from pathlib import Path
 
 from qlora_llm.config import ModelConfig
 from qlora_llm.cpu4bit import fused_kernel_available
-from qlora_llm.evaluate import compute_perplexity, generate_greedy, speed_benchmark, tokenize_for_scoring
+from qlora_llm.evaluate import compute_perplexity, speed_benchmark, tokenize_for_scoring
+from qlora_llm.generate import generate_greedy
 from qlora_llm.model import load_target
 from qlora_llm.templates import render
 

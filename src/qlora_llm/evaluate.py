@@ -36,6 +36,7 @@ from typing import Any
 from qlora_llm.atomic import atomic_file, atomic_write_text
 from qlora_llm.config import Config
 from qlora_llm.errors import QloraError
+from qlora_llm.generate import generate_greedy
 from qlora_llm.model import LoadedModel, Target, find_target, load_target, sha256_file
 from qlora_llm.templates import render, to_messages
 
@@ -233,60 +234,6 @@ def compute_rouge(predictions: list[str], references: list[str]) -> dict[str, An
 
 # --------------------------------------------------------------------------------------------------
 # Generation, speed, benchmark prompts, memory
-
-
-def generate_greedy(
-    loaded: LoadedModel,
-    prompts: list[list[int]],
-    *,
-    max_new_tokens: int,
-    batch_size: int = 4,
-    desc: str = "generating",
-    progress: bool = False,
-) -> list[dict[str, Any]]:
-    """Greedy answers to prompt ids, left-padded batches; each with its text, ids and why it ended."""
-    import torch
-    from tqdm.auto import tqdm
-
-    model, tokenizer, stops = loaded.model, loaded.tokenizer, set(loaded.stop_ids)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else loaded.stop_ids[0]
-    order = sorted(range(len(prompts)), key=lambda k: len(prompts[k]))
-    out: list[dict[str, Any]] = [{} for _ in prompts]
-    device = next(model.parameters()).device
-    bar = tqdm(total=len(prompts), desc=desc, unit="answer", disable=not progress, leave=False)
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            width = max(len(prompts[k]) for k in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            attention = torch.zeros(len(batch), width, dtype=torch.long)
-            for b, k in enumerate(batch):
-                ids[b, width - len(prompts[k]) :] = torch.tensor(prompts[k])
-                attention[b, width - len(prompts[k]) :] = 1
-            generated = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=attention.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                eos_token_id=sorted(stops),
-                pad_token_id=pad,
-            )[:, width:].tolist()
-            for b, k in enumerate(batch):
-                new = generated[b]
-                end = next((j for j, t in enumerate(new) if t in stops), None)
-                kept = new if end is None else new[: end + 1]
-                out[k] = {
-                    "text": tokenizer.decode(kept, skip_special_tokens=True).strip(),
-                    "tokens": len(kept),
-                    "ids": kept,
-                    "finish_reason": "length" if end is None else "stop",
-                }
-            bar.update(len(batch))
-    bar.close()
-    return out
 
 
 def _percentile(values: list[float], q: float) -> float:

@@ -321,7 +321,7 @@ def compare_with_llama_cpp(
     tools: LlamaCpp, gguf: Path, merged: Path, template: str, device: str, lora: Path | None = None
 ) -> dict[str, Any]:
     """Greedy answers to benchmark prompts from transformers (merged model) and from llama.cpp (the GGUF)."""
-    from qlora_llm.evaluate import generate_greedy
+    from qlora_llm.generate import generate_greedy
     from qlora_llm.model import load_target
 
     loaded = load_target(merged, device=device)

@@ -246,3 +246,70 @@ class Generator:
             time.perf_counter() - start,
             out,
         )
+
+
+def generate_greedy(
+    loaded: LoadedModel,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 4,
+    desc: str = "generating",
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Greedy answers to many prompts (token ids), `batch_size` rows per `generate` call.
+
+    The one greedy decoding path for offline work: evaluation, benchmark prompts, merge and export
+    verification, self-replay. Prompts are sorted by length so a batch wastes little padding, left-padded
+    with an attention mask (transformers derives each row's position ids from it, so padding changes no
+    answer beyond float rounding: tests/test_generate.py checks batched == one at a time), and returned
+    in the caller's order. Each answer: `text` (stripped, special tokens removed), `ids` (up to and
+    including the stop token), `tokens` (len of ids) and `finish_reason`: `stop` when a stop id ended it,
+    `length` when max_new_tokens did. The server keeps its own sampler (server/engine.py says why).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    model, tokenizer, stops = loaded.model, loaded.tokenizer, set(loaded.stop_ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else loaded.stop_ids[0]
+    order = sorted(range(len(prompts)), key=lambda k: len(prompts[k]))
+    out: list[dict[str, Any]] = [{} for _ in prompts]
+    device = next(model.parameters()).device
+    bar = tqdm(total=len(prompts), desc=desc, unit="answer", disable=not progress, leave=False)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            width = max(len(prompts[k]) for k in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            attention = torch.zeros(len(batch), width, dtype=torch.long)
+            for b, k in enumerate(batch):
+                ids[b, width - len(prompts[k]) :] = torch.tensor(prompts[k])
+                attention[b, width - len(prompts[k]) :] = 1
+            generated = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=attention.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                eos_token_id=sorted(stops),
+                pad_token_id=pad,
+            )[:, width:].tolist()
+            for b, k in enumerate(batch):
+                # A row that stopped early is padded to the batch's longest answer: cut at its stop id.
+                new = generated[b]
+                end = next((j for j, t in enumerate(new) if t in stops), None)
+                kept = new if end is None else new[: end + 1]
+                out[k] = {
+                    "text": tokenizer.decode(kept, skip_special_tokens=True).strip(),
+                    "tokens": len(kept),
+                    "ids": kept,
+                    "finish_reason": "length" if end is None else "stop",
+                }
+            bar.update(len(batch))
+    bar.close()
+    log.debug("%s: %d greedy answers, %d per batch", desc, len(prompts), batch_size)
+    return out

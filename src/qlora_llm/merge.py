@@ -102,7 +102,7 @@ def merge(
     """Merge TARGET's adapter into its full-precision base, verify it, write `out_dir` atomically."""
     import torch
 
-    from qlora_llm.evaluate import generate_greedy
+    from qlora_llm.generate import generate_greedy
 
     found = find_target(target, model_cfg)
     if found.adapter_dir is None:

@@ -75,7 +75,7 @@ def base_answers(cfg: Config, base_identity: dict[str, Any]) -> Path:
     if cache.is_file():
         log.info("self-replay: the base model's answers from %s", cache)
         return cache
-    from qlora_llm.evaluate import generate_greedy
+    from qlora_llm.generate import generate_greedy
     from qlora_llm.model import load_target
     from qlora_llm.templates import render_prompt
 

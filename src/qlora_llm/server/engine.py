@@ -6,6 +6,10 @@ dominates), so decoding concurrent requests as one batch multiplies throughput. 
 rule, and offers no per-row streaming or cancellation. So the decode loop is written here: left-padded
 prompts, one KV cache, per-row sampling (temperature, top_p, seed), per-row stop tokens and limits, a
 text delta per token to each request's asyncio queue, and a cancel flag checked before every token.
+Offline greedy decoding (evaluation, merge and export checks, self-replay) is one function,
+`qlora_llm.generate.generate_greedy`, batched through `generate()`: its rows all start together, share
+one limit and need no streaming. The server keeps this sampler for what that one cannot do: rows that
+join and leave mid-decode, per-row sampling settings and limits, streaming and cancellation.
 
 The batch is continuous: between two tokens, requests that arrived meanwhile are prefilled and join
 the running batch (their KV cache left-padded to the batch's width), and finished rows leave it, so a
