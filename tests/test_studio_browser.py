@@ -134,9 +134,12 @@ def test_launch_watch_stop_resume_in_chromium(studio, tmp_path, tiny_mistral, ti
         for name, value in fields.items():
             page.fill(f"input[name='{name}']", value)
         page.click("#new-run button")
-        error = page.locator("[id='error-lora.r']")
-        assert error.inner_text() == "Input should be greater than 0 (got 0)"
-        assert "lora.r=0" in page.locator("#command").inner_text()
+        # The click starts the navigation; the old form (empty error spans) may still be there: wait.
+        page.wait_for_selector("#command")
+        expect = sync_api.expect
+        expect.set_options(timeout=60_000)
+        expect(page.locator("[id='error-lora.r']")).to_have_text("Input should be greater than 0 (got 0)")
+        expect(page.locator("#command")).to_contain_text("lora.r=0")
         page.screenshot(path=str(shots / "form-error.png"), full_page=True)
         page.fill("input[name='lora.r']", "8")
         page.click("#new-run button")
@@ -157,7 +160,7 @@ def test_launch_watch_stop_resume_in_chromium(studio, tmp_path, tiny_mistral, ti
         assert checkpoints, "stopping must leave a checkpoint"
         stopped_at = int(checkpoints[-1].split("-")[1])
         assert 0 < stopped_at < STEPS
-        assert checkpoints[-1] in page.locator("#checkpoints").inner_text()
+        expect(page.locator("#checkpoints")).to_contain_text(checkpoints[-1])
         page.screenshot(path=str(shots / "run-stopped.png"), full_page=True)
 
         # Resume to completion from that checkpoint.
@@ -169,7 +172,7 @@ def test_launch_watch_stop_resume_in_chromium(studio, tmp_path, tiny_mistral, ti
         page.wait_for_function(f"document.getElementById('progress').textContent.startsWith('{STEPS} /')")
         page.screenshot(path=str(shots / "run-done.png"), full_page=True)
         page.goto(url + "/")
-        assert "done" in page.locator("#runs").inner_text()
+        expect(page.locator("#runs")).to_contain_text("done")
         page.screenshot(path=str(shots / "runs.png"), full_page=True)
         browser.close()
     assert len(list(shots.glob("*.png"))) == 5
