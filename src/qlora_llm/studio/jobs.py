@@ -157,7 +157,7 @@ class Worker:
         self.thread.start()
 
     def close(self) -> None:
-        """Studio shutdown: leave the running job alone? No: stop it cleanly so it checkpoints."""
+        """Studio shutdown: SIGTERM the running job so it checkpoints; it is marked interrupted (resumable)."""
         self.stopping.set()
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
