@@ -28,6 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from fastapi.staticfiles import StaticFiles
 
 from qlora_llm.config import Config, ConfigError, describe_keys, load_config
+from qlora_llm.errors import QloraError
 from qlora_llm.studio.jobs import JobStore, Worker
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ PATH_KEYS = {"data.train_file", "data.eval_file"}
 LOG_TAIL_BYTES = 8000
 
 
-class Refused(Exception):
+class Refused(QloraError):
     """A request the studio refuses; the message is shown as is (so it never holds a server path)."""
 
     def __init__(self, status: int, message: str):
