@@ -30,22 +30,23 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, resource, sys, torch
 import qlora_llm.train as qtrain
+import qlora_llm.trainer as qtrainer
 from qlora_llm.allocator import active_allocator
 from qlora_llm.config import load_config
 
 mode, out, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
 if mode == "seed":
     # Keep TRL's bf16 cast of the LoRA weights, as the seed's script does (we undo it on CPU).
-    real = qtrain._make_trainer_class
-    def keep_bf16():
-        class Seed(real()):
+    real = qtrainer.trainer_class
+    def keep_bf16(method="sft"):
+        class Seed(real(method)):
             def train(self, *a, **k):
                 for p in self.model.parameters():
                     if p.requires_grad:
                         p.data = p.data.to(torch.bfloat16)
                 return super().train(*a, **k)
         return Seed
-    qtrain._make_trainer_class = keep_bf16
+    qtrainer.trainer_class = keep_bf16
 cfg = load_config(ROOT + "/configs/smollm2-cpu.yaml", overrides)
 result = qtrain.train(cfg)
 

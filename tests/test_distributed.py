@@ -21,9 +21,11 @@ import pytest
 import torch
 from conftest import tiny_overrides
 
+from qlora_llm.checkpoint import complete_checkpoints, write_checksums
 from qlora_llm.config import ConfigError, load_config
 from qlora_llm.distributed import Launch, exit_code_of, launcher_args
-from qlora_llm.train import TrainError, complete_checkpoints, train, write_checksums
+from qlora_llm.errors import TrainError
+from qlora_llm.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

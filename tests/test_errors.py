@@ -33,7 +33,7 @@ def test_every_exception_of_the_package_is_a_qlora_error():
 
 def test_the_old_builtin_bases_still_catch_them():
     from qlora_llm.config import ConfigError
-    from qlora_llm.train import TrainError
+    from qlora_llm.errors import TrainError
 
     assert issubclass(ConfigError, ValueError) and issubclass(TrainError, RuntimeError)
 

@@ -13,7 +13,8 @@ from conftest import tiny_overrides
 from safetensors.torch import load_file
 
 from qlora_llm.config import load_config
-from qlora_llm.train import TrainError, train
+from qlora_llm.errors import TrainError
+from qlora_llm.train import train
 
 # beta 1: with DPO's usual 0.1 the tiny model needs ten times the steps to show the same move.
 LEARNS = ("train.learning_rate=1e-2", "train.beta=1.0", "lora.dropout=0")
@@ -51,7 +52,7 @@ def test_dpo_loss_falls_and_reward_accuracy_rises_on_the_tiny_model(tiny_mistral
 
 
 def test_dpo_resume_is_exact(tiny_mistral, tiny_pairs, tmp_path, monkeypatch):
-    import qlora_llm.train as qtrain
+    import qlora_llm.trainer as qtrainer
 
     straight = tmp_path / "straight"
     train(
@@ -59,7 +60,7 @@ def test_dpo_resume_is_exact(tiny_mistral, tiny_pairs, tmp_path, monkeypatch):
             tiny_mistral, tiny_pairs, straight, "train.method=dpo", "lora.dropout=0.1", steps=12, every=6
         )
     )
-    real = qtrain._make_trainer_class
+    real = qtrainer.trainer_class
 
     def interrupted(*a):
         class Interrupted(real(*a)):
@@ -70,7 +71,7 @@ def test_dpo_resume_is_exact(tiny_mistral, tiny_pairs, tmp_path, monkeypatch):
 
         return Interrupted
 
-    monkeypatch.setattr(qtrain, "_make_trainer_class", interrupted)
+    monkeypatch.setattr(qtrainer, "trainer_class", interrupted)
     split = tmp_path / "split"
     cfg = pair_cfg(tiny_mistral, tiny_pairs, split, "train.method=dpo", "lora.dropout=0.1", steps=12, every=6)
     first = train(cfg)

@@ -18,8 +18,10 @@ import pytest
 import torch
 from conftest import WORDS, tiny_overrides
 
+from qlora_llm.checkpoint import CHECKPOINT_FILES, complete_checkpoints
 from qlora_llm.config import load_config
-from qlora_llm.train import CHECKPOINT_FILES, TrainError, complete_checkpoints, tokenize_examples, train
+from qlora_llm.errors import TrainError
+from qlora_llm.train import tokenize_examples, train
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE_STEP = ("train.max_steps=1", "train.save_steps=1", "train.eval_steps=1")
@@ -31,10 +33,10 @@ def tiny_cfg(tiny_mistral, tiny_data, out, *extra):
 
 def patch_trainer(monkeypatch, mixin: type) -> None:
     """Make train() use `mixin` layered over the real trainer class, to observe or perturb one run."""
-    import qlora_llm.train as qtrain
+    import qlora_llm.trainer as qtrainer
 
-    real = qtrain._make_trainer_class
-    monkeypatch.setattr(qtrain, "_make_trainer_class", lambda *a: type(mixin.__name__, (mixin, real(*a)), {}))
+    real = qtrainer.trainer_class
+    monkeypatch.setattr(qtrainer, "trainer_class", lambda *a: type(mixin.__name__, (mixin, real(*a)), {}))
 
 
 def lora_state(folder: Path) -> dict[str, torch.Tensor]:

@@ -11,3 +11,8 @@ from __future__ import annotations
 
 class QloraError(Exception):
     """Something qlora-llm refused or could not do; the message is for the user, in one line."""
+
+
+class TrainError(QloraError, RuntimeError):
+    """Training cannot start or cannot go on; the message says why and what to change. Here, not in
+    train.py, because the checkpoint, monitor and trainer modules raise it too."""

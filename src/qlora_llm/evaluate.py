@@ -409,7 +409,8 @@ class PeakMemory:
 def _eval_records(cfg: Config, target: Target, data: Path | None) -> tuple[Path, list[dict]]:
     """Explicit data, else eval.data_file, else the run's own held-out split."""
     from qlora_llm.config import load_config
-    from qlora_llm.train import TrainError, load_examples, split_examples
+    from qlora_llm.errors import TrainError
+    from qlora_llm.train import load_examples, split_examples
 
     path = data or cfg.eval.data_file
     try:

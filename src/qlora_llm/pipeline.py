@@ -119,7 +119,8 @@ def _prepare_stage(
 
 
 def _train_stage(cfg: Config, run_dir: Path, stamps: _Stamps) -> tuple[Path, str]:
-    from qlora_llm.train import complete_checkpoints, train
+    from qlora_llm.checkpoint import complete_checkpoints
+    from qlora_llm.train import train
 
     fingerprint = digest(
         {

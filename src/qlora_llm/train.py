@@ -18,59 +18,42 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import platform
-import re
 import shutil
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from qlora_llm.atomic import atomic_dir, atomic_write_text
+from qlora_llm.atomic import atomic_write_text
+from qlora_llm.checkpoint import (
+    CHECKPOINT_FILES,
+    SaveFailed,
+    check_processes,
+    check_resumable,
+    checkpoint_identity,
+    complete_checkpoints,
+    last_good,
+    verify_checksums,
+    write_final_adapter,
+)
 from qlora_llm.config import Config, save_config
-from qlora_llm.errors import QloraError
+from qlora_llm.errors import TrainError
 from qlora_llm.model import adapter_folder, sha256_file
+from qlora_llm.monitor import (
+    make_monitor,
+    make_tracker_params,
+    memory_bytes,
+    plot_loss,
+    setup_trackers,
+    stop_on_signals,
+)
 from qlora_llm.replay import mix
 from qlora_llm.templates import render, resolve_template
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-CHECKSUMS = "checksums.json"
-# What a checkpoint must hold to be resumed from; staged saving makes a partial one impossible, this
-# also rejects folders written by other tools or older versions.
-CHECKPOINT_FILES = (
-    "adapter_model.safetensors",
-    "adapter_config.json",
-    "trainer_state.json",
-    "optimizer.pt",
-    "scheduler.pt",
-    "manifest.json",
-)
-
-
-class TrainError(QloraError, RuntimeError):
-    """Training cannot start or cannot go on; the message says why and what to change."""
-
-
-class _LossNotFinite(TrainError):
-    pass
-
-
-class _SaveFailed(TrainError):
-    """A checkpoint or the final adapter could not be written (a full disk, a write error)."""
-
-    def __init__(self, what: str, step: int, run_dir: Path, cause: BaseException):
-        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        free = shutil.disk_usage(run_dir).free / 2**20 if run_dir.exists() else float("nan")
-        super().__init__(
-            f"writing {what} failed at step {step}: {first} ({free:,.0f} MiB free on the disk of {run_dir}); "
-            "nothing partial was kept"
-        )
 
 
 @dataclass
@@ -216,72 +199,6 @@ def _method_args(method: str, cfg: Config, beta: float) -> tuple[type, dict[str,
     }
 
 
-def _setup_trackers(report_to: list[str], run_dir: Path) -> list[str]:
-    """Check the trackers' packages are there, and keep them offline and in the run folder by default
-    (a variable the user set wins). Returns the variables set, to take back after the run."""
-    import importlib.util
-
-    missing = [t for t in report_to if importlib.util.find_spec(t) is None]  # each imports as its name
-    if missing:
-        raise TrainError(
-            f"train.report_to={report_to}: {', '.join(missing)} not installed. "
-            f"`pip install {' '.join(missing)}`, or leave it out."
-        )
-    run_dir = Path(run_dir).resolve()
-    defaults = {
-        "tensorboard": {"TENSORBOARD_LOGGING_DIR": str(run_dir / "tensorboard")},
-        "mlflow": {
-            "MLFLOW_TRACKING_URI": (run_dir / "mlruns").as_uri(),
-            "MLFLOW_EXPERIMENT_NAME": "qlora-llm",
-            "MLFLOW_ALLOW_FILE_STORE": "true",  # a local store: no server or database to set up
-        },
-        "wandb": {"WANDB_MODE": "offline", "WANDB_DIR": str(run_dir)},
-        "trackio": {},  # trackio keeps its runs in a local store unless told where else
-    }
-    added = []
-    for tracker in report_to:
-        for key, value in defaults[tracker].items():
-            if key not in os.environ:
-                os.environ[key] = value
-                added.append(key)
-    return added
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, str]:
-    if isinstance(tree, dict):
-        out: dict[str, str] = {}
-        for key, value in tree.items():
-            out |= _flatten(value, f"{prefix}{key}.")
-        return out
-    return {prefix.rstrip("."): str(tree)[:250]}  # MLflow's limit on a parameter value's length
-
-
-def _make_tracker_params(cfg: Config, manifest: dict[str, Any]) -> Any:
-    """A callback that gives each tracker the run's resolved config and manifest as parameters."""
-    from transformers import TrainerCallback
-    from transformers.integrations import MLflowCallback, TensorBoardCallback, WandbCallback
-
-    params = _flatten({"config": cfg.model_dump(mode="json"), "manifest": manifest})
-
-    class TrackerParams(TrainerCallback):
-        callbacks: list = []
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            if not state.is_world_process_zero:
-                return
-            for cb in self.callbacks:  # the integrations set themselves up before us
-                if isinstance(cb, TensorBoardCallback) and cb.tb_writer is not None:
-                    cb.tb_writer.add_text("qlora_llm/params", json.dumps(params, indent=1))
-                elif isinstance(cb, MLflowCallback) and cb._initialized:
-                    items = sorted(params.items())
-                    for i in range(0, len(items), 100):  # MLflow takes at most 100 per call
-                        cb._ml_flow.log_params(dict(items[i : i + 100]))
-                elif isinstance(cb, WandbCallback) and cb._wandb is not None:
-                    cb._wandb.config.update(params, allow_val_change=True)
-
-    return TrackerParams()
-
-
 def _check_kind(records: list[dict], method: str, path: Path) -> None:
     from qlora_llm.data import is_pair
 
@@ -299,75 +216,6 @@ def _check_kind(records: list[dict], method: str, path: Path) -> None:
 # Checkpoints
 
 
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoint folders with every file resume needs, oldest step first."""
-    if not run_dir.is_dir():
-        return []
-    found = []
-    for p in run_dir.iterdir():
-        m = CHECKPOINT_RE.match(p.name)
-        if m and p.is_dir() and all((p / f).is_file() for f in CHECKPOINT_FILES):
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
-
-
-def write_checksums(checkpoint: Path) -> None:
-    """Record every file's SHA-256 in the checkpoint, so damage after the save is found at resume."""
-    sums = {
-        str(f.relative_to(checkpoint)): sha256_file(f)
-        for f in sorted(checkpoint.rglob("*"))
-        if f.is_file() and f.name != CHECKSUMS
-    }
-    atomic_write_text(checkpoint / CHECKSUMS, json.dumps(sums, indent=2) + "\n")
-
-
-def verify_checksums(checkpoint: Path, earlier: list[Path]) -> None:
-    """Refuse a checkpoint whose files changed after it was saved; name the newest earlier one instead."""
-    listed = checkpoint / CHECKSUMS
-    if not listed.is_file():
-        log.warning("%s has no %s (saved by an older version): resuming it unchecked", checkpoint, CHECKSUMS)
-        return
-    sums = json.loads(listed.read_text())
-    bad = [
-        name
-        for name, digest in sums.items()
-        if not (checkpoint / name).is_file() or sha256_file(checkpoint / name) != digest
-    ]
-    if bad:
-        offer = (
-            f"resume from the previous one with --resume {earlier[-1]}"
-            if earlier
-            else "no earlier checkpoint is left; start over in a new train.output_dir"
-        )
-        raise TrainError(
-            f"{checkpoint} is damaged: {', '.join(bad)} changed or vanished after it was saved (the "
-            f"checksums in {CHECKSUMS} do not match); it was not resumed. Delete it and {offer}."
-        )
-
-
-def _identity(cfg: Config) -> dict[str, Any]:
-    """What a checkpoint must share with the config to be resumed: same base, same LoRA shape."""
-    return {
-        "base_model": cfg.model.name,
-        "quantization": cfg.model.quantization,
-        "lora_r": cfg.lora.r,
-        "lora_alpha": cfg.lora.alpha,
-        "template": cfg.model.template,
-    }
-
-
-def check_resumable(checkpoint: Path, cfg: Config, target_modules: list[str]) -> None:
-    manifest = json.loads((checkpoint / "manifest.json").read_text())
-    want = {**_identity(cfg), "target_modules": sorted(target_modules)}
-    have = {k: manifest.get("identity", {}).get(k) for k in want}
-    diff = [f"{k}: checkpoint {have[k]!r}, config {want[k]!r}" for k in want if have[k] != want[k]]
-    if diff:
-        raise TrainError(
-            f"{checkpoint} cannot be resumed with this config ({'; '.join(diff)}). "
-            "Use the same settings, or a new train.output_dir to start over."
-        )
-
-
 def check_context(cfg: Config) -> None:
     """`data.max_seq_length` within the model's context, said before anything is loaded or tokenized."""
     from qlora_llm.plan import PlanError, load_model_config
@@ -381,22 +229,6 @@ def check_context(cfg: Config) -> None:
         raise TrainError(
             f"data.max_seq_length={cfg.data.max_seq_length} is beyond the context of {cfg.model.name} "
             f"({context} tokens, its max_position_embeddings): set data.max_seq_length={context} or less."
-        )
-
-
-def check_processes(checkpoint: Path, processes: int) -> None:
-    """A checkpoint resumes only with the number of processes that wrote it.
-
-    Each process's share of the data order, and its saved RNG state, depend on that number: resuming
-    with another would silently train on other batches than the interrupted run would have.
-    """
-    manifest = json.loads((checkpoint / "manifest.json").read_text())
-    have = manifest.get("processes", 1)  # checkpoints from before multi-process training: one
-    if have != processes:
-        raise TrainError(
-            f"{checkpoint} was written by {have} training process(es) and this run has {processes}: "
-            "the data order and saved RNG states differ with the number of processes. Resume with "
-            f"--nproc {have} (in all, across nodes), or set a new train.output_dir to start over."
         )
 
 
@@ -426,26 +258,6 @@ def fsdp_settings(quantized: bool) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------------
 # Trainer pieces
-
-
-def _memory_bytes(device: str) -> int:
-    if device == "cuda":
-        import torch
-
-        return int(torch.cuda.max_memory_allocated())
-    # The process's peak RSS so far: like the CUDA figure, the peak, not the moment's RSS, which misses
-    # the loss's transients and the loading of the weights. VmHWM, not getrusage's ru_maxrss: Linux
-    # carries the forked parent's RSS into ru_maxrss across exec (a 3 GiB test runner made a 1.3 GiB
-    # run read 3.3 GiB), while VmHWM belongs to this program's own memory map.
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 @contextlib.contextmanager
@@ -495,33 +307,6 @@ def _apply_checkpointing(args: Any, setting: bool | str, memory: Any) -> str:
     return memory.checkpointing
 
 
-def _loss_with_kl_to_base(trainer: Any, model: Any, inputs: dict, weight: float, num_items: Any) -> Any:
-    """The answer loss plus `weight` x KL(base || tuned) summed over the answer tokens, normalised as TRL
-    normalises the loss (by the tokens of the whole accumulated, all-rank batch when it is given).
-
-    One forward of the tuned model gives both terms (TRL's fused head yields only the label log-probs, and
-    KL needs the whole distribution); the base's comes from the same model with the adapter disabled,
-    without gradients. At step 0 LoRA's B is zero, so the two are the same model and KL is exactly 0.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    forward = {k: v for k, v in inputs.items() if k != "labels"} | {"use_cache": False}
-    labels = inputs["labels"][:, 1:]
-    mask = labels != -100
-    logp = F.log_softmax(model(**forward).logits[:, :-1][mask].float(), dim=-1)
-    nll = -logp.gather(-1, labels[mask].unsqueeze(-1)).sum()
-    with torch.no_grad(), trainer.accelerator.unwrap_model(model).disable_adapter():
-        base = F.log_softmax(model(**forward).logits[:, :-1][mask].float(), dim=-1)
-    kl = (base.exp() * (base - logp)).sum(-1)  # per answer token
-    tokens = mask.sum() if num_items is None else num_items
-    loss = (nll + weight * kl.sum()) / torch.as_tensor(tokens).clamp(min=1)
-    if trainer.args.average_tokens_across_devices and num_items is not None:
-        loss = loss * trainer.accelerator.num_processes  # DDP averages the gradients; TRL does the same
-    trainer._metrics["train"]["kl"].append(kl.mean().item() if kl.numel() else 0.0)
-    return loss
-
-
 def _replay_file(cfg: Config) -> Path:
     """The cached file of the base's answers for self-replay (data.replay_fraction), made on first use."""
     from qlora_llm.replay import base_answers
@@ -529,286 +314,6 @@ def _replay_file(cfg: Config) -> Path:
     if cfg.train.method != "sft":
         raise TrainError("data.replay_fraction mixes supervised examples into SFT; set it to 0 for DPO/ORPO.")
     return base_answers(cfg, _base_model_identity(cfg))
-
-
-def _make_trainer_class(method: str = "sft") -> type:
-    """TRL's trainer for `method` (SFT, DPO or ORPO) with staged checkpoints, a finite-loss guard and
-    real-token counting.
-
-    Built in a function so importing this module does not import TRL (the CLI stays fast).
-    """
-    import torch
-    from transformers.trainer_pt_utils import LengthGroupedSampler
-
-    if method == "dpo":
-        from trl import DPOTrainer as Base
-    elif method == "orpo":
-        from trl.experimental.orpo import ORPOTrainer as Base
-    else:
-        from trl import SFTTrainer as Base
-
-    class EpochSeededLengthSampler(LengthGroupedSampler):
-        """group_by_length whose shuffle is a function of (seed, epoch) only.
-
-        transformers' LengthGroupedSampler shuffles with the global RNG when the epoch's iterator is
-        made, which on a resume happens before the checkpoint's RNG state is restored: a run resumed
-        in its second epoch then sees other batches than the uninterrupted run.
-        """
-
-        seed = 0
-
-        def set_epoch(self, epoch: int) -> None:
-            self.generator = torch.Generator().manual_seed(self.seed + epoch)
-
-    class QLoRATrainer(Base):
-        run_manifest: dict[str, Any] = {}
-        run_config: Config | None = None
-        tokens_seen: int = 0
-        length_sampler: EpochSeededLengthSampler | None = None
-
-        def _get_train_sampler(self, train_dataset=None):
-            sampler = super()._get_train_sampler(train_dataset)
-            if isinstance(sampler, LengthGroupedSampler):
-                # One order for the whole run, grouped by the global batch: accelerate gives process i
-                # batches i, i+N, ... of it, so N processes see what one process with N times the batch sees.
-                sampler = EpochSeededLengthSampler(
-                    sampler.batch_size * self.args.world_size, lengths=sampler.lengths
-                )
-                sampler.seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-                self.length_sampler = sampler
-            return sampler
-
-        def _run_epoch(self, *args, **kwargs):
-            if self.state.max_steps and self.state.global_step >= self.state.max_steps:
-                # Resumed from the last step's checkpoint (a stop during the final write): nothing is left
-                # to train. transformers would take one more step, since it checks only after a step.
-                self.control.should_training_stop = True
-                return None
-            # accelerate passes set_epoch through the BatchSamplerShard of a multi-process run, but not
-            # through the SkipBatchSampler a resumed epoch puts over it: without this, a resumed 2-process
-            # run shuffles its epoch with the global RNG and trains on other batches.
-            if self.length_sampler is not None:
-                self.length_sampler.set_epoch(kwargs["epoch"])
-            return super()._run_epoch(*args, **kwargs)
-
-        def evaluate(self, *args, **kwargs):
-            # Each evaluation's DataLoader draws its base seed from the global RNG, which would shift every
-            # later dropout mask: put the RNG back, so how often a run evaluates never changes its weights.
-            cpu = torch.get_rng_state()
-            cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-            try:
-                return super().evaluate(*args, **kwargs)
-            finally:
-                torch.set_rng_state(cpu)
-                if cuda is not None:
-                    torch.cuda.set_rng_state_all(cuda)
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            kl_weight = self.run_config.train.kl_weight if self.run_config is not None else 0.0
-            if method != "sft" or not kl_weight or not model.training:
-                # Evaluation keeps the plain answer loss, so eval loss compares across runs and settings.
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            loss = _loss_with_kl_to_base(self, model, inputs, kl_weight, num_items_in_batch)
-            return (loss, None) if return_outputs else loss
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            if not math.isfinite(float(loss)):
-                # Raised before optimizer.step(), so the last good weights and checkpoints stay good.
-                raise _LossNotFinite(f"loss became {float(loss)} at step {self.state.global_step + 1}")
-            # SFT and DPO batches carry one attention_mask; ORPO's one per side (its prompt is in both).
-            masks = [
-                v for k, v in inputs.items() if k.endswith("attention_mask") and not k.startswith("prompt")
-            ]
-            tokens = sum(m.sum() for m in masks) if masks else torch.tensor(inputs["input_ids"].numel())
-            if self.args.world_size > 1:
-                tokens = self.accelerator.reduce(tokens.to(self.args.device), "sum")  # all ranks' tokens
-            self.tokens_seen += int(tokens)
-            return loss
-
-        def _prepare_dataset(self, dataset, *args, **kwargs):
-            # DPO: the pairs come tokenized by the one template (tokenize_pairs); TRL would render them again.
-            if method == "dpo" and "prompt_ids" in dataset.column_names:
-                return dataset
-            return super()._prepare_dataset(dataset, *args, **kwargs)
-
-        def tokenize_row(self, feature, model=None):
-            # ORPO: the same ids as DPO's (tokenize_pairs), in ORPO's columns; TRL's own would add a BOS
-            # to tokenizers that have none in their template (SmolLM2's ChatML).
-            prompt = feature["prompt_ids"]
-            row = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
-            for side in ("chosen", "rejected"):
-                answer = feature[f"{side}_ids"]
-                row[f"{side}_input_ids"] = prompt + answer
-                row[f"{side}_attention_mask"] = [1] * (len(prompt) + len(answer))
-                row[f"{side}_labels"] = [-100] * len(prompt) + answer
-            return row
-
-        def _save_checkpoint(self, model, trial):
-            run_dir = Path(self.args.output_dir)
-            name = f"checkpoint-{self.state.global_step}"
-            staging = run_dir / f".staging-{name}"
-            main = self.args.should_save  # rank 0; every rank writes its own RNG state into staging
-            if main:
-                shutil.rmtree(staging, ignore_errors=True)
-            self.accelerator.wait_for_everyone()  # nobody writes into a staging folder being cleared
-            try:
-                self._save_staged(model, trial, run_dir, name, staging, main)
-            except BaseException as err:
-                # A full disk, a write error, a second Ctrl-C: the part written goes, the last checkpoint stays.
-                if main:
-                    shutil.rmtree(staging, ignore_errors=True)
-                if isinstance(err, Exception):
-                    raise _SaveFailed(name, self.state.global_step, run_dir, err) from err
-                raise
-            if main:
-                self._rotate(run_dir)
-
-        def _save_staged(self, model, trial, run_dir: Path, name: str, staging: Path, main: bool) -> None:
-            # Trainer writes into <_get_output_dir()>/<name>; point that at the staging folder.
-            self._get_output_dir = lambda trial=None: str(staging)
-            try:
-                super()._save_checkpoint(model, trial)
-            finally:
-                del self._get_output_dir
-            self.accelerator.wait_for_everyone()  # every rank's part is written before it gets its name
-            staged = staging / name
-            best = self.state.best_model_checkpoint
-            if best and Path(best).parent == staging:
-                self.state.best_model_checkpoint = str(run_dir / name)
-                if main:
-                    self.state.save_to_json(str(staged / "trainer_state.json"))
-            if not main:
-                return
-            if self.run_config is not None:
-                save_config(self.run_config, staged / "config.yaml")
-            atomic_write_text(staged / "manifest.json", json.dumps(self.run_manifest, indent=2) + "\n")
-            write_checksums(staged)
-            with contextlib.suppress(FileNotFoundError):
-                shutil.rmtree(run_dir / name)  # the same step saved again (e.g. the final save)
-            os.rename(staged, run_dir / name)  # the moment the checkpoint becomes visible, complete
-            shutil.rmtree(staging, ignore_errors=True)
-
-        def _rotate(self, run_dir: Path) -> None:
-            limit = self.args.save_total_limit
-            if not limit:
-                return
-            checkpoints = complete_checkpoints(run_dir)
-            best = self.state.best_model_checkpoint
-            keep = set(checkpoints[-limit:]) | ({Path(best)} if best else set())
-            for p in checkpoints:
-                if p not in keep:
-                    shutil.rmtree(p, ignore_errors=True)
-
-    return QLoRATrainer
-
-
-def _make_monitor(run_dir: Path, device: str, stop_requests: list[str], world_size: int) -> Any:
-    from tqdm.auto import tqdm
-    from transformers import TrainerCallback
-
-    class RunMonitor(TrainerCallback):
-        """metrics.jsonl, the progress bar, and stopping cleanly at a step boundary on a signal."""
-
-        trainer: Any = None
-
-        def __init__(self):
-            self.bar = None
-            # Throughput counts training time only (forward, backward, optimizer), not evaluation or saving.
-            self.train_seconds = 0.0
-            self.step_start = 0.0
-            self.mark = (0.0, 0)
-            self.metrics_path = run_dir / "metrics.jsonl"
-            self.load_peak = 0
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.mark = (self.train_seconds, self.trainer.tokens_seen)
-            self.load_peak = _memory_bytes(device)  # loading the model and data, before the first step
-            if not state.is_world_process_zero:
-                return  # one bar, one metrics file: rank 0's
-            self.bar = tqdm(
-                total=state.max_steps,
-                initial=state.global_step,
-                desc="training",
-                unit="step",
-                dynamic_ncols=True,
-            )
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.step_start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.train_seconds += time.perf_counter() - self.step_start
-            if self.bar is not None:
-                self.bar.update(state.global_step - self.bar.n)
-            if world_size > 1:
-                from qlora_llm.distributed import agree_on_stop
-
-                agree_on_stop(stop_requests, args.device)
-            if stop_requests:
-                control.should_save = True
-                control.should_training_stop = True
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            logs = logs or {}
-            if "loss" not in logs and "eval_loss" not in logs or not state.is_world_process_zero:
-                return  # the end-of-training summary (summary.json has it), or not rank 0
-            row: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0, 4)}
-            for key, name in (
-                ("loss", "loss"),
-                ("eval_loss", "eval_loss"),
-                ("learning_rate", "lr"),
-                ("grad_norm", "grad_norm"),
-                # DPO and ORPO: how often, and by how much, the chosen answer out-scores the rejected one.
-                ("rewards/accuracies", "reward_accuracy"),
-                ("rewards/margins", "reward_margin"),
-                ("eval_rewards/accuracies", "eval_reward_accuracy"),
-                ("eval_rewards/margins", "eval_reward_margin"),
-                ("kl", "kl"),  # train.kl_weight: KL(base || tuned) per answer token
-            ):
-                if key in logs:
-                    row[name] = logs[key]
-            if "loss" in logs:  # a training log: throughput since the previous one
-                seconds, tokens = self.train_seconds, self.trainer.tokens_seen
-                row["tokens_per_s"] = round((tokens - self.mark[1]) / max(seconds - self.mark[0], 1e-9), 2)
-                self.mark = (seconds, tokens)
-            row["memory_bytes"] = _memory_bytes(device)
-            with open(self.metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-            if self.bar is not None:
-                shown = {k: f"{row[k]:.4g}" for k in ("loss", "eval_loss", "tokens_per_s") if k in row}
-                shown["mem"] = f"{row['memory_bytes'] / 2**30:.2f}G"
-                self.bar.set_postfix(shown, refresh=False)
-
-        def on_train_end(self, args, state, control, **kwargs):
-            if self.bar is not None:
-                self.bar.close()
-
-    return RunMonitor()
-
-
-@contextlib.contextmanager
-def _stop_on_signals(stop_requests: list[str]) -> Iterator[None]:
-    """SIGTERM / SIGINT ask training to save and stop at the next step boundary; a second one kills."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        name = signal.Signals(signum).name
-        if stop_requests:
-            raise KeyboardInterrupt  # asked twice: stop now
-        log.warning("%s received: stopping at the end of this step (or of the file being written)", name)
-        stop_requests.append(name)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def _library_versions() -> dict[str, str]:
@@ -847,32 +352,6 @@ def _base_model_identity(cfg: Config) -> dict[str, Any]:
     return {"id": name, "revision": cfg.model.revision or "main"}
 
 
-def _plot_loss(metrics_path: Path, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=110)
-    if train:
-        ax.plot(*zip(*train, strict=True), color="#4C72B0", label="train loss")
-    if evals:
-        ax.plot(*zip(*evals, strict=True), "o-", color="#DD8452", label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_title(f"Loss: {metrics_path.parent.name}")
-    ax.legend(frameon=False)
-    fig.tight_layout()
-    from qlora_llm.atomic import atomic_file
-
-    with atomic_file(png, "wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
-
-
 SMOOTH_LOGS = 3  # logged train losses averaged at each end of the summary
 
 
@@ -896,33 +375,6 @@ def _optimizer_for(optim: str, device: str) -> str:
     return optim
 
 
-def _last_good(run_dir: Path) -> str:
-    last = complete_checkpoints(run_dir)
-    return f"; the last good checkpoint is {last[-1]}" if last else "; no checkpoint had been saved"
-
-
-def _write_final_adapter(
-    trainer: Any, run_dir: Path, tokenizer: Any, cfg: Config, manifest: dict, main: bool
-) -> Path:
-    final = run_dir / "final_adapter"
-    # Under FSDP each rank holds a shard: gathering the full state is a collective, rank 0 gets it.
-    full_state = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
-    if main:
-        try:
-            with atomic_dir(final, replace=True) as tmp:
-                # A plain PEFT adapter folder, whatever wrapped the model for training.
-                # Only the trained adapter: DPO's frozen reference copy ("ref") is not part of the result.
-                trainer.accelerator.unwrap_model(trainer.model).save_pretrained(
-                    tmp, state_dict=full_state, selected_adapters=["default"]
-                )
-                tokenizer.save_pretrained(tmp)
-                save_config(cfg, tmp / "config.yaml")
-                atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-        except Exception as err:
-            raise _SaveFailed("final_adapter", trainer.state.global_step, run_dir, err) from err
-    return final
-
-
 def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> TrainResult:
     """Fine-tune `cfg.model.name` with LoRA on `cfg.data.train_file`; return where everything went.
 
@@ -935,6 +387,7 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import EarlyStoppingCallback, PrinterCallback, set_seed
 
+    from qlora_llm import trainer as trainer_module  # imports TRL: only when training
     from qlora_llm.model import (
         describe_device,
         load_base_model,
@@ -968,7 +421,7 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
     check_context(cfg)
     if m.adapter is not None:
         adapter_folder(m.adapter, "model.adapter=")
-    tracker_env = _setup_trackers(t.report_to, run_dir)
+    tracker_env = setup_trackers(t.report_to, run_dir)
     if checkpoint is not None:
         verify_checksums(checkpoint, existing[: existing.index(checkpoint)] if checkpoint in existing else [])
     if t.early_stopping_patience and t.save_steps % t.eval_steps:
@@ -1160,7 +613,7 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
     first = pair_examples(train_records[0])[0] if is_pair(train_records[0]) else train_records[0]
     example = render(first, m.template, tokenizer)
     manifest = {
-        "identity": {**_identity(cfg), "target_modules": sorted(targets)},
+        "identity": {**checkpoint_identity(cfg), "target_modules": sorted(targets)},
         "base_model": _base_model_identity(cfg),
         "template": {"name": m.template, "example": example.text},
         "tokens": {
@@ -1199,7 +652,7 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
     if eval_rows and t.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
     stop_requests: list[str] = []
-    monitor = _make_monitor(run_dir, device, stop_requests, world)
+    monitor = make_monitor(run_dir, device, stop_requests, world)
     callbacks.append(monitor)
     # The pad the tokenizer was given, in the model's configs too (transformers would align them and say so).
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -1212,7 +665,7 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
         if m.adapter is not None
         else {}
     )
-    trainer = _make_trainer_class(t.method)(
+    trainer = trainer_module.trainer_class(t.method)(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(train_rows),
@@ -1222,7 +675,7 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
     )
     trainer.run_manifest, trainer.run_config, monitor.trainer = manifest, cfg, trainer
     if t.report_to:
-        tracker_params = _make_tracker_params(cfg, manifest)
+        tracker_params = make_tracker_params(cfg, manifest)
         tracker_params.callbacks = list(trainer.callback_handler.callbacks)
         trainer.add_callback(tracker_params)
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; our bar and metrics.jsonl show them
@@ -1251,7 +704,7 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
     final = None
     try:
         # The handler stays on through the final adapter write: a SIGTERM there lets it finish.
-        with _stop_on_signals(stop_requests), _cpu_loss_tiles(device):
+        with stop_on_signals(stop_requests), _cpu_loss_tiles(device):
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
             elapsed = time.perf_counter() - start
             stopped: str = stop_requests[0] if stop_requests else "completed"
@@ -1259,7 +712,7 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
             if not stop_requests and state.max_steps and state.global_step < state.max_steps:
                 stopped = "early_stopping"
             if not stop_requests:
-                final = _write_final_adapter(trainer, run_dir, tokenizer, cfg, manifest, main)
+                final = write_final_adapter(trainer, run_dir, tokenizer, cfg, manifest, main)
                 stopped = stop_requests[0] if stop_requests else stopped
     except torch.OutOfMemoryError:
         raise TrainError(
@@ -1268,14 +721,12 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
             f"data.max_seq_length (now {cfg.data.max_seq_length}), or lora.r (now {cfg.lora.r}); keep "
             "train.gradient_checkpointing=true. `qlora-llm plan` shows what fits."
         ) from None
-    except _SaveFailed as err:
+    except SaveFailed as err:
         raise TrainError(
-            f"{err}{_last_good(run_dir)}. Free some space (or fix the cause) and continue with --resume auto."
+            f"{err}{last_good(run_dir)}. Free some space (or fix the cause) and continue with --resume auto."
         ) from None
-    except _LossNotFinite as err:
-        raise TrainError(
-            f"{err}{_last_good(run_dir)}. Lower train.learning_rate or check the data."
-        ) from None
+    except trainer_module.LossNotFinite as err:
+        raise TrainError(f"{err}{last_good(run_dir)}. Lower train.learning_rate or check the data.") from None
     finally:
         for key in tracker_env:  # the next run in this process picks its own folders
             os.environ.pop(key, None)
@@ -1289,7 +740,7 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
         return TrainResult(run_dir, final, state.global_step, stopped, main_process=False)  # type: ignore[arg-type]
     metrics_path = run_dir / "metrics.jsonl"
     if metrics_path.is_file():
-        _plot_loss(metrics_path, run_dir / "loss.png")
+        plot_loss(metrics_path, run_dir / "loss.png")
     rows = [json.loads(x) for x in metrics_path.read_text().splitlines()] if metrics_path.is_file() else []
     eval_losses = [r["eval_loss"] for r in rows if "eval_loss" in r]
     losses = [r["loss"] for r in rows if "loss" in r]
@@ -1310,7 +761,7 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
         "tokens_per_s": round(trainer.tokens_seen / monitor.train_seconds, 2)
         if monitor.train_seconds
         else None,
-        "peak_memory_bytes": _memory_bytes(device),
+        "peak_memory_bytes": memory_bytes(device),
         "load_peak_memory_bytes": monitor.load_peak,
         "compute_dtype": str(dtype).removeprefix("torch."),
         "gradient_checkpointing": checkpointing,
