@@ -5,6 +5,8 @@ shows. Our own warnings are untouched. What is filtered and why:
 - bitsandbytes, at import on a CPU with AVX512-BF16, tries to fetch a faster kernel from the Hugging
   Face Hub (`kernels-community`) and logs "Failed to load CPU gemm_4bit_forward ..." when the optional
   `kernels` package is missing; its own kernel is used instead, and our log says which (cpu4bit.py).
+  Where `kernels` is installed (0.19 and later) and the Hub is offline, it first logs "Skipping
+  publisher trust check for 'kernels-community/..." for the same attempt: the same non-event.
 - transformers 5 renamed gradient checkpointing to activation checkpointing and warns whenever PEFT or
   TRL still use the old names (`is_gradient_checkpointing`, `gradient_checkpointing_enable`, DPO's
   `gradient_checkpointing_disable` around its reference pass); our own
@@ -27,6 +29,8 @@ import warnings
 
 BITSANDBYTES_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
 KERNELS_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+KERNELS_HUB_LOGGER = "kernels._internals.hf_hub"
+KERNELS_TRUST_NOTICE = "Skipping publisher trust check for 'kernels-community/"
 RENAMED_CHECKPOINTING = (
     r"`(is_)?gradient_checkpointing(_enable|_disable|_kwargs)?` is deprecated and will be removed in v6"
 )
@@ -46,9 +50,13 @@ class _DropMessages(logging.Filter):
 
 def install() -> None:
     """Install the filters; idempotent."""
-    logger = logging.getLogger(BITSANDBYTES_CPU_LOGGER)
-    if not any(isinstance(f, _DropMessages) for f in logger.filters):
-        logger.addFilter(_DropMessages(KERNELS_NOTICE))
+    for name, notice in (
+        (BITSANDBYTES_CPU_LOGGER, KERNELS_NOTICE),
+        (KERNELS_HUB_LOGGER, KERNELS_TRUST_NOTICE),
+    ):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(notice))
     warnings.filterwarnings(
         "ignore", message=RENAMED_CHECKPOINTING, category=FutureWarning, module="transformers"
     )
