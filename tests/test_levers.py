@@ -18,6 +18,7 @@ def _rows(run):
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # trains/evaluates several tiny runs: 75-115 s on the shared 2 cores
 def test_kl_to_the_base_is_zero_at_step_zero_rises_and_is_logged(tiny_mistral, tiny_data, tmp_path):
     """train.kl_weight: KL(base || tuned) on the answer tokens, the base being the same model with the
     adapter disabled. LoRA's B starts at zero, so the first step's KL is exactly 0; then it rises. The

@@ -21,6 +21,7 @@ def test_the_best_task_metric_among_the_scales_that_keep_general_ability():
     assert choose([_row(1.0, 0.3, False)]) is None  # none kept it: nothing is chosen
 
 
+@pytest.mark.slow  # trains/evaluates several tiny runs: 75-115 s on the shared 2 cores
 def test_a_sweep_on_the_tiny_run(tiny_run, tmp_path, capsys):
     """Scale 0 is the base: the same answers, no general change, KL 0. Scored on the run's eval split,
     even when the config names a test file."""
