@@ -167,7 +167,7 @@ def test_suggestions_really_fit_when_replanned(overrides, memory_gib):
         after = load_config(None, SEED + overrides + suggestion.overrides)
         replanned = plan(after, device_memory_bytes=memory_gib * GIB)
         assert replanned.fits
-        assert replanned.peak == suggestion.peak
+        assert replanned.estimate.peak == suggestion.peak
         # A smaller batch comes with more accumulation: the examples per optimizer step stay.
         effective = after.train.batch_size * after.train.gradient_accumulation_steps
         assert effective >= before.train.batch_size * before.train.gradient_accumulation_steps
@@ -176,8 +176,7 @@ def test_suggestions_really_fit_when_replanned(overrides, memory_gib):
 def test_smollm2_on_cpu_fits_in_24_gib():
     report = plan(load_config(ROOT / "configs" / "smollm2-cpu.yaml"), device_memory_bytes=24 * GIB)
     assert report.device == "cpu" and report.setup["compute_dtype"] == "float32"
-    assert report.fits and report.checkpointing.startswith("auto: off (the run fits without it), decided on")
-    assert report.peak_stage == "train" and report.peak > report.estimate.peak
+    assert report.fits and report.checkpointing == "auto: off (the run fits without it)"
     assert report.estimate.peak < 4 * GIB
     assert not report.seed_setup and "seed GB" not in format_plan(report)
 

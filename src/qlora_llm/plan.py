@@ -89,7 +89,7 @@ import json
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -115,12 +115,6 @@ CPU_LOSS_TILE = (256, 8192)
 CPU_FOLD_TEMPORARIES = 8
 """fp32 tile-sized temporaries TRL's torch fold (no Triton: CPU) holds at once; bench/loss_tiles.py."""
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# Evaluation forwards (in-training eval, `evaluate`'s perplexity) build the full (B, T, V) logits: the
-# compute-dtype logits plus this many fp32 copies (upcast, log-softmax, TRL's entropy/accuracy metrics).
-EVAL_LOGIT_FP32_COPIES = 3
-# The stages `qlora-llm run` goes through, which the verdict covers; merge and serve are planned and
-# shown too (they may run on another machine), with a note when they do not fit this one.
-RUN_STAGES = ("train", "evaluate")
 
 SEED_MODEL = "mistralai/Mistral-7B-Instruct-v0.2"
 # The seed design's table for Mistral-7B, NF4 + double quant, r=16 on 7 projections, batch 2, seq 512,
@@ -588,21 +582,6 @@ def _device_memory(device: str) -> int:
         raise PlanError("cannot read the total RAM; pass device_memory_bytes") from None
 
 
-def _available_memory(device: str) -> int | None:
-    """RAM available now (MemAvailable), on CPU: other processes' memory is not ours to plan with."""
-    if device != "cpu":
-        return None
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-        return None
-
-
 def _setup(cfg: Config, device: str, processes: int = 1) -> dict[str, Any]:
     """The estimate's keyword arguments, resolved from the config for this device."""
     compute = cfg.model.compute_dtype
@@ -731,93 +710,6 @@ def _stacked_fixes(cfg: Config) -> Iterator[dict[str, Any]]:
 
 
 @dataclass(frozen=True)
-class StagePeak:
-    """The peak of one stage of the run (train, evaluate, merge, serve) as named components, in bytes."""
-
-    name: str
-    components: dict[str, int]
-    how: str
-
-    @property
-    def peak(self) -> int:
-        return sum(self.components.values())
-
-
-def _kv_cache_bytes(shape: ModelShape, batch: int, tokens: int, a: int) -> int:
-    # K and V per layer per token: 2 * kv_heads * head_dim values in the compute dtype.
-    return 2 * shape.layers * shape.kv_heads * shape.head_dim * a * batch * tokens
-
-
-def estimate_stages(model_config: dict[str, Any], cfg: Config, setup: dict[str, Any]) -> list[StagePeak]:
-    """The peak of every stage `qlora-llm run` goes through, each as named components.
-
-    train: the larger of the training step (`estimate_memory`) and an in-training evaluation forward at
-    the eval batch (train.batch_size, what train.py gives the Trainer) and the longest sequence
-    (data.max_seq_length: sequences are cut there), with the training state still resident; saves copy
-    only the adapter. evaluate: the base (4-bit when trained 4-bit) + adapter, the perplexity forward's
-    full logits at eval.batch_size, or greedy generation's KV cache over prompt + eval.max_new_tokens,
-    whichever is larger. merge: the base in full precision and the merged copy beside it. serve: the
-    weights in serve.quantization and the KV cache of serve.max_batch_size rows.
-    """
-    shape = ModelShape.from_config(model_config)
-    est = estimate_memory(model_config, **setup)
-    a = DTYPE_BYTES[setup["compute_dtype"]]
-    T = setup["seq_len"]
-    V = shape.vocab
-    params = est.base_params
-    eval_b = cfg.train.batch_size
-    eval_logits = eval_b * T * V * (a + 4 * EVAL_LOGIT_FP32_COPIES)
-    # No autograd in eval: one layer's intermediates at a time, B*T*(3I + 4H) in the compute dtype.
-    eval_acts = eval_b * T * (3 * shape.intermediate + 4 * shape.hidden) * a
-    # The allocator keeps the pages of a step's peak (activations freed in backward are not given back
-    # to the OS), so an in-training evaluation's full logits land on top of them: whole-run RSS on CPU
-    # measured step peak + eval forward (configs/smollm2-cpu.yaml, bench/plan_accuracy.py --whole).
-    train = StagePeak(
-        "train",
-        {
-            "training step": est.peak,
-            "eval logits + loss": eval_logits,
-            "eval activations": eval_acts,
-        },
-        f"a step's peak, then an eval forward at batch {eval_b} x {T} tokens on top (full logits, "
-        f"{EVAL_LOGIT_FP32_COPIES} fp32 copies); saves copy only the adapter",
-    )
-    e = cfg.eval
-    ev_logits = e.batch_size * T * V * (a + 4 * EVAL_LOGIT_FP32_COPIES)
-    kv = _kv_cache_bytes(shape, e.batch_size, T + e.max_new_tokens, a)
-    weights = est.base_weights + est.lora_weights
-    evaluate = StagePeak(
-        "evaluate",
-        {
-            "weights + adapter": weights,
-            "logits or KV cache": max(ev_logits, kv + e.batch_size * V * 4),
-            "activations": e.batch_size * T * (3 * shape.intermediate + 4 * shape.hidden) * a,
-            "loading": max(0, est.loading - est.overhead - weights),
-            "runtime overhead": est.overhead,
-        },
-        f"base and tuned one after another; perplexity at batch {e.batch_size}, greedy answers with a KV "
-        f"cache of {T} + {e.max_new_tokens} tokens",
-    )
-    merge = StagePeak(
-        "merge",
-        {"base, full precision": params * 4, "merged copy": params * 4, "runtime overhead": est.overhead},
-        "the base loaded in fp32 and the merged copy written beside it",
-    )
-    sv = cfg.serve
-    serve_weights = est.base_weights if sv.quantization != "none" else params * a
-    serve = StagePeak(
-        "serve",
-        {
-            "weights": serve_weights,
-            "KV cache": _kv_cache_bytes(shape, sv.max_batch_size, T + sv.max_new_tokens, a),
-            "runtime overhead": est.overhead,
-        },
-        f"{sv.max_batch_size} rows of {T} + {sv.max_new_tokens} tokens",
-    )
-    return [train, evaluate, merge, serve]
-
-
-@dataclass(frozen=True)
 class Suggestion:
     """Overrides that make the run fit, and the peak they give."""
 
@@ -841,18 +733,6 @@ class PlanReport:
     seed_setup: bool
     checkpointing: str = "on"
     """What gradient checkpointing the run gets: on, off, or what `auto` chose and why."""
-    stages: list[StagePeak] = field(default_factory=list)
-    """The peak of every stage of the whole run; the verdict takes the largest."""
-
-    @property
-    def peak(self) -> int:
-        """The peak of the whole run: the largest stage (the training step when no stages were planned)."""
-        return max([st.peak for st in self.stages if st.name in RUN_STAGES], default=self.estimate.peak)
-
-    @property
-    def peak_stage(self) -> str:
-        ran = [st for st in self.stages if st.name in RUN_STAGES]
-        return max(ran, key=lambda st: st.peak).name if ran else "train"
 
     @property
     def usable_memory(self) -> int:
@@ -863,7 +743,7 @@ class PlanReport:
         """One sentence: the peak against the usable memory."""
         sign = "<=" if self.fits else ">"
         return (
-            f"peak {_gib(self.peak)} GiB (in {self.peak_stage}) {sign} {_gib(self.usable_memory)} GiB usable "
+            f"peak {_gib(self.estimate.peak)} GiB {sign} {_gib(self.usable_memory)} GiB usable "
             f"({FIT_MARGIN:.0%} of {_gib(self.device_memory)} GiB on {self.device})."
         )
 
@@ -910,32 +790,14 @@ def plan(
         )
         memory //= processes
     usable = int(FIT_MARGIN * memory)
-    # Checkpointing (auto) is decided from the RAM available now, not the total, when the memory was
-    # not given: a run that fits the total but not what other processes left is killed.
-    available = _available_memory(device) if device_memory_bytes is None else None
-    decide = usable if available is None else min(usable, int(FIT_MARGIN * available // processes))
-    basis = f"{_gib(memory)} GiB given" if available is None else f"{_gib(available)} GiB available now"
 
     def estimate(c: Config) -> MemoryEstimate:
-        resolved, _ = _resolve_checkpointing(model_config, _setup(c, device, processes), decide)
-        step = estimate_memory(model_config, **resolved)
-        # A suggestion must make the whole run fit: its peak is the largest stage `run` goes through.
-        ran = [st.peak for st in estimate_stages(model_config, c, resolved) if st.name in RUN_STAGES]
-        return replace(step, loading=max(step.peak, *ran))
+        resolved, _ = _resolve_checkpointing(model_config, _setup(c, device, processes), usable)
+        return estimate_memory(model_config, **resolved)
 
-    setup, checkpointing = _resolve_checkpointing(model_config, _setup(cfg, device, processes), decide)
-    if checkpointing.startswith("auto"):
-        checkpointing += f", decided on {basis}"
-    log.info("gradient checkpointing %s", checkpointing)
+    setup, checkpointing = _resolve_checkpointing(model_config, _setup(cfg, device, processes), usable)
     est = estimate_memory(model_config, **setup)
-    stages = estimate_stages(model_config, cfg, setup)
-    whole = max(est.peak, *(st.peak for st in stages if st.name in RUN_STAGES))
-    fits = whole <= usable
-    for st in stages:
-        if st.name not in RUN_STAGES and st.peak > usable:
-            notes.append(
-                f"{st.name} needs {_gib(st.peak)} GiB ({st.how}): more than this device's usable memory"
-            )
+    fits = est.peak <= usable
     suggestions: list[Suggestion] = []
     if not fits:
         for fix in _single_fixes(cfg):
@@ -978,7 +840,6 @@ def plan(
         notes=notes,
         seed_setup=_is_seed_setup(model_config, setup),
         checkpointing=checkpointing,
-        stages=stages,
     )
 
 
@@ -1045,12 +906,6 @@ def format_plan(report: PlanReport) -> str:
             "constants and the unquantized embeddings, lm_head and norms. The seed has no gradient or "
             "logits line, and does not itemize its 1.5 GB of activations."
         )
-    if report.stages:
-        lines += ["", f"{'stage':<20}{'GiB':>7}  components"]
-        for st in report.stages:
-            parts = ", ".join(f"{k} {_gib(v)}" for k, v in st.components.items())
-            lines.append(f"{st.name:<20}{_gib(st.peak):>7}  {parts}; {st.how}")
-        lines.append(f"peak of the whole run: {_gib(report.peak)} GiB, in {report.peak_stage}")
     lines.append("")
     if report.fits:
         lines.append(
