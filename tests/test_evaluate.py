@@ -289,6 +289,9 @@ def test_real_smollm2_run_from_the_shipped_config_is_evaluated(smollm2_run, smol
         "eval.max_examples=3",
         "eval.max_new_tokens=16",
         "eval.speed_runs=1",
+        # General benchmarks are scored in tests/test_benchmarks.py: a few items keep this one quick.
+        "eval.general_limit=8",
+        "eval.general_generative_limit=4",
     ]
     assert main(["evaluate", str(smollm2_run), *evals]) == 0
     m = json.loads((smollm2_run / "eval" / "metrics.json").read_text())

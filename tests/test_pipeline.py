@@ -46,6 +46,9 @@ def settings(tiny_mistral, out, *extra):
         "eval.benchmark_prompts=null",
         "eval.max_new_tokens=4",
         "eval.speed_runs=1",
+        "eval.general_limit=6",
+        "eval.general_generative_limit=4",
+        "eval.general_max_new_tokens=4",
         "serve.max_new_tokens=4",
         *extra,
     ]

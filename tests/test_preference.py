@@ -19,6 +19,9 @@ from qlora_llm.train import train
 # beta 1: with DPO's usual 0.1 the tiny model needs ten times the steps to show the same move.
 LEARNS = ("train.learning_rate=1e-2", "train.beta=1.0", "lora.dropout=0")
 
+# General benchmarks are scored in tests/test_benchmarks.py: a few items keep these evaluations quick.
+FEW_GENERAL = ["eval.general_limit=6", "eval.general_generative_limit=4", "eval.general_max_new_tokens=4"]
+
 
 def pair_cfg(model, pairs, out, *extra, steps=40, every=20):
     return load_config(
@@ -190,7 +193,7 @@ def test_evaluating_a_dpo_run_reports_reward_accuracy_base_vs_tuned(tiny_mistral
 
     out = tmp_path / "dpo"
     train(pair_cfg(tiny_mistral, tiny_pairs, out, "train.method=dpo"))
-    cfg = load_config(None, ["model.device=cpu", "eval.max_new_tokens=4", "eval.speed_runs=1"])
+    cfg = load_config(None, ["model.device=cpu", "eval.max_new_tokens=4", "eval.speed_runs=1", *FEW_GENERAL])
     result = evaluate(cfg, out)
     rows = {r["metric"]: r for r in result.metrics["table"]}
     assert rows["reward_accuracy"]["base"] == 0 and rows["reward_accuracy"]["tuned"] >= 0.75
@@ -227,6 +230,6 @@ def test_dpo_with_a_supervised_term_keeps_the_chosen_answers_likely(tiny_mistral
     evals = [r for r in metrics(out) if "eval_loss" in r]
     assert evals[0]["eval_loss"] > 1.0  # ln 2 plus the chosen answers' NLL
     assert evals[-1]["eval_reward_accuracy"] > evals[0]["eval_reward_accuracy"]
-    cfg = load_config(None, ["model.device=cpu", "eval.max_new_tokens=4", "eval.speed_runs=1"])
+    cfg = load_config(None, ["model.device=cpu", "eval.max_new_tokens=4", "eval.speed_runs=1", *FEW_GENERAL])
     rows = {r["metric"]: r for r in evaluate(cfg, out).metrics["table"]}
     assert rows["perplexity_completion"]["tuned"] < rows["perplexity_completion"]["base"]

@@ -48,7 +48,8 @@ def test_prepare_train_evaluate_through_the_seed_scripts(tiny_mistral, tmp_path)
         f"model: {{name: {tiny_mistral}, device: cpu}}\n"
         "data: {train_file: data/train.jsonl, eval_file: data/eval.jsonl, max_seq_length: 64}\n"
         "train: {output_dir: models/qlora-model, max_steps: 2, batch_size: 4, eval_steps: 1, save_steps: 2}\n"
-        "eval: {benchmark_prompts: null, max_new_tokens: 3, speed_runs: 1}\n"
+        "eval: {benchmark_prompts: null, max_new_tokens: 3, speed_runs: 1, general_limit: 6,"
+        " general_generative_limit: 4, general_max_new_tokens: 4}\n"
     )
     done = script("train.py", "--config", "tiny.yaml", "train.learning_rate=1e-2", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
