@@ -184,3 +184,25 @@ def test_cpu_bf16_probe_measures_a_ratio():
     assert 0.001 < ratio < 100
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     assert ("avx512_bf16" in flags) == ("avx512_bf16" in qmodel.cpu_bf16_flags())
+
+
+@pytest.mark.parametrize("online", [False, True])
+def test_hub_kernels_are_asked_for_only_when_the_hub_answers(tiny_mistral, monkeypatch, online):
+    """transformers 5.2x downloads Hub kernels at load on CUDA when `kernels` is installed; offline that
+    load failed outright on an H200 ("Version 2 of 'kernels-community/rotary' is not available")."""
+    import transformers
+
+    from qlora_llm.config import load_config
+
+    seen = {}
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen["use_kernels"] = kwargs.get("use_kernels")
+        return real(*args, **{**kwargs, "use_kernels": False})
+
+    monkeypatch.setattr(qmodel, "_hub_reachable", lambda: online)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    cfg = load_config(None, [f"model.name={tiny_mistral}", "model.quantization=none"])
+    qmodel.load_base_model(cfg.model, "cpu")
+    assert seen == {"use_kernels": online}

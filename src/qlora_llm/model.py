@@ -104,7 +104,7 @@ def convert_builtin(name: str, cache_dir: Path | None = None) -> Path:
     start = time.perf_counter()
     log.info("converting %s from %s (once; later loads read %s)", name, source / spec.gguf_file, target)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=spec.gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=spec.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=spec.gguf_file, use_kernels=_hub_kernels())
     # The GGUF loader dequantizes to fp32 but leaves a GGUF quantizer attached, which would make
     # save_pretrained write a folder transformers then refuses to load as a plain model.
     model.hf_quantizer = None
@@ -139,6 +139,16 @@ def _hub_reachable() -> bool:
     except OSError:
         return False
     return True
+
+
+def _hub_kernels() -> bool:
+    """Whether transformers may swap in Hub kernels (`use_kernels`) when it loads a model.
+
+    transformers 5.2x turns them on by default when the `kernels` package is installed, and on CUDA each
+    is downloaded at load: with no Hub that load fails outright ("Version 2 of 'kernels-community/rotary'
+    is not available in the local cache"), measured on an H200 offline. So: only when the Hub answers.
+    """
+    return _hub_reachable()
 
 
 def _offline_message(name: str) -> str:
@@ -424,6 +434,7 @@ def load_base_model(
         resolved,
         mcfg.revision,
         trust_remote_code=mcfg.trust_remote_code,
+        use_kernels=_hub_kernels(),
         **kwargs,
     )
     if cpu_kernel is not None:
