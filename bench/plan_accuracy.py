@@ -2,6 +2,8 @@
 
     python bench/plan_accuracy.py                      # the whole grid (~15 min on 2 cores)
     python bench/plan_accuracy.py --points 0 3 7       # some points (their numbers in the table)
+    python bench/plan_accuracy.py --json x.json --whole train configs/smollm2-cpu.yaml train.output_dir=/tmp/x
+                                                       # one whole command vs its stages' plan
 
 Each point trains the built-in SmolLM2-135M-Instruct for --steps steps (`qlora-llm train
 configs/smollm2-cpu.yaml` with the point's overrides, no evaluation or saving in the steps), in a
@@ -144,12 +146,63 @@ def measure(point: tuple, data: Path, out: Path, steps: int, extra: tuple[str, .
     }
 
 
+def whole_run(command: list[str]) -> dict:
+    """Run one whole `qlora-llm COMMAND CONFIG [key=value ...]` under /usr/bin/time -v and compare its max
+    RSS with the largest of the plan's stages that COMMAND goes through (every stage's peak is returned)."""
+    from qlora_llm.allocator import preload_env
+    from qlora_llm.config import load_config
+    from qlora_llm.plan import RUN_STAGES, plan
+
+    report = plan(load_config(command[1], command[2:]))
+    # `run` goes through train and evaluate; every other command is its own stage.
+    ran = [st for st in report.stages if st.name in (RUN_STAGES if command[0] == "run" else (command[0],))]
+    largest = max(ran, key=lambda st: st.peak) if ran else None
+    cli = [sys.executable, "-c", "import sys; from qlora_llm.cli import main; sys.exit(main(sys.argv[1:]))"]
+    env = preload_env(os.environ) or dict(os.environ)
+    done = subprocess.run(
+        ["/usr/bin/time", "-v", *cli, *command],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+    )
+    rss = [line for line in done.stderr.splitlines() if "Maximum resident set size" in line]
+    measured = int(rss[-1].split(":")[1]) * 1024 if rss else 0
+    return {
+        "command": " ".join(["qlora-llm", *command]),
+        "returncode": done.returncode,
+        "last_line": next((x for x in reversed(done.stderr.splitlines()) if x.startswith("error")), ""),
+        "stages": {st.name: st.peak for st in report.stages},
+        "planned": largest.peak if largest else report.peak,
+        "planned_stage": largest.name if largest else report.peak_stage,
+        "measured": measured,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=int, nargs="*", help="grid indices (default: all)")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument(
+        "--whole", nargs=argparse.REMAINDER, help="COMMAND CONFIG [key=value ...]: one whole run vs the plan"
+    )
     args = parser.parse_args()
+    if args.whole:
+        row = whole_run(args.whole)
+        for name, peak in row["stages"].items():
+            print(f"planned {name:<10}{peak / GIB:>7.2f} GiB")
+        err = 100 * (row["planned"] - row["measured"]) / max(row["measured"], 1)
+        print(
+            f"whole run (exit {row['returncode']}): planned {row['planned'] / GIB:.2f} GiB in "
+            f"{row['planned_stage']}, measured max RSS {row['measured'] / GIB:.2f} GiB, error {err:+.1f}%"
+        )
+        if row["returncode"]:
+            print(row["last_line"])
+        if args.json:
+            args.json.write_text(json.dumps(row, indent=2) + "\n")
+        return 1 if row["returncode"] else 0
     points = [(i, GRID[i]) for i in (args.points if args.points else range(len(GRID)))]
     rows = []
     with tempfile.TemporaryDirectory(prefix="plan-accuracy-") as tmp:

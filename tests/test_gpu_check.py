@@ -253,7 +253,8 @@ def test_the_seed_overrides_plan_exactly_as_the_seed_config(tmp_path):
     peak, _, note = gpu_check.planned(
         gpu_check.SEED_CONFIG, [*overrides, "train.gradient_checkpointing=auto"], memory
     )
-    assert note == "plan: checkpointing auto: off (the run fits without it)" and peak > seed.peak
+    assert note == "plan: checkpointing auto: off (the run fits without it), decided on 141.00 GiB given"
+    assert peak > seed.peak
     peak, overhead, note = gpu_check.planned(
         gpu_check.SEED_CONFIG, [*overrides, "train.gradient_checkpointing=sometimes"], memory
     )
@@ -423,7 +424,7 @@ def test_every_stage_runs_end_to_end_on_the_cpu_with_tiny_widths(tmp_path):
     # The run says what auto chose; a run that failed says why, and the check went on either way.
     auto = rows["ckpt-auto"]
     if auto["status"] == "ok":
-        assert "gradient checkpointing auto: " in auto["note"] and auto["note"].count("auto: ") == 1
+        assert auto["note"].count("gradient checkpointing auto: ") == 1  # the run's own choice, once
     else:
         assert auto["status"] == "error" and auto["note"].startswith("exit ")
 

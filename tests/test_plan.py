@@ -167,7 +167,7 @@ def test_suggestions_really_fit_when_replanned(overrides, memory_gib):
         after = load_config(None, SEED + overrides + suggestion.overrides)
         replanned = plan(after, device_memory_bytes=memory_gib * GIB)
         assert replanned.fits
-        assert replanned.estimate.peak == suggestion.peak
+        assert replanned.peak == suggestion.peak
         # A smaller batch comes with more accumulation: the examples per optimizer step stay.
         effective = after.train.batch_size * after.train.gradient_accumulation_steps
         assert effective >= before.train.batch_size * before.train.gradient_accumulation_steps
@@ -176,9 +176,30 @@ def test_suggestions_really_fit_when_replanned(overrides, memory_gib):
 def test_smollm2_on_cpu_fits_in_24_gib():
     report = plan(load_config(ROOT / "configs" / "smollm2-cpu.yaml"), device_memory_bytes=24 * GIB)
     assert report.device == "cpu" and report.setup["compute_dtype"] == "float32"
-    assert report.fits and report.checkpointing == "auto: off (the run fits without it)"
+    assert (
+        report.fits
+        and report.checkpointing == "auto: off (the run fits without it), decided on 24.00 GiB given"
+    )
+    # A step is the whole run's peak: the in-training evaluations reuse its memory (docs/plan.md).
+    train = next(st for st in report.stages if st.name == "train")
+    assert report.peak_stage == "train" and report.peak == train.peak == report.estimate.peak
     assert report.estimate.peak < 4 * GIB
     assert not report.seed_setup and "seed GB" not in format_plan(report)
+
+
+def test_an_in_training_evaluation_lands_on_the_loading_peak_without_full_logits():
+    """TRL evaluates through the same fused LM head as training: one layer's intermediates and the loss
+    tiles, never the (B, T, V) logits. On CPU the step-0 evaluation comes right after loading, so where a
+    step is smaller than loading (short sequences, checkpointing), that forward sits on the loading peak."""
+    short = ["model.compute_dtype=float32", "data.max_seq_length=16", "train.batch_size=1"]
+    cfg = load_config(ROOT / "configs" / "smollm2-cpu.yaml", [*short, "train.gradient_checkpointing=true"])
+    report = plan(cfg, device_memory_bytes=24 * GIB)
+    est, train = report.estimate, next(st for st in report.stages if st.name == "train")
+    assert est.peak == est.loading  # the step is smaller than loading
+    forward = 1 * 16 * (3 * 1536 + 4 * 576) * 4 + est.logits  # B*T*(3I + 4H)*a + the fused head's tiles
+    assert train.components == {"training step": est.loading, "eval forward above it": forward}
+    assert forward < 1 * 16 * 49152 * 4 + est.logits  # less than the full fp32 logits would add
+    assert train.peak == est.loading + forward
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])

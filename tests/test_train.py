@@ -694,7 +694,8 @@ def test_a_run_that_cannot_fit_is_refused_unless_forced(tiny_mistral, tiny_data,
     import qlora_llm.plan as qplan
 
     monkeypatch.setattr(qplan, "_device_memory", lambda device: 256 * 2**20)  # a 256 MiB machine
-    with pytest.raises(TrainError, match=r"estimated not to fit: peak .* GiB > .* GiB usable .*--force"):
+    refused = r"estimated not to fit: peak \d+\.\d\d GiB \(in train\) > 0\.23 GiB usable .*--force"
+    with pytest.raises(TrainError, match=refused):
         train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "run", "train.max_steps=1"))
     assert not (tmp_path / "run").exists()  # refused before anything was loaded or written
     result = train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "run", "train.max_steps=1"), force=True)
@@ -743,25 +744,32 @@ def _layer_checkpointing(model) -> list[bool]:
     return [layer.gradient_checkpointing for layer in model.base_model.model.model.layers]
 
 
-@pytest.mark.parametrize("room", ["plenty", "half", "none"])
+@pytest.mark.parametrize("room", ["plenty", "half", "none", "busy"])
 def test_checkpointing_auto_takes_the_fewest_layers_that_fit(
     tiny_mistral, tiny_data, tmp_path, monkeypatch, caplog, room
 ):
-    """auto: off when the run fits without it; layer 0 of 2 when only that fits; every layer otherwise."""
+    """auto: off when the run fits without it; layer 0 of 2 when only that fits; every layer otherwise.
+    It is decided on the memory available now: busy has plenty in total but only half's room free."""
     import qlora_llm.plan as qplan
 
     cfg = tiny_cfg(tiny_mistral, tiny_data, tmp_path / "run", "train.max_steps=1", "train.save_steps=1")
     model_config, _ = qplan.load_model_config(str(tiny_mistral))
     setup = qplan._setup(cfg, "cpu")
-    peak = {
-        every: qplan.estimate_memory(
-            model_config, **setup | {"gradient_checkpointing": every > 0, "every_n_layers": max(every, 1)}
-        ).peak
-        for every in (0, 2, 1)  # off, layer 0 of 2, both layers
-    }
+
+    def whole_run(every: int) -> int:
+        """The plan's budget: the stage its verdict is on (training), with this checkpointing."""
+        s = setup | {"gradient_checkpointing": every > 0, "every_n_layers": max(every, 1)}
+        stages = qplan.estimate_stages(model_config, cfg, s)
+        return max(st.peak for st in stages if st.name in qplan.VERDICT_STAGES)
+
+    peak = {every: whole_run(every) for every in (0, 2, 1)}  # off, layer 0 of 2, both layers
     assert peak[0] > max(peak[1], peak[2])  # (checkpointing the last of 2 layers saves nothing: n=2 < n=1)
-    usable = {"plenty": peak[0] + 1, "half": (peak[0] + peak[2]) // 2, "none": min(peak.values()) - 1}[room]
-    monkeypatch.setattr(qplan, "_device_memory", lambda device: int(usable / qplan.FIT_MARGIN) + 1)
+    half = (peak[0] + peak[2]) // 2
+    usable = {"plenty": peak[0] + 1, "half": half, "none": min(peak.values()) - 1, "busy": peak[0] + 1}[room]
+    total = int(usable / qplan.FIT_MARGIN) + 1
+    available = int(half / qplan.FIT_MARGIN) + 1 if room == "busy" else total
+    monkeypatch.setattr(qplan, "_device_memory", lambda device: total)
+    monkeypatch.setattr(qplan, "_available_memory", lambda device: available)
     seen = []
 
     class Observe:
@@ -772,15 +780,16 @@ def test_checkpointing_auto_takes_the_fewest_layers_that_fit(
     patch_trainer(monkeypatch, Observe)
     with caplog.at_level(logging.INFO, logger="qlora_llm.train"):
         result = train(cfg, force=room == "none")
-    expected = {"plenty": [False, False], "half": [True, False], "none": [True, True]}[room]
-    assert seen == [expected]
+    expected = {"plenty": [False, False], "half": [True, False], "none": [True, True], "busy": [True, False]}
+    assert seen == [expected[room]]
     said = {
         "plenty": "auto: off (the run fits without it)",
         "half": "auto: on for 1 of 2 layers (every 2), the fewest that fit",
         "none": "auto: on for all 2 layers",
-    }[room]
+        "busy": "auto: on for 1 of 2 layers (every 2), the fewest that fit",
+    }[room] + f", decided on {available / 2**30:.2f} GiB available now"
     assert result.summary["gradient_checkpointing"] == said
-    assert f"gradient checkpointing {said}" in caplog.text
+    assert f"gradient checkpointing {said}; planned peak " in caplog.text
 
 
 @pytest.mark.parametrize("method", ["sft", "dpo", "orpo"])

@@ -89,7 +89,7 @@ import json
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -115,6 +115,12 @@ CPU_LOSS_TILE = (256, 8192)
 CPU_FOLD_TEMPORARIES = 8
 """fp32 tile-sized temporaries TRL's torch fold (no Triton: CPU) holds at once; bench/loss_tiles.py."""
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# The stages the verdict and the suggestions cover: `plan` and `train` decide on training. The others
+# load other weights (eval.quantization, serve.quantization; often on another machine): they are planned
+# and shown too, with a note when they do not fit this one.
+VERDICT_STAGES = ("train",)
+RUN_STAGES = ("train", "evaluate")
+"""The stages `qlora-llm run` goes through (bench/plan_accuracy.py --whole run compares with them)."""
 
 SEED_MODEL = "mistralai/Mistral-7B-Instruct-v0.2"
 # The seed design's table for Mistral-7B, NF4 + double quant, r=16 on 7 projections, batch 2, seq 512,
@@ -582,6 +588,24 @@ def _device_memory(device: str) -> int:
         raise PlanError("cannot read the total RAM; pass device_memory_bytes") from None
 
 
+def _available_memory(device: str) -> int | None:
+    """RAM available now (MemAvailable), on CPU: other processes' memory is not ours to plan with."""
+    if device != "cpu":
+        return None
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:  # not Linux: decide on the total
+            pass
+        return None
+
+
 def _setup(cfg: Config, device: str, processes: int = 1) -> dict[str, Any]:
     """The estimate's keyword arguments, resolved from the config for this device."""
     compute = cfg.model.compute_dtype
@@ -710,6 +734,119 @@ def _stacked_fixes(cfg: Config) -> Iterator[dict[str, Any]]:
 
 
 @dataclass(frozen=True)
+class StagePeak:
+    """The peak of one stage of the run (train, evaluate, merge, serve) as named components, in bytes."""
+
+    name: str
+    components: dict[str, int]
+    how: str
+
+    @property
+    def peak(self) -> int:
+        return sum(self.components.values())
+
+
+def _weights_kind(quantization: str) -> str:
+    return "plain" if quantization == "none" else f"4-bit {quantization}"
+
+
+def _kv_cache_bytes(shape: ModelShape, batch: int, tokens: int, a: int) -> int:
+    # K and V per layer per token: 2 * kv_heads * head_dim values in the compute dtype.
+    return 2 * shape.layers * shape.kv_heads * shape.head_dim * a * batch * tokens
+
+
+def estimate_stages(model_config: dict[str, Any], cfg: Config, setup: dict[str, Any]) -> list[StagePeak]:
+    """The peak of every stage `qlora-llm run` goes through, each as named components.
+
+    train: the larger of the training step (`estimate_memory`) and an in-training evaluation forward at
+    the eval batch (train.batch_size, what train.py gives the Trainer) and the longest sequence
+    (data.max_seq_length: sequences are cut there) over what is resident when it runs: on CPU the
+    loading peak (the step-0 evaluation comes right after it), on CUDA the weights, adapter and
+    optimizer state. The forward is without autograd through TRL's fused LM head: one layer's
+    intermediates and the loss tiles, never the (B, T, V) logits. An evaluation after a step reuses the
+    step's freed memory (measured: no rise in VmHWM, docs/plan.md). Saves copy only the adapter.
+    evaluate: the base in eval.quantization (fp32 on CPU under compute_dtype auto) + adapter, the
+    perplexity forward's full logits at eval.batch_size, or greedy generation's KV cache over prompt +
+    eval.max_new_tokens, whichever is larger. merge: the base in full precision and the merged copy
+    beside it. serve: the weights in serve.quantization and the KV cache of serve.max_batch_size rows.
+    """
+    shape = ModelShape.from_config(model_config)
+    est = estimate_memory(model_config, **setup)
+    a = DTYPE_BYTES[setup["compute_dtype"]]
+    T = setup["seq_len"]
+    V = shape.vocab
+    params = est.base_params
+    eval_b = cfg.train.batch_size
+    # No autograd in eval: one layer's intermediates at a time, B*T*(3I + 4H) in the compute dtype, and
+    # the LM head's tiles as in a step (`logits`: the final hidden states and a tile's temporaries).
+    eval_forward = eval_b * T * (3 * shape.intermediate + 4 * shape.hidden) * a + est.logits
+    if est.loading:
+        resident = est.loading
+    else:
+        resident = est.base_weights + est.lora_weights + est.optimizer_states + est.overhead
+    train = StagePeak(
+        "train",
+        {
+            "training step": est.peak,
+            "eval forward above it": max(0, resident + eval_forward - est.peak),
+        },
+        f"the larger of a step and an eval forward at batch {eval_b} x {T} tokens (fused LM head, no "
+        f"logits: {_gib(eval_forward)}) over {'the loading peak' if est.loading else 'the resident state'} "
+        f"({_gib(resident)}); saves copy only the adapter",
+    )
+    # Evaluation and serving load the base in eval.quantization / serve.quantization (plain by default)
+    # and, under compute_dtype auto on CPU, in fp32 (model.pick_compute_dtype), not as training did.
+    infer_dtype = "float32" if cfg.model.compute_dtype == "auto" and setup["device"] == "cpu" else None
+    infer_dtype = infer_dtype or setup["compute_dtype"]
+    ai = DTYPE_BYTES[infer_dtype]
+
+    def inference(quantization: str) -> MemoryEstimate:
+        return estimate_memory(
+            model_config, **setup | {"quantization": quantization, "compute_dtype": infer_dtype}
+        )
+
+    e = cfg.eval
+    ev = inference(e.quantization)
+    # evaluate.score_tokens: the (B, T, V) logits in the compute dtype, their fp32 upcast (none when
+    # fp32 already) and cross_entropy's fp32 log-softmax of them.
+    ev_logits = e.batch_size * T * V * (ai + (4 if ai < 4 else 0) + 4)
+    kv = _kv_cache_bytes(shape, e.batch_size, T + e.max_new_tokens, ai)
+    weights = ev.base_weights + est.lora_weights
+    evaluate = StagePeak(
+        "evaluate",
+        {
+            "weights + adapter": weights,
+            "logits or KV cache": max(ev_logits, kv + e.batch_size * V * 4),
+            "activations": e.batch_size * T * (3 * shape.intermediate + 4 * shape.hidden) * ai,
+            "loading": max(0, ev.loading - ev.overhead - weights),
+            "runtime overhead": ev.overhead,
+        },
+        f"{_weights_kind(e.quantization)} weights in {infer_dtype}, base and tuned one after another; "
+        f"perplexity at batch {e.batch_size}, greedy answers with a KV cache of {T} + {e.max_new_tokens} "
+        "tokens",
+    )
+    overhead = CUDA_OVERHEAD if setup["device"] == "cuda" else CPU_OVERHEAD
+    merge = StagePeak(
+        "merge",
+        {"base, full precision": params * 4, "merged copy": params * 4, "runtime overhead": overhead},
+        "the base loaded in fp32 and the merged copy written beside it",
+    )
+    sv = cfg.serve
+    served = inference(sv.quantization)
+    serve = StagePeak(
+        "serve",
+        {
+            "weights": served.base_weights,
+            "KV cache": _kv_cache_bytes(shape, sv.max_batch_size, T + sv.max_new_tokens, ai),
+            "runtime overhead": served.overhead,
+        },
+        f"{_weights_kind(sv.quantization)} weights in {infer_dtype}, {sv.max_batch_size} rows of {T} + "
+        f"{sv.max_new_tokens} tokens",
+    )
+    return [train, evaluate, merge, serve]
+
+
+@dataclass(frozen=True)
 class Suggestion:
     """Overrides that make the run fit, and the peak they give."""
 
@@ -733,6 +870,18 @@ class PlanReport:
     seed_setup: bool
     checkpointing: str = "on"
     """What gradient checkpointing the run gets: on, off, or what `auto` chose and why."""
+    stages: list[StagePeak] = field(default_factory=list)
+    """The peak of every stage of the whole run; the verdict is on VERDICT_STAGES (training)."""
+
+    @property
+    def peak(self) -> int:
+        """The peak the verdict is on: training's stage (the training step when no stages were planned)."""
+        return max([st.peak for st in self.stages if st.name in VERDICT_STAGES], default=self.estimate.peak)
+
+    @property
+    def peak_stage(self) -> str:
+        ran = [st for st in self.stages if st.name in VERDICT_STAGES]
+        return max(ran, key=lambda st: st.peak).name if ran else "train"
 
     @property
     def usable_memory(self) -> int:
@@ -743,7 +892,7 @@ class PlanReport:
         """One sentence: the peak against the usable memory."""
         sign = "<=" if self.fits else ">"
         return (
-            f"peak {_gib(self.estimate.peak)} GiB {sign} {_gib(self.usable_memory)} GiB usable "
+            f"peak {_gib(self.peak)} GiB (in {self.peak_stage}) {sign} {_gib(self.usable_memory)} GiB usable "
             f"({FIT_MARGIN:.0%} of {_gib(self.device_memory)} GiB on {self.device})."
         )
 
@@ -790,14 +939,39 @@ def plan(
         )
         memory //= processes
     usable = int(FIT_MARGIN * memory)
+    # Checkpointing (auto) is decided from the RAM available now, not the total, when the memory was
+    # not given: a run that fits the total but not what other processes left is killed.
+    available = _available_memory(device) if device_memory_bytes is None else None
+    decide = usable if available is None else min(usable, int(FIT_MARGIN * available // processes))
+    if available is not None:
+        basis = f"{_gib(available)} GiB available now"
+    else:
+        basis = f"{_gib(memory)} GiB {'given' if device_memory_bytes is not None else 'in total'}"
 
     def estimate(c: Config) -> MemoryEstimate:
-        resolved, _ = _resolve_checkpointing(model_config, _setup(c, device, processes), usable)
-        return estimate_memory(model_config, **resolved)
+        resolved, _ = _resolve_checkpointing(model_config, _setup(c, device, processes), decide)
+        step = estimate_memory(model_config, **resolved)
+        # A suggestion must make training fit, in-training evaluation included.
+        ran = [st.peak for st in estimate_stages(model_config, c, resolved) if st.name in VERDICT_STAGES]
+        return replace(step, loading=max(step.peak, *ran))
 
-    setup, checkpointing = _resolve_checkpointing(model_config, _setup(cfg, device, processes), usable)
+    setup, checkpointing = _resolve_checkpointing(model_config, _setup(cfg, device, processes), decide)
+    if checkpointing.startswith("auto"):
+        checkpointing += f", decided on {basis}"
     est = estimate_memory(model_config, **setup)
-    fits = est.peak <= usable
+    stages = estimate_stages(model_config, cfg, setup)
+    whole = max(est.peak, *(st.peak for st in stages if st.name in VERDICT_STAGES))
+    fits = whole <= usable
+    for st in stages:
+        if st.name not in VERDICT_STAGES and st.peak > usable:
+            hint = {
+                "evaluate": " (eval.quantization=nf4 loads it in 4-bit)",
+                "serve": " (serve.quantization=nf4)",
+            }
+            notes.append(
+                f"{st.name} needs {_gib(st.peak)} GiB ({st.how}): more than this device's usable memory"
+                + hint.get(st.name, "")
+            )
     suggestions: list[Suggestion] = []
     if not fits:
         for fix in _single_fixes(cfg):
@@ -840,6 +1014,7 @@ def plan(
         notes=notes,
         seed_setup=_is_seed_setup(model_config, setup),
         checkpointing=checkpointing,
+        stages=stages,
     )
 
 
@@ -905,6 +1080,16 @@ def format_plan(report: PlanReport) -> str:
             "seed column: the seed's base is 4 bits x the linear params only; ours adds the quantization "
             "constants and the unquantized embeddings, lm_head and norms. The seed has no gradient or "
             "logits line, and does not itemize its 1.5 GB of activations."
+        )
+    if report.stages:
+        lines += ["", f"{'stage':<20}{'GiB':>7}  components"]
+        for st in report.stages:
+            parts = ", ".join(f"{k} {_gib(v)}" for k, v in st.components.items())
+            lines.append(f"{st.name:<20}{_gib(st.peak):>7}  {parts}; {st.how}")
+        largest = max(report.stages, key=lambda st: st.peak)
+        lines.append(
+            f"the verdict is on {report.peak_stage} ({_gib(report.peak)} GiB); the largest stage is "
+            f"{largest.name} ({_gib(largest.peak)} GiB)"
         )
     lines.append("")
     if report.fits:

@@ -299,9 +299,10 @@ def _apply_checkpointing(args: Any, setting: bool | str, memory: Any) -> str:
         "every_n_layers": memory.setup["every_n_layers"],
     }
     log.info(
-        "gradient checkpointing %s; planned peak %.2f GiB of %.2f GiB usable",
+        "gradient checkpointing %s; planned peak %.2f GiB (in %s) of %.2f GiB usable",
         memory.checkpointing,
-        memory.estimate.peak / 2**30,
+        memory.peak / 2**30,
+        memory.peak_stage,
         memory.usable_memory / 2**30,
     )
     return memory.checkpointing
