@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from qlora_llm.generate import generate_greedy
+from qlora_llm.model import ensure_pad_token
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,7 @@ def test_batched_greedy_equals_one_at_a_time_and_padding_does_not_leak(tiny):
     expected = [one_by_one(model, p, max_new, stops) for p in prompts]
     reasons = ["stop" if e[-1] == stop else "length" for e in expected]
     assert "stop" in reasons and "length" in reasons  # the test exercises both
+    ensure_pad_token(tokenizer)  # as load_target does: the pad is UNK here, never the stop id
     loaded = SimpleNamespace(model=model, tokenizer=tokenizer, stop_ids=[stop])
 
     for batch_size in (1, 3, 6):

@@ -206,3 +206,22 @@ def test_hub_kernels_are_asked_for_only_when_the_hub_answers(tiny_mistral, monke
     cfg = load_config(None, [f"model.name={tiny_mistral}", "model.quantization=none"])
     qmodel.load_base_model(cfg.model, "cpu")
     assert seen == {"use_kernels": online}
+
+
+def test_one_pad_rule_for_training_and_inference(mistral_tokenizer):
+    """UNK where the vocabulary has one (an EOS taken for padding is masked out of the loss, and the model
+    would never learn to stop), else EOS; a tokenizer's own pad is kept."""
+    from types import SimpleNamespace
+
+    from qlora_llm.model import ensure_pad_token
+
+    tokenizer = mistral_tokenizer.__class__.from_pretrained(mistral_tokenizer.name_or_path)
+    tokenizer.pad_token = None
+    ensure_pad_token(tokenizer)
+    assert tokenizer.pad_token == tokenizer.unk_token and tokenizer.pad_token_id != tokenizer.eos_token_id
+    no_unk = SimpleNamespace(pad_token=None, unk_token=None, eos_token="<|im_end|>")
+    ensure_pad_token(no_unk)
+    assert no_unk.pad_token == "<|im_end|>"
+    own = SimpleNamespace(pad_token="<pad>", unk_token="<unk>", eos_token="</s>")
+    ensure_pad_token(own)
+    assert own.pad_token == "<pad>"

@@ -273,7 +273,7 @@ def generate_greedy(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     model, tokenizer, stops = loaded.model, loaded.tokenizer, set(loaded.stop_ids)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else loaded.stop_ids[0]
+    pad = tokenizer.pad_token_id  # load_target set one (model.ensure_pad_token)
     order = sorted(range(len(prompts)), key=lambda k: len(prompts[k]))
     out: list[dict[str, Any]] = [{} for _ in prompts]
     device = next(model.parameters()).device

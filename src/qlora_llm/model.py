@@ -213,6 +213,17 @@ def _from_pretrained(loader: Any, name: str, revision: str | None, **kwargs: Any
 SHIPPED_TOKENIZERS = {"mistralai/Mistral-7B-Instruct-v0.2": "mistralai--Mistral-7B-Instruct-v0.2"}
 
 
+def ensure_pad_token(tokenizer: Any) -> None:
+    """The one pad-token rule, for training and inference alike: the tokenizer's own, else UNK, else EOS.
+
+    A pad distinct from EOS where the vocabulary has one, so no EOS is ever taken for padding (the
+    collator masks pads out of the loss: with pad == EOS the model would never learn to stop). Padding
+    changes no answer at inference (attention masks), so inference takes the same rule, not its own.
+    """
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+
+
 def load_tokenizer(
     name: str, revision: str | None = None, cache_dir: Path | None = None, trust_remote_code: bool = False
 ) -> Any:
@@ -675,8 +686,7 @@ def load_target(
         log.info("applied adapter %s (unmerged)", found.adapter_dir)
         if mcfg.adapter_scale != 1.0:
             scale_adapter(model, mcfg.adapter_scale)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer)
     own = getattr(tokenizer, "chat_template", None)
     if found.template == "mistral" and isinstance(own, str) and "[INST]" not in own:
         # Only an explicit model.template=mistral gets here: `default` follows the model's own template.

@@ -41,7 +41,7 @@ from qlora_llm.checkpoint import (
 )
 from qlora_llm.config import Config, save_config
 from qlora_llm.errors import TrainError
-from qlora_llm.model import adapter_folder, sha256_file
+from qlora_llm.model import adapter_folder, ensure_pad_token, sha256_file
 from qlora_llm.monitor import (
     make_monitor,
     make_tracker_params,
@@ -473,9 +473,7 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
             "early stopping needs eval data: set data.eval_file or data.eval_fraction > 0, "
             "or train.early_stopping_patience=0."
         )
-    if tokenizer.pad_token is None:
-        # A pad distinct from EOS where the vocabulary has one, so no EOS is ever taken for padding.
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    ensure_pad_token(tokenizer)
 
     quantized = m.quantization != "none"
     use_bf16 = dtype == torch.bfloat16

@@ -238,7 +238,7 @@ class Engine:
             return None
 
         model, tokenizer = self.loaded.model, self.loaded.tokenizer
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.loaded.stop_ids[0]
+        pad = tokenizer.pad_token_id  # load_target set one (model.ensure_pad_token)
         device = next(model.parameters()).device
         n, width = len(jobs), max(len(j.prompt_ids) for j in jobs)
         ids = torch.full((n, width), pad, dtype=torch.long)
