@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from pathlib import Path
@@ -249,3 +250,241 @@ def test_compare_overlays_curves_and_shows_only_differing_config(tmp_path):
     assert "0.5000" in page and "1.2500" in page
     for bad in ("/compare?run=a", "/compare?run=a&run=a", "/compare?run=a&run=..%2F..%2Fetc"):
         assert c.get(bad).status_code in (400, 404), bad
+
+
+def evaluated(folder: Path, runs: Path) -> dict:
+    """RUN/eval/ as `qlora-llm evaluate RUN` leaves it (metrics.json's shape, a report naming server paths)."""
+    general = [
+        {"task": "arc_easy_local", "kind": "likelihood", "metric": "acc", "n": 100, "base": 0.58}
+        | {"tuned": 0.58, "diff": 0.0, "lo": -0.03, "hi": 0.03, "verdict": "no measurable loss"},
+        {"task": "piqa_local", "kind": "likelihood", "metric": "acc", "n": 100, "base": 0.67}
+        | {"tuned": 0.68, "diff": 0.01, "lo": 0.0, "hi": 0.03, "verdict": "no measurable loss"},
+        {"task": "mean", "kind": "likelihood", "metric": "acc", "n": 200, "base": 0.625}
+        | {"tuned": 0.63, "diff": 0.005, "lo": -0.01, "hi": 0.02, "verdict": "no measurable loss"},
+    ]
+    generative = [
+        {"task": "basic_skills_common_knowledge", "kind": "generative", "metric": "acc", "n": 64}
+        | {"base": 0.3, "tuned": 0.2, "diff": -0.1, "lo": -0.2, "hi": -0.05, "verdict": "measurable loss"}
+    ]
+    table = [
+        {"metric": "perplexity_completion", "label": "perplexity (answers)", "better": "lower"}
+        | {"base": 35.551, "tuned": 32.242, "change": -3.309, "relative": -0.093, "format": "{:.3f}"},
+        {"metric": "rougeL", "label": "ROUGE-L F1", "better": "higher", "base": 0.1123, "tuned": 0.1543}
+        | {"change": 0.042, "relative": 0.374, "format": "{:.4f}"},
+    ]
+    metrics = {
+        "target": str(folder),
+        "table": table,
+        "general": {"likelihood": general, "generative": generative, "kl": {"kl": 0.0033, "prompts": 16}},
+        "headline": "Fine-tuning helped: ROUGE-L F1 0.1123 → 0.1543.",
+    }
+    (folder / "eval").mkdir()
+    (folder / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    (folder / "eval" / "report.html").write_text(
+        f"<html><body><p>target {folder}</p><img src='metrics.png'><script>alert(1)</script></body></html>"
+    )
+    (folder / "eval" / "metrics.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (folder / "eval" / "examples.jsonl").write_text('{"answer": "private"}\n')
+    (runs / "outside.html").write_text("not a report")
+    return metrics
+
+
+def test_run_page_shows_its_evaluation_and_serves_the_report_safely(tmp_path):
+    runs = tmp_path / "runs"
+    folder = cli_run(runs, "tuned")
+    cli_run(runs, "plain")
+    evaluated(folder, runs)
+    c = client(runs, api_key=KEY)
+    assert c.get("/runs/tuned/eval/report.html").status_code == 401
+    c.post("/login", data={"key": KEY})
+
+    page = c.get("/runs/tuned").text
+    section = re.search(r"<div id='evaluation'>.*?</div>", page, re.S).group(0)
+    # The task metric base vs tuned, the general-ability mean with its interval and verdict, each task, KL.
+    assert re.search(r"ROUGE-L F1</td><td>0\.1123</td><td>0\.1543</td><td>\+0\.042", section)
+    assert "perplexity (answers)</td><td>35.551</td><td>32.242" in section
+    assert re.search(
+        r"mean acc</td><td>62%</td><td>63%</td><td>\+0\.5 points \(95% CI -1\.0 to \+2\.0\)", section
+    )
+    assert "basic_skills_common_knowledge acc</td><td>30%</td><td>20%</td><td>-10.0 points" in section
+    assert "measurable loss" in section and "0.0033" in section and "Fine-tuning helped" in section
+    assert "<iframe id='report' src='/runs/tuned/eval/report.html' sandbox=" in section
+    assert "Not evaluated yet" in c.get("/runs/plain").text
+
+    row = re.search(r"<tr><td><a href='/runs/tuned'>.*?</tr>", c.get("/").text).group(0)
+    assert "ROUGE-L F1 0.1123 → 0.1543" in row and "+0.5 points: no measurable loss" in row
+    plain = re.search(r"<tr><td><a href='/runs/plain'>.*?</tr>", c.get("/").text).group(0)
+    assert "<td class='task'></td><td class='general'></td>" in plain
+    compared = c.get("/compare?run=tuned&run=plain").text
+    assert "ROUGE-L F1 0.1123 → 0.1543" in compared
+
+    report = c.get("/runs/tuned/eval/report.html")
+    assert (
+        report.status_code == 200 and "target runs/tuned" in report.text and str(tmp_path) not in report.text
+    )
+    assert "script-src" not in report.headers["content-security-policy"]  # default-src 'none': no script runs
+    assert "default-src 'none'" in report.headers["content-security-policy"]
+    assert c.get("/runs/tuned/eval/metrics.png").headers["content-type"] == "image/png"
+    assert str(tmp_path) not in c.get("/runs/tuned/eval/metrics.json").text
+    # Only the report's files, only inside the run: not the per-example answers, no traversal, no symlink out.
+    for bad in ("examples.jsonl", "..%2Fconfig.yaml", "..%2F..%2Foutside.html", "%2Fetc%2Fpasswd"):
+        response = c.get(f"/runs/tuned/eval/{bad}")
+        assert response.status_code == 404 and "private" not in response.text, bad
+    assert c.get("/runs/..%2Ftuned/eval/report.html").status_code == 404
+    (tmp_path / "outside.html").write_text("a file beyond the runs folder")
+    (folder / "eval" / "report.html").unlink()
+    (folder / "eval" / "report.html").symlink_to(tmp_path / "outside.html")
+    assert c.get("/runs/tuned/eval/report.html").status_code == 404
+
+
+def test_unreadable_evaluation_is_said_in_one_line(tmp_path):
+    folder = cli_run(tmp_path, "odd")
+    (folder / "eval").mkdir()
+    (folder / "eval" / "metrics.json").write_text('{"table": "not rows"}')
+    c = client(tmp_path)
+    response = c.get("/runs/odd")
+    assert response.status_code == 200 and "eval/metrics.json could not be read" in response.text
+    assert c.get("/").status_code == 200
+
+
+def test_evaluate_merge_export_queue_the_cli_commands(tmp_path):
+    from qlora_llm.cli import build_parser
+
+    cli_run(tmp_path, "a")
+    c = client(tmp_path)
+    page = c.get("/runs/a").text
+    for stage in ("evaluate", "merge", "export"):
+        assert f"action='/runs/a/{stage}'" in page
+    assert "qlora-llm export runs/a --format gguf" in page  # the command is shown before anything runs
+
+    posts = [
+        ("evaluate", {"max_examples": "5", "skip_general": "1"}),
+        ("merge", {"force": "1"}),
+        ("export", {"format": "ollama", "quant": "q4_k_m"}),
+        ("export", {"format": "vllm", "no_verify": "1"}),
+    ]
+    for stage, fields in posts:
+        assert c.post(f"/runs/a/{stage}", data=fields | {"csrf": csrf(c)}).status_code == 303, stage
+    jobs = JobStore(tmp_path).queued()
+    run = str(tmp_path / "a")
+    assert [j.command[3:] for j in jobs] == [
+        ["evaluate", run, "eval.max_examples=5", "eval.general_tasks=[]", "eval.general_generative=[]"],
+        ["merge", run, "--force"],
+        ["export", run, "--format", "ollama", "--quant", "q4_k_m"],
+        ["export", run, "--format", "vllm", "--no-verify"],
+    ]
+    assert [j.stage for j in jobs] == ["evaluate", "merge", "export", "export"]
+    for job in jobs:  # each is a command the CLI itself accepts
+        build_parser().parse_args(job.command[3:])
+    page = c.get("/runs/a").text
+    assert "qlora-llm export runs/a --format ollama --quant q4_k_m" in page and run not in page
+    # Queued evaluate/merge/export jobs do not make the training look queued, nor can they be "resumed".
+    assert "<b id='status'>started outside the studio</b>" in page and "id='resume'" not in page
+
+    refused = [
+        ("evaluate", {"max_examples": "0"}, "a whole number above 0"),
+        ("evaluate", {"max_examples": "many"}, "a whole number above 0"),
+        ("export", {"format": "safetensors"}, "format must be one of"),
+        ("export", {"format": "gguf", "quant": "q2"}, "quant must be one of"),
+        ("export", {"format": "vllm", "quant": "q8_0"}, "vLLM serves the adapter"),
+    ]
+    for stage, fields, message in refused:
+        response = c.post(f"/runs/a/{stage}", data=fields | {"csrf": csrf(c)})
+        assert response.status_code == 422 and message in response.text, (stage, fields)
+    assert len(JobStore(tmp_path).all()) == 4
+    assert c.post("/runs/a/evaluate", data={}).status_code == 403  # CSRF, as every POST
+    assert c.post("/runs/..%2Fa/merge", data={"csrf": csrf(c)}).status_code == 404
+
+
+def test_stop_reaches_a_running_evaluation(tmp_path, monkeypatch):
+    cli_run(tmp_path, "a")
+    c = client(tmp_path)
+    c.post("/runs/a/evaluate", data={"csrf": csrf(c)})
+    JobStore(tmp_path).set(1, state="running", pid=4242)
+    signalled = []
+    monkeypatch.setattr("os.kill", lambda pid, sig: signalled.append(pid))
+    assert c.post("/runs/a/stop", data={"csrf": csrf(c)}).status_code == 303
+    assert signalled == [4242] and JobStore(tmp_path).get(1).stop_requested
+
+
+def test_clone_prefills_the_form_from_the_run_and_queues_a_new_run(tmp_path):
+    runs, data = tmp_path / "runs", tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("{}\n")
+    c = client(runs, data)
+    fields = {"run_name": "src", "data.train_file": str(data / "train.jsonl"), "train.max_steps": "7"}
+    assert c.post("/new", data=fields | {"lora.r": "4", "csrf": csrf(c)}).status_code == 303
+    # A waiting studio run has no config.yaml yet: the clone starts from its job's config.
+    page = c.get("/runs/src/clone").text
+    assert "name='run_name' value='src-2'" in page and "name='clone_of' value='src'" in page
+    assert "name='train.max_steps' value='7'" in page and "name='lora.r' value='4'" in page
+    assert "name='data.train_file' value='data/train.jsonl'" in page and str(tmp_path) not in page
+    assert "id='clone' href='/runs/src/clone'" in c.get("/runs/src").text
+
+    # Submit the prefilled form with two edits, as the browser would.
+    form = dict(re.findall(r"name='([^']+)' value='([^']*)'", page))
+    form = {k: html.unescape(v) for k, v in form.items()}
+    bad = form | {"lora.r": "0", "train.learning_rate": "0.001"}
+    response = c.post("/new", data=bad)
+    assert response.status_code == 422
+    assert _field_error(response.text, "lora.r") == "Input should be greater than 0 (got 0)"
+    command = re.search(r"<pre id='command'>([^<]*)</pre>", response.text).group(1)
+    assert command == (
+        "qlora-llm train runs/.studio/configs/1.yaml lora.r=0 train.learning_rate=0.001 "
+        "train.output_dir=runs/src-2"
+    )
+    assert c.post("/new", data=form | {"lora.r": "16", "train.learning_rate": "0.001"}).status_code == 303
+    source, cloned = JobStore(runs).all()
+    before, after = yaml.safe_load(source.config), yaml.safe_load(cloned.config)
+    assert (after["lora"]["r"], after["train"]["learning_rate"]) == (16, 0.001)
+    assert Path(after["train"]["output_dir"]) == runs / "src-2" and (runs / "src-2").is_dir()
+    for section in (before, after):  # everything else is the source run's
+        section["lora"].pop("r"), section["train"].pop("learning_rate"), section["train"].pop("output_dir")
+    assert before == after and after["data"]["train_file"] == str((data / "train.jsonl").resolve())
+
+    # A run the CLI trained: its config.yaml is the source, and is what the command starts from.
+    (runs / "src-2" / "config.yaml").write_text(cloned.config)
+    page = c.get("/runs/src-2/clone").text
+    assert "value='src-2-2'" in page and "name='lora.r' value='16'" in page
+    assert c.get("/runs/nothing/clone").status_code == 404
+    (runs / "empty").mkdir()
+    assert c.get("/runs/empty/clone").status_code == 404
+
+
+def test_waiting_jobs_can_be_reordered(tmp_path):
+    c = client(tmp_path)
+    for name in ("first", "second", "third"):
+        c.post("/new", data={"run_name": name, "csrf": csrf(c)})
+    store = JobStore(tmp_path)
+    assert c.post("/jobs/3/up", data={"csrf": csrf(c)}).status_code == 303
+    assert [j.run for j in store.queued()] == ["first", "third", "second"]
+    assert c.post("/jobs/1/down", data={"csrf": csrf(c)}).status_code == 303
+    assert c.post("/jobs/3/up", data={"csrf": csrf(c)}).status_code == 303  # already first: stays
+    assert [j.run for j in store.queued()] == ["third", "first", "second"]
+    queue = re.search(r"<ol id='queue'>.*?</ol>", c.get("/").text).group(0)
+    assert re.findall(r"job \d: (\w+)", queue) == ["third", "first", "second"]
+    c.post("/new", data={"run_name": "fourth", "csrf": csrf(c)})
+    assert [j.run for j in store.queued()][-1] == "fourth"  # a new job waits behind the moved ones
+    store.set(3, state="running")
+    assert c.post("/jobs/3/down", data={"csrf": csrf(c)}).status_code == 409
+    assert c.post("/jobs/99/up", data={"csrf": csrf(c)}).status_code == 409
+    assert c.post("/jobs/1/up").status_code == 403
+
+
+def test_a_jobs_db_from_before_reordering_still_opens(tmp_path):
+    import sqlite3
+
+    (tmp_path / ".studio").mkdir()
+    with sqlite3.connect(tmp_path / ".studio" / "jobs.db") as db:
+        db.execute(
+            "CREATE TABLE jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, run TEXT NOT NULL, state TEXT NOT NULL, "
+            "command TEXT NOT NULL, config TEXT NOT NULL, created REAL NOT NULL, started REAL, ended REAL, "
+            "exit_code INTEGER, log TEXT NOT NULL, pid INTEGER, stop_requested INTEGER NOT NULL DEFAULT 0)"
+        )
+        db.execute(
+            "INSERT INTO jobs (run, state, command, config, created, log) VALUES ('old', 'queued', '[]', '', 0, '')"
+        )
+    store = JobStore(tmp_path)
+    store.add("new", "")
+    assert [j.run for j in store.queued()] == ["old", "new"]
+    assert store.move(2, -1) and [j.run for j in store.queued()] == ["new", "old"]

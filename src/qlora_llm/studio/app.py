@@ -1,4 +1,7 @@
-"""The studio's web app: runs list, run page (live chart over SSE), new-run form, login; see __init__.py.
+"""The studio's web app: login, runs list, run page (live chart over SSE), new-run form; see __init__.py.
+
+The pages of their own live beside it: evaluation.py (a run's evaluation report), stages.py (evaluate,
+merge and export jobs), clone.py (clone with changes), form.py (the config form), web.py (what they share).
 
 Security model: loopback by default (cli.py refuses another address without a key); with a key, every
 route but /login and /static needs the login cookie (or `Authorization: Bearer KEY`); every POST carries
@@ -11,15 +14,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import html
 import json
 import logging
-import re
 import secrets
 import shlex
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 from urllib.parse import parse_qs
 
 import yaml
@@ -27,60 +27,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from qlora_llm.config import Config, ConfigError, describe_keys, load_config
-from qlora_llm.errors import QloraError
-from qlora_llm.studio.jobs import JobStore, Worker
+from qlora_llm.studio import clone, evaluation, stages
+from qlora_llm.studio.form import new_form, validate_form
+from qlora_llm.studio.jobs import Job, JobStore, Worker
+from qlora_llm.studio.web import Refused, Studio, e, hide_paths, loss, page, run_folder
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
-RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 COOKIE = "qlora_studio"
-# Keys the form does not offer: the studio sets the output folder from the run name.
-FIXED_KEYS = {"train.output_dir"}
-# Keys that name files the training reads: they must lie inside the runs or data folders.
-PATH_KEYS = {"data.train_file", "data.eval_file"}
 LOG_TAIL_BYTES = 8000
-
-
-class Refused(QloraError):
-    """A request the studio refuses; the message is shown as is (so it never holds a server path)."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-def _e(value: object) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def form_value(value: Any) -> str:
-    """How a config value is written in the form (and read back as YAML, as a CLI override is)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list | dict):
-        return json.dumps(value)
-    return str(value)
-
-
-def confined(root: Path, name: str) -> Path:
-    """`name` inside `root`, or Refused: no `..`, no absolute paths outside, no symlink escapes."""
-    path = (root / name).resolve()
-    if not path.is_relative_to(root.resolve()):
-        raise Refused(403, "path outside the studio's folders")
-    return path
-
-
-def run_folder(runs: Path, name: str) -> Path:
-    if not RUN_NAME.match(name):
-        raise Refused(404, "no such run")
-    path = confined(runs, name)
-    if not path.is_dir():
-        raise Refused(404, "no such run")
-    return path
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -105,7 +61,9 @@ def run_info(run_dir: Path, store: JobStore) -> dict:
             config = {}
     rows = read_metrics(run_dir)
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
-    job = store.latest(run_dir.name)
+    job = store.latest(
+        run_dir.name, "train"
+    )  # evaluate/merge/export jobs do not change the training's status
     if job is not None:
         status = job.state
     elif (run_dir / "summary.json").is_file():
@@ -121,6 +79,7 @@ def run_info(run_dir: Path, store: JobStore) -> dict:
         "step": rows[-1]["step"] if rows else 0,
         "max_steps": train.get("max_steps", ""),
         "best_eval_loss": min(evals) if evals else None,
+        "evaluation": evaluation.eval_summary(run_dir),
         "config": config,
         "checkpoints": sorted(
             (p.name for p in run_dir.glob("checkpoint-*") if p.is_dir()),
@@ -132,53 +91,6 @@ def run_info(run_dir: Path, store: JobStore) -> dict:
 def list_runs(runs: Path, store: JobStore) -> list[dict]:
     folders = sorted(p for p in runs.iterdir() if p.is_dir() and not p.name.startswith("."))
     return [run_info(p, store) for p in folders]
-
-
-def validate_form(
-    fields: dict[str, str], runs: Path, data: Path
-) -> tuple[Config | None, dict[str, str], list[str]]:
-    """The form's values -> (config, per-field errors, the overrides that differ from the defaults)."""
-    errors: dict[str, str] = {}
-    name = fields.get("run_name", "").strip()
-    if not RUN_NAME.match(name):
-        errors["run_name"] = "letters, digits, '.', '_' or '-', starting with a letter or digit"
-    elif (runs / name).exists():
-        errors["run_name"] = "a run of that name exists; choose another"
-    defaults = Config().model_dump(mode="json")
-    overrides = []
-    for key, _, _ in describe_keys():
-        if key in FIXED_KEYS or key not in fields:
-            continue
-        section, field = key.split(".")
-        text = fields[key].strip()
-        if text == form_value(defaults[section][field]):
-            continue
-        override = f"{key}={text}"
-        overrides.append(override)  # invalid ones too: the command shown is what the user typed
-        try:
-            load_config(None, [override])
-        except ConfigError as err:
-            # The message names the override; the form shows it beside the field instead.
-            errors[key] = str(err).split(": ", 2)[-1]
-            continue
-        if key in PATH_KEYS and text not in ("", "null"):
-            path = Path(text)
-            inside = any(_inside(path, root) for root in (runs, data))
-            if not inside:
-                errors[key] = "must be a file inside the studio's data or runs folder"
-                continue
-    if errors:
-        return None, errors, overrides
-    overrides.append(f"train.output_dir={runs / name}")  # not shown as typed: the run name sets it
-    try:
-        return load_config(None, overrides), {}, overrides
-    except ConfigError as err:
-        return None, {"": str(err)}, overrides
-
-
-def _inside(path: Path, root: Path) -> bool:
-    candidate = path if path.is_absolute() else root / path
-    return candidate.resolve().is_relative_to(root.resolve())
 
 
 def create_app(
@@ -194,6 +106,7 @@ def create_app(
     secret = secrets.token_bytes(32)
     csrf_token = hmac.new(secret, b"csrf", hashlib.sha256).hexdigest()
     session = hmac.new(secret, (api_key or "").encode(), hashlib.sha256).hexdigest()
+    studio = Studio(runs, data, store, worker, csrf_token)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -241,24 +154,12 @@ def create_app(
         try:
             return await call_next(request)
         except Refused as err:
-            return page("Refused", f"<p class='error'>{_e(err)}</p>", err.status)
+            return page("Refused", f"<p class='error'>{e(err)}</p>", err.status)
         except Exception:  # never a stack trace or a server path in a page; the log has it
             log.exception("studio error on %s", path)
             return page(
                 "Error", "<p class='error'>Internal error; the studio's log has the details.</p>", 500
             )
-
-    def page(title: str, body: str, status: int = 200) -> HTMLResponse:
-        return HTMLResponse(
-            f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)} · qlora-llm studio</title>"
-            "<link rel='stylesheet' href='/static/studio.css'></head><body>"
-            "<nav><a href='/'>Runs</a> · <a href='/new'>New run</a></nav>"
-            f"<h1>{_e(title)}</h1>{body}</body></html>",
-            status_code=status,
-        )
-
-    def csrf_field() -> str:
-        return f"<input type='hidden' name='csrf' value='{csrf_token}'>"
 
     @app.get("/login", response_class=HTMLResponse)
     def login_form() -> HTMLResponse:
@@ -280,86 +181,18 @@ def create_app(
 
     @app.get("/", response_class=HTMLResponse)
     def runs_page() -> HTMLResponse:
-        rows = "".join(
-            f"<tr><td><a href='/runs/{_e(r['name'])}'>{_e(r['name'])}</a></td><td class='status'>{_e(r['status'])}</td>"
-            f"<td>{_e(r['model'])}</td><td>{_e(r['data'])}</td><td>{_e(r['step'])} / {_e(r['max_steps'])}</td>"
-            f"<td>{_loss(r['best_eval_loss'])}</td>"
-            f"<td><input type='checkbox' name='run' value='{_e(r['name'])}' form='compare'></td></tr>"
-            for r in list_runs(runs, store)
-        )
-        queue = "".join(
-            f"<li>job {j.id}: {_e(j.run)} <form method='post' action='/jobs/{j.id}/cancel' style='display:inline'>"
-            f"{csrf_field()}<button>Cancel</button></form></li>"
-            for j in store.queued()
-        )
-        return page(
-            "Runs",
-            "<table id='runs'><tr><th>Run</th><th>Status</th><th>Model</th><th>Data</th><th>Steps</th>"
-            f"<th>Best eval loss</th><th>Compare</th></tr>{rows}</table>"
-            "<form id='compare' method='get' action='/compare'><button>Compare 2-4 selected runs</button></form>"
-            f"<h2>Waiting</h2><ul id='queue'>{queue}</ul>",
-        )
+        return page("Runs", runs_body(studio))
 
     @app.get("/compare", response_class=HTMLResponse)
     def compare_page(request: Request) -> HTMLResponse:
-        """2-4 runs: overlaid train and eval loss, best eval loss side by side, the config keys that differ."""
         names = request.query_params.getlist("run")
         if not 2 <= len(names) <= 4 or len(set(names)) != len(names):
             raise Refused(400, "choose 2 to 4 different runs to compare")
-        infos = [run_info(run_folder(runs, n), store) for n in names]
-        curves = {info["name"]: read_metrics(runs / info["name"]) for info in infos}
-        flat = [_flatten(info["config"]) for info in infos]
-        keys = sorted({k for f in flat for k in f if len({repr(g.get(k)) for g in flat}) > 1})
-        keys = [k for k in keys if k != "train.output_dir"]  # always differs: one folder per run
-        head = "".join(f"<th>{_e(n)}</th>" for n in names)
-        diff = "".join(
-            f"<tr><td>{_e(k)}</td>"
-            + "".join(f"<td>{_e(_hide_paths(str(f.get(k, '')), runs, data))}</td>" for f in flat)
-            + "</tr>"
-            for k in keys
-        )
-        best = "".join(f"<td>{_loss(info['best_eval_loss'])}</td>" for info in infos)
-        steps = "".join(f"<td>{_e(info['step'])}</td>" for info in infos)
-        return page(
-            "Compare runs",
-            f"{_svg_chart(curves)}<table id='metrics'><tr><th></th>{head}</tr><tr><td>best eval loss</td>{best}</tr>"
-            f"<tr><td>steps</td>{steps}</tr></table><h2>Config diff</h2>"
-            f"<table id='diff'><tr><th>key</th>{head}</tr>{diff or '<tr><td>no differences</td></tr>'}</table>",
-        )
+        return page("Compare runs", compare_body(studio, names))
 
     @app.get("/runs/{name}", response_class=HTMLResponse)
     def run_page(name: str) -> HTMLResponse:
-        folder = run_folder(runs, name)
-        info = run_info(folder, store)
-        job = store.latest(name)
-        tail = ""
-        if job is not None and Path(job.log).is_file():
-            with open(job.log, "rb") as f:
-                f.seek(max(0, Path(job.log).stat().st_size - LOG_TAIL_BYTES))
-                # Progress bars redraw with \r: each redraw is a line of its own, the last ones kept.
-                text = f.read().decode("utf-8", errors="replace").replace("\r", "\n")
-                tail = "\n".join(line for line in text.splitlines() if line.strip())
-        actions = ""
-        if job is not None and job.state == "running":
-            actions += f"<form method='post' action='/runs/{_e(name)}/stop'>{csrf_field()}<button id='stop'>Stop</button></form>"
-        elif info["status"] not in ("queued", "done"):
-            actions += f"<form method='post' action='/runs/{_e(name)}/resume'>{csrf_field()}<button id='resume'>Resume</button></form>"
-        checkpoints = "".join(f"<li>{_e(c)}</li>" for c in info["checkpoints"]) or "<li>none yet</li>"
-        best = _loss(info["best_eval_loss"])
-        body = (
-            f"<p>Status: <b id='status'>{_e(info['status'])}</b> · step <span id='progress'>{_e(info['step'])} / "
-            f"{_e(info['max_steps'])}</span> · best eval loss {best} · model {_e(info['model'])}</p>{actions}"
-            f"<p><label><input type='checkbox' id='logscale'> log scale</label> · <span id='points'>0</span> points "
-            "(<span style='color:#1f77b4'>train</span>, <span style='color:#d62728'>eval</span>)</p>"
-            f"<canvas id='chart' width='800' height='320' data-events='/runs/{_e(name)}/events' "
-            f"data-max-steps='{_e(info['max_steps'])}'></canvas>"
-            f"<h2>Command</h2><pre id='command'>{_e(_hide_paths(shlex.join(['qlora-llm', *job.command[3:]]) if job else '', runs, data))}</pre>"
-            f"<h2>Log</h2><pre id='log'>{_e(_hide_paths(tail, runs, data))}</pre>"
-            f"<h2>Checkpoints</h2><ul id='checkpoints'>{checkpoints}</ul>"
-            f"<h2>Config</h2><pre>{_e(_hide_paths(yaml.safe_dump(info['config'], sort_keys=False), runs, data))}</pre>"
-            "<script src='/static/chart.js'></script>"
-        )
-        return page(f"Run {name}", body)
+        return page(f"Run {name}", run_body(studio, name))
 
     @app.get("/runs/{name}/metrics")
     def run_metrics(name: str) -> JSONResponse:
@@ -371,11 +204,12 @@ def create_app(
 
     @app.get("/runs/{name}/events")
     async def run_events(name: str, request: Request) -> StreamingResponse:
-        """Server-sent events: every metrics.jsonl row (all of them, then each new one), and the status."""
+        """Server-sent events: every metrics.jsonl row (all of them, then each new one), the training's
+        status, and the run's jobs (an evaluation finishing re-renders the page with its report)."""
         folder = run_folder(runs, name)
 
         async def stream():
-            sent, status = 0, None
+            sent, status, jobs = 0, None, None
             yield "event: reset\ndata: {}\n\n"
             while not await request.is_disconnected():
                 rows = read_metrics(folder)
@@ -385,11 +219,14 @@ def create_app(
                 for row in rows[sent:]:
                     yield f"data: {json.dumps(row)}\n\n"
                 sent = len(rows)
-                job = store.latest(name)
-                now = job.state if job is not None else run_info(folder, store)["status"]
+                now = run_info(folder, store)["status"]
                 if now != status:
                     status = now
                     yield f"event: status\ndata: {now}\n\n"
+                states = jobs_signature(store.for_run(name))
+                if states != jobs:
+                    jobs = states
+                    yield f"event: jobs\ndata: {states}\n\n"
                 await asyncio.sleep(0.5)
 
         return StreamingResponse(
@@ -398,16 +235,17 @@ def create_app(
 
     @app.post("/runs/{name}/stop")
     def stop_run(name: str) -> Response:
+        """Stop the run's running job, whichever stage it is (training checkpoints at its next step)."""
         run_folder(runs, name)
-        job = store.latest(name)
-        if job is None or not worker.stop(job):
+        running = [j for j in store.for_run(name) if j.state == "running"]
+        if not running or not worker.stop(running[-1]):
             raise Refused(409, "the run is not running")
         return RedirectResponse(f"/runs/{name}", status_code=303)
 
     @app.post("/runs/{name}/resume")
     def resume_run(name: str) -> Response:
         run_folder(runs, name)
-        job = store.latest(name)
+        job = store.latest(name, "train")
         if job is None or job.state in ("queued", "running", "done"):
             raise Refused(409, "only a stopped, failed or interrupted studio run can be resumed")
         store.add(name, job.config, ["--resume", "auto"])
@@ -419,56 +257,162 @@ def create_app(
             raise Refused(409, "only a waiting job can be cancelled")
         return RedirectResponse("/", status_code=303)
 
-    def new_form(values: dict[str, str], errors: dict[str, str], command: str = "") -> str:
-        defaults = Config().model_dump(mode="json")
-        rows = []
-        name_error = errors.get("run_name", "")
-        rows.append(
-            f"<p><label>run name <input type='text' name='run_name' value='{_e(values.get('run_name', ''))}'></label>"
-            f" <span class='error' id='error-run_name'>{_e(name_error)}</span></p>"
-        )
-        section = None
-        for key, _, help_text in describe_keys():
-            if key in FIXED_KEYS:
-                continue
-            head, field = key.split(".")
-            if head != section:
-                rows.append(f"{'</fieldset>' if section else ''}<fieldset><legend>{_e(head)}</legend>")
-                section = head
-            value = values.get(key, form_value(defaults[head][field]))
-            error = errors.get(key, "")
-            rows.append(
-                f"<p><label>{_e(key)} <input type='text' name='{_e(key)}' value='{_e(value)}'></label> "
-                f"<span class='error' id='error-{_e(key)}'>{_e(error)}</span><br><span class='help'>{_e(help_text)}</span></p>"
-            )
-        rows.append("</fieldset>")
-        top = f"<p class='error'>{_e(errors[''])}</p>" if "" in errors else ""
-        shown = f"<h2>Equivalent command</h2><pre id='command'>{_e(command)}</pre>" if command else ""
-        return (
-            f"{top}{shown}<form method='post' action='/new' id='new-run'>{csrf_field()}"
-            f"<button>Launch</button>{''.join(rows)}<button>Launch</button></form>"
-        )
+    @app.post("/jobs/{job_id}/up")
+    def move_up(job_id: int) -> Response:
+        if not store.move(job_id, -1):
+            raise Refused(409, "only a waiting job can be moved")
+        return RedirectResponse("/", status_code=303)
+
+    @app.post("/jobs/{job_id}/down")
+    def move_down(job_id: int) -> Response:
+        if not store.move(job_id, 1):
+            raise Refused(409, "only a waiting job can be moved")
+        return RedirectResponse("/", status_code=303)
 
     @app.get("/new", response_class=HTMLResponse)
     def new_page() -> HTMLResponse:
-        return page("New run", new_form({}, {}))
+        return page("New run", new_form(studio, {}, {}))
 
     @app.post("/new")
     async def new_run(request: Request) -> Response:
         fields = {k: str(v) for k, v in (await request.form()).items() if k != "csrf"}
+        source = fields.pop("clone_of", "")
         cfg, errors, overrides = validate_form(fields, runs, data)
-        output = f"train.output_dir={runs / fields.get('run_name', '').strip()}"
+        name = fields.get("run_name", "").strip()
+        output = f"train.output_dir={runs / name}"
         typed = [o for o in overrides if not o.startswith("train.output_dir=")]
         # empty.yaml: an empty file, so every value not given is the default, as in the form.
-        command = _hide_paths(shlex.join(["qlora-llm", "train", "empty.yaml", *typed, output]), runs, data)
+        command = (source and clone.clone_command(studio, source, fields, [*typed, output])) or hide_paths(
+            shlex.join(["qlora-llm", "train", "empty.yaml", *typed, output]), runs, data
+        )
         if cfg is None:
-            return HTMLResponse(page("New run", new_form(fields, errors, command)).body, status_code=422)
-        name = fields["run_name"].strip()
+            body = new_form(studio, fields, errors, command, clone_of=source)
+            return page("New run", body, 422)
         (runs / name).mkdir(parents=True)
         store.add(name, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         return RedirectResponse(f"/runs/{name}", status_code=303)
 
+    evaluation.add_routes(app, studio)
+    stages.add_routes(app, studio)
+    clone.add_routes(app, studio)
     return app
+
+
+def jobs_signature(jobs: list[Job]) -> str:
+    """The run's jobs and their states in one line: when it changes, the run page renders again."""
+    return " ".join(f"{j.id}:{j.state}" for j in jobs)
+
+
+def runs_body(studio: Studio) -> str:
+    """Every run folder, whoever started it, with its evaluation where it has one; the waiting jobs."""
+    rows = "".join(
+        f"<tr><td><a href='/runs/{e(r['name'])}'>{e(r['name'])}</a></td><td class='status'>{e(r['status'])}</td>"
+        f"<td>{e(r['model'])}</td><td>{e(r['data'])}</td><td>{e(r['step'])} / {e(r['max_steps'])}</td>"
+        f"<td>{loss(r['best_eval_loss'])}</td><td class='task'>{e(evaluation.task_cell(r['evaluation']))}</td>"
+        f"<td class='general'>{e(evaluation.general_cell(r['evaluation']))}</td>"
+        f"<td><input type='checkbox' name='run' value='{e(r['name'])}' form='compare'></td></tr>"
+        for r in list_runs(studio.runs, studio.store)
+    )
+
+    def button(job: Job, action: str, label: str) -> str:
+        return (
+            f"<form method='post' action='/jobs/{job.id}/{action}' style='display:inline'>"
+            f"{studio.csrf_field()}<button class='{action}'>{label}</button></form>"
+        )
+
+    queue = "".join(
+        f"<li id='job-{j.id}'>job {j.id}: {e(j.run)} ({e(j.stage)}) "
+        + button(j, "up", "↑")
+        + button(j, "down", "↓")
+        + button(j, "cancel", "Cancel")
+        + "</li>"
+        for j in studio.store.queued()
+    )
+    return (
+        "<table id='runs'><tr><th>Run</th><th>Status</th><th>Model</th><th>Data</th><th>Steps</th>"
+        "<th>Best eval loss</th><th>Task metric (base → tuned)</th><th>General ability</th><th>Compare</th></tr>"
+        f"{rows}</table>"
+        "<form id='compare' method='get' action='/compare'><button>Compare 2-4 selected runs</button></form>"
+        f"<h2>Waiting</h2><ol id='queue'>{queue}</ol>"
+    )
+
+
+def run_body(studio: Studio, name: str) -> str:
+    """One run: status and actions, the live chart, its jobs with their commands, the log's tail,
+    checkpoints, the evaluation, the evaluate/merge/export forms and the resolved config."""
+    folder = run_folder(studio.runs, name)
+    info = run_info(folder, studio.store)
+    jobs = studio.store.for_run(name)
+    latest = jobs[-1] if jobs else None
+    actions = ""
+    if any(j.state == "running" for j in jobs):
+        actions += f"<form method='post' action='/runs/{e(name)}/stop'>{studio.csrf_field()}<button id='stop'>Stop</button></form>"
+    elif info["status"] not in ("queued", "done") and studio.store.latest(name, "train") is not None:
+        actions += f"<form method='post' action='/runs/{e(name)}/resume'>{studio.csrf_field()}<button id='resume'>Resume</button></form>"
+    if info["config"] or studio.store.latest(name, "train") is not None:
+        actions += f"<p><a id='clone' href='/runs/{e(name)}/clone'>Clone with changes</a></p>"
+    checkpoints = "".join(f"<li>{e(c)}</li>" for c in info["checkpoints"]) or "<li>none yet</li>"
+    job_rows = "".join(
+        f"<tr><td>{j.id}</td><td>{e(j.stage)}</td><td class='state'>{e(j.state)}</td>"
+        f"<td><code>{e(studio.hide_paths(shlex.join(['qlora-llm', *j.command[3:]])))}</code></td></tr>"
+        for j in jobs
+    )
+    return (
+        f"<p>Status: <b id='status'>{e(info['status'])}</b> · step <span id='progress'>{e(info['step'])} / "
+        f"{e(info['max_steps'])}</span> · best eval loss {loss(info['best_eval_loss'])} · model {e(info['model'])}</p>"
+        f"{actions}"
+        f"<p><label><input type='checkbox' id='logscale'> log scale</label> · <span id='points'>0</span> points "
+        "(<span style='color:#1f77b4'>train</span>, <span style='color:#d62728'>eval</span>)</p>"
+        f"<canvas id='chart' width='800' height='320' data-events='/runs/{e(name)}/events' "
+        f"data-max-steps='{e(info['max_steps'])}' data-jobs='{e(jobs_signature(jobs))}'></canvas>"
+        f"<h2>Command</h2><pre id='command'>{e(studio.hide_paths(shlex.join(['qlora-llm', *latest.command[3:]])) if latest else '')}</pre>"
+        f"<h2>Log</h2><pre id='log'>{e(studio.hide_paths(log_tail(latest)))}</pre>"
+        f"<h2>Jobs</h2><table id='jobs'><tr><th>job</th><th>stage</th><th>state</th><th>command</th></tr>{job_rows}</table>"
+        f"<h2>Checkpoints</h2><ul id='checkpoints'>{checkpoints}</ul>"
+        f"{evaluation.eval_section(name, info['evaluation'])}{stages.stage_forms(name, studio)}"
+        f"<h2>Config</h2><pre>{e(studio.hide_paths(yaml.safe_dump(info['config'], sort_keys=False)))}</pre>"
+        "<script src='/static/chart.js'></script>"
+    )
+
+
+def log_tail(job: Job | None) -> str:
+    if job is None or not Path(job.log).is_file():
+        return ""
+    with open(job.log, "rb") as f:
+        f.seek(max(0, Path(job.log).stat().st_size - LOG_TAIL_BYTES))
+        # Progress bars redraw with \r: each redraw is a line of its own, the last ones kept.
+        text = f.read().decode("utf-8", errors="replace").replace("\r", "\n")
+    return "\n".join(line for line in text.splitlines() if line.strip())
+
+
+def compare_body(studio: Studio, names: list[str]) -> str:
+    """2-4 runs: overlaid train and eval loss, their metrics side by side, the config keys that differ."""
+    infos = [run_info(run_folder(studio.runs, n), studio.store) for n in names]
+    curves = {info["name"]: read_metrics(studio.runs / info["name"]) for info in infos}
+    flat = [_flatten(info["config"]) for info in infos]
+    keys = sorted({k for f in flat for k in f if len({repr(g.get(k)) for g in flat}) > 1})
+    keys = [k for k in keys if k != "train.output_dir"]  # always differs: one folder per run
+    head = "".join(f"<th>{e(n)}</th>" for n in names)
+    diff = "".join(
+        f"<tr><td>{e(k)}</td>"
+        + "".join(f"<td>{e(studio.hide_paths(str(f.get(k, ''))))}</td>" for f in flat)
+        + "</tr>"
+        for k in keys
+    )
+
+    def row(label: str, cells: list[str]) -> str:
+        return f"<tr><td>{label}</td>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>"
+
+    metrics = (
+        row("best eval loss", [loss(i["best_eval_loss"]) for i in infos])
+        + row("steps", [str(i["step"]) for i in infos])
+        + row("task metric", [evaluation.task_cell(i["evaluation"]) for i in infos])
+        + row("general ability", [evaluation.general_cell(i["evaluation"]) for i in infos])
+    )
+    return (
+        f"{_svg_chart(curves)}<table id='metrics'><tr><th></th>{head}</tr>{metrics}</table><h2>Config diff</h2>"
+        f"<table id='diff'><tr><th>key</th>{head}</tr>{diff or '<tr><td>no differences</td></tr>'}</table>"
+    )
 
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
@@ -505,23 +449,12 @@ def _svg_chart(curves: dict[str, list[dict]], width: int = 800, height: int = 32
             pts = " ".join(xy(r["step"], r[key]) for r in rows if key in r)
             if pts:
                 lines.append(f"<polyline class='curve' fill='none' stroke='{color}'{dash} points='{pts}'/>")
-        legend.append(f"<span style='color:{color}'>{_e(name)}</span>")
+        legend.append(f"<span style='color:{color}'>{e(name)}</span>")
     return (
         f"<p>{' · '.join(legend)} (solid: train loss, dashed: eval loss; {y0:.4g} to {y1:.4g})</p>"
         f"<svg id='compare-chart' width='{width}' height='{height}'><rect x='{pad}' y='{pad}' "
         f"width='{width - 2 * pad}' height='{height - 2 * pad}' fill='none' stroke='#999'/>{''.join(lines)}</svg>"
     )
-
-
-def _loss(value: float | None) -> str:
-    return "" if value is None else f"{value:.4f}"
-
-
-def _hide_paths(text: str, runs: Path, data: Path) -> str:
-    """Pages show paths relative to the studio's folders, never where those folders are on the server."""
-    for root, label in ((runs.resolve(), "runs"), (data.resolve(), "data")):
-        text = text.replace(str(root), label)
-    return text
 
 
 def is_loopback(host: str) -> bool:

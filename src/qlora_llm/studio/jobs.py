@@ -1,7 +1,7 @@
 """The studio's jobs: an SQLite table of CLI subprocesses and the queue that runs them one at a time.
 
-A job is the command a user would type (`python -m qlora_llm.cli train CONFIG ...`), so the studio never
-does what the CLI cannot. Jobs belong to the studio process, not to a browser page: closing the page
+A job is the command a user would type (`python -m qlora_llm.cli train CONFIG ...`, or `evaluate`, `merge`,
+`export` on a run folder), so the studio never does what the CLI cannot. Jobs belong to the studio process, not to a browser page: closing the page
 changes nothing, and a studio restart marks jobs that were running as interrupted (resumable).
 """
 
@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     exit_code INTEGER,
     log TEXT NOT NULL,
     pid INTEGER,
-    stop_requested INTEGER NOT NULL DEFAULT 0
+    stop_requested INTEGER NOT NULL DEFAULT 0,
+    position REAL
 )
 """
 ACTIVE = ("queued", "running")
@@ -54,6 +56,12 @@ class Job:
     log: str
     pid: int | None
     stop_requested: bool
+    position: float | None  # queue order of waiting jobs; the job id until the user moves it
+
+    @property
+    def stage(self) -> str:
+        """The CLI command the job runs: train, evaluate, merge or export."""
+        return self.command[3] if len(self.command) > 3 else "train"
 
 
 class JobStore:
@@ -67,6 +75,9 @@ class JobStore:
         self.lock = threading.Lock()
         with self._db() as db:
             db.execute(SCHEMA)
+            # A jobs.db written before the queue could be reordered has no position column.
+            if "position" not in {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}:
+                db.execute("ALTER TABLE jobs ADD COLUMN position REAL")
 
     def _db(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30)
@@ -81,6 +92,13 @@ class JobStore:
 
     def add(self, run: str, config_yaml: str, extra_args: list[str] | None = None) -> Job:
         """Queue `train` on `config_yaml` (the whole resolved config) for the run folder `run`."""
+        return self._insert(run, config_yaml, lambda path: ["train", str(path), *(extra_args or [])])
+
+    def add_stage(self, run: str, args: list[str]) -> Job:
+        """Queue another stage on a run: `args` is the CLI command after `qlora-llm` (`evaluate RUN ...`)."""
+        return self._insert(run, "", lambda _: args)
+
+    def _insert(self, run: str, config_yaml: str, command_args: Callable[[Path], list[str]]) -> Job:
         with self.lock, self._db() as db:
             cur = db.execute(
                 "INSERT INTO jobs (run, state, command, config, created, log) VALUES (?, 'queued', '[]', ?, ?, '')",
@@ -88,12 +106,13 @@ class JobStore:
             )
             job_id = cur.lastrowid
             config_path = self.home / "configs" / f"{job_id}.yaml"
-            config_path.write_text(config_yaml, encoding="utf-8")
-            command = [sys.executable, "-m", "qlora_llm.cli", "train", str(config_path), *(extra_args or [])]
+            if config_yaml:
+                config_path.write_text(config_yaml, encoding="utf-8")
+            command = [sys.executable, "-m", "qlora_llm.cli", *command_args(config_path)]
             log_path = self.home / "logs" / f"{job_id}.log"
             db.execute(
-                "UPDATE jobs SET command = ?, log = ? WHERE id = ?",
-                (json.dumps(command), str(log_path), job_id),
+                "UPDATE jobs SET command = ?, log = ?, position = ? WHERE id = ?",
+                (json.dumps(command), str(log_path), job_id, job_id),
             )
         return self.get(job_id)
 
@@ -109,13 +128,30 @@ class JobStore:
     def for_run(self, run: str) -> list[Job]:
         return [j for j in self.all() if j.run == run]
 
-    def latest(self, run: str) -> Job | None:
-        jobs = self.for_run(run)
+    def latest(self, run: str, stage: str | None = None) -> Job | None:
+        jobs = [j for j in self.for_run(run) if stage is None or j.stage == stage]
         return jobs[-1] if jobs else None
 
     def queued(self) -> list[Job]:
-        """Waiting jobs in the order they will start: first queued, first run."""
-        return [j for j in self.all() if j.state == "queued"]
+        """Waiting jobs in the order they will start: first queued, first run, unless the user moved one."""
+        with self._db() as db:
+            rows = db.execute("SELECT * FROM jobs WHERE state = 'queued' ORDER BY COALESCE(position, id), id")
+            return [self._job(r) for r in rows]
+
+    def move(self, job_id: int, offset: int) -> bool:
+        """Move a waiting job `offset` places in the queue (-1: one earlier); False if it is not waiting."""
+        with self.lock, self._db() as db:
+            rows = db.execute(
+                "SELECT id FROM jobs WHERE state = 'queued' ORDER BY COALESCE(position, id), id"
+            ).fetchall()
+            order = [r["id"] for r in rows]
+            if job_id not in order:
+                return False
+            old = order.index(job_id)
+            order.insert(max(0, min(len(order) - 1, old + offset)), order.pop(old))
+            # Renumber the whole queue: positions stay distinct however often jobs move.
+            db.executemany("UPDATE jobs SET position = ? WHERE id = ?", list(enumerate(order)))
+        return True
 
     def set(self, job_id: int, **values: object) -> None:
         sets = ", ".join(f"{k} = ?" for k in values)

@@ -55,5 +55,9 @@
   source.addEventListener("status", (event) => {
     if (status && status.textContent !== event.data) location.reload();
   });
+  // Likewise when one of the run's jobs (an evaluation, a merge, an export) is queued, starts or ends.
+  source.addEventListener("jobs", (event) => {
+    if (canvas.dataset.jobs !== undefined && canvas.dataset.jobs !== event.data) location.reload();
+  });
   draw();
 })();
