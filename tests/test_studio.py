@@ -302,7 +302,7 @@ def test_run_page_shows_its_evaluation_and_serves_the_report_safely(tmp_path):
     section = re.search(r"<div id='evaluation'>.*?</div>", page, re.S).group(0)
     # The task metric base vs tuned, the general-ability mean with its interval and verdict, each task, KL.
     assert re.search(r"ROUGE-L F1</td><td>0\.1123</td><td>0\.1543</td><td>\+0\.042", section)
-    assert "perplexity (answers)</td><td>35.551</td><td>32.242" in section
+    assert "perplexity (answers)</td><td>35.551</td><td>32.242</td><td>-3.309 (-9%)" in section
     assert re.search(
         r"mean acc</td><td>62%</td><td>63%</td><td>\+0\.5 points \(95% CI -1\.0 to \+2\.0\)", section
     )

@@ -1,5 +1,6 @@
 """The studio end to end in a real Chromium (Debian's, driven by Playwright): form -> live chart -> stop ->
-resume -> done, on the tiny test model. Screenshots land in the test's tmp folder.
+resume -> done -> evaluate (the report in the page) -> clone with changes -> compare, on the tiny test
+model. Screenshots land in the test's tmp folder.
 
     .venv/bin/pytest tests/test_studio_browser.py -q
 """
@@ -107,6 +108,10 @@ def test_launch_watch_stop_resume_in_chromium(studio, tmp_path, tiny_mistral, ti
         "train.learning_rate": "0.01",
         "train.warmup_ratio": "0",
         "train.early_stopping_patience": "0",
+        # The evaluation the run page queues later: a few short answers, no benchmark prompts.
+        "eval.max_new_tokens": "4",
+        "eval.speed_runs": "1",
+        "eval.benchmark_prompts": "null",
         "lora.r": "0",  # invalid: the form must say so beside the field
     }
     with sync_api.sync_playwright() as p:
@@ -174,5 +179,36 @@ def test_launch_watch_stop_resume_in_chromium(studio, tmp_path, tiny_mistral, ti
         page.goto(url + "/")
         expect(page.locator("#runs")).to_contain_text("done")
         page.screenshot(path=str(shots / "runs.png"), full_page=True)
+
+        # Evaluate from the run page: a queued `qlora-llm evaluate` job; when it ends, the page shows the
+        # figures base vs tuned and embeds the report.
+        page.goto(url + "/runs/browser")
+        page.fill("#evaluate-form input[name=max_examples]", "2")
+        page.check("#evaluate-form input[name=skip_general]")
+        page.click("#evaluate")
+        page.wait_for_selector("#eval-metrics")
+        expect(page.locator("#jobs")).to_contain_text("qlora-llm evaluate runs/browser eval.max_examples=2")
+        expect(page.locator("#eval-metrics")).to_contain_text("ROUGE-L F1")
+        expect(page.frame_locator("#report").locator(".headline")).not_to_be_empty()
+        assert (runs / "browser" / "eval" / "report.html").is_file()
+        page.screenshot(path=str(shots / "run-evaluated.png"), full_page=True)
+        page.goto(url + "/")
+        expect(page.locator("#runs .task")).to_contain_text("ROUGE-L F1")
+
+        # Clone with changes: the form holds the run's settings; the clone trains 4 steps in its own folder.
+        page.goto(url + "/runs/browser")
+        page.click("#clone")
+        expect(page.locator("input[name='train.max_steps']")).to_have_value(str(STEPS))
+        expect(page.locator("input[name='run_name']")).to_have_value("browser-2")
+        page.fill("input[name='train.max_steps']", "4")
+        page.click("#new-run button")
+        page.wait_for_url(url + "/runs/browser-2")
+        page.wait_for_function("document.getElementById('status').textContent === 'done'")
+        page.screenshot(path=str(shots / "clone-done.png"), full_page=True)
+
+        page.goto(url + "/compare?run=browser&run=browser-2")
+        expect(page.locator("#diff")).to_contain_text("train.max_steps")
+        expect(page.locator("#diff")).not_to_contain_text("lora.r")
+        page.screenshot(path=str(shots / "compare.png"), full_page=True)
         browser.close()
-    assert len(list(shots.glob("*.png"))) == 5
+    assert len(list(shots.glob("*.png"))) == 8

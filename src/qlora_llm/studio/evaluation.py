@@ -137,7 +137,8 @@ def _change(row: dict[str, Any]) -> str:
         return "-"
     if row["format"] == "{:.0%}":
         return _points(row["change"])
-    text = f"{row['change']:+.4g}"
+    sign = "+" if row["change"] >= 0 else "-"
+    text = sign + _value(abs(row["change"]), row["format"])
     return text + (f" ({row['relative']:+.0%})" if row["relative"] is not None else "")
 
 
