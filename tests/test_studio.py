@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -488,3 +489,92 @@ def test_a_jobs_db_from_before_reordering_still_opens(tmp_path):
     store.add("new", "")
     assert [j.run for j in store.queued()] == ["old", "new"]
     assert store.move(2, -1) and [j.run for j in store.queued()] == ["new", "old"]
+
+
+FAKE_SERVER = """
+import json, os, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"status": "ok", "model": "run", "models": ["run", "base"]}).encode()
+        self.send_response(200); self.end_headers(); self.wfile.write(body)
+
+    def do_POST(self):
+        request = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        if self.headers["authorization"] != "Bearer " + os.environ["QLORA_LLM_API_KEY"]:
+            self.send_response(401); self.end_headers(); return
+        if request["max_tokens"] > 100:
+            self.send_response(422); self.end_headers()
+            self.wfile.write(b'{"error": {"message": "max_tokens: must be between 1 and 100"}}'); return
+        self.send_response(200); self.send_header("content-type", "text/event-stream"); self.end_headers()
+        for word in (request["model"], request["messages"][0]["content"], json.dumps(request["temperature"])):
+            chunk = {"choices": [{"delta": {"content": word + " "}, "finish_reason": None}]}
+            self.wfile.write(("data: " + json.dumps(chunk) + "\\n\\n").encode())
+        self.wfile.write(b"data: [DONE]\\n\\n")
+
+HTTPServer(("127.0.0.1", int(sys.argv[sys.argv.index("--port") + 1])), Handler).serve_forever()
+"""
+
+
+def test_chat_playground_relays_base_and_tuned_through_the_model_server(tmp_path, monkeypatch):
+    import time
+
+    from qlora_llm.studio.chat import Playground
+
+    cli_run(tmp_path, "a")
+    (tmp_path / "fresh").mkdir()
+    server = tmp_path / "fake_server.py"
+    server.write_text(FAKE_SERVER)
+    c = client(tmp_path, api_key=KEY)
+    for path in ("/runs/a/chat", "/runs/a/chat/status"):
+        assert c.get(path).status_code == 401
+    assert c.post("/runs/a/chat/start", data={"csrf": csrf(c)}).status_code == 401
+    c.post("/login", data={"key": KEY})
+    page = c.get("/runs/a/chat").text
+    assert "qlora-llm serve runs/a --host 127.0.0.1" in page and str(tmp_path) not in page
+    # `qlora-llm serve RUN --host 127.0.0.1 --port P` replaced by a stand-in server: no model to load.
+    monkeypatch.setattr(
+        Playground, "command", lambda self, run, port: [sys.executable, str(server), "--port", str(port)]
+    )
+    assert c.get("/runs/a/chat/status").json() == {"state": "stopped"}
+    ask = {"model": "run", "prompt": "hello", "temperature": "0.5", "max_tokens": "8"}
+    assert c.post("/runs/a/chat/complete", json=ask, headers={"x-csrf-token": csrf(c)}).status_code == 409
+    assert c.post("/runs/fresh/chat/start", data={"csrf": csrf(c)}).status_code == 409  # nothing trained yet
+
+    assert c.post("/runs/a/chat/start", data={"csrf": csrf(c)}).status_code == 303
+    try:
+        deadline = time.monotonic() + 30
+        while (status := c.get("/runs/a/chat/status").json())["state"] == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert status == {"state": "ready", "tuned": "run", "models": ["run", "base"]}
+        for model in ("run", "base"):
+            answer = c.post(
+                "/runs/a/chat/complete", json=ask | {"model": model}, headers={"x-csrf-token": csrf(c)}
+            )
+            words = [
+                json.loads(line[6:])["choices"][0]["delta"]["content"]
+                for line in answer.text.splitlines()
+                if line.startswith("data: {")
+            ]
+            assert answer.status_code == 200 and words == [
+                f"{model} ",
+                "hello ",
+                "0.5 ",
+            ]  # sampling passed on
+        refused = [
+            (ask | {"model": "other"}, 422, "model: one of run, base"),
+            (ask | {"prompt": " "}, 422, "write a message"),
+            (ask | {"temperature": "warm"}, 422, "temperature: a number"),
+            (ask | {"max_tokens": "500"}, 422, "between 1 and 100"),  # the server's own error, passed on
+        ]
+        for body, code, message in refused:
+            response = c.post("/runs/a/chat/complete", json=body, headers={"x-csrf-token": csrf(c)})
+            assert response.status_code == code and message in response.text, body
+        assert c.post("/runs/a/chat/complete", json=ask).status_code == 403  # CSRF
+        assert c.get("/runs/fresh/chat/status").json() == {"state": "stopped"}  # one playground: run a's
+    finally:
+        process = c.app.state.playground.process
+        assert c.post("/runs/a/chat/stop", data={"csrf": csrf(c)}).status_code == 303
+    assert process.poll() is not None and c.get("/runs/a/chat/status").json() == {"state": "stopped"}

@@ -1,6 +1,6 @@
 """The studio end to end in a real Chromium (Debian's, driven by Playwright): form -> live chart -> stop ->
-resume -> done -> evaluate (the report in the page) -> clone with changes -> compare, on the tiny test
-model. Screenshots land in the test's tmp folder.
+resume -> done -> evaluate (the report in the page) -> clone with changes -> compare -> chat (base vs
+fine-tuned), on the tiny test model. Screenshots land in the test's tmp folder.
 
     .venv/bin/pytest tests/test_studio_browser.py -q
 """
@@ -210,5 +210,23 @@ def test_launch_watch_stop_resume_in_chromium(studio, tmp_path, tiny_mistral, ti
         expect(page.locator("#diff")).to_contain_text("train.max_steps")
         expect(page.locator("#diff")).not_to_contain_text("lora.r")
         page.screenshot(path=str(shots / "compare.png"), full_page=True)
+
+        # Chat: the studio starts `qlora-llm serve runs/browser`; base and fine-tuned answer side by side.
+        page.goto(url + "/runs/browser")
+        page.click("#chat-link")
+        page.click("#chat-start")
+        page.wait_for_function("document.getElementById('chat-state').textContent === 'ready'")
+        expect(page.locator("#tuned-model")).to_have_text("fine-tuned: browser")
+        expect(page.locator("#base-model")).to_contain_text("base: ")
+        page.fill("#prompt", "What comes after a?")
+        page.fill("input[name=max_tokens]", "6")
+        page.click("#send")
+        for side in ("base", "tuned"):
+            page.wait_for_function(f"document.getElementById('{side}-answer').dataset.done === '1'")
+            expect(page.locator(f"#{side}-finish")).to_contain_text("finish: ")
+        assert page.locator("#chat-error").text_content() == ""
+        page.screenshot(path=str(shots / "chat.png"), full_page=True)
+        page.click("#chat-stop")
+        page.wait_for_function("document.getElementById('chat-state').textContent === 'stopped'")
         browser.close()
-    assert len(list(shots.glob("*.png"))) == 8
+    assert len(list(shots.glob("*.png"))) == 9

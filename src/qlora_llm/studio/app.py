@@ -1,7 +1,8 @@
 """The studio's web app: login, runs list, run page (live chart over SSE), new-run form; see __init__.py.
 
 The pages of their own live beside it: evaluation.py (a run's evaluation report), stages.py (evaluate,
-merge and export jobs), clone.py (clone with changes), form.py (the config form), web.py (what they share).
+merge and export jobs), clone.py (clone with changes), chat.py (the chat playground), form.py (the config
+form), web.py (what they share).
 
 Security model: loopback by default (cli.py refuses another address without a key); with a key, every
 route but /login and /static needs the login cookie (or `Authorization: Bearer KEY`); every POST carries
@@ -27,7 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from qlora_llm.studio import clone, evaluation, stages
+from qlora_llm.studio import chat, clone, evaluation, stages
 from qlora_llm.studio.form import new_form, validate_form
 from qlora_llm.studio.jobs import Job, JobStore, Worker
 from qlora_llm.studio.web import Refused, Studio, e, hide_paths, loss, page, run_folder
@@ -107,12 +108,14 @@ def create_app(
     csrf_token = hmac.new(secret, b"csrf", hashlib.sha256).hexdigest()
     session = hmac.new(secret, (api_key or "").encode(), hashlib.sha256).hexdigest()
     studio = Studio(runs, data, store, worker, csrf_token)
+    playground = chat.Playground(store.home)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         if start_worker:
             worker.start()
         yield
+        playground.stop()
         if start_worker:
             worker.close()
 
@@ -120,6 +123,7 @@ def create_app(
     app.state.store = store
     app.state.worker = worker
     app.state.csrf = csrf_token
+    app.state.playground = playground
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     def signed_in(request: Request) -> bool:
@@ -295,6 +299,7 @@ def create_app(
     evaluation.add_routes(app, studio)
     stages.add_routes(app, studio)
     clone.add_routes(app, studio)
+    chat.add_routes(app, studio, playground)
     return app
 
 
@@ -350,7 +355,10 @@ def run_body(studio: Studio, name: str) -> str:
     elif info["status"] not in ("queued", "done") and studio.store.latest(name, "train") is not None:
         actions += f"<form method='post' action='/runs/{e(name)}/resume'>{studio.csrf_field()}<button id='resume'>Resume</button></form>"
     if info["config"] or studio.store.latest(name, "train") is not None:
-        actions += f"<p><a id='clone' href='/runs/{e(name)}/clone'>Clone with changes</a></p>"
+        actions += (
+            f"<p><a id='clone' href='/runs/{e(name)}/clone'>Clone with changes</a> · "
+            f"<a id='chat-link' href='/runs/{e(name)}/chat'>Chat: base vs fine-tuned</a></p>"
+        )
     checkpoints = "".join(f"<li>{e(c)}</li>" for c in info["checkpoints"]) or "<li>none yet</li>"
     job_rows = "".join(
         f"<tr><td>{j.id}</td><td>{e(j.stage)}</td><td class='state'>{e(j.state)}</td>"
