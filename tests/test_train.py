@@ -754,7 +754,7 @@ def test_checkpointing_auto_takes_the_fewest_layers_that_fit(
 
     cfg = tiny_cfg(tiny_mistral, tiny_data, tmp_path / "run", "train.max_steps=1", "train.save_steps=1")
     model_config, _ = qplan.load_model_config(str(tiny_mistral))
-    setup = qplan._setup(cfg, "cpu")
+    setup = qplan._setup(cfg, "cpu", lengths=qplan.example_lengths(cfg))  # as train plans: its data's longest
 
     def whole_run(every: int) -> int:
         """The plan's budget: the stage its verdict is on (training), with this checkpointing."""

@@ -606,8 +606,40 @@ def _available_memory(device: str) -> int | None:
         return None
 
 
-def _setup(cfg: Config, device: str, processes: int = 1) -> dict[str, Any]:
-    """The estimate's keyword arguments, resolved from the config for this device."""
+def example_lengths(cfg: Config) -> list[int] | None:
+    """Token lengths of the run's training and eval examples as train.py tokenizes them, or None.
+
+    Batches are padded to their longest row, never to data.max_seq_length: on ACLSum (longest example
+    347 Mistral tokens) a plan at max_seq_length=512 was 32% over the measured peak of the 7B check on an
+    H200 (bench/gpu_check.py), 3.5% over at the data's longest. SFT without packing only (packed rows
+    and preference pairs fill other shapes); None when the data or tokenizer cannot be read here.
+    """
+    if cfg.train.method != "sft" or cfg.train.packing:
+        return None
+    files = [f for f in (cfg.data.train_file, cfg.data.eval_file) if f]
+    try:
+        from qlora_llm.model import load_tokenizer
+        from qlora_llm.templates import render, resolve_template
+        from qlora_llm.train import load_examples
+
+        m = cfg.model
+        records = [r for f in files if Path(f).is_file() for r in load_examples(Path(f))]
+        if not records:
+            return None
+        tokenizer = load_tokenizer(m.name, m.revision, m.cache_dir, m.trust_remote_code)
+        template = resolve_template(m.template, tokenizer)
+        texts = [(lambda r: r.prompt + r.completion)(render(rec, template, tokenizer)) for rec in records]
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+    except Exception as err:  # a plan from the config alone is still a plan
+        log.debug("planning at data.max_seq_length: the examples could not be measured (%s)", err)
+        return None
+
+
+def _setup(cfg: Config, device: str, processes: int = 1, lengths: list[int] | None = None) -> dict[str, Any]:
+    """The estimate's keyword arguments, resolved from the config for this device.
+
+    `lengths` (example_lengths): the sequence length is then the longest example train.py keeps (it
+    drops, not cuts, those over data.max_seq_length), not max_seq_length itself."""
     compute = cfg.model.compute_dtype
     if compute == "auto" and device == "cuda":
         # bf16 and fp16 are both 2 bytes, so CUDA without bf16 (model.pick_compute_dtype) plans the same.
@@ -623,7 +655,9 @@ def _setup(cfg: Config, device: str, processes: int = 1) -> dict[str, Any]:
         "lora_r": cfg.lora.r,
         "target_modules": list(cfg.lora.target_modules),
         "batch_size": cfg.train.batch_size,
-        "seq_len": cfg.data.max_seq_length,
+        "seq_len": max(
+            (n for n in lengths or [] if n <= cfg.data.max_seq_length), default=cfg.data.max_seq_length
+        ),
         # "auto" until _resolve_checkpointing decides, with the memory at hand.
         "gradient_checkpointing": cfg.train.gradient_checkpointing,
         "every_n_layers": 1,
@@ -948,14 +982,23 @@ def plan(
     else:
         basis = f"{_gib(memory)} GiB {'given' if device_memory_bytes is not None else 'in total'}"
 
+    lengths = example_lengths(cfg)
+
     def estimate(c: Config) -> MemoryEstimate:
-        resolved, _ = _resolve_checkpointing(model_config, _setup(c, device, processes), decide)
+        resolved, _ = _resolve_checkpointing(model_config, _setup(c, device, processes, lengths), decide)
         step = estimate_memory(model_config, **resolved)
         # A suggestion must make training fit, in-training evaluation included.
         ran = [st.peak for st in estimate_stages(model_config, c, resolved) if st.name in VERDICT_STAGES]
         return replace(step, loading=max(step.peak, *ran))
 
-    setup, checkpointing = _resolve_checkpointing(model_config, _setup(cfg, device, processes), decide)
+    setup, checkpointing = _resolve_checkpointing(
+        model_config, _setup(cfg, device, processes, lengths), decide
+    )
+    if setup["seq_len"] < cfg.data.max_seq_length:
+        notes.append(
+            f"batches are padded to their longest row: the longest example train.py keeps is "
+            f"{setup['seq_len']} tokens (data.max_seq_length={cfg.data.max_seq_length}), so {setup['seq_len']} is planned"
+        )
     if checkpointing.startswith("auto"):
         checkpointing += f", decided on {basis}"
     est = estimate_memory(model_config, **setup)
