@@ -36,7 +36,7 @@ def test_the_notebook_is_clean_and_has_a_parameters_cell():
 @pytest.mark.slow
 def test_quickstart_notebook_runs_on_the_builtin_model(smollm2_cache, tmp_path):
     out = tmp_path / "quickstart"
-    parameters = f"OUT = {str(out)!r}\nCACHE = {str(smollm2_cache)!r}\nSTEPS = 2\nEXAMPLES = 2\n"
+    parameters = f"OUT = {str(out)!r}\nCACHE = {str(smollm2_cache)!r}\nSTEPS = 2\nEXAMPLES = 2\nGENERAL = 4\n"
     done = subprocess.run(
         [sys.executable, "-c", code_cells(parameters)], cwd=ROOT, capture_output=True, text=True, timeout=900
     )
