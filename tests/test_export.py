@@ -14,8 +14,11 @@ import pytest
 from qlora_llm.export import (
     CHECK_CONVERSATIONS,
     MISTRAL_JINJA,
+    VERIFY_LIMITS,
     ExportError,
     check_vllm_adapter,
+    compare_logits,
+    divergence,
     export,
     ollama_template,
     render_jinja,
@@ -184,13 +187,45 @@ def test_an_export_that_fails_leaves_nothing_under_its_name(tiny_run, tmp_path):
     assert not [p for p in bad.iterdir() if p.name.startswith(".export-vllm")]
 
 
+def test_near_ties_may_flip_but_a_decisive_flip_or_a_large_kl_is_a_divergence():
+    """The teacher-forced check on logits with near-ties: rounding flips a near-tie, never a clear choice."""
+    import torch
+
+    torch.manual_seed(0)
+    reference = torch.randn(40, 50)
+    reference[:20, 7] = (
+        reference[:20].max(-1).values + 3.0
+    )  # 20 decisive positions: token 7 leads by >= 3 nats
+    top = reference[20:].max(-1).values
+    reference[20:, 3], reference[20:, 4] = top + 1.0, top + 1.0 - 1e-3  # 20 near-ties: 3 leads 4 by 0.001
+    rounded = reference.clone()
+    rounded[20:, 4] += 2e-3  # what f16 rounding can do: every near-tie flips
+    figures = compare_logits(reference, rounded)
+    assert (figures["decisive"], figures["decisive_flips"], figures["near_tie_flips"]) == (20, 0, 20)
+    assert figures["decisive_agreement"] == 1.0 and figures["top1_agreement"] == 0.5
+    assert figures["largest_flipped_lead"] == pytest.approx(1e-3, abs=1e-5)
+    assert divergence(figures, VERIFY_LIMITS["f16"]) is None  # free-running greedy text would part here
+
+    wrong = reference.clone()
+    wrong[:2, 7] -= 6.0  # two clear choices changed: a different model, not rounding
+    figures = compare_logits(reference, wrong)
+    assert figures["decisive_flips"] == 2 and figures["decisive_agreement"] == 0.9
+    assert 0.001 < figures["mean_kl"] < 0.3  # within 4-bit's allowance, far outside f16's
+    assert divergence(figures, VERIFY_LIMITS["q4_k_m"]) is None
+    assert divergence(figures, VERIFY_LIMITS["f16"]) == (
+        "top-1 agreement 90.0% on the 20 decisive positions (lead >= 1.0 nats; 2 flipped), below the 100% required; "
+        f"mean KL {figures['mean_kl']:.3g} nats, above the 0.001 allowed"
+    )
+
+
 @pytest.mark.slow
-def test_a_real_run_exported_to_gguf_answers_in_llama_cpp_as_in_transformers(
+def test_a_real_run_exported_to_gguf_computes_in_llama_cpp_what_it_computes_in_transformers(
     smollm2_run, tmp_path, go_render
 ):
-    """The real SmolLM2 run, through llama.cpp's converter and its own llama-completion (built here from the
-    pinned source): f16 gives transformers' greedy tokens and stops on the same EOS; q8_0 and the Ollama
-    q4_k_m export run and their agreement is recorded; the GGUF adapter loads with --lora."""
+    """The real SmolLM2 run, through llama.cpp's converter and its own tools (built here from the pinned
+    source): on the same tokens (benchmark prompts with transformers' greedy answers), each GGUF's logits
+    agree with transformers' within its format's limits, and EXPORT.md says by how much; the Ollama
+    q4_k_m export renders our template in Go; the GGUF adapter loads with --lora."""
     from gguf import GGUFReader
     from transformers import AutoTokenizer
 
@@ -198,21 +233,26 @@ def test_a_real_run_exported_to_gguf_answers_in_llama_cpp_as_in_transformers(
     run = tmp_path / "run"
     shutil.copytree(smollm2_run, run, ignore=shutil.ignore_patterns("checkpoint-*", "merged", "eval"))
     f16 = export(run, "gguf", quant="f16", out_dir=tmp_path / "f16", device="cpu")
-    greedy = f16.verification["greedy"]
-    assert greedy["prompts"] == 4 and greedy["all_agree"], greedy
-    assert greedy["transformers_stopped"] >= 1
-    assert (
-        greedy["stopped_together"] == greedy["transformers_stopped"]
-    )  # the GGUF's EOS ends answers as ours do
+    forced = f16.verification["teacher_forced"]
+    assert forced["texts"] == 4 and forced["tokenized_alike"] == 4 and forced["positions"] >= 40
+    assert forced["decisive_agreement"] == 1.0 and forced["mean_kl"] < 1e-3, forced
+    assert forced["max_abs_logprob_diff"] < 0.1  # f16 weights round log-probs by hundredths, no more
+    assert len(f16.verification["greedy"]["agree_on_first"]) == 4  # free-running: reported
     reader = GGUFReader(str(tmp_path / "f16" / f16.files[0]))
     assert reader.fields["tokenizer.chat_template"].contents().startswith("{% for message in messages %}")
-    assert "agreeing tokens per prompt" in (tmp_path / "f16" / "EXPORT.md").read_text()
+    md = (tmp_path / "f16" / "EXPORT.md").read_text()
+    assert f"top-1 agreement 100.0% on the {forced['decisive']} decisive positions" in md
 
     q8 = export(run, "gguf", quant="q8_0", out_dir=tmp_path / "q8", device="cpu")
     assert (tmp_path / "q8" / q8.files[0]).stat().st_size < 0.6 * (
         tmp_path / "f16" / f16.files[0]
     ).stat().st_size
-    assert len(q8.verification["greedy"]["agree_on_first"]) == 4
+    # 8-bit weights cost more than f16 rounding, and less than its limit.
+    assert (
+        forced["mean_kl"]
+        < q8.verification["teacher_forced"]["mean_kl"]
+        < VERIFY_LIMITS["q8_0"]["max_mean_kl"]
+    )
 
     ollama = export(run, "ollama", quant="q4_k_m", out_dir=tmp_path / "ollama", device="cpu", verify=False)
     modelfile = (tmp_path / "ollama" / "Modelfile").read_text()
@@ -228,7 +268,38 @@ def test_a_real_run_exported_to_gguf_answers_in_llama_cpp_as_in_transformers(
 
     lora = export(run, "gguf", adapter_only=True, out_dir=tmp_path / "lora", device="cpu")
     assert GGUFReader(str(tmp_path / "lora" / lora.files[0])).fields["general.type"].contents() == "adapter"
-    assert len(lora.verification["greedy"]["agree_on_first"]) == 4
+    assert lora.verification["teacher_forced"]["decisive_agreement"] == 1.0
+
+
+@pytest.mark.slow
+def test_a_gguf_that_computes_another_model_is_refused_and_nothing_is_written(
+    smollm2_run, tmp_path, monkeypatch
+):
+    """A real divergence (here: the final norm's sign flipped in what the converter reads) is refused."""
+    from safetensors.torch import load_file, save_file
+
+    import qlora_llm.export as qexport
+
+    run = tmp_path / "run"  # its merged folder too, when the merge test made one: the export reuses it
+    shutil.copytree(smollm2_run, run, ignore=shutil.ignore_patterns("checkpoint-*", "eval", "export-*"))
+    stage_for_converter = qexport._stage_for_converter
+
+    def broken_stage(merged, stage, jinja):
+        stage_for_converter(merged, stage, jinja)
+        weights = load_file(stage / "model.safetensors")
+        weights["model.norm.weight"] = -weights["model.norm.weight"]
+        (stage / "model.safetensors").unlink()  # a link to the merged model, which must stay as it is
+        save_file(weights, stage / "model.safetensors", metadata={"format": "pt"})
+
+    monkeypatch.setattr(qexport, "_stage_for_converter", broken_stage)
+    with pytest.raises(
+        ExportError,
+        match=r"^the f16 GGUF does not compute the model it was made from: on the same tokens \(\d+ answer "
+        r"positions of 4 benchmark prompts\), llama.cpp's logits differ from transformers': top-1 agreement "
+        r"0\.0% on the \d+ decisive positions .* Nothing was written\.$",
+    ):
+        export(run, "gguf", quant="f16", out_dir=tmp_path / "f16", device="cpu")
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
 
 
 def test_an_export_that_dies_mid_write_leaves_the_previous_one_intact(tiny_run, tmp_path, monkeypatch):

@@ -280,11 +280,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         model_cfg=cfg.model,
         device=cfg.model.device,
     )
-    greedy = result.verification.get("greedy")
-    if greedy:
+    forced = result.verification.get("teacher_forced")
+    if forced:
         print(
-            f"llama.cpp vs transformers, greedy: agreeing tokens per prompt {greedy['agree_on_first']} "
-            f"of {greedy['answer_tokens']}"
+            f"llama.cpp vs transformers on the same tokens: top-1 agreement {forced['decisive_agreement']:.1%} "
+            f"where decisive, {forced['top1_agreement']:.1%} overall; mean KL {forced['mean_kl']:.2g}"
         )
     print(f"exported to {result.out_dir} (see EXPORT.md there); run it with:")
     for command in result.commands:

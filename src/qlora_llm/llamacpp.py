@@ -3,7 +3,8 @@
 Debian has no llama.cpp package and the Hub is not always reachable, but the `llama-cpp-python` source
 distribution on PyPI vendors one consistent llama.cpp (`vendor/llama.cpp/`): the converters
 (`convert_hf_to_gguf.py`, `convert_lora_to_gguf.py`), the `gguf-py` they were written against, and the
-C++ sources of `llama-quantize` and `llama-completion`. We take that tree once into the user's cache,
+C++ sources of `llama-quantize`, `llama-completion` and `llama-results` (the logits at every position of a
+text, which is what the teacher-forced export check compares). We take that tree once into the user's cache,
 run its converters with its own `gguf-py` (a newer or older `gguf` wheel silently writes other keys),
 and build the two tools from it with cmake, CPU only, only those targets, once per machine. Nothing
 here maps a tensor by hand: a model llama.cpp's converter does not know is refused by it, with its
@@ -28,6 +29,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from qlora_llm.atomic import atomic_dir
 from qlora_llm.errors import QloraError
@@ -36,7 +38,7 @@ log = logging.getLogger(__name__)
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 """The llama-cpp-python source distribution whose vendored llama.cpp we use (one version, all tools)."""
-TOOLS = ("llama-quantize", "llama-completion")
+TOOLS = ("llama-quantize", "llama-completion", "llama-results")
 # Only what the tools need: no tests, examples, server (its web UI would be downloaded), HTTPS or curl.
 CMAKE_FLAGS = (
     "-DCMAKE_BUILD_TYPE=Release",
@@ -174,7 +176,7 @@ class LlamaCpp:
         generator = ["-G", "Ninja"] if shutil.which("ninja") else []
         jobs = str(os.cpu_count() or 2)
         start = time.perf_counter()
-        log.info("building llama.cpp's %s from source, once (a few minutes per core)...", " and ".join(TOOLS))
+        log.info("building llama.cpp's %s from source, once (a few minutes per core)...", ", ".join(TOOLS))
         _run(
             ["cmake", "-S", str(src), "-B", str(build), *generator, *CMAKE_FLAGS],
             "cmake configure of llama.cpp",
@@ -216,6 +218,41 @@ class LlamaCpp:
     def quantize(self, source: Path, out_file: Path, quant: str) -> None:
         """A 16-bit GGUF -> a quantized one (q4_k_m, q5_k_m, ...) with llama.cpp's `llama-quantize`."""
         _run([str(self.tool("llama-quantize")), str(source), str(out_file), quant.upper()], "llama-quantize")
+
+    def logits(self, gguf: Path, text: str, lora: Path | None = None) -> tuple[list[int], Any]:
+        """llama.cpp's logits at every position of `text`, in one teacher-forced pass (`llama-results`).
+
+        Returns (tokens, logits[n_tokens, n_vocab] as float32 numpy). The tokens are llama.cpp's own
+        tokenization of the text (BOS added as the GGUF says; special-token text such as `<|im_start|>`
+        is not parsed, the tool has no switch for it), so a caller compares both models on these tokens.
+        """
+        import numpy as np
+        from gguf import GGUFReader
+
+        with tempfile.TemporaryDirectory(prefix="qlora-llm-logits-") as tmp:
+            prompt, out = Path(tmp) / "text.txt", Path(tmp) / "results.gguf"
+            prompt.write_text(text + "\n", encoding="utf-8")  # -f drops one trailing newline
+            cmd = [
+                str(self.tool("llama-results")),
+                "-m",
+                str(gguf),
+                "-f",
+                str(prompt),
+                "-o",
+                str(out),
+                "-c",
+                "4096",
+                "-t",
+                str(os.cpu_count() or 2),
+            ]
+            if lora is not None:
+                cmd += ["--lora", str(lora)]
+            _run(cmd, "llama-results")
+            tensors = {t.name: t for t in GGUFReader(str(out)).tensors}
+            tokens = [int(i) for i in np.asarray(tensors["tokens"].data).reshape(-1)]
+            # Written row by row (position-major) whatever the tensor's declared shape says.
+            logits = np.array(tensors["logits"].data, dtype=np.float32).reshape(len(tokens), -1)
+        return tokens, logits
 
     def complete(self, gguf: Path, prompt: str, n_predict: int, lora: Path | None = None) -> str:
         """llama.cpp's greedy continuation of `prompt` (rendered text; BOS added as the GGUF says).
