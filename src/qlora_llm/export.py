@@ -7,8 +7,9 @@ model without them answers in garbage or never stops (the failure peers' tracker
 export is checked before it is put in place, and `EXPORT.md` beside the files says what was checked:
 
 - GGUF: written by llama.cpp's own converter (`llamacpp.py`), read back (template, EOS), its template
-  rendered with Jinja and compared with ours, and (unless `verify=False`) run in llama.cpp: its greedy
-  tokens compared with transformers' on the merged model.
+  rendered with Jinja and compared with ours, and (unless `verify=False`) run in llama.cpp on the same
+  tokens as transformers on the merged model (teacher-forced logits, `compare_logits`; free-running
+  greedy agreement is reported beside it).
 - Ollama: the GGUF plus a `Modelfile` whose Go `TEMPLATE` is built from our template and checked to
   render the same text on several conversations (`ollama_template`).
 - vLLM: what vLLM refuses is refused here first, with what to change; the folder holds the adapter,
@@ -54,8 +55,8 @@ VERIFY_LIMITS = {
     "lora": {"min_decisive_agreement": 1.0, "max_mean_kl": 1e-3},
 }
 """What the GGUF must reproduce of transformers' logits on the same tokens (teacher-forced), per format.
-Set at 3-200x what SmolLM2-135M measured on the reference answers (docs/export.md gives the figures and the
-command): a real divergence (a wrong tensor, a broken template or rope) costs nats of KL, not hundredths."""
+Set at 3-200x what SmolLM2-135M measured on the reference answers (docs/merge-export.md gives the figures
+and the command): a real divergence (a wrong tensor, a broken template or rope) costs nats of KL, not hundredths."""
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The ranks vLLM's `--max-lora-rank` accepts (its LoRAConfig)."""
 
