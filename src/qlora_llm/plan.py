@@ -628,7 +628,8 @@ def example_lengths(cfg: Config) -> list[int] | None:
             return None
         tokenizer = load_tokenizer(m.name, m.revision, m.cache_dir, m.trust_remote_code)
         template = resolve_template(m.template, tokenizer)
-        texts = [(lambda r: r.prompt + r.completion)(render(rec, template, tokenizer)) for rec in records]
+        rendered = [render(record, template, tokenizer) for record in records]
+        texts = [r.prompt + r.completion for r in rendered]
         return [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
     except Exception as err:  # a plan from the config alone is still a plan
         log.debug("planning at data.max_seq_length: the examples could not be measured (%s)", err)
