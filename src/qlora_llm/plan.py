@@ -47,7 +47,9 @@ QLoRA paper does; else 4: peft's fp32, and train.py casts them back to fp32 on C
   upcast base train.py uses (263 KiB in a plain loop with bf16 embeddings).
   Without gradient checkpointing all L layers are kept. With it, only each layer's input is kept,
   B*T*H*w per layer (the residual stream has the embeddings' dtype: bf16 layer outputs added to an
-  fp32 residual stay fp32), plus one layer's full set while it is recomputed in backward.
+  fp32 residual stay fp32), plus one layer's full set while it is recomputed in backward. On CUDA that
+  recomputed set is in `transient`: the loss's buffers are freed before it (a CUDA allocation trace put
+  every checkpointed peak in a recompute; docs/plan.md), so the peak is the larger phase, not the sum.
   Both add the final norm's fp32 input (4H per token) and, for fp32 adapters under 16-bit autocast,
   autocast's cached 16-bit copies of them (a bytes per LoRA param).
   Checked against the tensors autograd actually saves (`torch.autograd.graph.saved_tensors_hooks`)
@@ -59,7 +61,10 @@ QLoRA paper does; else 4: peft's fp32, and train.py casts them back to fp32 on C
   one tile of min(B*T, 4096) tokens by min(V, 32768) vocabulary entries in the compute dtype, through a
   compute-dtype copy of (that slice of) the lm_head when w != a. With `"full"` (transformers' own
   loss): the (B, T, V) logits in the compute dtype and the fp32 log-softmax cross-entropy keeps,
-  B*T*V * (a + 4); in fp32 that is "B*T*V*4 twice".
+  B*T*V * (a + 4); in fp32 that is "B*T*V*4 twice". On CUDA (Triton) TRL's head gathers the labelled
+  positions first and tiles only them (the answers, under answers-only loss: `scored_tokens`), and
+  its forward tile is freed before the backward's (allocated bytes); on CPU it tiles every position,
+  and RSS keeps the freed tile (calibrated so).
 - runtime overhead: CUDA context, cuBLAS workspace and kernels ~0.5 GiB on CUDA. On CPU the Python
   process with torch, transformers, peft, trl, datasets and bitsandbytes imported: 0.47 GiB RSS was
   measured (torch 2.13 CPU), counted as 0.5 GiB. Plus, on CPU, the rest of the weights file when the
@@ -311,6 +316,7 @@ def estimate_memory(
     processes: int = 1,
     distributed: Literal["ddp", "fsdp"] = "ddp",
     method: Literal["sft", "dpo", "orpo"] = "sft",
+    scored_tokens: int | None = None,
 ) -> MemoryEstimate:
     """Bytes a LoRA/QLoRA training step needs, per component; the formulas are in the module docstring.
 
@@ -324,6 +330,9 @@ def estimate_memory(
     the trainable gradients, `gradient_as_bucket_view=False`). Under `fsdp` the weights, gradients and
     optimizer states are divided by the processes, and one decoder layer's weights are gathered whole
     while it runs (a transient buffer); activations are per device batch as under DDP.
+
+    `scored_tokens`: the batch's tokens that carry a label (the answers, when only they are trained on).
+    On CUDA TRL's fused head scores only those (its Triton path gathers them first); None: every token.
     """
     shape = ModelShape.from_config(model_config)
     a = DTYPE_BYTES[compute_dtype]
@@ -429,12 +438,17 @@ def estimate_memory(
         kept = math.ceil(n_layers / every_n_layers)
         checkpoints = kept * tokens * h * w
         sets = n_layers - kept + (1 if (n_layers - 1) % every_n_layers == 0 else 0)
-        activations = checkpoints + sets * per_layer + shared
+        # On CUDA the recomputed set is counted in `transient` instead: it is alive only after the loss's
+        # buffers are freed (see there). On CPU the lines are calibrated against RSS, which keeps freed
+        # pages, so both stay in the total.
+        recomputed = sets - (n_layers - kept) if device == "cuda" else 0
+        activations = checkpoints + (sets - recomputed) * per_layer + shared
         whole = f"; {n_layers - kept} layers kept whole" if kept < n_layers else ""
         how["activations"] = (
             f"checkpointed: {kept} layer inputs ({checkpoints / GB:.2f} GB, {w} B/value){whole}; at most "
-            f"{sets} full layer sets alive ({per_layer / GB:.2f} GB each = {per_token / 1024:.0f} KiB/token) "
-            "+ final norm"
+            f"{sets - recomputed} full layer sets alive ({per_layer / GB:.2f} GB each = "
+            f"{per_token / 1024:.0f} KiB/token) + final norm"
+            + (f"; {recomputed} recomputed set in the backward's buffers" if recomputed else "")
         )
     else:
         activations = n_layers * per_layer + shared
@@ -445,14 +459,20 @@ def estimate_memory(
 
     # Under autocast a fp32 lm_head is used through a compute-dtype copy of (a tile of) its weight.
     token_tile, vocab_tile = CPU_LOSS_TILE if device == "cpu" else (FUSED_TOKEN_TILE, FUSED_VOCAB_TILE)
-    token_tile, vocab_tile = min(tokens, token_tile), min(v, vocab_tile)
+    # On CUDA the fused head gathers the labelled positions first (a copy) and tiles only those; on CPU
+    # it scores every position (no Triton: fixed tile shapes).
+    scored = tokens if device == "cpu" or scored_tokens is None else min(scored_tokens, tokens)
+    token_tile, vocab_tile = min(scored, token_tile), min(v, vocab_tile)
     head_cast = (vocab_tile if lm_head_loss == "chunked" else v) * h * a if w != a else 0
     if lm_head_loss == "chunked":
         tile = token_tile * vocab_tile * a
         if device == "cpu":
             tile += CPU_FOLD_TEMPORARIES * token_tile * vocab_tile * 4
         # The kernel keeps the final hidden states (w bytes) and works one logits tile at a time.
-        logits = tile + tokens * h * w + head_cast
+        kept_for_backward = tokens * h * w + (scored * h * w if scored < tokens else 0)
+        # On CUDA (allocated bytes, bench/gpu_check.py's allocation trace) the forward's tile and head copy
+        # are freed before the backward allocates its own; on CPU the RSS keeps them (calibrated so).
+        logits = kept_for_backward + (0 if device == "cuda" else tile + head_cast)
         logits_grad = tile + tokens * h * 4 + head_cast  # backward: fp32 grad of the hidden states
         how["logits"] = (
             f"TRL's fused LM head + loss: one {token_tile} x {vocab_tile} logits tile"
@@ -495,10 +515,16 @@ def estimate_memory(
 
     dequant = max(linear_numel) * a if quantized else 0
     layer_grads = tokens * (3 * i + 2 * h) * a
-    transient = max(dequant + layer_grads, logits_grad)
+    # On CUDA a checkpointed layer is recomputed in backward after the loss's buffers and kept hidden
+    # states are freed: its full set, the residual stream's fp32 gradient and its backward buffers then
+    # sit on the kept activations (where an allocation trace put the peak of every checkpointed step).
+    on_cuda_checkpointed = gradient_checkpointing and device == "cuda"
+    recompute = recomputed * per_layer + tokens * h * 4 - logits if on_cuda_checkpointed else 0
+    transient = max(dequant + layer_grads + max(recompute, 0), logits_grad)
     how["transient"] = (
-        "largest dequantized weight + one layer's activation gradients"
-        if dequant + layer_grads >= logits_grad
+        ("a recomputed layer's set + " if recompute > 0 else "")
+        + "largest dequantized weight + one layer's activation gradients"
+        if dequant + layer_grads + max(recompute, 0) >= logits_grad
         else "the loss's backward buffers"
     )
     if processes > 1 and distributed == "ddp":
@@ -606,13 +632,15 @@ def _available_memory(device: str) -> int | None:
         return None
 
 
-def example_lengths(cfg: Config) -> list[int] | None:
-    """Token lengths of the run's training and eval examples as train.py tokenizes them, or None.
+def example_lengths(cfg: Config) -> list[tuple[int, int]] | None:
+    """(tokens, labelled tokens) of the run's training and eval examples as train.py tokenizes them, or None.
 
     Batches are padded to their longest row, never to data.max_seq_length: on ACLSum (longest example
     347 Mistral tokens) a plan at max_seq_length=512 was 32% over the measured peak of the 7B check on an
-    H200 (bench/gpu_check.py), 3.5% over at the data's longest. SFT without packing only (packed rows
-    and preference pairs fill other shapes); None when the data or tokenizer cannot be read here.
+    H200 (bench/gpu_check.py), 3.5% over at the data's longest. The labelled tokens (the answer and its
+    end token; every token with train.train_on_prompt) are what TRL's fused head scores on CUDA. SFT
+    without packing only (packed rows and preference pairs fill other shapes); None when the data or
+    tokenizer cannot be read here.
     """
     if cfg.train.method != "sft" or cfg.train.packing:
         return None
@@ -630,17 +658,24 @@ def example_lengths(cfg: Config) -> list[int] | None:
         template = resolve_template(m.template, tokenizer)
         rendered = [render(record, template, tokenizer) for record in records]
         texts = [r.prompt + r.completion for r in rendered]
-        return [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        full = [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        if cfg.train.train_on_prompt:
+            return [(n, n) for n in full]
+        prompts = tokenizer([r.prompt for r in rendered], add_special_tokens=True)["input_ids"]
+        return [(n, n - len(p)) for n, p in zip(full, prompts, strict=True)]
     except Exception as err:  # a plan from the config alone is still a plan
         log.debug("planning at data.max_seq_length: the examples could not be measured (%s)", err)
         return None
 
 
-def _setup(cfg: Config, device: str, processes: int = 1, lengths: list[int] | None = None) -> dict[str, Any]:
+def _setup(
+    cfg: Config, device: str, processes: int = 1, lengths: list[tuple[int, int]] | None = None
+) -> dict[str, Any]:
     """The estimate's keyword arguments, resolved from the config for this device.
 
     `lengths` (example_lengths): the sequence length is then the longest example train.py keeps (it
-    drops, not cuts, those over data.max_seq_length), not max_seq_length itself."""
+    drops, not cuts, those over data.max_seq_length), not max_seq_length itself, and a batch scores at
+    most batch_size x the most labelled tokens of one kept example."""
     compute = cfg.model.compute_dtype
     if compute == "auto" and device == "cuda":
         # bf16 and fp16 are both 2 bytes, so CUDA without bf16 (model.pick_compute_dtype) plans the same.
@@ -649,6 +684,7 @@ def _setup(cfg: Config, device: str, processes: int = 1, lengths: list[int] | No
         from qlora_llm.model import pick_compute_dtype
 
         compute = str(pick_compute_dtype("auto", "cpu", probe_cpu=True)).removeprefix("torch.")
+    kept = [(n, labelled) for n, labelled in lengths or [] if n <= cfg.data.max_seq_length]
     return {
         "quantization": cfg.model.quantization,
         "double_quant": cfg.model.double_quant,
@@ -656,9 +692,8 @@ def _setup(cfg: Config, device: str, processes: int = 1, lengths: list[int] | No
         "lora_r": cfg.lora.r,
         "target_modules": list(cfg.lora.target_modules),
         "batch_size": cfg.train.batch_size,
-        "seq_len": max(
-            (n for n in lengths or [] if n <= cfg.data.max_seq_length), default=cfg.data.max_seq_length
-        ),
+        "seq_len": max((n for n, _ in kept), default=cfg.data.max_seq_length),
+        "scored_tokens": cfg.train.batch_size * max(labelled for _, labelled in kept) if kept else None,
         # "auto" until _resolve_checkpointing decides, with the memory at hand.
         "gradient_checkpointing": cfg.train.gradient_checkpointing,
         "every_n_layers": 1,
@@ -813,8 +848,10 @@ def estimate_stages(model_config: dict[str, Any], cfg: Config, setup: dict[str, 
     params = est.base_params
     eval_b = cfg.train.batch_size
     # No autograd in eval: one layer's intermediates at a time, B*T*(3I + 4H) in the compute dtype, and
-    # the LM head's tiles as in a step (`logits`: the final hidden states and a tile's temporaries).
-    eval_forward = eval_b * T * (3 * shape.intermediate + 4 * shape.hidden) * a + est.logits
+    # the LM head's tiles as in a step (`logits`: the final hidden states and a tile's temporaries; on
+    # CUDA `logits` holds no tile, so the step's backward buffers stand in for it, an upper bound).
+    head = est.logits + (est.transient if setup["device"] == "cuda" else 0)
+    eval_forward = eval_b * T * (3 * shape.intermediate + 4 * shape.hidden) * a + head
     if est.loading:
         resident = est.loading
     else:
