@@ -357,7 +357,7 @@ def filled_examples(
     tokenizer: Any, seq_len: int, count: int, text: str, template: str = "mistral"
 ) -> list[dict]:
     """`count` records whose rendered examples are just under `seq_len` tokens (within 16), cut from `text`."""
-    from qlora_llm.train import tokenize_examples
+    from qlora_llm.data import tokenize_examples
 
     def length(record: dict) -> int:
         rows, _ = tokenize_examples([record], tokenizer, template, 10**9)

@@ -54,7 +54,7 @@ result = qtrain.train(cfg)
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 from qlora_llm.model import load_tokenizer, resolve_model
-from qlora_llm.train import load_examples, tokenize_examples
+from qlora_llm.data import load_examples, tokenize_examples
 tok = load_tokenizer(cfg.model.name)
 base = AutoModelForCausalLM.from_pretrained(resolve_model(cfg.model.name), dtype=torch.float32)
 model = PeftModel.from_pretrained(base, str(result.final_adapter)).eval()

@@ -241,8 +241,8 @@ def test_evaluate_run_writes_the_comparison_report(tiny_run, tmp_path):
 
 
 def test_adapter_unmerged_and_merged_give_the_same_perplexity(tiny_run):
+    from qlora_llm.data import load_examples
     from qlora_llm.evaluate import tokenize_for_scoring
-    from qlora_llm.train import load_examples
 
     loaded = load_target(tiny_run, device="cpu")
     rows = tokenize_for_scoring(

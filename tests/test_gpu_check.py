@@ -281,7 +281,7 @@ def test_the_grid_varies_every_setting_and_its_overrides_are_real_keys(tmp_path)
 
 
 def test_grid_examples_are_filled_to_just_under_the_length(mistral_tokenizer):
-    from qlora_llm.train import tokenize_examples
+    from qlora_llm.data import tokenize_examples
 
     text = " ".join(json.loads(line)["input"] for line in gpu_check.ACLSUM.read_text().splitlines()[:60])
     for seq_len in (256, 1024):

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qlora_llm.data import load_examples
 from qlora_llm.evaluate import compute_perplexity, tokenize_for_scoring
 from qlora_llm.merge import MergeError, merge
 from qlora_llm.model import load_target
-from qlora_llm.train import load_examples
 
 
 @pytest.fixture(scope="module")

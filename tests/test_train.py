@@ -20,8 +20,9 @@ from conftest import WORDS, tiny_overrides
 
 from qlora_llm.checkpoint import CHECKPOINT_FILES, complete_checkpoints
 from qlora_llm.config import load_config
+from qlora_llm.data import tokenize_examples
 from qlora_llm.errors import TrainError
-from qlora_llm.train import tokenize_examples, train
+from qlora_llm.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE_STEP = ("train.max_steps=1", "train.save_steps=1", "train.eval_steps=1")

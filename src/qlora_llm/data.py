@@ -31,7 +31,7 @@ from typing import IO, Any, Literal
 
 from qlora_llm.atomic import atomic_file_set
 from qlora_llm.config import Config
-from qlora_llm.errors import QloraError
+from qlora_llm.errors import QloraError, TrainError
 from qlora_llm.templates import ROLES, render, resolve_template
 
 log = logging.getLogger(__name__)
@@ -1051,3 +1051,95 @@ def read_jsonl(path: Path) -> list[dict]:
     """Read a prepared (canonical) JSONL file."""
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+# --------------------------------------------------------------------------------------------------
+# Training examples: what train, plan, evaluate and merge read from prepared files
+
+
+def load_examples(path: Path) -> list[dict]:
+    """Canonical records from a JSONL/JSON/CSV file; any invalid record is an error pointing at `prepare`."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainError(
+            f"{path}: training data not found. Make it with `qlora-llm prepare RAW --output-dir DIR`."
+        )
+    records, problems = [], []
+    try:
+        for raw in read_raw(path):
+            if raw.problem:
+                problems.append(raw.problem)
+                continue
+            data, found = normalize(raw.obj, str(path), raw.line)
+            problems.extend(found)
+            if data is not None:
+                records.append(data)
+    except PrepareError as err:
+        raise TrainError(str(err)) from None
+    if problems:
+        shown = "\n  ".join(str(p) for p in problems[:5])
+        more = f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise TrainError(
+            f"{path} has {len(problems)} invalid record(s):\n  {shown}{more}\n"
+            f"Clean it with `qlora-llm prepare {path} --output-dir DIR`."
+        )
+    return records
+
+
+def split_examples(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """The seed's 90/10 split, seeded, keeping file order within each side."""
+    if fraction <= 0 or len(records) < 2:
+        return records, []
+    held = held_out(len(records), fraction, seed)
+    return [r for i, r in enumerate(records) if i not in held], [
+        r for i, r in enumerate(records) if i in held
+    ]
+
+
+def tokenize_examples(
+    records: list[dict], tokenizer: Any, template: str, max_length: int
+) -> tuple[list[dict], int]:
+    """Token ids and a completion mask per example, rendered by the one template.
+
+    We tokenize here, not in TRL, so that training sees exactly the ids the template tests check: one
+    BOS (added by the tokenizer, never as text), the completion ending in EOS. Examples longer than
+    `max_length` are dropped, not cut: a cut example loses its EOS and teaches the model not to stop.
+    """
+    rows, dropped = [], 0
+    for record in records:
+        r = render(record, template, tokenizer)
+        ids = tokenizer(r.prompt + r.completion, add_special_tokens=True)["input_ids"]
+        prompt_ids = tokenizer(r.prompt, add_special_tokens=True)["input_ids"]
+        n_prompt = 0
+        while n_prompt < min(len(prompt_ids), len(ids)) and prompt_ids[n_prompt] == ids[n_prompt]:
+            n_prompt += 1
+        if len(ids) > max_length:
+            dropped += 1
+            continue
+        rows.append({"input_ids": ids, "completion_mask": [0] * n_prompt + [1] * (len(ids) - n_prompt)})
+    return rows, dropped
+
+
+def tokenize_pairs(
+    records: list[dict], tokenizer: Any, template: str, max_length: int
+) -> tuple[list[dict], int]:
+    """Preference pairs as TRL's DPO columns (prompt_ids, chosen_ids, rejected_ids), by the one template.
+
+    The same ids `tokenize_examples` gives the pair's two sides: one BOS, each answer ending in EOS. A pair
+    whose longer side is over `max_length` is dropped, not cut (both sides must keep their EOS).
+    """
+    rows, dropped = [], 0
+    for record in records:
+        sides = []
+        for example in pair_examples(record):
+            r = render(example, template, tokenizer)
+            sides.append(tokenizer(r.prompt + r.completion, add_special_tokens=True)["input_ids"])
+        prompt_ids = tokenizer(r.prompt, add_special_tokens=True)["input_ids"]
+        n = 0  # the shared prefix: where the prompt ends in both tokenizations
+        while n < min(len(prompt_ids), *map(len, sides)) and all(ids[n] == prompt_ids[n] for ids in sides):
+            n += 1
+        if max(map(len, sides)) > max_length:
+            dropped += 1
+            continue
+        rows.append({"prompt_ids": sides[0][:n], "chosen_ids": sides[0][n:], "rejected_ids": sides[1][n:]})
+    return rows, dropped

@@ -180,7 +180,7 @@ def compute_perplexity(
 
 def tokenize_for_scoring(records: list[dict], tokenizer: Any, template: str) -> list[dict[str, list[int]]]:
     """Ids and answer mask per record, exactly as training tokenized them, but nothing is dropped."""
-    from qlora_llm.train import tokenize_examples
+    from qlora_llm.data import tokenize_examples
 
     rows, dropped = tokenize_examples(records, tokenizer, template, max_length=10**9)
     assert dropped == 0
@@ -409,8 +409,8 @@ class PeakMemory:
 def _eval_records(cfg: Config, target: Target, data: Path | None) -> tuple[Path, list[dict]]:
     """Explicit data, else eval.data_file, else the run's own held-out split."""
     from qlora_llm.config import load_config
+    from qlora_llm.data import load_examples, split_examples
     from qlora_llm.errors import TrainError
-    from qlora_llm.train import load_examples, split_examples
 
     path = data or cfg.eval.data_file
     try:
@@ -1224,7 +1224,7 @@ def evaluate(
     """
     import gc
 
-    from qlora_llm.train import _library_versions
+    from qlora_llm.fingerprint import library_versions
 
     found = find_target(target, cfg.model)
     base_target = _compare_target(found, compare or cfg.eval.compare)
@@ -1329,7 +1329,7 @@ def evaluate(
         "compare": base_target.name if base_target else None,
         "data": {"file": str(data_file), "sha256": sha256_file(Path(data_file)), "examples": len(records)},
         "settings": cfg.eval.model_dump(mode="json") | {"device": cfg.model.device},
-        "versions": _library_versions() | _rouge_version(),
+        "versions": library_versions() | _rouge_version(),
         "template": found.template,
         "tuned": results["tuned"],
         "base": results.get("base"),
@@ -1374,9 +1374,8 @@ def _run_beta(target: Target) -> float:
 def _base_cache_file(cfg: Config, base: Target, records: list[dict]) -> Path | None:
     """Where the base model's results for these model, data and settings live; None if not pinnable."""
     from qlora_llm import __version__
-    from qlora_llm.fingerprint import digest, file_digest, model_fingerprint
+    from qlora_llm.fingerprint import digest, file_digest, library_versions, model_fingerprint
     from qlora_llm.model import pick_device
-    from qlora_llm.train import _library_versions
 
     model = model_fingerprint(base.model_cfg)
     if model is None:
@@ -1396,7 +1395,7 @@ def _base_cache_file(cfg: Config, base: Target, records: list[dict]) -> Path | N
             },
             "template": base.template,
             "tokens": base.manifest.get("tokens", {}),
-            "versions": _library_versions() | _rouge_version() | {"qlora_llm": __version__},
+            "versions": library_versions() | _rouge_version() | {"qlora_llm": __version__},
         }
     )
     return Path(cfg.model.cache_dir).expanduser() / "evals" / f"base-{key}.json"

@@ -74,3 +74,26 @@ def model_fingerprint(mcfg: Any) -> str | None:
     if isinstance(found, str):  # .../snapshots/<commit>/config.json
         return f"hub:{name}@{Path(found).parent.name}"
     return None
+
+
+def library_versions() -> dict[str, str]:
+    """Python's and the stack's versions, recorded beside every run and evaluation."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in (
+        "qlora-llm",
+        "torch",
+        "transformers",
+        "trl",
+        "peft",
+        "bitsandbytes",
+        "accelerate",
+        "datasets",
+    ):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out

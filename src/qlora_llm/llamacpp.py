@@ -69,6 +69,12 @@ def _run(cmd: list[str], what: str, env: dict[str, str] | None = None, cwd: Path
     return done.stdout + done.stderr
 
 
+def _model_args(gguf: Path, context: int, lora: Path | None) -> list[str]:
+    """The arguments every llama.cpp tool run here takes: the model, its context, all cores, the LoRA."""
+    args = ["-m", str(gguf), "-c", str(context), "-t", str(os.cpu_count() or 2)]
+    return args + (["--lora", str(lora)] if lora is not None else [])
+
+
 class LlamaCpp:
     """The llama.cpp tree and tools under `<cache_dir>/llama.cpp/<version>/`, fetched and built on first use."""
 
@@ -234,19 +240,12 @@ class LlamaCpp:
             prompt.write_text(text + "\n", encoding="utf-8")  # -f drops one trailing newline
             cmd = [
                 str(self.tool("llama-results")),
-                "-m",
-                str(gguf),
+                *_model_args(gguf, 4096, lora),
                 "-f",
                 str(prompt),
                 "-o",
                 str(out),
-                "-c",
-                "4096",
-                "-t",
-                str(os.cpu_count() or 2),
             ]
-            if lora is not None:
-                cmd += ["--lora", str(lora)]
             _run(cmd, "llama-results")
             tensors = {t.name: t for t in GGUFReader(str(out)).tensors}
             tokens = [int(i) for i in np.asarray(tensors["tokens"].data).reshape(-1)]
@@ -266,8 +265,7 @@ class LlamaCpp:
             f.flush()
             cmd = [
                 str(self.tool("llama-completion")),
-                "-m",
-                str(gguf),
+                *_model_args(gguf, 2048, lora),
                 "--file",
                 f.name,
                 "-n",
@@ -278,16 +276,10 @@ class LlamaCpp:
                 "1",
                 "--seed",
                 "0",
-                "-c",
-                "2048",
                 "-no-cnv",
                 "--simple-io",
                 "--no-warmup",
-                "-t",
-                str(os.cpu_count() or 2),
             ]
-            if lora is not None:
-                cmd += ["--lora", str(lora)]
             done = subprocess.run(cmd, capture_output=True, check=False, stdin=subprocess.DEVNULL)
         if done.returncode != 0:
             raise LlamaCppError(

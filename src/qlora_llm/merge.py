@@ -48,9 +48,9 @@ def _verification_inputs(
     """Token ids of a few eval examples (whole text) and of a few benchmark prompts (generation prompts),
     each with where they came from."""
     from qlora_llm.config import load_config
+    from qlora_llm.data import load_examples
     from qlora_llm.evaluate import load_benchmark_prompts, tokenize_for_scoring
     from qlora_llm.templates import render_prompt
-    from qlora_llm.train import load_examples
 
     texts: list[list[int]] = []
     texts_from = ""

@@ -168,10 +168,10 @@ def run(
     (default: the first evaluation example's question), greedily, at most `max_new_tokens` (default
     `serve.max_new_tokens`).
     """
+    from qlora_llm.data import load_examples
     from qlora_llm.evaluate import evaluate
     from qlora_llm.generate import Generator, SamplingParams
     from qlora_llm.merge import merge
-    from qlora_llm.train import load_examples
 
     run_dir = Path(cfg.train.output_dir)
     result = PipelineResult(run_dir)

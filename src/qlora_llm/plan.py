@@ -646,23 +646,20 @@ def example_lengths(cfg: Config) -> list[tuple[int, int]] | None:
         return None
     files = [f for f in (cfg.data.train_file, cfg.data.eval_file) if f]
     try:
+        from qlora_llm.data import load_examples, tokenize_examples
         from qlora_llm.model import load_tokenizer
-        from qlora_llm.templates import render, resolve_template
-        from qlora_llm.train import load_examples
+        from qlora_llm.templates import resolve_template
 
         m = cfg.model
         records = [r for f in files if Path(f).is_file() for r in load_examples(Path(f))]
         if not records:
             return None
         tokenizer = load_tokenizer(m.name, m.revision, m.cache_dir, m.trust_remote_code)
-        template = resolve_template(m.template, tokenizer)
-        rendered = [render(record, template, tokenizer) for record in records]
-        texts = [r.prompt + r.completion for r in rendered]
-        full = [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
-        if cfg.train.train_on_prompt:
-            return [(n, n) for n in full]
-        prompts = tokenizer([r.prompt for r in rendered], add_special_tokens=True)["input_ids"]
-        return [(n, n - len(p)) for n, p in zip(full, prompts, strict=True)]
+        rows, _ = tokenize_examples(records, tokenizer, resolve_template(m.template, tokenizer), 10**9)
+        every = cfg.train.train_on_prompt
+        return [
+            (len(r["input_ids"]), len(r["input_ids"]) if every else sum(r["completion_mask"])) for r in rows
+        ]
     except Exception as err:  # a plan from the config alone is still a plan
         log.debug("planning at data.max_seq_length: the examples could not be measured (%s)", err)
         return None
