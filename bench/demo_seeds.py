@@ -66,16 +66,17 @@ def read_eval(folder: Path) -> dict:
     return table
 
 
-def run_seed(seed: int, runs_dir: Path, overrides: list[str], scale: float | None) -> dict:
+def run_seed(seed: int, runs_dir: Path, overrides: list[str], scale: float | None, run: bool = True) -> dict:
     suffix = "".join("-" + o.split(".")[-1].replace("=", "") for o in overrides)
     out = runs_dir / f"seed-{seed}{suffix}"
     cmd = [str(CLI), "run", "configs/smollm2-cpu.yaml", f"train.seed={seed}", f"train.output_dir={out}"]
-    print("$", " ".join(cmd + overrides), flush=True)
-    subprocess.run(cmd + overrides, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    if run:
+        print("$", " ".join(cmd + overrides), flush=True)
+        subprocess.run(cmd + overrides, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     folder = ROOT / out / "eval"
     if scale is not None:
         folder = ROOT / out / f"eval-scale-{scale:g}"
-        if not (folder / "metrics.json").is_file():
+        if run and not (folder / "metrics.json").is_file():
             cmd = [
                 str(CLI),
                 "evaluate",
@@ -109,8 +110,12 @@ def main() -> None:
     ap.add_argument("--runs-dir", type=Path, default=Path("runs/seeds"))
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--adapter-scale", type=float, default=None)
+    ap.add_argument("--report-only", action="store_true", help="read the runs' reports, run nothing")
     args = ap.parse_args()
-    tables = {seed: run_seed(seed, args.runs_dir, args.overrides, args.adapter_scale) for seed in args.seeds}
+    tables = {
+        seed: run_seed(seed, args.runs_dir, args.overrides, args.adapter_scale, not args.report_only)
+        for seed in args.seeds
+    }
 
     metrics = [m for m in METRICS if all(m[0] in t for t in tables.values())]
     print_seed_table("metric", "base", tables, metrics)
