@@ -1275,7 +1275,8 @@ def evaluate(
             log.info("base model: reusing its evaluation with the same model, data and settings (%s)", cache)
             base_logps = _load_logps(cache.with_suffix(".kl.pt")) if general else None
             continue
-        loaded = load_target(t, device=cfg.model.device, quantization=cfg.eval.quantization)
+        # Merged in memory: the model `merge` ships, and its greedy answers ~3x as fast on a CPU.
+        loaded = load_target(t, device=cfg.model.device, quantization=cfg.eval.quantization, merge=True)
         peak = PeakMemory(loaded.device)  # after loading: the model's own use while it is evaluated
         try:
             results[label] = _evaluate_model(loaded, records, cfg, prompts, label)
@@ -1309,10 +1310,15 @@ def evaluate(
             f"{non_ascii} text(s) are mostly non-ASCII: rouge-score keeps only a-z and 0-9 tokens, so they "
             "score as empty; ROUGE is not meaningful for them."
         )
-    if found.adapter_dir is not None:
+    if found.adapter_dir is not None and cfg.eval.quantization != "none":
         notes.append(
-            "The fine-tuned model ran with its LoRA adapter unmerged (extra matmuls per layer); a merged "
-            "model (`qlora-llm merge`) decodes at the base model's speed."
+            "The fine-tuned model ran with its LoRA adapter unmerged on the 4-bit base (extra matmuls per "
+            "layer); a merged model (`qlora-llm merge`) decodes at the base model's speed."
+        )
+    elif found.adapter_dir is not None:
+        notes.append(
+            "The fine-tuned model ran with its LoRA adapter merged into the weights in memory, as "
+            "`qlora-llm merge` writes it."
         )
     if reused is not None:
         notes.append(
