@@ -24,7 +24,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from qlora_llm import __version__, quiet
 from qlora_llm.allocator import active_allocator, preload_env
@@ -472,7 +472,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qlora-llm {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (
+        _add_prepare,
+        _add_train,
+        _add_run,
+        _add_plan,
+        _add_evaluate,
+        _add_model_commands,
+        _add_tools,
+    ):
+        add(sub)
+    return parser
 
+
+def _add_prepare(sub: Any) -> None:
+    """prepare: raw data in, training JSONL and a report out."""
     p = sub.add_parser("prepare", help="validate raw data and write training JSONL")
     p.add_argument(
         "inputs",
@@ -510,6 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="any other config override, e.g. --set data.seed=1",
     )
 
+
+def _add_train(sub: Any) -> None:
+    """train, with the flags of a multi-process launch."""
     p = sub.add_parser("train", help="fine-tune with QLoRA (or LoRA) from a config")
     p.add_argument("config", help="YAML config, e.g. configs/smollm2-cpu.yaml")
     p.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="e.g. train.max_steps=20")
@@ -531,6 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--master-addr", default="127.0.0.1", help="address of node 0 (default 127.0.0.1)")
     p.add_argument("--master-port", type=int, default=29500, help="free TCP port on node 0 (default 29500)")
 
+
+def _add_run(sub: Any) -> None:
+    """run: the whole flow on the user's data."""
     p = sub.add_parser(
         "run",
         help="the whole flow on your data: prepare, train, evaluate, merge, answer (skips what is done)",
@@ -545,6 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--map", action="append", default=[], metavar="FIELD=COLUMN", help="as in prepare")
     p.add_argument("--prompt", help="what the fine-tuned model answers at the end (- reads stdin)")
 
+
+def _add_plan(sub: Any) -> None:
+    """plan: the memory estimate."""
     p = sub.add_parser("plan", help="estimate peak memory before loading any weight: will it fit?")
     p.add_argument("config", help="YAML config")
     p.add_argument("overrides", nargs="*", default=[], metavar="key=value")
@@ -562,6 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="memory per GPU of a run on N GPUs (train.distributed)",
     )
 
+
+def _add_evaluate(sub: Any) -> None:
+    """evaluate, and its adapter-scale sweep."""
     p = sub.add_parser("evaluate", help="perplexity, ROUGE, benchmark prompts, speed, memory: base vs tuned")
     p.add_argument("target", help="a run folder, an adapter folder, a merged model folder or a model name")
     p.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="e.g. eval.max_examples=20")
@@ -579,6 +605,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="sweep model.adapter_scale on the run's eval split, e.g. 0.25,0.5,0.75,1: task gain vs general "
         "ability per scale, and the best scale with no measurable general loss (<run>/sweep/)",
     )
+
+
+def _add_model_commands(sub: Any) -> None:
+    """The commands that take a trained target: generate, chat, merge, export, serve."""
 
     def target_command(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
@@ -637,6 +667,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="interface to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="TCP port (default 8000)")
 
+
+def _add_tools(sub: Any) -> None:
+    """studio, models, config."""
     p = sub.add_parser("studio", help="the web studio: launch, watch, stop and resume runs in a browser")
     p.add_argument("--runs", default="runs", help="folder of run folders (default runs)")
     p.add_argument("--data", help="folder the form's data files may come from (default: the runs folder)")
@@ -654,7 +687,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML config file")
     p.add_argument("overrides", nargs="*", default=[], metavar="key=value")
     p.add_argument("--keys", action="store_true", help="list every key, its default and meaning")
-    return parser
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

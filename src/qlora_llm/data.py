@@ -930,67 +930,85 @@ def prepare(
     report.example = {k: v for k, v in asdict(render(first, m.template, tokenizer)).items()}
     report.example["text"] = render(first, m.template, tokenizer).text
 
-    def fit(records: list[Record]) -> tuple[list[Record], list[int]]:
-        lengths = _count_tokens(records, tokenizer, m.template)
-        kept, kept_lengths = [], []
-        for r, n in zip(records, lengths, strict=True):
-            if n <= d.max_seq_length:
-                kept.append(r)
-                kept_lengths.append(n)
-                continue
-            if d.overlength == "truncate":
-                short = _truncate(r.data, tokenizer, m.template, d.max_seq_length)
-                if short is not None:
-                    report.truncated += 1
-                    report.problems.append(
-                        Problem(
-                            r.file,
-                            r.line,
-                            None,
-                            f"{n} tokens > max_seq_length {d.max_seq_length}; prompt truncated",
-                            "",
-                            severity="warning",
-                            kind="truncated",
-                        )
-                    )
-                    kept.append(Record(r.file, r.line, short))
-                    kept_lengths.append(
-                        _count_tokens([Record(r.file, r.line, short)], tokenizer, m.template)[0]
-                    )
-                    continue
-            severity = "error" if d.overlength == "error" else "warning"
-            report.overlength_dropped += d.overlength != "error"
-            report.problems.append(
-                Problem(
-                    r.file,
-                    r.line,
-                    None,
-                    f"{n} tokens > max_seq_length {d.max_seq_length}"
-                    + ("" if severity == "error" else "; dropped"),
-                    "Raise --max-seq-length, shorten the text, or use data.overlength=truncate.",
-                    severity=severity,
-                    kind="overlength",
-                )
-            )
-        return kept, kept_lengths
-
-    train, train_lengths = fit(train)
-    evals, eval_lengths = fit(evals)
+    train, train_lengths = _fit_length(train, tokenizer, m.template, d, report)
+    evals, eval_lengths = _fit_length(evals, tokenizer, m.template, d, report)
     if d.overlength == "error" and any(p.kind == "overlength" for p in report.problems):
         raise PrepareError(
             f"examples longer than max_seq_length {d.max_seq_length} and "
             "data.overlength=error; nothing written.",
             report,
         )
-
     if not eval_inputs and eval_fraction > 0 and len(train) > 1:
         held = held_out(len(train), eval_fraction, d.seed)
         evals = [r for i, r in enumerate(train) if i in held]
         eval_lengths = [n for i, n in enumerate(train_lengths) if i in held]
         train = [r for i, r in enumerate(train) if i not in held]
         train_lengths = [n for i, n in enumerate(train_lengths) if i not in held]
+    evals, eval_lengths = _remove_eval_leaks(train, evals, eval_lengths, report)
+    if len(train) < d.min_examples:
+        raise PrepareError(
+            f"only {len(train)} valid training example(s), fewer than data.min_examples={d.min_examples}; "
+            "nothing written. Fix the reported records or add data.",
+            report,
+        )
 
-    # An eval prompt the model trained on measures memory, not skill: take it out of eval.
+    report.train_written, report.eval_written = len(train), len(evals)
+    report.token_lengths = _length_stats(train_lengths)
+    _write_prepared(output_dir, train, evals, (train_lengths, eval_lengths), report, d.max_seq_length, m.name)
+    log.info("wrote %d train / %d eval examples to %s", len(train), len(evals), output_dir)
+    return report
+
+
+def _fit_length(
+    records: list[Record], tokenizer: Any, template: str, d: Any, report: PrepareReport
+) -> tuple[list[Record], list[int]]:
+    """The records within data.max_seq_length and their lengths; the rest truncated, dropped or reported."""
+    lengths = _count_tokens(records, tokenizer, template)
+    kept, kept_lengths = [], []
+    for r, n in zip(records, lengths, strict=True):
+        if n <= d.max_seq_length:
+            kept.append(r)
+            kept_lengths.append(n)
+            continue
+        if d.overlength == "truncate":
+            short = _truncate(r.data, tokenizer, template, d.max_seq_length)
+            if short is not None:
+                report.truncated += 1
+                report.problems.append(
+                    Problem(
+                        r.file,
+                        r.line,
+                        None,
+                        f"{n} tokens > max_seq_length {d.max_seq_length}; prompt truncated",
+                        "",
+                        severity="warning",
+                        kind="truncated",
+                    )
+                )
+                kept.append(Record(r.file, r.line, short))
+                kept_lengths.append(_count_tokens([Record(r.file, r.line, short)], tokenizer, template)[0])
+                continue
+        severity = "error" if d.overlength == "error" else "warning"
+        report.overlength_dropped += d.overlength != "error"
+        report.problems.append(
+            Problem(
+                r.file,
+                r.line,
+                None,
+                f"{n} tokens > max_seq_length {d.max_seq_length}"
+                + ("" if severity == "error" else "; dropped"),
+                "Raise --max-seq-length, shorten the text, or use data.overlength=truncate.",
+                severity=severity,
+                kind="overlength",
+            )
+        )
+    return kept, kept_lengths
+
+
+def _remove_eval_leaks(
+    train: list[Record], evals: list[Record], eval_lengths: list[int], report: PrepareReport
+) -> tuple[list[Record], list[int]]:
+    """An eval prompt the model trained on measures memory, not skill: take it out of eval."""
     train_prompts: dict[str, Record] = {}
     for r in train:
         train_prompts.setdefault(_prompt_key(r.data), r)
@@ -1013,20 +1031,22 @@ def prepare(
                 kind="eval_leak",
             )
         )
-    evals, eval_lengths = clean_evals, clean_lengths
+    return clean_evals, clean_lengths
 
-    if len(train) < d.min_examples:
-        raise PrepareError(
-            f"only {len(train)} valid training example(s), fewer than data.min_examples={d.min_examples}; "
-            "nothing written. Fix the reported records or add data.",
-            report,
-        )
 
-    report.train_written, report.eval_written = len(train), len(evals)
-    report.token_lengths = _length_stats(train_lengths)
+def _write_prepared(
+    output_dir: Path,
+    train: list[Record],
+    evals: list[Record],
+    lengths: tuple[list[int], list[int]],
+    report: PrepareReport,
+    max_seq_length: int,
+    model_name: str,
+) -> None:
+    """train.jsonl, eval.jsonl, the length histogram and the report, written as one set."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    eval_path, png = output_dir / "eval.jsonl", output_dir / "token_lengths.png"
-    report_path = output_dir / "prepare_report.json"
+    train_path, eval_path = output_dir / "train.jsonl", output_dir / "eval.jsonl"
+    png, report_path = output_dir / "token_lengths.png", output_dir / "prepare_report.json"
     report.outputs = [str(train_path), *([str(eval_path)] if evals else []), str(png), str(report_path)]
     # One set: an error or a kill before all four are written leaves the previous output as it was.
     with atomic_file_set(output_dir) as out:
@@ -1040,11 +1060,9 @@ def prepare(
         else:
             out.remove(eval_path.name)  # a stale eval split from an earlier run would not match this train
         with out.open(png.name, "wb") as f:
-            _plot_lengths(f, train_lengths, eval_lengths, d.max_seq_length, m.name)
+            _plot_lengths(f, *lengths, max_seq_length, model_name)
         with out.open(report_path.name) as f:
             f.write(json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n")
-    log.info("wrote %d train / %d eval examples to %s", len(train), len(evals), output_dir)
-    return report
 
 
 def read_jsonl(path: Path) -> list[dict]:

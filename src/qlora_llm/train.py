@@ -265,20 +265,9 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
     complete checkpoint (or starts fresh if there is none); a path continues from that checkpoint.
     `force` trains even when the memory plan says it will not fit.
     """
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import EarlyStoppingCallback, PrinterCallback, set_seed
+    from transformers import set_seed
 
-    from qlora_llm import trainer as trainer_module  # imports TRL: only when training
-    from qlora_llm.model import (
-        describe_device,
-        load_base_model,
-        load_tokenizer,
-        pick_compute_dtype,
-        pick_device,
-        resolve_target_modules,
-    )
+    from qlora_llm.model import describe_device, load_tokenizer, pick_compute_dtype, pick_device
 
     t, m = cfg.train, cfg.model
     run_dir = Path(t.output_dir)
@@ -286,6 +275,65 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
     dtype = pick_compute_dtype(m.compute_dtype, device, probe_cpu=True)
     log.info("device: %s; compute dtype %s", describe_device(device), str(dtype).removeprefix("torch."))
 
+    checkpoint = _resume_point(run_dir, resume)
+    _check_settings(cfg)
+    tracker_env = setup_trackers(t.report_to, run_dir)
+    tokenizer = load_tokenizer(m.name, m.revision, m.cache_dir, m.trust_remote_code)
+    # The run records the template it really used (`default` resolved for this tokenizer), so it is
+    # prompted, resumed and compared with that one ever after.
+    cfg = cfg.model_copy(deep=True)
+    cfg.model.template = resolve_template(m.template, tokenizer)
+    data = _load_data(cfg, tokenizer)
+    ensure_pad_token(tokenizer)
+
+    args = _training_args(cfg, device, dtype, has_eval=bool(data.eval_rows), fresh=checkpoint is None)
+    # Reading the world size sets up the process group (gloo on CPU, nccl on CUDA) in a launched worker.
+    world, main = args.world_size, args.should_save
+    _check_processes(cfg, args, device, checkpoint)
+    checkpointing = _fit_memory(cfg, args, world, force)
+
+    # Seeded first: LoRA's A matrices are drawn at get_peft_model, before the Trainer seeds anything,
+    # and runs must be reproducible.
+    set_seed(t.seed)
+    model, targets = _build_model(cfg, args, device, dtype, checkpoint)
+    manifest = _manifest(cfg, data, tokenizer, targets, device, world)
+    if main:  # only rank 0 writes; the others hold the same model and data
+        _start_run_folder(run_dir, cfg, manifest, fresh=checkpoint is None)
+
+    stop_requests: list[str] = []
+    monitor = make_monitor(run_dir, device, stop_requests, world)
+    trainer = _make_trainer(cfg, model, args, tokenizer, data, manifest, monitor, device)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    log.info(
+        "LoRA r=%d on %s: %s trainable parameters; %d train / %d eval examples; resume from %s",
+        cfg.lora.r,
+        ",".join(targets),
+        f"{trainable:,}",
+        len(data.train_rows),
+        len(data.eval_rows),
+        checkpoint or "scratch",
+    )
+
+    try:
+        stopped, final, elapsed = _fit(
+            trainer, cfg, tokenizer, manifest, checkpoint, stop_requests, device, main
+        )
+    finally:
+        for key in tracker_env:  # the next run in this process picks its own folders
+            os.environ.pop(key, None)
+    _finish_processes(trainer, world)
+    step = trainer.state.global_step
+    if not main:
+        return TrainResult(run_dir, final, step, stopped, main_process=False)  # type: ignore[arg-type]
+    summary = _write_summary(run_dir, trainer, monitor, stopped, elapsed, device, dtype, checkpointing)
+    summary |= {"trainable_parameters": trainable, "final_adapter": str(final) if final else None}
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    log.info("training %s after %d steps in %.0fs", stopped, step, elapsed)
+    return TrainResult(run_dir, final, step, stopped, summary)  # type: ignore[arg-type]
+
+
+def _resume_point(run_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint to continue from (None: a fresh start), its chain's checksums verified."""
     existing = complete_checkpoints(run_dir)
     checkpoint: Path | None = None
     if resume is None and existing:
@@ -301,25 +349,37 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
             raise TrainError(
                 f"{checkpoint} is not a complete checkpoint (needs {', '.join(CHECKPOINT_FILES)})."
             )
-    check_context(cfg)
-    if m.adapter is not None:
-        adapter_folder(m.adapter, "model.adapter=")
-    tracker_env = setup_trackers(t.report_to, run_dir)
     if checkpoint is not None:
         verify_checksums(checkpoint, existing[: existing.index(checkpoint)] if checkpoint in existing else [])
+    return checkpoint
+
+
+def _check_settings(cfg: Config) -> None:
+    """What can be refused before anything loads: the context, the start adapter, early stopping's saves."""
+    t = cfg.train
+    check_context(cfg)
+    if cfg.model.adapter is not None:
+        adapter_folder(cfg.model.adapter, "model.adapter=")
     if t.early_stopping_patience and t.save_steps % t.eval_steps:
         raise TrainError(
             f"train.save_steps={t.save_steps} must be a multiple of train.eval_steps={t.eval_steps}: "
             "early stopping keeps the best checkpoint, so every save needs an evaluation."
         )
 
-    # Data: the prepared JSONL, split 90/10 unless an eval file is given.
-    tokenizer = load_tokenizer(m.name, m.revision, m.cache_dir, m.trust_remote_code)
-    # The run records the template it really used (`default` resolved for this tokenizer), so it is
-    # prompted, resumed and compared with that one ever after.
-    cfg = cfg.model_copy(deep=True)
-    cfg.model.template = resolve_template(m.template, tokenizer)
-    m = cfg.model
+
+@dataclass
+class _Data:
+    """The run's examples as read (for the manifest) and as tokenized (for the Trainer)."""
+
+    train_records: list[dict]
+    train_rows: list[dict]
+    eval_rows: list[dict]
+    replay_file: Path | None
+
+
+def _load_data(cfg: Config, tokenizer: Any) -> _Data:
+    """The prepared JSONL, split 90/10 unless an eval file is given, self-replay mixed in, tokenized."""
+    t = cfg.train
     records = load_examples(cfg.data.train_file)
     _check_kind(records, t.method, cfg.data.train_file)
     if cfg.data.eval_file:
@@ -339,29 +399,34 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
             task,
         )
     tokenize = tokenize_examples if t.method == "sft" else tokenize_pairs
-    train_rows, dropped = tokenize(train_records, tokenizer, m.template, cfg.data.max_seq_length)
-    eval_rows, eval_dropped = tokenize(eval_records, tokenizer, m.template, cfg.data.max_seq_length)
+    template, max_len = cfg.model.template, cfg.data.max_seq_length
+    train_rows, dropped = tokenize(train_records, tokenizer, template, max_len)
+    eval_rows, eval_dropped = tokenize(eval_records, tokenizer, template, max_len)
     if dropped or eval_dropped:
         log.warning(
             "dropped %d train / %d eval examples longer than data.max_seq_length=%d",
             dropped,
             eval_dropped,
-            cfg.data.max_seq_length,
+            max_len,
         )
     if not train_rows:
-        raise TrainError(f"no training example fits data.max_seq_length={cfg.data.max_seq_length}.")
+        raise TrainError(f"no training example fits data.max_seq_length={max_len}.")
     if t.early_stopping_patience and not eval_rows:
         raise TrainError(
             "early stopping needs eval data: set data.eval_file or data.eval_fraction > 0, "
             "or train.early_stopping_patience=0."
         )
-    ensure_pad_token(tokenizer)
+    return _Data(train_records, train_rows, eval_rows, replay_file)
 
-    quantized = m.quantization != "none"
-    use_bf16 = dtype == torch.bfloat16
+
+def _training_args(cfg: Config, device: str, dtype: Any, *, has_eval: bool, fresh: bool) -> Any:
+    """TRL's arguments for the method: our settings in its names."""
+    import torch
+
+    t = cfg.train
     args_class, method_args = _method_args(t.method, cfg, t.beta)
-    args = args_class(
-        output_dir=str(run_dir),
+    return args_class(
+        output_dir=str(Path(t.output_dir)),
         num_train_epochs=t.num_epochs,
         max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size,
@@ -373,15 +438,15 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=_optimizer_for(t.optim, device),
-        bf16=use_bf16,
+        bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu=device == "cpu",
-        eval_strategy="steps" if eval_rows else "no",
+        eval_strategy="steps" if has_eval else "no",
         eval_steps=t.eval_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
-        load_best_model_at_end=bool(eval_rows) and t.early_stopping_patience > 0,
+        load_best_model_at_end=has_eval and t.early_stopping_patience > 0,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
         logging_steps=t.logging_steps,
@@ -393,25 +458,33 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
         # The untrained baseline, so a fall in eval loss is visible; after the model is wrapped for
         # many processes (an evaluate() before train() marks it prepared and DDP never wraps it).
         # Our evaluate() puts the RNG back, so it does not change the run.
-        eval_on_start=bool(eval_rows) and checkpoint is None,
+        eval_on_start=has_eval and fresh,
         # Every trainable parameter (LoRA) is used in every forward: no search for unused ones. The
         # frozen base and its buffers are the same files on every rank: nothing to broadcast per step.
         ddp_find_unused_parameters=False,
-        # `auto` is decided below, once the memory plan has been made.
+        # `auto` is decided once the memory plan has been made (_fit_memory).
         activation_checkpointing=t.gradient_checkpointing is not False,
         activation_checkpointing_kwargs={"use_reentrant": False},
         **method_args,
-        **(fsdp_settings(quantized) if t.distributed == "fsdp" and device == "cuda" else {}),
+        **(
+            fsdp_settings(cfg.model.quantization != "none")
+            if t.distributed == "fsdp" and device == "cuda"
+            else {}
+        ),
     )
-    # Reading the world size sets up the process group (gloo on CPU, nccl on CUDA) in a launched worker.
-    world, main = args.world_size, args.should_save
+
+
+def _check_processes(cfg: Config, args: Any, device: str, checkpoint: Path | None) -> None:
+    """Many processes: FSDP only on GPUs, the global batch said once, a checkpoint resumed with as many."""
+    t = cfg.train
+    world = args.world_size
     if t.distributed == "fsdp" and device == "cpu" and world > 1:
         # accelerate's FSDP plugin asks for an accelerator device when it is built (no CPU FSDP there).
         raise TrainError(
             "train.distributed=fsdp needs GPUs (accelerate's FSDP support has no CPU device); "
             "on CPU use train.distributed=ddp."
         )
-    if main and world > 1:
+    if args.should_save and world > 1:
         log.info(
             "%d processes (%s, %s): global batch %d = %d per device x %d processes x %d accumulation steps",
             world,
@@ -425,6 +498,9 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
     if checkpoint is not None:
         check_processes(checkpoint, world)
 
+
+def _fit_memory(cfg: Config, args: Any, world: int, force: bool) -> str:
+    """The memory plan: it decides checkpointing `auto`, and refuses a run it says will not fit."""
     from qlora_llm.plan import PlanError, plan
 
     try:
@@ -432,7 +508,7 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
     except PlanError as err:  # an architecture or config.json the planner cannot read: train unchecked
         log.warning("memory plan unavailable (%s); training without the fit check", err)
         memory = None
-    checkpointing = _apply_checkpointing(args, t.gradient_checkpointing, memory)
+    checkpointing = _apply_checkpointing(args, cfg.train.gradient_checkpointing, memory)
     if memory is not None and not memory.fits:
         if not force:
             raise TrainError(
@@ -440,10 +516,18 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
                 "breakdown, lower the settings it suggests, or pass --force."
             )
         log.warning("estimated not to fit, training anyway (--force): %s", memory.verdict)
+    return checkpointing
 
-    # Model: 4-bit base, k-bit preparation, LoRA. Seeded first: LoRA's A matrices are drawn at
-    # get_peft_model, before the Trainer seeds anything, and runs must be reproducible.
-    set_seed(t.seed)
+
+def _build_model(
+    cfg: Config, args: Any, device: str, dtype: Any, checkpoint: Path | None
+) -> tuple[Any, list[str]]:
+    """The base (4-bit for QLoRA) with LoRA on the target modules, or the adapter being continued."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from qlora_llm.model import load_base_model, resolve_target_modules
+
+    m = cfg.model
     # One GPU per process (LOCAL_RANK); FSDP shards 4-bit weights only when they are stored in the
     # dtype its flat parameters have, so the packed bytes are kept in the compute dtype there.
     model = load_base_model(
@@ -452,8 +536,8 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
         dtype=dtype,
         quant_storage=dtype if args.fsdp else None,
     )
-    if quantized:
-        # Checkpointing is switched on by the Trainer (activation_checkpointing below), under the name
+    if m.quantization != "none":
+        # Checkpointing is switched on by the Trainer (activation_checkpointing), under the name
         # transformers 5 uses; PEFT would switch it on again under the old one.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     explicit = "target_modules" in cfg.lora.model_fields_set
@@ -474,26 +558,33 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
             model, str(adapter_folder(m.adapter, "model.adapter=")), is_trainable=True
         )
         log.info("starting from the adapter in %s (its LoRA settings, not lora.*)", m.adapter)
-    else:
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=cfg.lora.r,
-                lora_alpha=cfg.lora.alpha,
-                lora_dropout=cfg.lora.dropout,
-                target_modules=targets,
-                bias=cfg.lora.bias,
-                task_type="CAUSAL_LM",
-            ),
-        )
+        return model, targets
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=targets,
+        bias=cfg.lora.bias,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora), targets
 
-    files = [cfg.data.train_file] + ([cfg.data.eval_file] if cfg.data.eval_file else [])
-    files += [replay_file] if replay_file is not None else []
+
+def _manifest(
+    cfg: Config, data: _Data, tokenizer: Any, targets: list[str], device: str, world: int
+) -> dict[str, Any]:
+    """What the run is: identity (for resume), base model, template, tokens, data hashes, versions."""
     from qlora_llm.data import is_pair, pair_examples
+    from qlora_llm.model import describe_device
 
-    first = pair_examples(train_records[0])[0] if is_pair(train_records[0]) else train_records[0]
+    t, m = cfg.train, cfg.model
+    files = [cfg.data.train_file] + ([cfg.data.eval_file] if cfg.data.eval_file else [])
+    files += [data.replay_file] if data.replay_file is not None else []
+    first = data.train_records[0]
+    first = pair_examples(first)[0] if is_pair(first) else first
     example = render(first, m.template, tokenizer)
-    manifest = {
+    replayed = sum(r.get("source") == "replay" for r in data.train_records)
+    return {
         "identity": {**checkpoint_identity(cfg), "target_modules": sorted(targets)},
         "base_model": _base_model_identity(cfg),
         "template": {"name": m.template, "example": example.text},
@@ -504,12 +595,8 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
             "eos": tokenizer.eos_token,
         },
         "data": {str(p): sha256_file(Path(p)) for p in files}
-        | {"train_examples": len(train_rows), "eval_examples": len(eval_rows)}
-        | (
-            {"replay_examples": sum(r.get("source") == "replay" for r in train_records)}
-            if replay_file
-            else {}
-        ),
+        | {"train_examples": len(data.train_rows), "eval_examples": len(data.eval_rows)}
+        | ({"replay_examples": replayed} if data.replay_file else {}),
         "device": describe_device(device),
         "versions": library_versions(),
         "seed": t.seed,
@@ -519,21 +606,41 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
         "processes": world,
         "distributed": t.distributed if world > 1 else None,
     }
-    if main:  # only rank 0 writes; the others hold the same model and data
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in run_dir.glob(".staging-checkpoint-*"):  # a save cut short by a kill or a crash
-            shutil.rmtree(stale, ignore_errors=True)
-        if checkpoint is None:
-            # A fresh start: rows left by an earlier attempt that never reached a checkpoint would mix in.
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        atomic_write_text(run_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
 
+
+def _start_run_folder(run_dir: Path, cfg: Config, manifest: dict[str, Any], *, fresh: bool) -> None:
+    """The run folder's config and manifest; what a cut-short save or an earlier attempt left, removed."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in run_dir.glob(".staging-checkpoint-*"):  # a save cut short by a kill or a crash
+        shutil.rmtree(stale, ignore_errors=True)
+    if fresh:
+        # A fresh start: rows left by an earlier attempt that never reached a checkpoint would mix in.
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    atomic_write_text(run_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+
+
+def _make_trainer(
+    cfg: Config,
+    model: Any,
+    args: Any,
+    tokenizer: Any,
+    data: _Data,
+    manifest: dict[str, Any],
+    monitor: Any,
+    device: str,
+) -> Any:
+    """TRL's trainer for the method with our callbacks: early stopping, the monitor, trackers."""
+    import torch
+    from datasets import Dataset
+    from transformers import EarlyStoppingCallback, PrinterCallback
+
+    from qlora_llm import trainer as trainer_module  # imports TRL: only when training
+
+    t = cfg.train
     callbacks = []
-    if eval_rows and t.early_stopping_patience:
+    if data.eval_rows and t.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
-    stop_requests: list[str] = []
-    monitor = make_monitor(run_dir, device, stop_requests, world)
     callbacks.append(monitor)
     # The pad the tokenizer was given, in the model's configs too (transformers would align them and say so).
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -543,14 +650,14 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
         log.info("ORPO runs on TRL's ORPOTrainer, which TRL keeps in trl.experimental (its API may change)")
     start_weights = (
         {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        if m.adapter is not None
+        if cfg.model.adapter is not None
         else {}
     )
     trainer = trainer_module.trainer_class(t.method)(
         model=model,
         args=args,
-        train_dataset=Dataset.from_list(train_rows),
-        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        train_dataset=Dataset.from_list(data.train_rows),
+        eval_dataset=Dataset.from_list(data.eval_rows) if data.eval_rows else None,
         processing_class=tokenizer,
         callbacks=callbacks,
     )
@@ -570,17 +677,29 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
                 p.data = start_weights[name]
             elif p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    log.info(
-        "LoRA r=%d on %s: %s trainable parameters; %d train / %d eval examples; resume from %s",
-        cfg.lora.r,
-        ",".join(targets),
-        f"{trainable:,}",
-        len(train_rows),
-        len(eval_rows),
-        checkpoint or "scratch",
-    )
+    return trainer
 
+
+def _fit(
+    trainer: Any,
+    cfg: Config,
+    tokenizer: Any,
+    manifest: dict[str, Any],
+    checkpoint: Path | None,
+    stop_requests: list[str],
+    device: str,
+    main: bool,
+) -> tuple[str, Path | None, float]:
+    """Train, then write the final adapter; how it stopped, the adapter and the seconds it took.
+
+    The errors a user can act on (out of memory, a failed save, a non-finite loss) become one TrainError
+    that says what to change.
+    """
+    import torch
+
+    from qlora_llm import trainer as trainer_module
+
+    t, run_dir = cfg.train, Path(cfg.train.output_dir)
     start = time.perf_counter()
     final = None
     try:
@@ -608,17 +727,33 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
         ) from None
     except trainer_module.LossNotFinite as err:
         raise TrainError(f"{err}{last_good(run_dir)}. Lower train.learning_rate or check the data.") from None
-    finally:
-        for key in tracker_env:  # the next run in this process picks its own folders
-            os.environ.pop(key, None)
-    trainer.accelerator.wait_for_everyone()  # every rank returns once the run's files are complete
+    return stopped, final, elapsed
+
+
+def _finish_processes(trainer: Any, world: int) -> None:
+    """Every rank returns once the run's files are complete; the process group closed here."""
+    import torch
+
+    trainer.accelerator.wait_for_everyone()
     if world > 1 and torch.distributed.is_initialized():
         # Closed here, not left to interpreter exit: there gloo's threads can still be running when the
         # process ends, and it aborts ("terminate called without an active exception", exit 134; seen
         # once in CI on rank 1 after a complete 2-process run).
         torch.distributed.destroy_process_group()
-    if not main:
-        return TrainResult(run_dir, final, state.global_step, stopped, main_process=False)  # type: ignore[arg-type]
+
+
+def _write_summary(
+    run_dir: Path,
+    trainer: Any,
+    monitor: Any,
+    stopped: str,
+    elapsed: float,
+    device: str,
+    dtype: Any,
+    checkpointing: str,
+) -> dict[str, Any]:
+    """The loss plot and the run's figures: steps, losses at each end, speed, memory."""
+    state = trainer.state
     metrics_path = run_dir / "metrics.jsonl"
     if metrics_path.is_file():
         plot_loss(metrics_path, run_dir / "loss.png")
@@ -626,7 +761,7 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
     eval_losses = [r["eval_loss"] for r in rows if "eval_loss" in r]
     losses = [r["loss"] for r in rows if "loss" in r]
     smooth = max(1, min(SMOOTH_LOGS, len(losses) // 2))
-    summary = {
+    return {
         "steps": state.global_step,
         "stopped": stopped,
         "seconds": round(elapsed, 1),
@@ -646,9 +781,4 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
         "load_peak_memory_bytes": monitor.load_peak,
         "compute_dtype": str(dtype).removeprefix("torch."),
         "gradient_checkpointing": checkpointing,
-        "trainable_parameters": trainable,
-        "final_adapter": str(final) if final else None,
     }
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    log.info("training %s after %d steps in %.0fs", stopped, state.global_step, elapsed)
-    return TrainResult(run_dir, final, state.global_step, stopped, summary)  # type: ignore[arg-type]
