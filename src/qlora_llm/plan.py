@@ -335,191 +335,43 @@ def estimate_memory(
     On CUDA TRL's fused head scores only those (its Triton path gathers them first); None: every token.
     """
     shape = ModelShape.from_config(model_config)
-    a = DTYPE_BYTES[compute_dtype]
-    h, i, n_layers, v = shape.hidden, shape.intermediate, shape.layers, shape.vocab
-    attn_width = shape.heads * shape.head_dim
-    linears = shape.linears()
+    quantized = quantization != "none"
+    if lora_dtype is None:
+        lora_dtype = "bfloat16" if quantized and device == "cuda" else "float32"
     # A preference step forwards each example's chosen and rejected answer together: twice the sequences.
     # DPO's reference forward runs without gradients, so its activations never add to the training ones.
     sequences = batch_size * (1 if method == "sft" else 2)
-    tokens = sequences * seq_len
-    quantized = quantization != "none"
-    # Weights that stay unquantized (embeddings, lm_head, norms): fp32 once prepare_model_for_kbit_training
-    # upcast them. The embeddings' dtype is also the residual stream's: bf16 layer outputs added to an
-    # fp32 residual stay fp32.
-    w = 4 if quantized and kbit_prepared else a
-    if lora_dtype is None:
-        lora_dtype = "bfloat16" if quantized and device == "cuda" else "float32"
-    lb = DTYPE_BYTES[lora_dtype]
+    s = _Step(
+        shape=shape,
+        linears=shape.linears(),
+        targets=_resolve_targets(target_modules, shape),
+        a=DTYPE_BYTES[compute_dtype],
+        # Weights that stay unquantized (embeddings, lm_head, norms): fp32 once
+        # prepare_model_for_kbit_training upcast them. The embeddings' dtype is also the residual
+        # stream's: bf16 layer outputs added to an fp32 residual stay fp32.
+        w=4 if quantized and kbit_prepared else DTYPE_BYTES[compute_dtype],
+        lb=DTYPE_BYTES[lora_dtype],
+        quantized=quantized,
+        sequences=sequences,
+        seq_len=seq_len,
+        tokens=sequences * seq_len,
+        device=device,
+    )
     how: dict[str, str] = {}
-
-    # Base weights: the decoder-block linears are quantized, everything else is `w` bytes.
-    linear_numel = [inp * out for inp, out in linears.values()]
-    biases = (4 * attn_width if shape.attention_bias else 0) + (2 * i + h if shape.mlp_bias else 0)
-    other_numel = v * h * (1 if shape.tied else 2) + (2 * n_layers + 1) * h + n_layers * biases
-    base_params = n_layers * sum(linear_numel) + other_numel
-    head = "embeddings" if shape.tied else "embeddings, lm_head"
-    if not quantized:
-        base_weights = base_params * a
-        how["base_weights"] = f"{base_params / 1e9:.2f}B params x {a} B ({compute_dtype})"
-    else:
-        packed = n_layers * sum(math.ceil(n / 2) for n in linear_numel)
-        blocks = [math.ceil(n / QUANT_BLOCK) for n in linear_numel]
-        if double_quant:
-            constants = n_layers * sum(b + 4 * math.ceil(b / DOUBLE_QUANT_BLOCK) for b in blocks)
-            what = "8-bit absmax/64 + fp32/256"
-        else:
-            constants = n_layers * sum(4 * b for b in blocks)
-            what = "fp32 absmax/64"
-        base_weights = packed + constants + other_numel * w
-        how["base_weights"] = (
-            f"{n_layers * sum(linear_numel) / 1e9:.2f}B params in 4-bit {quantization} ({packed / GB:.2f} GB)"
-            f" + constants, {what} ({constants / GB:.2f} GB) + {head}, norms in "
-            f"{'fp32, upcast by prepare_model_for_kbit_training' if w != a else compute_dtype} "
-            f"({other_numel * w / GB:.2f} GB)"
-        )
-
-    # LoRA: A (r x in) and B (out x r) per targeted linear per layer.
-    targets = _resolve_targets(target_modules, shape)
-    matrices = []
-    for name in targets:
-        inp, out = linears[name]
-        matrices += [(lora_r, inp), (out, lora_r)] * n_layers
-    lora_params = sum(rows * cols for rows, cols in matrices)
-    lora_weights = lora_gradients = lb * lora_params
-    how["lora_weights"] = (
-        f"{lora_params:,} params (r={lora_r}, {len(targets)} targets x {n_layers} layers) x {lb} B "
-        + ("(TRL casts adapters on a 4-bit base to bf16)" if lb == 2 else "(fp32)")
-    )
-    if method == "dpo":
-        # The reference is the same base with a frozen copy of the adapter: no second model.
-        lora_weights *= 2
-        how["lora_weights"] += " x 2 (DPO's frozen reference copy; no second model is loaded)"
-    how["lora_gradients"] = f"one {lora_dtype} gradient per LoRA param"
-    optimizer_states, how["optimizer_states"] = _optimizer_bytes(optim, matrices, lora_params, lb)
-    paged = "paged" in optim.lower() and device == "cuda"  # paging is CUDA unified memory
-    if paged:
-        how["optimizer_states"] += "; paged: can move to CPU RAM under pressure"
-
-    # Activations per token per layer (see the module docstring for each term).
-    per_token = 2 * 4 * h  # fp32 inputs kept by the two RMSNorms
-    per_token += 4 * a * attn_width  # q, k, v (repeated to all heads), attention output
-    if attention == "sdpa":
-        per_token += 4 * shape.heads  # fp32 logsumexp per head
-        per_token += seq_len * a  # sdpa turns the bool padding mask into a float one in every layer
-    else:
-        per_token += shape.heads * seq_len * (4 + (a if a < 4 else 0))  # fp32 softmax + its cast
-    # SiLU input, SiLU output, up output. Linear4bit returns its input's dtype, so on an upcast base the
-    # projections (and SiLU and the product after them) are fp32 even under autocast.
-    per_token += 3 * w * i
-    # Per LoRA input feature: what LoRA A keeps (the dropout output, or autocast's copy of it: a bytes)
-    # and the dropout mask: bool from CUDA's fused dropout; on CPU a noise tensor in the dtype peft
-    # cast the input to (the adapters', since peft only checks for CUDA autocast).
-    mask = 1 if device == "cuda" else lb
-    if lora_dropout > 0:
-        per_token += sum((a + mask) * linears[t][0] for t in targets)
-    elif device == "cuda" or a == lb:
-        # Without dropout the LoRA-A input is the module input itself, shared by q/k/v and by gate/up.
-        inputs = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "gate_proj": "mlp_in"}
-        inputs |= {"up_proj": "mlp_in", "o_proj": "attn_out", "down_proj": "mlp_mid"}
-        per_token += a * sum({inputs[t]: linears[t][0] for t in targets}.values())
-    else:
-        per_token += sum(a * linears[t][0] for t in targets)  # one autocast copy per module
-    per_token += a * lora_r * len(targets)  # the rank-r output of each LoRA A
-    per_layer = tokens * per_token
-    # The final norm's fp32 input; autocast's cached 16-bit copies of fp32 adapters.
-    shared = tokens * 4 * h + (lora_params * a if lb > a else 0)
-    if attention == "eager":
-        shared += sequences * seq_len * seq_len * a  # one float mask, added (not kept) in each layer
-    if gradient_checkpointing:
-        # transformers checkpoints layers 0, n, 2n, ...; the others keep their full set. The backward
-        # pass frees each layer's set as it goes, so at most the uncheckpointed sets are alive at once,
-        # plus one recomputed set when the last layer is a checkpointed one (its backward comes first).
-        kept = math.ceil(n_layers / every_n_layers)
-        checkpoints = kept * tokens * h * w
-        sets = n_layers - kept + (1 if (n_layers - 1) % every_n_layers == 0 else 0)
-        # On CUDA the recomputed set is counted in `transient` instead: it is alive only after the loss's
-        # buffers are freed (see there). On CPU the lines are calibrated against RSS, which keeps freed
-        # pages, so both stay in the total.
-        recomputed = sets - (n_layers - kept) if device == "cuda" else 0
-        activations = checkpoints + (sets - recomputed) * per_layer + shared
-        whole = f"; {n_layers - kept} layers kept whole" if kept < n_layers else ""
-        how["activations"] = (
-            f"checkpointed: {kept} layer inputs ({checkpoints / GB:.2f} GB, {w} B/value){whole}; at most "
-            f"{sets - recomputed} full layer sets alive ({per_layer / GB:.2f} GB each = "
-            f"{per_token / 1024:.0f} KiB/token) + final norm"
-            + (f"; {recomputed} recomputed set in the backward's buffers" if recomputed else "")
-        )
-    else:
-        activations = n_layers * per_layer + shared
-        how["activations"] = (
-            f"no checkpointing: {n_layers} layers x {per_layer / GB:.2f} GB "
-            f"({per_token / 1024:.0f} KiB/token/layer) + final norm"
-        )
-
-    # Under autocast a fp32 lm_head is used through a compute-dtype copy of (a tile of) its weight.
-    token_tile, vocab_tile = CPU_LOSS_TILE if device == "cpu" else (FUSED_TOKEN_TILE, FUSED_VOCAB_TILE)
-    # On CUDA the fused head gathers the labelled positions first (a copy) and tiles only those; on CPU
-    # it scores every position (no Triton: fixed tile shapes).
-    scored = tokens if device == "cpu" or scored_tokens is None else min(scored_tokens, tokens)
-    token_tile, vocab_tile = min(scored, token_tile), min(v, vocab_tile)
-    head_cast = (vocab_tile if lm_head_loss == "chunked" else v) * h * a if w != a else 0
-    if lm_head_loss == "chunked":
-        tile = token_tile * vocab_tile * a
-        if device == "cpu":
-            tile += CPU_FOLD_TEMPORARIES * token_tile * vocab_tile * 4
-        # The kernel keeps the final hidden states (w bytes) and works one logits tile at a time.
-        kept_for_backward = tokens * h * w + (scored * h * w if scored < tokens else 0)
-        # On CUDA (allocated bytes, bench/gpu_check.py's allocation trace) the forward's tile and head copy
-        # are freed before the backward allocates its own; on CPU the RSS keeps them (calibrated so).
-        logits = kept_for_backward + (0 if device == "cuda" else tile + head_cast)
-        logits_grad = tile + tokens * h * 4 + head_cast  # backward: fp32 grad of the hidden states
-        how["logits"] = (
-            f"TRL's fused LM head + loss: one {token_tile} x {vocab_tile} logits tile"
-            + (f" (+ {CPU_FOLD_TEMPORARIES} fp32 temporaries of it on CPU)" if device == "cpu" else "")
-            + ", never the full (B,T,V)"
-            + (", + bf16 copy of the lm_head" if head_cast else "")
-        )
-    else:
-        # The model's logits and the fp32 log-softmax cross-entropy keeps; the fp32 upcast (16-bit only)
-        # and the logits' gradient come and go, so they are in `transient`.
-        logits = tokens * v * (a + 4) + head_cast
-        logits_grad = tokens * v * (4 + (a if a < 4 else 0))
-        how["logits"] = f"(B,T,V)=({sequences},{seq_len},{v}) in {compute_dtype} + fp32 log-softmax"
-
-    overhead = CUDA_OVERHEAD if device == "cuda" else CPU_OVERHEAD
-    how["overhead"] = (
-        "CUDA context, cuBLAS workspace, kernels"
-        if device == "cuda"
-        else "Python + torch/transformers/peft/trl imported (0.47 GiB measured)"
-    )
-    loading = 0
-    if device == "cpu":
-        # from_pretrained maps the weights file: its pages count in the RSS next to the model being built
-        # from them (quantized, or cast to the compute dtype; mapped as they are when the dtypes agree).
-        file_dtype = str(model_config.get("dtype") or model_config.get("torch_dtype") or "float32")
-        file_bytes = base_params * DTYPE_BYTES.get(file_dtype, 4)
-        built = base_weights if quantized or DTYPE_BYTES.get(file_dtype, 4) != a else 0
-        loading = overhead + file_bytes + built
-        how["loading"] = (
-            f"runtime overhead + the {file_dtype} weights file ({file_bytes / GB:.2f} GB, mapped)"
-            + (f" + the model built from it ({built / GB:.2f} GB)" if built else "")
-        )
-        if quantized and DTYPE_BYTES.get(file_dtype, 4) == a:
-            # Loaded in the file's own dtype, the unquantized weights are the file's pages, so the mapping
-            # outlives the load and every page read for quantizing stays in the RSS (clean, reclaimable,
-            # but counted). Loaded in another dtype they are copies, and the mapping goes.
-            mapped = max(file_bytes - other_numel * w, 0)
-            overhead += mapped
-            how["overhead"] += f" + the rest of the weights file, still mapped ({mapped / GB:.2f} GB)"
-
-    dequant = max(linear_numel) * a if quantized else 0
-    layer_grads = tokens * (3 * i + 2 * h) * a
+    base = _base_weights(s, quantization, double_quant, compute_dtype, how)
+    lora = _lora_state(s, lora_r, lora_dtype, optim, method, how)
+    act = _activations(s, lora_r, lora_dropout, attention, gradient_checkpointing, every_n_layers, lora, how)
+    logits, logits_grad = _loss_head(s, lm_head_loss, scored_tokens, compute_dtype, how)
+    overhead, loading = _runtime(s, model_config, base, how)
     # On CUDA a checkpointed layer is recomputed in backward after the loss's buffers and kept hidden
     # states are freed: its full set, the residual stream's fp32 gradient and its backward buffers then
     # sit on the kept activations (where an allocation trace put the peak of every checkpointed step).
+    dequant = max(base.linear_numel) * s.a if quantized else 0
+    layer_grads = s.tokens * (3 * shape.intermediate + 2 * shape.hidden) * s.a
     on_cuda_checkpointed = gradient_checkpointing and device == "cuda"
-    recompute = recomputed * per_layer + tokens * h * 4 - logits if on_cuda_checkpointed else 0
+    recompute = (
+        act.recomputed * act.per_layer + s.tokens * shape.hidden * 4 - logits if on_cuda_checkpointed else 0
+    )
     transient = max(dequant + layer_grads + max(recompute, 0), logits_grad)
     how["transient"] = (
         ("a recomputed layer's set + " if recompute > 0 else "")
@@ -527,11 +379,17 @@ def estimate_memory(
         if dequant + layer_grads + max(recompute, 0) >= logits_grad
         else "the loss's backward buffers"
     )
+    base_weights = base.bytes
+    lora_weights, lora_gradients, optimizer_states = lora.weights, lora.gradients, lora.optimizer
     if processes > 1 and distributed == "ddp":
         lora_gradients *= 2
         how["lora_gradients"] += f" + DDP's gradient buckets (a copy of them), on each of {processes} GPUs"
     elif processes > 1:  # fsdp
-        layer_weights = (base_weights - other_numel * w) // n_layers if quantized else sum(linear_numel) * a
+        layer_weights = (
+            (base_weights - base.other_numel * s.w) // shape.layers
+            if quantized
+            else sum(base.linear_numel) * s.a
+        )
         base_weights, lora_weights, lora_gradients, optimizer_states = (
             math.ceil(x / processes) for x in (base_weights, lora_weights, lora_gradients, optimizer_states)
         )
@@ -544,16 +402,244 @@ def estimate_memory(
         lora_weights=lora_weights,
         lora_gradients=lora_gradients,
         optimizer_states=optimizer_states,
-        activations=activations,
+        activations=act.bytes,
         logits=logits,
         overhead=overhead,
         transient=transient,
         loading=loading,
-        base_params=base_params,
-        lora_params=lora_params,
-        paged_optimizer=paged,
+        base_params=base.params,
+        lora_params=lora.params,
+        paged_optimizer=lora.paged,
         how=how,
     )
+
+
+@dataclass
+class _Step:
+    """What every component of a training step's memory reads: the shape, the byte widths, the batch."""
+
+    shape: ModelShape
+    linears: dict[str, tuple[int, int]]
+    targets: list[str]
+    a: int  # bytes of the compute dtype
+    w: int  # bytes of the weights that stay unquantized (and of the residual stream)
+    lb: int  # bytes of the LoRA weights
+    quantized: bool
+    sequences: int
+    seq_len: int
+    tokens: int
+    device: str
+
+
+@dataclass
+class _Base:
+    bytes: int
+    params: int
+    other_numel: int  # embeddings, lm_head, norms, biases: never quantized
+    linear_numel: list[int]  # one decoder layer's linears
+
+
+def _base_weights(s: _Step, quantization: str, double_quant: bool, compute_dtype: str, how: dict) -> _Base:
+    """The base model: the decoder-block linears quantized (or not), everything else `w` bytes."""
+    shape, a, w = s.shape, s.a, s.w
+    h, i, n_layers, v = shape.hidden, shape.intermediate, shape.layers, shape.vocab
+    attn_width = shape.heads * shape.head_dim
+    linear_numel = [inp * out for inp, out in s.linears.values()]
+    biases = (4 * attn_width if shape.attention_bias else 0) + (2 * i + h if shape.mlp_bias else 0)
+    other_numel = v * h * (1 if shape.tied else 2) + (2 * n_layers + 1) * h + n_layers * biases
+    base_params = n_layers * sum(linear_numel) + other_numel
+    head = "embeddings" if shape.tied else "embeddings, lm_head"
+    if not s.quantized:
+        how["base_weights"] = f"{base_params / 1e9:.2f}B params x {a} B ({compute_dtype})"
+        return _Base(base_params * a, base_params, other_numel, linear_numel)
+    packed = n_layers * sum(math.ceil(n / 2) for n in linear_numel)
+    blocks = [math.ceil(n / QUANT_BLOCK) for n in linear_numel]
+    if double_quant:
+        constants = n_layers * sum(b + 4 * math.ceil(b / DOUBLE_QUANT_BLOCK) for b in blocks)
+        what = "8-bit absmax/64 + fp32/256"
+    else:
+        constants = n_layers * sum(4 * b for b in blocks)
+        what = "fp32 absmax/64"
+    how["base_weights"] = (
+        f"{n_layers * sum(linear_numel) / 1e9:.2f}B params in 4-bit {quantization} ({packed / GB:.2f} GB)"
+        f" + constants, {what} ({constants / GB:.2f} GB) + {head}, norms in "
+        f"{'fp32, upcast by prepare_model_for_kbit_training' if w != a else compute_dtype} "
+        f"({other_numel * w / GB:.2f} GB)"
+    )
+    return _Base(packed + constants + other_numel * w, base_params, other_numel, linear_numel)
+
+
+@dataclass
+class _Lora:
+    params: int
+    weights: int
+    gradients: int
+    optimizer: int
+    paged: bool
+
+
+def _lora_state(s: _Step, lora_r: int, lora_dtype: str, optim: str, method: str, how: dict) -> _Lora:
+    """LoRA's A (r x in) and B (out x r) per targeted linear per layer, their gradients, the optimizer's state."""
+    n_layers, lb = s.shape.layers, s.lb
+    matrices = []
+    for name in s.targets:
+        inp, out = s.linears[name]
+        matrices += [(lora_r, inp), (out, lora_r)] * n_layers
+    lora_params = sum(rows * cols for rows, cols in matrices)
+    lora_weights = lora_gradients = lb * lora_params
+    how["lora_weights"] = (
+        f"{lora_params:,} params (r={lora_r}, {len(s.targets)} targets x {n_layers} layers) x {lb} B "
+        + ("(TRL casts adapters on a 4-bit base to bf16)" if lb == 2 else "(fp32)")
+    )
+    if method == "dpo":
+        # The reference is the same base with a frozen copy of the adapter: no second model.
+        lora_weights *= 2
+        how["lora_weights"] += " x 2 (DPO's frozen reference copy; no second model is loaded)"
+    how["lora_gradients"] = f"one {lora_dtype} gradient per LoRA param"
+    optimizer_states, how["optimizer_states"] = _optimizer_bytes(optim, matrices, lora_params, lb)
+    paged = "paged" in optim.lower() and s.device == "cuda"  # paging is CUDA unified memory
+    if paged:
+        how["optimizer_states"] += "; paged: can move to CPU RAM under pressure"
+    return _Lora(lora_params, lora_weights, lora_gradients, optimizer_states, paged)
+
+
+@dataclass
+class _Activations:
+    bytes: int
+    per_layer: int  # one layer's full set for the batch
+    recomputed: int  # sets counted in `transient` instead (CUDA, checkpointed)
+
+
+def _activations(
+    s: _Step,
+    lora_r: int,
+    lora_dropout: float,
+    attention: str,
+    gradient_checkpointing: bool,
+    every_n_layers: int,
+    lora: _Lora,
+    how: dict,
+) -> _Activations:
+    """What the forward keeps for the backward, per token per layer (the module docstring has each term)."""
+    shape, a, w, lb, linears, targets = s.shape, s.a, s.w, s.lb, s.linears, s.targets
+    h, i, n_layers, seq_len, tokens = shape.hidden, shape.intermediate, shape.layers, s.seq_len, s.tokens
+    per_token = 2 * 4 * h  # fp32 inputs kept by the two RMSNorms
+    per_token += 4 * a * shape.heads * shape.head_dim  # q, k, v (repeated to all heads), attention output
+    if attention == "sdpa":
+        per_token += 4 * shape.heads  # fp32 logsumexp per head
+        per_token += seq_len * a  # sdpa turns the bool padding mask into a float one in every layer
+    else:
+        per_token += shape.heads * seq_len * (4 + (a if a < 4 else 0))  # fp32 softmax + its cast
+    # SiLU input, SiLU output, up output. Linear4bit returns its input's dtype, so on an upcast base the
+    # projections (and SiLU and the product after them) are fp32 even under autocast.
+    per_token += 3 * w * i
+    # Per LoRA input feature: what LoRA A keeps (the dropout output, or autocast's copy of it: a bytes)
+    # and the dropout mask: bool from CUDA's fused dropout; on CPU a noise tensor in the dtype peft
+    # cast the input to (the adapters', since peft only checks for CUDA autocast).
+    mask = 1 if s.device == "cuda" else lb
+    if lora_dropout > 0:
+        per_token += sum((a + mask) * linears[t][0] for t in targets)
+    elif s.device == "cuda" or a == lb:
+        # Without dropout the LoRA-A input is the module input itself, shared by q/k/v and by gate/up.
+        inputs = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "gate_proj": "mlp_in"}
+        inputs |= {"up_proj": "mlp_in", "o_proj": "attn_out", "down_proj": "mlp_mid"}
+        per_token += a * sum({inputs[t]: linears[t][0] for t in targets}.values())
+    else:
+        per_token += sum(a * linears[t][0] for t in targets)  # one autocast copy per module
+    per_token += a * lora_r * len(targets)  # the rank-r output of each LoRA A
+    per_layer = tokens * per_token
+    # The final norm's fp32 input; autocast's cached 16-bit copies of fp32 adapters.
+    shared = tokens * 4 * h + (lora.params * a if lb > a else 0)
+    if attention == "eager":
+        shared += s.sequences * seq_len * seq_len * a  # one float mask, added (not kept) in each layer
+    if not gradient_checkpointing:
+        how["activations"] = (
+            f"no checkpointing: {n_layers} layers x {per_layer / GB:.2f} GB "
+            f"({per_token / 1024:.0f} KiB/token/layer) + final norm"
+        )
+        return _Activations(n_layers * per_layer + shared, per_layer, 0)
+    # transformers checkpoints layers 0, n, 2n, ...; the others keep their full set. The backward
+    # pass frees each layer's set as it goes, so at most the uncheckpointed sets are alive at once,
+    # plus one recomputed set when the last layer is a checkpointed one (its backward comes first).
+    kept = math.ceil(n_layers / every_n_layers)
+    checkpoints = kept * tokens * h * w
+    sets = n_layers - kept + (1 if (n_layers - 1) % every_n_layers == 0 else 0)
+    # On CUDA the recomputed set is counted in `transient` instead: it is alive only after the loss's
+    # buffers are freed (see there). On CPU the lines are calibrated against RSS, which keeps freed
+    # pages, so both stay in the total.
+    recomputed = sets - (n_layers - kept) if s.device == "cuda" else 0
+    whole = f"; {n_layers - kept} layers kept whole" if kept < n_layers else ""
+    how["activations"] = (
+        f"checkpointed: {kept} layer inputs ({checkpoints / GB:.2f} GB, {w} B/value){whole}; at most "
+        f"{sets - recomputed} full layer sets alive ({per_layer / GB:.2f} GB each = "
+        f"{per_token / 1024:.0f} KiB/token) + final norm"
+        + (f"; {recomputed} recomputed set in the backward's buffers" if recomputed else "")
+    )
+    return _Activations(checkpoints + (sets - recomputed) * per_layer + shared, per_layer, recomputed)
+
+
+def _loss_head(
+    s: _Step, lm_head_loss: str, scored_tokens: int | None, compute_dtype: str, how: dict
+) -> tuple[int, int]:
+    """The LM head and loss: what the forward keeps (`logits`) and the backward's buffers."""
+    h, v, a, w, tokens = s.shape.hidden, s.shape.vocab, s.a, s.w, s.tokens
+    # Under autocast a fp32 lm_head is used through a compute-dtype copy of (a tile of) its weight.
+    token_tile, vocab_tile = CPU_LOSS_TILE if s.device == "cpu" else (FUSED_TOKEN_TILE, FUSED_VOCAB_TILE)
+    # On CUDA the fused head gathers the labelled positions first (a copy) and tiles only those; on CPU
+    # it scores every position (no Triton: fixed tile shapes).
+    scored = tokens if s.device == "cpu" or scored_tokens is None else min(scored_tokens, tokens)
+    token_tile, vocab_tile = min(scored, token_tile), min(v, vocab_tile)
+    head_cast = (vocab_tile if lm_head_loss == "chunked" else v) * h * a if w != a else 0
+    if lm_head_loss != "chunked":
+        # The model's logits and the fp32 log-softmax cross-entropy keeps; the fp32 upcast (16-bit only)
+        # and the logits' gradient come and go, so they are in `transient`.
+        how["logits"] = f"(B,T,V)=({s.sequences},{s.seq_len},{v}) in {compute_dtype} + fp32 log-softmax"
+        return tokens * v * (a + 4) + head_cast, tokens * v * (4 + (a if a < 4 else 0))
+    tile = token_tile * vocab_tile * a
+    if s.device == "cpu":
+        tile += CPU_FOLD_TEMPORARIES * token_tile * vocab_tile * 4
+    # The kernel keeps the final hidden states (w bytes) and works one logits tile at a time.
+    kept_for_backward = tokens * h * w + (scored * h * w if scored < tokens else 0)
+    # On CUDA (allocated bytes, bench/gpu_check.py's allocation trace) the forward's tile and head copy
+    # are freed before the backward allocates its own; on CPU the RSS keeps them (calibrated so).
+    logits = kept_for_backward + (0 if s.device == "cuda" else tile + head_cast)
+    how["logits"] = (
+        f"TRL's fused LM head + loss: one {token_tile} x {vocab_tile} logits tile"
+        + (f" (+ {CPU_FOLD_TEMPORARIES} fp32 temporaries of it on CPU)" if s.device == "cpu" else "")
+        + ", never the full (B,T,V)"
+        + (", + bf16 copy of the lm_head" if head_cast else "")
+    )
+    return logits, tile + tokens * h * 4 + head_cast  # backward: fp32 grad of the hidden states
+
+
+def _runtime(s: _Step, model_config: dict[str, Any], base: _Base, how: dict) -> tuple[int, int]:
+    """The runtime's own memory (`overhead`) and the loading phase's peak (CPU: the mapped weights file)."""
+    overhead = CUDA_OVERHEAD if s.device == "cuda" else CPU_OVERHEAD
+    how["overhead"] = (
+        "CUDA context, cuBLAS workspace, kernels"
+        if s.device == "cuda"
+        else "Python + torch/transformers/peft/trl imported (0.47 GiB measured)"
+    )
+    if s.device != "cpu":
+        return overhead, 0
+    # from_pretrained maps the weights file: its pages count in the RSS next to the model being built
+    # from them (quantized, or cast to the compute dtype; mapped as they are when the dtypes agree).
+    file_dtype = str(model_config.get("dtype") or model_config.get("torch_dtype") or "float32")
+    file_bytes = base.params * DTYPE_BYTES.get(file_dtype, 4)
+    built = base.bytes if s.quantized or DTYPE_BYTES.get(file_dtype, 4) != s.a else 0
+    loading = overhead + file_bytes + built
+    how["loading"] = (
+        f"runtime overhead + the {file_dtype} weights file ({file_bytes / GB:.2f} GB, mapped)"
+        + (f" + the model built from it ({built / GB:.2f} GB)" if built else "")
+    )
+    if s.quantized and DTYPE_BYTES.get(file_dtype, 4) == s.a:
+        # Loaded in the file's own dtype, the unquantized weights are the file's pages, so the mapping
+        # outlives the load and every page read for quantizing stays in the RSS (clean, reclaimable,
+        # but counted). Loaded in another dtype they are copies, and the mapping goes.
+        mapped = max(file_bytes - base.other_numel * s.w, 0)
+        overhead += mapped
+        how["overhead"] += f" + the rest of the weights file, still mapped ({mapped / GB:.2f} GB)"
+    return overhead, loading
 
 
 # --------------------------------------------------------------------------------------------------
