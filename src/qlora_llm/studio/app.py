@@ -126,6 +126,20 @@ def create_app(
     app.state.playground = playground
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
+    _add_sign_in(app, api_key, session, csrf_token)
+    _add_run_routes(app, studio)
+    _add_queue_routes(app, studio)
+    _add_new_run_routes(app, studio)
+    evaluation.add_routes(app, studio)
+    stages.add_routes(app, studio)
+    clone.add_routes(app, studio)
+    chat.add_routes(app, studio, playground)
+    return app
+
+
+def _add_sign_in(app: FastAPI, api_key: str | None, session: str, csrf_token: str) -> None:
+    """The login (an API key, then a session cookie) and the CSRF check on every form post."""
+
     def signed_in(request: Request) -> bool:
         if api_key is None:
             return True
@@ -182,6 +196,11 @@ def create_app(
             response.set_cookie(COOKIE, session, httponly=True, samesite="strict")
             return response
         return page("Sign in", "<p class='error'>Wrong key.</p>", 401)
+
+
+def _add_run_routes(app: FastAPI, studio: Studio) -> None:
+    """The runs list, a run's page, its metrics and live events, stop and resume; the comparison."""
+    runs, store, worker = studio.runs, studio.store, studio.worker
 
     @app.get("/", response_class=HTMLResponse)
     def runs_page() -> HTMLResponse:
@@ -255,6 +274,11 @@ def create_app(
         store.add(name, job.config, ["--resume", "auto"])
         return RedirectResponse(f"/runs/{name}", status_code=303)
 
+
+def _add_queue_routes(app: FastAPI, studio: Studio) -> None:
+    """Waiting jobs: cancel, move up, move down."""
+    store = studio.store
+
     @app.post("/jobs/{job_id}/cancel")
     def cancel_job(job_id: int) -> Response:
         if not store.cancel(job_id):
@@ -272,6 +296,11 @@ def create_app(
         if not store.move(job_id, 1):
             raise Refused(409, "only a waiting job can be moved")
         return RedirectResponse("/", status_code=303)
+
+
+def _add_new_run_routes(app: FastAPI, studio: Studio) -> None:
+    """The new-run form (the config's own fields) and its launch, or a clone with changes."""
+    runs, data, store = studio.runs, studio.data, studio.store
 
     @app.get("/new", response_class=HTMLResponse)
     def new_page() -> HTMLResponse:
@@ -295,12 +324,6 @@ def create_app(
         (runs / name).mkdir(parents=True)
         store.add(name, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         return RedirectResponse(f"/runs/{name}", status_code=303)
-
-    evaluation.add_routes(app, studio)
-    stages.add_routes(app, studio)
-    clone.add_routes(app, studio)
-    chat.add_routes(app, studio, playground)
-    return app
 
 
 def jobs_signature(jobs: list[Job]) -> str:
