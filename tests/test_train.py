@@ -686,6 +686,7 @@ def test_real_smollm2_qlora_on_cpu_eval_loss_falls(smollm2_cache, tmp_path):
     assert result.summary["train_loss_last"] < result.summary["train_loss_first"]
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["base_model"]["hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert manifest["base_model"]["fingerprint"].startswith("builtin:smollm2-135m-instruct:")
     assert manifest["template"]["name"] == "auto" and manifest["tokens"]["eos"] == "<|im_end|>"
     assert [m["step"] for m in metrics if "eval_loss" in m] == [0, 6]
     assert result.summary["eval_loss_best"] < result.summary["eval_loss_first"]
@@ -770,7 +771,7 @@ def test_checkpointing_auto_takes_the_fewest_layers_that_fit(
     total = int(usable / qplan.FIT_MARGIN) + 1
     available = int(half / qplan.FIT_MARGIN) + 1 if room == "busy" else total
     monkeypatch.setattr(qplan, "_device_memory", lambda device: total)
-    monkeypatch.setattr(qplan, "_available_memory", lambda device: available)
+    monkeypatch.setattr("qlora_llm.memory.available_bytes", lambda device: available)
     seen = []
 
     class Observe:

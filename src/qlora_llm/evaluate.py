@@ -36,6 +36,7 @@ from qlora_llm.atomic import atomic_file, atomic_write_text
 from qlora_llm.config import Config
 from qlora_llm.errors import QloraError
 from qlora_llm.generate import generate_greedy
+from qlora_llm.memory import PeakMemory
 from qlora_llm.model import LoadedModel, Target, find_target, load_target, sha256_file
 from qlora_llm.report import headline, write_report
 from qlora_llm.templates import render, to_messages
@@ -349,57 +350,6 @@ def run_benchmark_prompts(
         )
     passed = sum(r["passed"] for r in results)
     return {"score": passed / len(results) if results else None, "passed": passed, "results": results}
-
-
-class PeakMemory:
-    """The peak memory of one model's evaluation: CUDA's own peak counter, or on CPU the largest resident
-    size a sampling thread sees (every 10 ms).
-
-    Not by resetting the kernel's high-water mark (/proc/self/clear_refs): that also erases the whole
-    process's peak, which `/usr/bin/time` and rusage then under-report.
-    """
-
-    def __init__(self, device: str):
-        import threading
-
-        self.device = device
-        self._stop = threading.Event()
-        if device == "cuda":
-            import torch
-
-            torch.cuda.reset_peak_memory_stats()
-            return
-        self.peak = self._rss()
-        self._thread = threading.Thread(target=self._sample, name="peak-rss", daemon=True)
-        self._thread.start()
-
-    @staticmethod
-    def _rss() -> int:
-        import psutil
-
-        return int(psutil.Process().memory_info().rss)
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.01):
-            self.peak = max(self.peak, self._rss())
-
-    def stop(self) -> dict[str, Any]:
-        """CUDA: allocated and peak allocated vs total; CPU: the peak RSS vs total RAM."""
-        if self.device == "cuda":
-            import torch
-
-            return {
-                "kind": "cuda",
-                "allocated_bytes": torch.cuda.memory_allocated(),
-                "peak_bytes": torch.cuda.max_memory_allocated(),
-                "total_bytes": torch.cuda.get_device_properties(0).total_memory,
-            }
-        import os
-
-        self._stop.set()
-        self._thread.join()
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return {"kind": "cpu peak RSS", "peak_bytes": max(self.peak, self._rss()), "total_bytes": total}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -76,6 +76,17 @@ def model_fingerprint(mcfg: Any) -> str | None:
     return None
 
 
+def base_model_identity(mcfg: Any) -> dict[str, Any]:
+    """The base model as a run's manifest and the self-replay cache record it: its name (a folder's full
+    path), a built-in's Hub id, and `model_fingerprint`, the one rule for what a base model's weights are."""
+    from qlora_llm.model import BUILTIN_MODELS
+
+    name, path = mcfg.name, Path(mcfg.name).expanduser()
+    if name in BUILTIN_MODELS:
+        return {"id": name, "hub_id": BUILTIN_MODELS[name].hub_id, "fingerprint": model_fingerprint(mcfg)}
+    return {"id": str(path.resolve()) if path.is_dir() else name, "fingerprint": model_fingerprint(mcfg)}
+
+
 def library_versions() -> dict[str, str]:
     """Python's and the stack's versions, recorded beside every run and evaluation."""
     import platform

@@ -293,13 +293,16 @@ class DeviceError(QloraError, RuntimeError):
     """The configured device cannot be used; nothing falls back silently."""
 
 
-def pick_device(device: str) -> str:
-    """`auto` -> cuda when a GPU is visible, else cpu; an explicit `cuda` without a GPU is an error."""
+def pick_device(device: str, *, check: bool = True) -> str:
+    """`auto` -> cuda when a GPU is visible, else cpu; an explicit `cuda` without a GPU is an error.
+
+    `check=False` takes an explicit `cuda` as it is (the memory plan can plan for a GPU not here).
+    """
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
+    if check and device == "cuda" and not torch.cuda.is_available():
         raise DeviceError(
             "model.device=cuda but no CUDA GPU is visible to PyTorch (torch.cuda.is_available() is False). "
             "Use model.device=cpu (or auto), or install a CUDA build of torch."
@@ -639,6 +642,45 @@ def scale_adapter(model: Any, scale: float) -> None:
     log.info("adapter scaled by %g: W0 + %g x the LoRA delta (model.adapter_scale)", scale, scale)
 
 
+def attach_adapter(
+    model: Any,
+    folder: str | Path,
+    *,
+    name: str = "default",
+    trainable: bool = False,
+    base_name: str = "",
+    allow_pickle: bool = False,
+    checked: bool = False,
+) -> Any:
+    """Attach the PEFT adapter in FOLDER to MODEL (a second one by NAME onto a PeftModel): the one way
+    every caller (evaluate, merge, export, serve's --adapter, train's model.adapter) loads an adapter.
+
+    Its weights are checked first (whole safetensors, no pickle unless allowed; `checked`: the caller
+    already did), and LoRA weights of another base's shape fail with one line instead of PEFT's
+    per-tensor "size mismatch" dump.
+    """
+    from peft import PeftModel
+
+    from qlora_llm.integrity import check_weights
+
+    folder = Path(folder)
+    if not checked:
+        check_weights(folder, allow_pickle=allow_pickle)
+    try:
+        if hasattr(model, "peft_config"):
+            model.load_adapter(str(folder), adapter_name=name, is_trainable=trainable)
+            return model
+        return PeftModel.from_pretrained(model, str(folder), adapter_name=name, is_trainable=trainable)
+    except RuntimeError as err:
+        if "size mismatch" not in str(err):
+            raise
+        first = next(line.strip() for line in str(err).splitlines() if "size mismatch" in line)
+        raise ModelNotFoundError(
+            f"{folder}: its LoRA weights do not fit {base_name or 'the base model'} ({first}); the adapter "
+            "was trained on another base model, or its adapter_config.json does not match its weights."
+        ) from err
+
+
 def load_target(
     target: str | Path | Target,
     *,
@@ -674,19 +716,7 @@ def load_target(
         mcfg.trust_remote_code,
     )
     if adapter and found.adapter_dir is not None:
-        from peft import PeftModel
-
-        try:
-            model = PeftModel.from_pretrained(model, str(found.adapter_dir), is_trainable=False)
-        except RuntimeError as err:
-            if "size mismatch" not in str(err):
-                raise
-            first = next(line.strip() for line in str(err).splitlines() if "size mismatch" in line)
-            raise ModelNotFoundError(
-                f"{found.adapter_dir}: its LoRA weights do not fit {mcfg.name} ({first}); the adapter was "
-                "trained on another base model, or its adapter_config.json does not match its weights."
-            ) from err
-        model.eval()
+        model = attach_adapter(model, found.adapter_dir, base_name=mcfg.name, checked=True).eval()
         log.info("applied adapter %s (unmerged)", found.adapter_dir)
         if mcfg.adapter_scale != 1.0:
             scale_adapter(model, mcfg.adapter_scale)

@@ -18,6 +18,7 @@ from typing import Any
 
 from qlora_llm.config import Config
 from qlora_llm.errors import TrainError
+from qlora_llm.memory import peak_bytes
 
 log = logging.getLogger(__name__)
 
@@ -88,26 +89,6 @@ def make_tracker_params(cfg: Config, manifest: dict[str, Any]) -> Any:
     return TrackerParams()
 
 
-def memory_bytes(device: str) -> int:
-    if device == "cuda":
-        import torch
-
-        return int(torch.cuda.max_memory_allocated())
-    # The process's peak RSS so far: like the CUDA figure, the peak, not the moment's RSS, which misses
-    # the loss's transients and the loading of the weights. VmHWM, not getrusage's ru_maxrss: Linux
-    # carries the forked parent's RSS into ru_maxrss across exec (a 3 GiB test runner made a 1.3 GiB
-    # run read 3.3 GiB), while VmHWM belongs to this program's own memory map.
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
 def make_monitor(run_dir: Path, device: str, stop_requests: list[str], world_size: int) -> Any:
     from tqdm.auto import tqdm
     from transformers import TrainerCallback
@@ -128,7 +109,7 @@ def make_monitor(run_dir: Path, device: str, stop_requests: list[str], world_siz
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.mark = (self.train_seconds, self.trainer.tokens_seen)
-            self.load_peak = memory_bytes(device)  # loading the model and data, before the first step
+            self.load_peak = peak_bytes(device)  # loading the model and data, before the first step
             if not state.is_world_process_zero:
                 return  # one bar, one metrics file: rank 0's
             self.bar = tqdm(
@@ -177,7 +158,7 @@ def make_monitor(run_dir: Path, device: str, stop_requests: list[str], world_siz
                 seconds, tokens = self.train_seconds, self.trainer.tokens_seen
                 row["tokens_per_s"] = round((tokens - self.mark[1]) / max(seconds - self.mark[0], 1e-9), 2)
                 self.mark = (seconds, tokens)
-            row["memory_bytes"] = memory_bytes(device)
+            row["memory_bytes"] = peak_bytes(device)
             with open(self.metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
             if self.bar is not None:

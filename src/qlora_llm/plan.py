@@ -671,51 +671,18 @@ def load_model_config(name: str, revision: str | None = None) -> tuple[dict[str,
     )
 
 
-def _resolve_device(device: str) -> Literal["cuda", "cpu"]:
-    if device == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return "cuda" if device == "cuda" else "cpu"
-
-
 def _device_memory(device: str) -> int:
-    if device == "cuda":
-        import torch
+    from qlora_llm.memory import total_bytes
 
-        if not torch.cuda.is_available():
-            raise PlanError(
-                "model.device=cuda but no CUDA GPU is visible here; to plan for a GPU this machine does "
-                "not have, give its memory: `qlora-llm plan CONFIG --memory GIB`"
-            )
-        return int(torch.cuda.get_device_properties(0).total_memory)
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().total)
-    except ImportError:  # psutil comes with accelerate, but is not a direct dependency
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-        raise PlanError("cannot read the total RAM; pass device_memory_bytes") from None
-
-
-def _available_memory(device: str) -> int | None:
-    """RAM available now (MemAvailable), on CPU: other processes' memory is not ours to plan with."""
-    if device != "cpu":
-        return None
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        try:
-            for line in Path("/proc/meminfo").read_text().splitlines():
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:  # not Linux: decide on the total
-            pass
-        return None
+    total = total_bytes(device)
+    if total is None and device == "cuda":
+        raise PlanError(
+            "model.device=cuda but no CUDA GPU is visible here; to plan for a GPU this machine does "
+            "not have, give its memory: `qlora-llm plan CONFIG --memory GIB`"
+        )
+    if total is None:
+        raise PlanError("cannot read the total RAM; pass device_memory_bytes")
+    return total
 
 
 def example_lengths(cfg: Config) -> list[tuple[int, int]] | None:
@@ -1084,7 +1051,10 @@ def plan(
     """
     model_config, source = load_model_config(cfg.model.name, cfg.model.revision)
     log.info("planning %s from %s", cfg.model.name, source)
-    device = _resolve_device(cfg.model.device)
+    from qlora_llm.memory import available_bytes
+    from qlora_llm.model import pick_device
+
+    device = pick_device(cfg.model.device, check=False)
     memory = device_memory_bytes if device_memory_bytes is not None else _device_memory(device)
     notes: list[str] = []
     if device == "cpu" and processes > 1:
@@ -1096,7 +1066,7 @@ def plan(
     usable = int(FIT_MARGIN * memory)
     # Checkpointing (auto) is decided from the RAM available now, not the total, when the memory was
     # not given: a run that fits the total but not what other processes left is killed.
-    available = _available_memory(device) if device_memory_bytes is None else None
+    available = available_bytes(device) if device_memory_bytes is None else None
     decide = usable if available is None else min(usable, int(FIT_MARGIN * available // processes))
     if available is not None:
         basis = f"{_gib(available)} GiB available now"

@@ -41,12 +41,12 @@ from qlora_llm.checkpoint import (
 from qlora_llm.config import Config, save_config
 from qlora_llm.data import load_examples, split_examples, tokenize_examples, tokenize_pairs
 from qlora_llm.errors import TrainError
-from qlora_llm.fingerprint import library_versions
+from qlora_llm.fingerprint import base_model_identity, library_versions
+from qlora_llm.memory import peak_bytes
 from qlora_llm.model import adapter_folder, ensure_pad_token, sha256_file
 from qlora_llm.monitor import (
     make_monitor,
     make_tracker_params,
-    memory_bytes,
     plot_loss,
     setup_trackers,
     stop_on_signals,
@@ -217,22 +217,7 @@ def _replay_file(cfg: Config) -> Path:
 
     if cfg.train.method != "sft":
         raise TrainError("data.replay_fraction mixes supervised examples into SFT; set it to 0 for DPO/ORPO.")
-    return base_answers(cfg, _base_model_identity(cfg))
-
-
-def _base_model_identity(cfg: Config) -> dict[str, Any]:
-    from qlora_llm.model import BUILTIN_MODELS, builtin_folder
-
-    name = cfg.model.name
-    if name in BUILTIN_MODELS:
-        source = builtin_folder(name, cfg.model.cache_dir) / "qlora_llm_source.json"
-        info = json.loads(source.read_text()) if source.is_file() else {}
-        return {"id": name, "hub_id": BUILTIN_MODELS[name].hub_id, "sha256": info.get("source_sha256")}
-    path = Path(name).expanduser()
-    if path.is_dir():
-        weights = sorted(path.glob("*.safetensors"))
-        return {"id": str(path.resolve()), "sha256": sha256_file(weights[0]) if len(weights) == 1 else None}
-    return {"id": name, "revision": cfg.model.revision or "main"}
+    return base_answers(cfg, base_model_identity(cfg.model))
 
 
 SMOOTH_LOGS = 3  # logged train losses averaged at each end of the summary
@@ -552,11 +537,10 @@ def _build_model(
     if m.adapter is not None:
         # Continue an adapter (DPO after SFT): its own rank and targets; TRL keeps a frozen copy of it as
         # DPO's reference.
-        from peft import PeftModel
+        from qlora_llm.model import attach_adapter
 
-        model = PeftModel.from_pretrained(
-            model, str(adapter_folder(m.adapter, "model.adapter=")), is_trainable=True
-        )
+        folder = adapter_folder(m.adapter, "model.adapter=")
+        model = attach_adapter(model, folder, trainable=True, base_name=m.name, allow_pickle=m.allow_pickle)
         log.info("starting from the adapter in %s (its LoRA settings, not lora.*)", m.adapter)
         return model, targets
     lora = LoraConfig(
@@ -586,7 +570,7 @@ def _manifest(
     replayed = sum(r.get("source") == "replay" for r in data.train_records)
     return {
         "identity": {**checkpoint_identity(cfg), "target_modules": sorted(targets)},
-        "base_model": _base_model_identity(cfg),
+        "base_model": base_model_identity(cfg.model),
         "template": {"name": m.template, "example": example.text},
         "tokens": {
             "bos_id": tokenizer.bos_token_id,
@@ -777,7 +761,7 @@ def _write_summary(
         "tokens_per_s": round(trainer.tokens_seen / monitor.train_seconds, 2)
         if monitor.train_seconds
         else None,
-        "peak_memory_bytes": memory_bytes(device),
+        "peak_memory_bytes": peak_bytes(device),
         "load_peak_memory_bytes": monitor.load_peak,
         "compute_dtype": str(dtype).removeprefix("torch."),
         "gradient_checkpointing": checkpointing,

@@ -178,7 +178,7 @@ def _served_models(target: Any, adapters: dict[str, Path]) -> tuple[str, dict[st
 def _load(
     app: FastAPI, cfg: Config, target: Any, adapters: dict[str, Path], generator: Generator | None
 ) -> None:
-    from qlora_llm.model import load_target
+    from qlora_llm.model import attach_adapter, load_target
 
     state = app.state
     try:
@@ -188,15 +188,16 @@ def _load(
             else load_target(target, device=cfg.model.device, quantization=cfg.serve.quantization)
         )
         if adapters:
-            from peft import PeftModel
-
             model = loaded.model
             for name, path in adapters.items():
                 # Names come from the server's own configuration, never from a request.
-                if not hasattr(model, "peft_config"):
-                    model = PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=False)
-                else:
-                    model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+                model = attach_adapter(
+                    model,
+                    path,
+                    name=name,
+                    base_name=loaded.target.model_cfg.name,
+                    allow_pickle=cfg.model.allow_pickle,
+                )
             loaded.model = model.eval()
         state.generator = generator or Generator(loaded)
         state.generator.model = loaded.model
