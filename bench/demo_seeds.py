@@ -15,8 +15,10 @@ median seed, whether any general keyword prompt the base passes fails after tuni
 
 `--set` trains with those overrides too (the run folders get a suffix from them), e.g. a lever against
 forgetting: `--set data.replay_fraction=0.2`. `--adapter-scale S` also evaluates each run with its
-adapter at scale S (WiSE-FT: W0 + S x delta; `<run>/eval-scale-S/`). Numbers, never asserted; the
-tables in docs/demo.md come from this script.
+adapter at scale S (WiSE-FT: W0 + S x delta; `<run>/eval-scale-S/`). `--sweep` prints, per seed and
+scale, what `qlora-llm evaluate RUN --adapter-scales ...` measured on each run's EVAL split
+(`<run>/sweep/sweep.json`) and the scale it chose. Numbers, never asserted; the tables in docs/demo.md
+come from this script.
 """
 
 from __future__ import annotations
@@ -90,6 +92,47 @@ def run_seed(seed: int, runs_dir: Path, overrides: list[str], scale: float | Non
     return read_eval(folder)
 
 
+def print_sweeps(seeds: list[int], runs_dir: Path, overrides: list[str]) -> None:
+    """Each run's adapter-scale sweep on its eval split, and the median over the seeds per scale."""
+    suffix = "".join("-" + o.split(".")[-1].replace("=", "") for o in overrides)
+    by_scale: dict[float, list[dict]] = {}
+    print("adapter-scale sweep on each run's eval split (points vs base; general: paired 95% interval)")
+    for seed in seeds:
+        sweep = json.loads((ROOT / runs_dir / f"seed-{seed}{suffix}" / "sweep" / "sweep.json").read_text())
+        for r in sweep["rows"]:
+            by_scale.setdefault(r["scale"], []).append(r)
+            general = "; ".join(
+                f"{g['task']} {100 * g['diff']:+.1f} ({100 * g['lo']:+.1f} to {100 * g['hi']:+.1f})"
+                for g in r["general"]
+            )
+            print(
+                f"seed {seed} scale {r['scale']:g}: ROUGE-L {100 * r['task_tuned']:.1f} "
+                f"({100 * (r['task_tuned'] - r['task_base']):+.1f}); {general}; KL {r['kl']:.4f}"
+                + ("" if r["keeps_general"] else "; measurable loss")
+            )
+        print(f"seed {seed}: chosen scale {sweep['chosen']}")
+    print(
+        "\nmedian over seeds: scale | ROUGE-L gain | likelihood mean diff | generative diff | KL | chosen by"
+    )
+    chosen = [
+        json.loads((ROOT / runs_dir / f"seed-{s}{suffix}" / "sweep" / "sweep.json").read_text())["chosen"]
+        for s in seeds
+    ]
+    for scale, rows in sorted(by_scale.items()):
+
+        def med(task: str, rows: list[dict] = rows) -> float:
+            return statistics.median(
+                100 * next(g["diff"] for g in r["general"] if g["task"] == task) for r in rows
+            )
+
+        generative = next(g["task"] for g in rows[0]["general"] if g["task"].startswith("basic_skills"))
+        print(
+            f"{scale:g} | {statistics.median(100 * (r['task_tuned'] - r['task_base']) for r in rows):+.1f} | "
+            f"{med('mean'):+.1f} | {med(generative):+.1f} | {statistics.median(r['kl'] for r in rows):.4f} | "
+            f"{sum(c == scale for c in chosen)} of {len(seeds)} seeds"
+        )
+
+
 def interval(t: dict, key: str) -> str:
     r = t[key].get("interval")
     return f"{100 * r['diff']:+.1f} ({100 * r['lo']:+.1f} to {100 * r['hi']:+.1f})" if r else "-"
@@ -111,7 +154,11 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--adapter-scale", type=float, default=None)
     ap.add_argument("--report-only", action="store_true", help="read the runs' reports, run nothing")
+    ap.add_argument("--sweep", action="store_true", help="print the runs' adapter-scale sweeps, run nothing")
     args = ap.parse_args()
+    if args.sweep:
+        print_sweeps(args.seeds, args.runs_dir, args.overrides)
+        return
     tables = {
         seed: run_seed(seed, args.runs_dir, args.overrides, args.adapter_scale, not args.report_only)
         for seed in args.seeds

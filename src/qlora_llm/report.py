@@ -295,6 +295,16 @@ def write_report(metrics: dict[str, Any], out: Path) -> None:
     atomic_write_text(out / "report.html", _html_page(metrics, has_base))
 
 
+def _row_cells(r: dict[str, Any]) -> list[str]:
+    """A comparison row as text: label, base, fine-tuned, change."""
+    return [
+        r["label"],
+        fmt_value(r["base"], r["format"]),
+        fmt_value(r["tuned"], r["format"]),
+        _change_text(r),
+    ]
+
+
 def _columns(has_base: bool) -> list[str]:
     return ["metric", "base", "fine-tuned", "change"] if has_base else ["metric", "value"]
 
@@ -314,12 +324,7 @@ def _markdown(metrics: dict[str, Any], has_base: bool) -> str:
         "|" + "---|" * len(cols),
     ]
     for r in table:
-        cells = [
-            r["label"],
-            fmt_value(r["base"], r["format"]),
-            fmt_value(r["tuned"], r["format"]),
-            _change_text(r),
-        ]
+        cells = _row_cells(r)
         md.append("| " + " | ".join(cells if has_base else [cells[0], cells[2]]) + " |")
     md += ["", "![metrics](metrics.png)", ""]
     if metrics.get("general"):
@@ -361,12 +366,7 @@ def _html_page(metrics: dict[str, Any], has_base: bool) -> str:
     head_cells = "".join(f"<th>{e(c)}</th>" for c in cols)
     body = []
     for r in table:
-        cells = [
-            r["label"],
-            fmt_value(r["base"], r["format"]),
-            fmt_value(r["tuned"], r["format"]),
-            _change_text(r),
-        ]
+        cells = _row_cells(r)
         cells = cells if has_base else [cells[0], cells[2]]
         cls = ""
         if has_base and r["change"] and r["better"] != "neither":
