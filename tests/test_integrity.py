@@ -142,3 +142,40 @@ def test_a_model_folder_without_weights_is_refused_by_name(tiny_mistral, tmp_pat
     with pytest.raises((ModelNotFoundError, DamagedFileError)) as err:
         load_target(folder, device="cpu")
     assert str(folder) in str(err.value) and "weights" in str(err.value), str(err.value)
+
+
+def test_a_second_served_adapter_gets_the_same_checks(tiny_run, tmp_path):
+    """serve --adapter NAME=PATH attaches through the same function as load_target: damaged or of another
+    rank, it is refused in one line, never served."""
+    from fastapi.testclient import TestClient
+
+    from qlora_llm.server.app import create_app
+
+    damaged = _adapter_copy(tiny_run, tmp_path / "damaged")
+    _damage(damaged / "adapter_model.safetensors", "truncated")
+    other_rank = _adapter_copy(tiny_run, tmp_path / "rank")
+    config = json.loads((other_rank / "adapter_config.json").read_text())
+    (other_rank / "adapter_config.json").write_text(json.dumps(config | {"r": config["r"] // 2}))
+    cfg = load_config(None, ["model.device=cpu"])
+    for extra, said in (
+        (damaged, "not a valid safetensors file"),
+        (other_rank, "its LoRA weights do not fit"),
+    ):
+        with TestClient(create_app(cfg, tiny_run, adapters={"second": extra})) as c:
+            for _ in range(600):
+                r = c.get("/health")
+                if r.json()["status"] != "loading":
+                    break
+            assert r.status_code == 503 and said in r.json()["error"], r.json()
+
+
+def test_training_from_a_damaged_adapter_is_refused_by_name(tiny_run, tmp_path):
+    from qlora_llm.train import train
+
+    folder = _adapter_copy(tiny_run, tmp_path)
+    _damage(folder / "adapter_model.safetensors", "truncated")
+    cfg = load_config(
+        tiny_run / "config.yaml", [f"model.adapter={folder}", f"train.output_dir={tmp_path / 'run'}"]
+    )
+    with pytest.raises(DamagedFileError, match="not a valid safetensors file"):
+        train(cfg)
