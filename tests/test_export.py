@@ -176,6 +176,30 @@ def test_vllm_export_of_a_run_has_the_adapter_template_and_command(tiny_run, tmp
         export(tiny_run, "vllm", out_dir=out, device="cpu")
 
 
+def test_an_exported_adapter_carries_the_adapter_scale(tiny_run, tmp_path):
+    """model.adapter_scale=0.5 (WiSE-FT) is baked into the exported adapter's alphas: loaded by plain PEFT,
+    as vLLM would read it, it computes what our scaled model computes, not the unscaled fine-tune."""
+    import torch
+    from peft import PeftModel
+
+    from qlora_llm.config import load_config
+    from qlora_llm.model import load_target
+
+    half = load_config(None, ["model.adapter_scale=0.5", "model.device=cpu"]).model
+    out = tmp_path / "vllm"
+    export(tiny_run, "vllm", out_dir=out, device="cpu", model_cfg=half)
+    alpha = json.loads((tiny_run / "final_adapter" / "adapter_config.json").read_text())["lora_alpha"]
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["lora_alpha"] == alpha * 0.5
+    ids = torch.tensor([[1, 20, 30, 40, 50, 60]])
+    with torch.no_grad():
+        ours = load_target(tiny_run, model_cfg=half, device="cpu").model(ids).logits
+        full = load_target(tiny_run, device="cpu").model(ids).logits
+        base = load_target(tiny_run, device="cpu", adapter=False).model
+        exported = PeftModel.from_pretrained(base, str(out / "adapter")).eval()(ids).logits
+    assert torch.allclose(exported, ours, atol=1e-5)
+    assert not torch.allclose(exported, full, atol=1e-3)
+
+
 def test_an_export_that_fails_leaves_nothing_under_its_name(tiny_run, tmp_path):
     bad = tmp_path / "dora-run"
     shutil.copytree(tiny_run, bad)

@@ -574,7 +574,14 @@ def _export_gguf(
     if adapter_only:
         adapter_file = out / f"{stem}-lora-f16.gguf"
         base_dir = _merged_folder(find_target(found.model_cfg.name, found.model_cfg), device)
-        tools.convert_lora(found.adapter_dir, base_dir, adapter_file)
+        lora_dir = found.adapter_dir
+        if found.model_cfg.adapter_scale != 1.0:
+            lora_dir = scratch / "adapter"
+            shutil.copytree(
+                found.adapter_dir, lora_dir, ignore=shutil.ignore_patterns("*.pt", "*.pth", "*.bin")
+            )
+            scale_adapter_config(lora_dir, found.model_cfg.adapter_scale)
+        tools.convert_lora(lora_dir, base_dir, adapter_file)
         files = [adapter_file.name]
         if verify:
             base_gguf = scratch / "base-f16.gguf"
@@ -662,6 +669,23 @@ def check_vllm_adapter(adapter_dir: Path) -> int:
     return next(r for r in VLLM_LORA_RANKS if r >= rank)
 
 
+def scale_adapter_config(folder: Path, scale: float) -> None:
+    """Bake `model.adapter_scale` into an exported adapter: its alphas times the scale.
+
+    LoRA's delta is (alpha / r) x B A (alpha / sqrt(r) with rsLoRA): linear in alpha, so a copy whose
+    alphas are scaled is W0 + scale x delta in any runtime that reads adapter_config.json (vLLM,
+    llama.cpp's converter), with no runtime flag to remember. Scale 1 leaves the file as it is.
+    """
+    if scale == 1.0:
+        return
+    path = Path(folder) / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["lora_alpha"] = config["lora_alpha"] * scale
+    config["alpha_pattern"] = {k: v * scale for k, v in (config.get("alpha_pattern") or {}).items()}
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    log.info("adapter exported at scale %g (model.adapter_scale): lora_alpha %g", scale, config["lora_alpha"])
+
+
 def _export_vllm(found: Any, out: Path, final: Path, *, merged: bool, device: str) -> ExportResult:
     """`out` is the folder being written; `final` where it will be (the command names final paths)."""
     from qlora_llm.model import resolve_model
@@ -683,6 +707,7 @@ def _export_vllm(found: Any, out: Path, final: Path, *, merged: bool, device: st
                 "optimizer.pt", "scheduler.pt", "rng_state*.pth", "training_args.bin", "trainer_state.json"
             ),
         )
+        scale_adapter_config(out / "adapter", found.model_cfg.adapter_scale)
         template, tokenizer = _template_and_tokenizer(out / "adapter", found)
         base = Path(resolve_model(found.model_cfg.name, found.model_cfg.cache_dir))
         base_arg = str(base.resolve()) if base.exists() else found.model_cfg.name
