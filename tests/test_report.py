@@ -1,0 +1,27 @@
+"""report.py: the report is drawn from metrics.json alone, so a saved evaluation can be redrawn."""
+
+from __future__ import annotations
+
+import json
+
+from qlora_llm.config import load_config
+from qlora_llm.evaluate import evaluate
+from qlora_llm.report import headline, write_report
+
+
+def test_a_report_redrawn_from_metrics_json_is_the_same_report(tiny_run, tmp_path):
+    cfg = load_config(
+        tiny_run / "config.yaml", [f"eval.output_dir={tmp_path / 'eval'}", "eval.max_examples=3"]
+    )
+    out = evaluate(cfg, tiny_run).output_dir
+    metrics = json.loads((out / "metrics.json").read_text())
+    again = tmp_path / "again"
+    again.mkdir()
+    write_report(metrics, again)  # no model, no metric library: only the saved figures
+    for name in ("report.md", "report.html"):
+        assert (again / name).read_text() == (out / name).read_text()
+    assert (again / "metrics.png").stat().st_size > 10_000
+    assert headline(metrics["table"], metrics["general"]) == metrics["headline"]
+    md = (again / "report.md").read_text()
+    rouge = next(r for r in metrics["table"] if r["metric"] == "rougeL")
+    assert f"| {rouge['label']} | {rouge['base']:.4f} | {rouge['tuned']:.4f} |" in md
