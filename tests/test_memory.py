@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import time
 from pathlib import Path
 
@@ -21,11 +22,21 @@ def _status(key: str) -> int:
     return int(line.split()[1]) * 1024
 
 
+def _resident(mib: int) -> mmap.mmap:
+    """`mib` MiB made resident in pages of their own, returned to the kernel on close().
+
+    Not a torch tensor: after a long test session the allocator may serve it from memory it already
+    holds (RSS does not grow) and keep it when freed (RSS does not fall), which the full suite hit.
+    """
+    block = mmap.mmap(-1, mib * 2**20)
+    torch.frombuffer(block, dtype=torch.uint8).fill_(1)  # every page touched, no copy made
+    return block
+
+
 def test_the_process_peak_is_the_high_water_mark_and_keeps_a_freed_allocation():
-    block = torch.ones(300 * 2**20, dtype=torch.uint8)  # 300 MiB resident...
-    block.add_(1)
+    block = _resident(300)  # 300 MiB resident...
     during = _status("VmRSS:")
-    del block  # ...then freed
+    block.close()  # ...then freed
     assert peak_bytes("cpu") == _status("VmHWM:")
     # The kernel folds per-thread RSS counters in lazily: the mark may trail by a few pages.
     assert peak_bytes("cpu") >= during - 4 * 2**20
@@ -40,15 +51,12 @@ def test_total_and_available_are_the_kernels_figures():
 
 
 def test_a_window_sees_its_own_transient_peak_not_the_process_peak():
-    big = torch.ones(500 * 2**20, dtype=torch.uint8)  # an earlier, larger peak of the process
-    big.add_(1)
-    del big
+    _resident(500).close()  # an earlier, larger peak of the process
     window = PeakMemory("cpu")
     start = window.peak
-    block = torch.ones(200 * 2**20, dtype=torch.uint8)
-    block.add_(1)
+    block = _resident(200)
     time.sleep(0.1)  # the sampler reads every 10 ms
-    del block
+    block.close()
     seen = window.stop()
     assert seen["kind"] == "cpu peak RSS" and seen["total_bytes"] == total_bytes("cpu")
     assert seen["peak_bytes"] - start >= 150 * 2**20  # the block, seen by the sampler
