@@ -20,7 +20,7 @@ from pathlib import Path
 
 from qlora_llm.config import ModelConfig
 from qlora_llm.cpu4bit import fused_kernel_available
-from qlora_llm.evaluate import compute_perplexity, speed_benchmark, tokenize_for_scoring
+from qlora_llm.evaluate import score_tokens, speed_benchmark, tokenize_for_scoring
 from qlora_llm.generate import generate_greedy
 from qlora_llm.model import load_target
 from qlora_llm.templates import render
@@ -64,7 +64,7 @@ def main() -> None:
         loaded = load_target("smollm2-135m-instruct", model_cfg=mcfg, device="cpu", quantization=quantization)
         scoring = tokenize_for_scoring(records, loaded.tokenizer, "auto")
         start = time.perf_counter()
-        ppl = compute_perplexity(loaded.model, scoring, batch_size=4)
+        ppl = score_tokens(loaded.model, scoring, batch_size=4).perplexity()
         seconds = time.perf_counter() - start
         tok = loaded.tokenizer
         prompts = [tok(render(r, "auto", tok).prompt)["input_ids"] for r in records[:4]]

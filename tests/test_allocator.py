@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from qlora_llm.allocator import ENV, mimalloc_library, preload_env
+from qlora_llm.allocator import ENV, KERNEL_CACHES, bound_kernel_caches, mimalloc_library, preload_env
+from qlora_llm.cli import main
 
 pytestmark = pytest.mark.skipif(
     not (sys.platform.startswith("linux") and platform.machine() == "x86_64"),
@@ -50,3 +51,53 @@ def test_a_model_command_runs_under_mimalloc_and_still_reports_its_errors(tmp_pa
 def test_the_system_allocator_can_be_kept(tmp_path):
     run = _run_cli("evaluate", str(tmp_path / "missing"), **{ENV: "system"})
     assert "memory allocator: system" in run.stderr and run.returncode == 1
+
+
+def test_kernel_caches_are_bounded_unless_the_user_sized_them():
+    env = {"LRU_CACHE_CAPACITY": "4096"}
+    bound_kernel_caches(env)
+    assert env == {"LRU_CACHE_CAPACITY": "4096", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256"}
+
+
+def test_a_model_command_bounds_the_kernel_caches_before_it_starts(monkeypatch, tmp_path):
+    for name in KERNEL_CACHES:
+        monkeypatch.delenv(name, raising=False)
+    assert main(["evaluate", str(tmp_path / "missing")]) == 1
+    assert [os.environ[name] for name in KERNEL_CACHES] == ["256", "256"]
+
+
+# bf16 matmuls of 100 shapes (batches of 100..496 tokens), as padded batches give a training run.
+SHAPES = """
+import torch
+def rss():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) * 1024
+w = torch.randn(1536, 576, dtype=torch.bfloat16, requires_grad=True)
+start = rss()
+for t in range(100, 500, 4):
+    x = torch.randn(4 * t, 576, dtype=torch.bfloat16, requires_grad=True)
+    torch.nn.functional.linear(x, w).sum().backward()
+print(rss() - start)
+"""
+
+
+def _growth(**env: str) -> int:
+    clean = {k: v for k, v in os.environ.items() if k not in KERNEL_CACHES}
+    lib = str(mimalloc_library())
+    run = subprocess.run(
+        [sys.executable, "-c", SHAPES],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**clean, "LD_PRELOAD": lib, "OMP_NUM_THREADS": "1", **env},
+    )
+    assert run.returncode == 0, run.stderr
+    return int(run.stdout)
+
+
+@pytest.mark.slow
+def test_bounded_kernel_caches_stop_the_growth_a_new_shape_each_step_causes():
+    unbounded = _growth()
+    if unbounded < 64 * 2**20:
+        pytest.skip(f"this CPU's bf16 matmul keeps no per-shape kernels ({unbounded / 2**20:.0f} MiB grown)")
+    bounded = _growth(**dict.fromkeys(KERNEL_CACHES, "8"))
+    assert bounded < unbounded / 2, (bounded, unbounded)

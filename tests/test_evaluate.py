@@ -17,7 +17,6 @@ from qlora_llm.config import load_config
 from qlora_llm.evaluate import (
     EvalError,
     _windows,
-    compute_perplexity,
     compute_rouge,
     evaluate,
     load_benchmark_prompts,
@@ -62,7 +61,7 @@ def direct_nll(model, row: dict[str, list[int]]) -> tuple[float, int, float, int
 
 def test_perplexity_matches_direct_per_token_computation(tiny_model):
     rows = random_rows([7, 12, 5, 20, 9])
-    got = compute_perplexity(tiny_model, rows, batch_size=3)  # batches mix lengths: padding present
+    got = score_tokens(tiny_model, rows, batch_size=3).perplexity()  # batches mix lengths: padding present
     direct = [direct_nll(tiny_model, r) for r in rows]
     full = math.exp(sum(d[0] for d in direct) / sum(d[1] for d in direct))
     comp = math.exp(sum(d[2] for d in direct) / sum(d[3] for d in direct))
@@ -248,18 +247,18 @@ def test_adapter_unmerged_and_merged_give_the_same_perplexity(tiny_run):
     rows = tokenize_for_scoring(
         load_examples(tiny_run.parent / "eval.jsonl"), loaded.tokenizer, loaded.template
     )
-    unmerged = compute_perplexity(loaded.model, rows)
+    unmerged = score_tokens(loaded.model, rows).perplexity()
     base = load_target(tiny_run, device="cpu", adapter=False)
     merged_in_memory = load_target(tiny_run, device="cpu", merge=True)  # what evaluate scores
     from peft.tuners.lora import LoraLayer
 
     assert not any(isinstance(m, LoraLayer) for m in merged_in_memory.model.modules())
-    merged = compute_perplexity(merged_in_memory.model, rows)
+    merged = score_tokens(merged_in_memory.model, rows).perplexity()
     # Relative: the tiny random model's perplexity is in the tens of thousands.
     assert merged["perplexity_completion"] == pytest.approx(unmerged["perplexity_completion"], rel=1e-6)
     assert merged["perplexity_full"] == pytest.approx(unmerged["perplexity_full"], rel=1e-6)
     # The adapter does something: the base alone scores differently.
-    base_ppl = compute_perplexity(base.model, rows)["perplexity_completion"]
+    base_ppl = score_tokens(base.model, rows).perplexity()["perplexity_completion"]
     assert base_ppl != pytest.approx(unmerged["perplexity_completion"], rel=1e-3)
 
 

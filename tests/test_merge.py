@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from qlora_llm.data import load_examples
-from qlora_llm.evaluate import compute_perplexity, tokenize_for_scoring
+from qlora_llm.evaluate import score_tokens, tokenize_for_scoring
 from qlora_llm.merge import MergeError, merge
 from qlora_llm.model import load_target
 
@@ -67,7 +67,7 @@ def test_merged_and_unmerged_perplexity_agree(merged, tiny_run):
     as_merged = load_target(merged.out_dir, device="cpu")
     assert as_merged.target.kind == "merged" and as_merged.template == unmerged.template == "mistral"
     rows = tokenize_for_scoring(records, unmerged.tokenizer, unmerged.template)
-    a, b = compute_perplexity(unmerged.model, rows), compute_perplexity(as_merged.model, rows)
+    a, b = score_tokens(unmerged.model, rows).perplexity(), score_tokens(as_merged.model, rows).perplexity()
     # Relative: the tiny random model's perplexity is in the tens of thousands.
     assert a["perplexity_completion"] == pytest.approx(b["perplexity_completion"], rel=1e-6)
     assert a["perplexity_full"] == pytest.approx(b["perplexity_full"], rel=1e-6)

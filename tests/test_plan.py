@@ -207,7 +207,9 @@ def test_suggestions_really_fit_when_replanned(overrides, memory_gib):
 
 
 def test_smollm2_on_cpu_fits_in_24_gib():
-    report = plan(load_config(ROOT / "configs" / "smollm2-cpu.yaml"), device_memory_bytes=24 * GIB)
+    demo = ROOT / "configs" / "smollm2-cpu.yaml"
+    assert plan(load_config(demo), device_memory_bytes=24 * GIB).checkpointing == "on"  # the recipe's choice
+    report = plan(load_config(demo, ["train.gradient_checkpointing=auto"]), device_memory_bytes=24 * GIB)
     assert report.device == "cpu" and report.setup["compute_dtype"] == "float32"
     assert (
         report.fits

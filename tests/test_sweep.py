@@ -7,7 +7,7 @@ import json
 import pytest
 
 from qlora_llm.config import load_config
-from qlora_llm.sweep import SweepError, choose, sweep_adapter_scale
+from qlora_llm.sweep import SweepError, _general_series, choose, sweep_adapter_scale
 
 
 def _row(scale, task, keeps):
@@ -19,6 +19,21 @@ def test_the_best_task_metric_among_the_scales_that_keep_general_ability():
     assert choose(rows) == 0.5
     assert choose([_row(0.5, 0.2, True), _row(1.0, 0.2, True)]) == 0.5  # a tie: the smaller change
     assert choose([_row(1.0, 0.3, False)]) is None  # none kept it: nothing is chosen
+
+
+def test_the_plot_draws_the_likelihood_tasks_through_their_mean_and_each_generative_task():
+    def general(kind, *names):
+        return [{"task": n, "kind": kind, "diff": 0.01, "lo": 0.0, "hi": 0.02} for n in names]
+
+    rows = [
+        {"scale": s, "general": general("likelihood", "arc", "piqa", "mean") + general("generative", "qa")}
+        for s in (0.5, 1.0)
+    ]
+    series = _general_series(rows)
+    assert list(series) == ["likelihood tasks (mean)", "qa"]
+    assert [x for x, _ in series["qa"]] == [0.5, 1.0]
+    # One likelihood task has no mean: it is drawn itself.
+    assert list(_general_series([{"scale": 1.0, "general": general("likelihood", "arc")}])) == ["arc"]
 
 
 @pytest.mark.slow  # trains/evaluates several tiny runs: 75-115 s on the shared 2 cores

@@ -10,13 +10,22 @@ Forcing glibc to mmap large blocks instead also fixes the memory but made each s
 Only a preloaded allocator replaces malloc, so the CLI re-executes itself once with LD_PRELOAD set, as
 PyTorch's own CPU launcher (`torch.backends.xeon.run_cpu`) does with jemalloc or tcmalloc.
 `QLORA_LLM_ALLOCATOR=system` keeps glibc's malloc.
+
+The same commands bound oneDNN's kernel caches (`bound_kernel_caches`). A bf16 matmul on CPU runs a
+oneDNN kernel built for its exact shapes, and oneDNN and PyTorch's ideep layer each keep up to 1024 of
+them (~2 MB each with their buffers). Batches padded to their longest row have a new length nearly every
+step, so the caches grow all run: the demo's training climbed 16 MB a step, 0.6 GiB over its 40 steps,
+above a run of fixed-length batches. 256 entries hold every shape one step uses (its layers share them):
+the demo's training peak fell from 3.30 to 2.88 GiB at the same speed (150 vs 155 s) and with a
+byte-identical adapter (a kernel built again computes the same thing).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 
 ENV = "QLORA_LLM_ALLOCATOR"
@@ -50,6 +59,18 @@ def preload_env(env: Mapping[str, str]) -> dict[str, str] | None:
         return None
     preload = " ".join(x for x in (str(lib), env.get("LD_PRELOAD", "")) if x)
     return {**env, "LD_PRELOAD": preload, ENV: "mimalloc"}
+
+
+KERNEL_CACHE_CAPACITY = "256"
+KERNEL_CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+"""oneDNN's primitive cache and ideep's (PyTorch's oneDNN layer) cache of them; read once, at first use."""
+
+
+def bound_kernel_caches(env: MutableMapping[str, str] | None = None) -> None:
+    """Cap oneDNN's kernel caches at 256 entries unless the user set them; before torch's first matmul."""
+    env = os.environ if env is None else env
+    for name in KERNEL_CACHES:
+        env.setdefault(name, KERNEL_CACHE_CAPACITY)
 
 
 def active_allocator() -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qlora_llm import __version__, quiet
-from qlora_llm.allocator import active_allocator, preload_env
+from qlora_llm.allocator import active_allocator, bound_kernel_caches, preload_env
 from qlora_llm.config import Config, ConfigError, describe_keys, load_config
 from qlora_llm.errors import QloraError
 
@@ -705,7 +705,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "studio": cmd_studio,
 }
 
-# The commands that load a model: they run under mimalloc where it is installed (see allocator.py).
+# The commands that load a model: they run under mimalloc where it is installed, with oneDNN's kernel
+# caches bounded (see allocator.py).
 MODEL_COMMANDS = {"train", "run", "evaluate", "merge", "export", "generate", "chat", "serve"}
 
 
@@ -718,6 +719,8 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    if args.command in MODEL_COMMANDS:
+        bound_kernel_caches()  # before any matmul; the re-executed process and torchrun's inherit it
     if argv is None and args.command in MODEL_COMMANDS:
         env = preload_env(os.environ)
         if env is not None:

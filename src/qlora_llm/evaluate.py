@@ -69,6 +69,23 @@ class TokenScores:
     nll_completion: list[float]
     tokens_completion: list[int]
 
+    def perplexity(self) -> dict[str, Any]:
+        """exp(mean NLL) over every scored token of the set (token-weighted, not a mean per example)."""
+
+        def ppl(nll: list[float], count: list[int]) -> float | None:
+            return math.exp(sum(nll) / sum(count)) if sum(count) else None
+
+        return {
+            "perplexity_completion": ppl(self.nll_completion, self.tokens_completion),
+            "perplexity_full": ppl(self.nll_full, self.tokens_full),
+            "tokens_completion": sum(self.tokens_completion),
+            "tokens_full": sum(self.tokens_full),
+            "per_example_nll_completion": [
+                nll / count if count else None
+                for nll, count in zip(self.nll_completion, self.tokens_completion, strict=True)
+            ],
+        }
+
 
 def _windows(length: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, first_scored) per window, so that positions 1..length-1 are each scored exactly once.
@@ -148,35 +165,6 @@ def score_tokens(
             bar.update(len(batch))
     bar.close()
     return scores
-
-
-def compute_perplexity(
-    model: Any,
-    rows: list[dict[str, list[int]]],
-    *,
-    batch_size: int = 4,
-    max_length: int | None = None,
-    stride: int | None = None,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """exp(mean NLL) over every scored token of the set (token-weighted, not a mean of per-example values)."""
-    s = score_tokens(
-        model, rows, batch_size=batch_size, max_length=max_length, stride=stride, progress=progress
-    )
-
-    def ppl(nll: list[float], count: list[int]) -> float | None:
-        return math.exp(sum(nll) / sum(count)) if sum(count) else None
-
-    return {
-        "perplexity_completion": ppl(s.nll_completion, s.tokens_completion),
-        "perplexity_full": ppl(s.nll_full, s.tokens_full),
-        "tokens_completion": sum(s.tokens_completion),
-        "tokens_full": sum(s.tokens_full),
-        "per_example_nll_completion": [
-            nll / count if count else None
-            for nll, count in zip(s.nll_completion, s.tokens_completion, strict=True)
-        ],
-    }
 
 
 def tokenize_for_scoring(records: list[dict], tokenizer: Any, template: str) -> list[dict[str, list[int]]]:
@@ -409,9 +397,9 @@ def _evaluate_model(
     e = cfg.eval
     t0 = time.perf_counter()
     rows = tokenize_for_scoring(records, loaded.tokenizer, loaded.template)
-    ppl = compute_perplexity(
+    ppl = score_tokens(
         loaded.model, rows, batch_size=e.batch_size, max_length=e.max_length, stride=e.stride, progress=True
-    )
+    ).perplexity()
     prompt_ids = [
         loaded.tokenizer(render(r, loaded.template, loaded.tokenizer).prompt, add_special_tokens=True)[
             "input_ids"

@@ -46,7 +46,8 @@ def _row(scale: float, metrics: dict[str, Any]) -> dict[str, Any]:
     """One scale's figures: the task metric (base and tuned), the general comparisons and their verdicts."""
     task = next(r for r in metrics["table"] if r["metric"] == TASK_METRIC)
     general = metrics.get("general") or {"likelihood": [], "generative": [], "kl": None}
-    compared = [r for r in general["likelihood"] + general["generative"] if r["metric"] == "acc"]
+    compared = [r | {"kind": "likelihood"} for r in general["likelihood"] if r["metric"] == "acc"]
+    compared += [r | {"kind": "generative"} for r in general["generative"] if r["metric"] == "acc"]
     lik = [r for r in general["likelihood"] if r["metric"] == "acc"]
     mean = next((r for r in lik if r["task"] == "mean"), lik[0] if lik else None)
     return {
@@ -57,7 +58,8 @@ def _row(scale: float, metrics: dict[str, Any]) -> dict[str, Any]:
         "general_mean_base": mean["base"] if mean else None,
         "general_mean_tuned": mean["tuned"] if mean else None,
         "general": [
-            {k: r[k] for k in ("task", "base", "tuned", "diff", "lo", "hi", "verdict")} for r in compared
+            {k: r[k] for k in ("task", "kind", "base", "tuned", "diff", "lo", "hi", "verdict")}
+            for r in compared
         ],
         "kl": (general.get("kl") or {}).get("kl"),
         "keeps_general": all(r["verdict"] != "measurable loss" for r in compared),
@@ -112,36 +114,64 @@ def sweep_adapter_scale(
     return SweepResult(out, rows, chosen)
 
 
+def _general_series(rows: list[dict[str, Any]]) -> dict[str, list[tuple[float, dict[str, Any]]]]:
+    """The general comparisons to draw, each as (scale, comparison) points: the likelihood tasks through
+    their mean (each alone where there is one), every generative task on its own."""
+    names = list(dict.fromkeys(g["task"] for r in rows for g in r["general"]))
+    kinds = {g["task"]: g.get("kind") for r in rows for g in r["general"]}
+    if "mean" in names:
+        names = [n for n in names if n == "mean" or kinds[n] != "likelihood"]
+    series = {}
+    for name in names:
+        label = "likelihood tasks (mean)" if name == "mean" else name
+        series[label] = [(r["scale"], g) for r in rows for g in r["general"] if g["task"] == name]
+    return series
+
+
 def _plot(rows: list[dict[str, Any]], chosen: float | None, png: Path) -> None:
-    """Task metric against general accuracy, one point per scale, the base as a reference cross."""
+    """Per scale, against the base (scale 0): the task gain, each general comparison's change with its 95%
+    interval, and the KL to the base: the three things a scale trades, on one shared x axis of scales."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    xs = [r["general_mean_tuned"] for r in rows]
-    ys = [r["task_tuned"] for r in rows]
-    if all(x is not None for x in xs):
-        ax.plot(xs, ys, "-o", color="tab:blue", label="fine-tuned at scale")
-        for r in rows:
-            ax.annotate(
-                f"{r['scale']:g}" + (" (chosen)" if r["scale"] == chosen else ""),
-                (r["general_mean_tuned"], r["task_tuned"]),
-                textcoords="offset points",
-                xytext=(6, 4),
-            )
-        base = rows[0]
-        if base["general_mean_base"] is not None and base["task_base"] is not None:
-            ax.plot([base["general_mean_base"]], [base["task_base"]], "kx", markersize=10, label="base")
-        ax.set_xlabel("general ability: likelihood tasks, mean accuracy")
-    else:
-        ax.plot([r["scale"] for r in rows], ys, "-o", color="tab:blue")
-        ax.set_xlabel("adapter scale (no general benchmarks were run)")
-    ax.set_ylabel(f"task: {TASK_METRIC} F1 on the eval split")
-    ax.set_title("Adapter scale: task gain vs general ability")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best")
+    scales = [0.0] + [r["scale"] for r in rows]
+    fig, (task, general, kl) = plt.subplots(1, 3, figsize=(13, 4), sharex=True)
+    gains = [0.0] + [
+        100 * (r["task_tuned"] - r["task_base"]) if None not in (r["task_tuned"], r["task_base"]) else None
+        for r in rows
+    ]
+    task.plot(scales, gains, "-o", color="tab:blue")
+    task.set_ylabel("ROUGE-L F1 gain over the base, points")
+    task.set_title("task (eval split)")
+    series = _general_series(rows)
+    for i, (label, points) in enumerate(series.items()):
+        dodge = 0.015 * (i - (len(series) - 1) / 2)  # side by side, so the intervals do not hide each other
+        xs = [x + dodge for x in [0.0] + [x for x, _ in points]]
+        ys = [0.0] + [100 * g["diff"] for _, g in points]
+        below = [0.0] + [100 * (g["diff"] - g["lo"]) for _, g in points]
+        above = [0.0] + [100 * (g["hi"] - g["diff"]) for _, g in points]
+        general.errorbar(xs, ys, yerr=[below, above], fmt="-o", capsize=3, label=label)
+    general.axhline(0, color="black", linewidth=0.8)
+    general.set_ylabel("accuracy change, points (95% interval)")
+    general.set_title("general ability")
+    if general.get_legend_handles_labels()[0]:
+        general.legend(loc="lower left", fontsize="small")
+    if all(r["kl"] is not None for r in rows):
+        kl.plot(scales, [0.0] + [r["kl"] for r in rows], "-o", color="tab:red")
+    kl.set_ylabel("KL(base || tuned), nats per token")
+    kl.set_title("drift from the base")
+    for ax in (task, general, kl):
+        ax.set_xticks(scales, [f"{x:g}" for x in scales])
+        ax.set_xlabel("adapter scale (0 = the base)")
+        ax.grid(alpha=0.3)
+        if chosen is not None:
+            ax.axvline(chosen, color="tab:green", linestyle="--", linewidth=1)
+    fig.suptitle(
+        "Adapter scale: what each scale gains and costs"
+        + (f" (chosen: {chosen:g}, dashed)" if chosen is not None else " (none kept general ability)")
+    )
     fig.tight_layout()
     tmp = png.with_name("." + png.name + ".tmp.png")
     fig.savefig(tmp, dpi=100)
