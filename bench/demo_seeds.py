@@ -31,10 +31,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from seed_table import print_seed_table  # noqa: E402
+from seed_table import CLI, ROOT, print_seed_table  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-CLI = Path(sys.executable).with_name("qlora-llm")
 METRICS = [
     ("rougeL", "ROUGE-L F1", 100, "{:.1f}"),
     ("rougeL_precision", "ROUGE-L precision", 100, "{:.1f}"),

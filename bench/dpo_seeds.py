@@ -20,10 +20,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from seed_table import print_seed_table  # noqa: E402
+from seed_table import CLI, ROOT, print_seed_table  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-CLI = Path(sys.executable).with_name("qlora-llm")
 METRICS = [
     ("reward_accuracy", "reward accuracy %", 100, "{:.0f}"),
     ("reward_margin", "reward margin", 1, "{:.3f}"),

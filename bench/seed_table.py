@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = Path(sys.executable).with_name("qlora-llm")
 
 
 def print_seed_table(title: str, base_label: str, tables: dict[int, dict], metrics: list[tuple]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,11 +25,45 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # suite pins fp32 so its numbers are the same on every host; tests/test_model.py covers the probe and
 # tests/test_train.py a bf16 run.
 os.environ.setdefault("QLORA_LLM_CPU_AUTO_DTYPE", "float32")
+# Library calls in the suite get the bounded kernel caches the CLI sets (src/qlora_llm/allocator.py).
+from qlora_llm.allocator import bound_kernel_caches  # noqa: E402
+
+bound_kernel_caches()
 
 ROOT = Path(__file__).resolve().parents[1]
 MISTRAL_TOKENIZER = (
     ROOT / "src" / "qlora_llm" / "assets" / "tokenizers" / "mistralai--Mistral-7B-Instruct-v0.2"
 )
+
+
+# Helpers the test files share (`from conftest import free_port, lora_state, read_metrics`).
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the server binds it a moment later)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def lora_state(folder: Path) -> dict:
+    """An adapter folder's LoRA tensors by name."""
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def read_metrics(run: Path) -> list[dict]:
+    """A run's metrics.jsonl, one dict per logged row."""
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_mistral):
+    """The tiny Mistral loaded for serving (test_chat.py overrides it with a trained run)."""
+    from qlora_llm.generate import Generator
+
+    return Generator.load(tiny_mistral, device="cpu")
 
 
 @pytest.fixture(scope="session")

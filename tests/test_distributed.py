@@ -10,7 +10,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import free_port, lora_state, read_metrics, tiny_overrides
 
 from qlora_llm.checkpoint import complete_checkpoints, write_checksums
 from qlora_llm.config import ConfigError, load_config
@@ -32,12 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def overrides(tiny_mistral, tiny_data, out, *extra) -> list[str]:
     return tiny_overrides(tiny_mistral, tiny_data, out, *extra, steps=8, batch=2, every=4)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli(tmp_path: Path, args: list[str], nproc: int = 2) -> subprocess.Popen:
@@ -58,16 +51,6 @@ def finish(proc: subprocess.Popen, code: int = 0) -> str:
     log = proc.communicate(timeout=300)[0]
     assert proc.returncode == code, log[-4000:]
     return log
-
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def lora_state(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "adapter_model.safetensors"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -218,7 +201,7 @@ def test_resume_with_another_process_count_is_refused(tiny_mistral, tiny_data, t
 
 def _max_differences(a: Path, b: Path) -> tuple[float, float]:
     """The largest difference between two runs' logged train losses and between their final adapters."""
-    la, lb = ([r["loss"] for r in metrics(run) if "loss" in r] for run in (a, b))
+    la, lb = ([r["loss"] for r in read_metrics(run) if "loss" in r] for run in (a, b))
     assert len(la) == len(lb), (la, lb)
     x, y = lora_state(a / "final_adapter"), lora_state(b / "final_adapter")
     assert x.keys() == y.keys()
@@ -258,7 +241,7 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tiny_mistral, tin
 
     assert log.count("global batch 4 = 2 per device x 2 processes x 1 accumulation steps") == 1
     assert log.count("INFO qlora_llm.train: LoRA r=16") == 1  # rank 1 logs nothing but errors
-    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     train_rows = [r for r in b if "loss" in r]
     assert [r["step"] for r in train_rows] == list(range(1, 9))  # one row per step: rank 0's alone
     assert [r["step"] for r in b if "eval_loss" in r] == [0, 4, 8]
@@ -310,7 +293,7 @@ def interrupted(tiny_mistral, tiny_data, tmp_path_factory) -> tuple[Path, str]:
     proc = cli(folder, overrides(tiny_mistral, tiny_data, run, *RESUME))
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if (run / "metrics.jsonl").exists() and len(metrics(run)) >= 3:
+        if (run / "metrics.jsonl").exists() and len(read_metrics(run)) >= 3:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
@@ -327,7 +310,7 @@ def test_sigterm_stops_every_rank_at_one_step_with_one_checkpoint(interrupted):
     assert {p.name for p in saved[0].iterdir()} >= {"rng_state_0.pth", "rng_state_1.pth", "optimizer.pt"}
     assert not any(p.name.startswith(".") for p in run.iterdir())
     assert not (run / "final_adapter").exists()
-    assert [r["step"] for r in metrics(run) if "loss" in r] == list(range(1, step + 1))
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == list(range(1, step + 1))
 
 
 @pytest.mark.slow
@@ -341,7 +324,7 @@ def test_resumed_two_process_run_matches_the_uninterrupted_one(
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
-    rows = [r["step"] for r in metrics(run) if "loss" in r]
+    rows = [r["step"] for r in read_metrics(run) if "loss" in r]
     assert rows == list(range(1, 41))  # no step twice, none missing
 
     with pytest.raises(TrainError, match=r"written by 2 training process\(es\) and this run has 1"):

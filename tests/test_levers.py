@@ -6,16 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import tiny_overrides
+from conftest import read_metrics, tiny_overrides
 
 from qlora_llm.config import load_config
 from qlora_llm.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _rows(run):
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow  # trains/evaluates several tiny runs: 75-115 s on the shared 2 cores
@@ -32,7 +28,7 @@ def test_kl_to_the_base_is_zero_at_step_zero_rises_and_is_logged(tiny_mistral, t
             ),
         )
         train(cfg)
-        return [r for r in _rows(tmp_path / name) if "loss" in r]
+        return [r for r in read_metrics(tmp_path / name) if "loss" in r]
 
     with_kl, plain = run("kl", "train.kl_weight=1.0"), run("plain")
     kl = [r["kl"] for r in with_kl]

@@ -9,7 +9,7 @@ import signal
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import read_metrics, tiny_overrides
 from safetensors.torch import load_file
 
 from qlora_llm.config import load_config
@@ -29,10 +29,6 @@ def pair_cfg(model, pairs, out, *extra, steps=40, every=20):
     )
 
 
-def metrics(out):
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def adapter(folder):
     return load_file(str(folder / "adapter_model.safetensors"))
 
@@ -41,7 +37,7 @@ def test_dpo_loss_falls_and_reward_accuracy_rises_on_the_tiny_model(tiny_mistral
     out = tmp_path / "dpo"
     result = train(pair_cfg(tiny_mistral, tiny_pairs, out, "train.method=dpo"))
     assert result.stopped == "completed" and result.global_step == 40
-    evals = [r for r in metrics(out) if "eval_loss" in r]
+    evals = [r for r in read_metrics(out) if "eval_loss" in r]
     # Step 0: the policy is its reference, so every pair scores ln 2 and no margin.
     assert evals[0]["eval_loss"] == pytest.approx(0.6931, abs=1e-4) and evals[0]["eval_reward_margin"] == 0
     assert (
@@ -95,7 +91,7 @@ def test_dpo_continues_an_sft_adapter_which_is_also_its_reference(
     train(
         pair_cfg(tiny_mistral, tiny_pairs, out, "train.method=dpo", f"model.adapter={sft}", steps=8, every=4)
     )
-    evals = [r for r in metrics(out) if "eval_loss" in r]
+    evals = [r for r in read_metrics(out) if "eval_loss" in r]
     # A reference other than the SFT adapter (the bare base) would score the SFT model apart from it at step 0.
     assert evals[0]["eval_reward_margin"] == 0 and evals[0]["eval_loss"] == pytest.approx(0.6931, abs=1e-4)
     start, tuned = adapter(sft / "final_adapter"), adapter(out / "final_adapter")
@@ -107,7 +103,7 @@ def test_orpo_runs_end_to_end(tiny_mistral, tiny_pairs, tmp_path):
     out = tmp_path / "orpo"
     result = train(pair_cfg(tiny_mistral, tiny_pairs, out, "train.method=orpo", steps=8, every=4))
     assert result.stopped == "completed" and (out / "final_adapter" / "adapter_model.safetensors").is_file()
-    rows = metrics(out)
+    rows = read_metrics(out)
     train_losses = [r["loss"] for r in rows if "loss" in r]
     assert len(train_losses) == 8 and all(l == l for l in train_losses)  # noqa: E741 - finite, logged each step
     assert any("eval_reward_accuracy" in r for r in rows)
@@ -227,7 +223,7 @@ def test_dpo_with_a_supervised_term_keeps_the_chosen_answers_likely(tiny_mistral
             tiny_mistral, tiny_pairs, out, "train.method=dpo", "train.sft_weight=1.0", steps=20, every=10
         )
     )
-    evals = [r for r in metrics(out) if "eval_loss" in r]
+    evals = [r for r in read_metrics(out) if "eval_loss" in r]
     assert evals[0]["eval_loss"] > 1.0  # ln 2 plus the chosen answers' NLL
     assert evals[-1]["eval_reward_accuracy"] > evals[0]["eval_reward_accuracy"]
     cfg = load_config(None, ["model.device=cpu", "eval.max_new_tokens=4", "eval.speed_runs=1", *FEW_GENERAL])

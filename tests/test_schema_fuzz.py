@@ -22,7 +22,6 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from qlora_llm.config import load_config
-from qlora_llm.generate import Generator
 from qlora_llm.server.app import create_app
 
 KEY = "St-Key-9041"
@@ -34,11 +33,6 @@ def _no_leak(ctx, response, case):
     text = response.text
     assert not LEAKS.search(text), f"a stack trace or server path in the body: {text[:300]}"
     assert KEY.lower() not in text.lower(), "the API key is in the body"
-
-
-@pytest.fixture(scope="module")
-def generator(tiny_mistral) -> Generator:
-    return Generator.load(tiny_mistral, device="cpu")
 
 
 def _fuzz(app, headers: dict[str, str]) -> tuple[dict[str, int], dict[int, int], list[str]]:

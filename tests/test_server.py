@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import free_port
 from fastapi.testclient import TestClient
 
 from qlora_llm.config import load_config
@@ -21,11 +21,6 @@ from qlora_llm.server import app as server_app
 from qlora_llm.server.app import create_app
 from qlora_llm.server.engine import Engine, Job
 from qlora_llm.server.routes import PATHS
-
-
-@pytest.fixture(scope="module")
-def generator(tiny_mistral) -> Generator:
-    return Generator.load(tiny_mistral, device="cpu")
 
 
 def cfg_with(*overrides):
@@ -344,12 +339,6 @@ def test_several_adapters_on_one_base_picked_by_model(tiny_mistral, two_adapters
 
 # --------------------------------------------------------------------------------------------------
 # Over a real socket
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -25,12 +25,6 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 KEY = "browser-test-key"
 STEPS = 40
 TIMEOUT_MS = 240_000  # the CI machine has 2 shared cores: loading the model alone can take a while
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(condition, timeout: float, what: str):
@@ -46,7 +40,7 @@ def _wait(condition, timeout: float, what: str):
 @pytest.fixture
 def studio(tmp_path, tiny_data):
     runs = tmp_path / "runs"
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "studio.log", "wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "qlora_llm.cli", "studio", "--runs", str(runs), "--data", str(tiny_data)]

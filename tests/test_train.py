@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WORDS, tiny_overrides
+from conftest import WORDS, lora_state, tiny_overrides
 
 from qlora_llm.checkpoint import CHECKPOINT_FILES, complete_checkpoints
 from qlora_llm.config import load_config
@@ -38,12 +38,6 @@ def patch_trainer(monkeypatch, mixin: type) -> None:
 
     real = qtrainer.trainer_class
     monkeypatch.setattr(qtrainer, "trainer_class", lambda *a: type(mixin.__name__, (mixin, real(*a)), {}))
-
-
-def lora_state(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "adapter_model.safetensors"))
 
 
 def test_token_ids_one_bos_and_completion_mask(mistral_tokenizer):

@@ -93,6 +93,17 @@ class PrepareReport:
     example: dict[str, str] = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)
 
+    def flag(
+        self,
+        record: Record,
+        kind: str,
+        message: str,
+        hint: str = "",
+        severity: Literal["error", "warning"] = "error",
+    ) -> None:
+        """Note a problem with a whole record (no one field), at its file and line."""
+        self.problems.append(Problem(record.file, record.line, None, message, hint, severity, kind))
+
     @property
     def errors(self) -> list[Problem]:
         return [p for p in self.problems if p.severity == "error"]
@@ -836,15 +847,11 @@ def _one_kind(
                 if pairs
                 else ("supervised example", "preference pair")
             )
-            report.problems.append(
-                Problem(
-                    r.file,
-                    r.line,
-                    None,
-                    f"a {this} among {first}s (the first record, {train[0].file}:{train[0].line}, is a {first})",
-                    "Prepare supervised examples and preference pairs as separate datasets.",
-                    kind="mixed_kinds",
-                )
+            report.flag(
+                r,
+                "mixed_kinds",
+                f"a {this} among {first}s (the first record, {train[0].file}:{train[0].line}, is a {first})",
+                "Prepare supervised examples and preference pairs as separate datasets.",
             )
     return kept
 
@@ -857,16 +864,12 @@ def _drop_duplicates(records: list[Record], report: PrepareReport, label: str = 
         first = seen.get(key)
         if first is not None:
             report.duplicates += 1
-            report.problems.append(
-                Problem(
-                    r.file,
-                    r.line,
-                    None,
-                    f"duplicate of {first.file}:{first.line}{label}; dropped",
-                    "Duplicates over-weight one example; remove them or keep one.",
-                    severity="warning",
-                    kind="duplicate",
-                )
+            report.flag(
+                r,
+                "duplicate",
+                f"duplicate of {first.file}:{first.line}{label}; dropped",
+                "Duplicates over-weight one example; remove them or keep one.",
+                severity="warning",
             )
             continue
         seen[key] = r
@@ -974,33 +977,23 @@ def _fit_length(
             short = _truncate(r.data, tokenizer, template, d.max_seq_length)
             if short is not None:
                 report.truncated += 1
-                report.problems.append(
-                    Problem(
-                        r.file,
-                        r.line,
-                        None,
-                        f"{n} tokens > max_seq_length {d.max_seq_length}; prompt truncated",
-                        "",
-                        severity="warning",
-                        kind="truncated",
-                    )
+                report.flag(
+                    r,
+                    "truncated",
+                    f"{n} tokens > max_seq_length {d.max_seq_length}; prompt truncated",
+                    severity="warning",
                 )
                 kept.append(Record(r.file, r.line, short))
                 kept_lengths.append(_count_tokens([Record(r.file, r.line, short)], tokenizer, template)[0])
                 continue
         severity = "error" if d.overlength == "error" else "warning"
         report.overlength_dropped += d.overlength != "error"
-        report.problems.append(
-            Problem(
-                r.file,
-                r.line,
-                None,
-                f"{n} tokens > max_seq_length {d.max_seq_length}"
-                + ("" if severity == "error" else "; dropped"),
-                "Raise --max-seq-length, shorten the text, or use data.overlength=truncate.",
-                severity=severity,
-                kind="overlength",
-            )
+        report.flag(
+            r,
+            "overlength",
+            f"{n} tokens > max_seq_length {d.max_seq_length}" + ("" if severity == "error" else "; dropped"),
+            "Raise --max-seq-length, shorten the text, or use data.overlength=truncate.",
+            severity=severity,
         )
     return kept, kept_lengths
 
@@ -1020,16 +1013,12 @@ def _remove_eval_leaks(
             clean_lengths.append(n)
             continue
         report.eval_leaks_removed += 1
-        report.problems.append(
-            Problem(
-                r.file,
-                r.line,
-                None,
-                f"eval example also in train ({twin.file}:{twin.line}); removed from eval",
-                "Keep eval prompts out of the training data.",
-                severity="warning",
-                kind="eval_leak",
-            )
+        report.flag(
+            r,
+            "eval_leak",
+            f"eval example also in train ({twin.file}:{twin.line}); removed from eval",
+            "Keep eval prompts out of the training data.",
+            severity="warning",
         )
     return clean_evals, clean_lengths
 

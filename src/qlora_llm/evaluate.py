@@ -391,6 +391,18 @@ def _compare_target(target: Target, compare: str | None) -> Target | None:
     return Target("model", None, base, None, manifest)
 
 
+def _greedy_answers(
+    loaded: LoadedModel, prompts: list[str], max_new_tokens: int, batch_size: int, desc: str
+) -> tuple[list[list[int]], list[dict[str, Any]]]:
+    """The prompts' token ids and their greedy answers (the prompts are rendered: the template's special
+    tokens are in the text), with progress."""
+    ids = [loaded.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    answers = generate_greedy(
+        loaded, ids, max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc, progress=True
+    )
+    return ids, answers
+
+
 def _evaluate_model(
     loaded: LoadedModel, records: list[dict], cfg: Config, prompts: list[dict[str, Any]], label: str
 ) -> dict[str, Any]:
@@ -400,19 +412,9 @@ def _evaluate_model(
     ppl = score_tokens(
         loaded.model, rows, batch_size=e.batch_size, max_length=e.max_length, stride=e.stride, progress=True
     ).perplexity()
-    prompt_ids = [
-        loaded.tokenizer(render(r, loaded.template, loaded.tokenizer).prompt, add_special_tokens=True)[
-            "input_ids"
-        ]
-        for r in records
-    ]
-    answers = generate_greedy(
-        loaded,
-        prompt_ids,
-        max_new_tokens=e.max_new_tokens,
-        batch_size=e.batch_size,
-        desc=f"{label}: answers",
-        progress=True,
+    rendered = [render(r, loaded.template, loaded.tokenizer).prompt for r in records]
+    prompt_ids, answers = _greedy_answers(
+        loaded, rendered, e.max_new_tokens, e.batch_size, f"{label}: answers"
     )
     references = [to_messages(r)[-1]["content"] for r in records]
     rouge = compute_rouge([a["text"] for a in answers], references)
@@ -505,22 +507,10 @@ def _evaluate_general(
         )
     own_sequences = []
     for name, items in general["items"].items():
-        ids = [
-            loaded.tokenizer(
-                render_prompt(
-                    [{"role": "user", "content": generative_prompt(it)}], loaded.template, loaded.tokenizer
-                ),
-                add_special_tokens=True,
-            )["input_ids"]
-            for it in items
-        ]
-        answers = generate_greedy(
-            loaded,
-            ids,
-            max_new_tokens=e.general_max_new_tokens,
-            batch_size=e.general_batch_size,
-            desc=f"{label}: {name}",
-            progress=True,
+        messages = [[{"role": "user", "content": generative_prompt(it)}] for it in items]
+        prompts = [render_prompt(m, loaded.template, loaded.tokenizer) for m in messages]
+        ids, answers = _greedy_answers(
+            loaded, prompts, e.general_max_new_tokens, e.general_batch_size, f"{label}: {name}"
         )
         tasks[name] = score_generative(items, [a["text"] for a in answers])
         if not own_sequences:
