@@ -307,3 +307,39 @@ def test_plan_is_within_15_percent_of_the_measured_peak_on_cpu(point, smollm2_ca
     assert "error" not in measured, measured
     error = (planned - measured["peak"]) / measured["peak"]
     assert abs(error) <= 0.15, f"planned {planned / GIB:.2f} GiB, measured {measured['peak'] / GIB:.2f} GiB"
+
+
+def test_the_evaluate_stage_is_sized_by_the_evaluation_data_and_the_general_benchmarks():
+    """The demo evaluates test papers longer than its training cut and lm-eval batches of 16 requests:
+    the evaluate stage takes the largest of the perplexity batch, the KV cache and lm-eval's batch."""
+    from qlora_llm.data import load_examples, tokenize_examples
+    from qlora_llm.model import load_tokenizer
+    from qlora_llm.plan import EvaluationShape, _setup, estimate_stages, evaluation_shape
+    from qlora_llm.templates import resolve_template
+
+    cfg = load_config(ROOT / "configs" / "smollm2-cpu.yaml", ["model.compute_dtype=float32"])
+    shape = evaluation_shape(cfg)
+    tokenizer = load_tokenizer(cfg.model.name)
+    template = resolve_template(cfg.model.template, tokenizer)
+    rows, _ = tokenize_examples(load_examples(ROOT / cfg.eval.data_file), tokenizer, template, 10**9)
+    assert shape.example_tokens == max(len(r["input_ids"]) for r in rows)
+    assert 20 < shape.general_tokens < 1000  # an ARC-Easy / PIQA question and its longest choice
+
+    model_config, _ = load_model_config(cfg.model.name)
+    setup = _setup(cfg, "cpu")
+    vocab, batch = model_config["vocab_size"], cfg.eval.general_batch_size
+
+    def evaluate(evaluation):
+        return next(
+            st for st in estimate_stages(model_config, cfg, setup, evaluation) if st.name == "evaluate"
+        )
+
+    long_requests = evaluate(EvaluationShape(100, 4000))
+    assert long_requests.components["logits or KV cache"] == batch * 4000 * vocab * 2 * 4
+    assert "lm-eval's logits + log-softmax at batch 16 x 4000 tokens" in long_requests.how
+    long_papers = evaluate(EvaluationShape(4000, 10))
+    assert long_papers.components["logits or KV cache"] == cfg.eval.batch_size * 4000 * vocab * (4 + 4)
+    assert "perplexity logits at batch 4 x 4000 tokens" in long_papers.how
+    # Without measurements, the training length stands in and no lm-eval batch is counted.
+    unmeasured = evaluate(None).components["logits or KV cache"]
+    assert unmeasured == cfg.eval.batch_size * setup["seq_len"] * vocab * 8

@@ -202,6 +202,28 @@ def likelihood_samples(tasks: GeneralTasks, limit: int | None, seed: int) -> dic
     return {str(name): subset(len(task.eval_docs), limit, seed) for name, task in loaded.items()}
 
 
+def longest_request(tasks: GeneralTasks, samples: dict[str, list[int]], tokenizer: Any) -> int:
+    """The most tokens of one request lm-eval will score for `samples`: a context and its longest choice.
+
+    For the memory plan: lm-eval scores requests in batches of eval.general_batch_size, longest first,
+    each as full (B, T, vocab) logits and their log-softmax.
+    """
+    loaded = _task_manager(tasks).load(list(samples))["tasks"]
+    longest = 0
+    for name, task in loaded.items():
+        docs = task.eval_docs
+        for i in samples[str(name)]:
+            doc = docs[i]
+            context, choices = task.doc_to_text(doc), [str(c) for c in task.doc_to_choice(doc)]
+            if not isinstance(context, str):  # the context is the choice (partial scoring, Winogrande)
+                context, choices = "", [c + " " + str(task.doc_to_target(doc)) for c in choices]
+            n = len(tokenizer(context)["input_ids"]) + max(
+                len(tokenizer(" " + c)["input_ids"]) for c in choices
+            )
+            longest = max(longest, n)
+    return longest
+
+
 def run_likelihood_tasks(
     model: Any,
     tokenizer: Any,

@@ -111,6 +111,8 @@ FIT_MARGIN = 0.92
 
 CUDA_OVERHEAD = GIB // 2
 CPU_OVERHEAD = GIB // 2
+EVAL_LIBRARIES = GIB // 10
+"""lm-eval, its task objects and rouge-score imported: +0.09 GiB RSS measured over training's imports."""
 QUANT_BLOCK = 64  # bitsandbytes 4-bit blocksize (BitsAndBytesConfig default)
 DOUBLE_QUANT_BLOCK = 256  # absmax values per second-level fp32 constant with double quant
 FUSED_TOKEN_TILE = 4096  # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE
@@ -718,6 +720,51 @@ def example_lengths(cfg: Config) -> list[tuple[int, int]] | None:
         return None
 
 
+@dataclass(frozen=True)
+class EvaluationShape:
+    """The longest sequences `evaluate` will run: an evaluation example, scored whole (prompt and answer,
+    nothing dropped, up to eval.max_length), and a general-benchmark request (context + longest choice)."""
+
+    example_tokens: int | None
+    general_tokens: int | None
+
+
+def evaluation_shape(cfg: Config) -> EvaluationShape:
+    """Measured from the evaluation data and the general tasks' items (`evaluate` picks the same ones)."""
+    from qlora_llm.model import load_tokenizer
+    from qlora_llm.templates import resolve_template
+
+    m, e = cfg.model, cfg.eval
+    try:
+        tokenizer = load_tokenizer(m.name, m.revision, m.cache_dir, m.trust_remote_code)
+    except Exception as err:  # a plan from the config alone is still a plan
+        log.debug("evaluate planned at data.max_seq_length: no tokenizer here (%s)", err)
+        return EvaluationShape(None, None)
+    example = general = None
+    data = e.data_file or cfg.data.eval_file
+    try:
+        from qlora_llm.data import load_examples, tokenize_examples
+
+        if data and Path(data).is_file():
+            template = resolve_template(m.template, tokenizer)
+            rows, _ = tokenize_examples(load_examples(Path(data)), tokenizer, template, 10**9)
+            example = max((len(r["input_ids"]) for r in rows), default=None)
+            if example and e.max_length:
+                example = min(example, e.max_length)
+    except Exception as err:
+        log.debug("evaluate planned at data.max_seq_length: %s could not be measured (%s)", data, err)
+    if e.general_tasks:
+        try:
+            from qlora_llm.benchmarks import check_general, likelihood_samples, longest_request
+
+            tasks = check_general(e.general_tasks, [], Path(m.cache_dir).expanduser() / "lm_eval_tasks")
+            samples = likelihood_samples(tasks, e.general_limit, e.general_seed)
+            general = longest_request(tasks, samples, tokenizer)
+        except Exception as err:
+            log.debug("the general benchmarks' requests could not be measured (%s)", err)
+    return EvaluationShape(example, general)
+
+
 def _setup(
     cfg: Config, device: str, processes: int = 1, lengths: list[tuple[int, int]] | None = None
 ) -> dict[str, Any]:
@@ -875,7 +922,12 @@ def _kv_cache_bytes(shape: ModelShape, batch: int, tokens: int, a: int) -> int:
     return 2 * shape.layers * shape.kv_heads * shape.head_dim * a * batch * tokens
 
 
-def estimate_stages(model_config: dict[str, Any], cfg: Config, setup: dict[str, Any]) -> list[StagePeak]:
+def estimate_stages(
+    model_config: dict[str, Any],
+    cfg: Config,
+    setup: dict[str, Any],
+    evaluation: EvaluationShape | None = None,
+) -> list[StagePeak]:
     """The peak of every stage `qlora-llm run` goes through, each as named components.
 
     train: the larger of the training step (`estimate_memory`) and an in-training evaluation forward at
@@ -885,9 +937,11 @@ def estimate_stages(model_config: dict[str, Any], cfg: Config, setup: dict[str, 
     optimizer state. The forward is without autograd through TRL's fused LM head: one layer's
     intermediates and the loss tiles, never the (B, T, V) logits. An evaluation after a step reuses the
     step's freed memory (measured: no rise in VmHWM, docs/plan.md). Saves copy only the adapter.
-    evaluate: the base in eval.quantization (fp32 on CPU under compute_dtype auto) + adapter, the
-    perplexity forward's full logits at eval.batch_size, or greedy generation's KV cache over prompt +
-    eval.max_new_tokens, whichever is larger. merge: the base in full precision and the merged copy
+    evaluate: the base in eval.quantization (fp32 on CPU under compute_dtype auto) + adapter, and the
+    largest of: the perplexity forward's full logits at eval.batch_size over the longest evaluation
+    example (`evaluation`, else the training length), greedy generation's KV cache over prompt +
+    eval.max_new_tokens, and lm-eval's batch of eval.general_batch_size general-benchmark requests
+    (full logits and their log-softmax, both in the model's dtype). merge: the base in full precision and the merged copy
     beside it. serve: the weights in serve.quantization and the KV cache of serve.max_batch_size rows.
     """
     shape = ModelShape.from_config(model_config)
@@ -929,23 +983,32 @@ def estimate_stages(model_config: dict[str, Any], cfg: Config, setup: dict[str, 
 
     e = cfg.eval
     ev = inference(e.quantization)
+    t_eval = evaluation.example_tokens if evaluation and evaluation.example_tokens else T
     # evaluate.score_tokens: the (B, T, V) logits in the compute dtype, their fp32 upcast (none when
     # fp32 already) and cross_entropy's fp32 log-softmax of them.
-    ev_logits = e.batch_size * T * V * (ai + (4 if ai < 4 else 0) + 4)
-    kv = _kv_cache_bytes(shape, e.batch_size, T + e.max_new_tokens, ai)
+    ev_logits = e.batch_size * t_eval * V * (ai + (4 if ai < 4 else 0) + 4)
+    kv = _kv_cache_bytes(shape, e.batch_size, t_eval + e.max_new_tokens, ai) + e.batch_size * V * 4
+    t_general = evaluation.general_tokens if evaluation and e.general_tasks else None
+    general = e.general_batch_size * t_general * V * 2 * ai if t_general else 0
+    largest = max(
+        (ev_logits, f"perplexity logits at batch {e.batch_size} x {t_eval} tokens"),
+        (kv, f"greedy answers with a KV cache of {t_eval} + {e.max_new_tokens} tokens"),
+        (general, f"lm-eval's logits + log-softmax at batch {e.general_batch_size} x {t_general} tokens"),
+    )
     weights = ev.base_weights + est.lora_weights
     evaluate = StagePeak(
         "evaluate",
         {
             "weights + adapter": weights,
-            "logits or KV cache": max(ev_logits, kv + e.batch_size * V * 4),
-            "activations": e.batch_size * T * (3 * shape.intermediate + 4 * shape.hidden) * ai,
+            "logits or KV cache": largest[0],
+            "activations": e.batch_size * t_eval * (3 * shape.intermediate + 4 * shape.hidden) * ai,
             "loading": max(0, ev.loading - ev.overhead - weights),
             "runtime overhead": ev.overhead,
+            # lm-eval, its tasks and rouge-score imported on top of training's libraries (RSS, CPU only).
+            "evaluation libraries": EVAL_LIBRARIES if e.general_tasks and setup["device"] == "cpu" else 0,
         },
         f"{_weights_kind(e.quantization)} weights in {infer_dtype}, base and tuned one after another; "
-        f"perplexity at batch {e.batch_size}, greedy answers with a KV cache of {T} + {e.max_new_tokens} "
-        "tokens",
+        f"the largest batch: {largest[1]}",
     )
     overhead = CUDA_OVERHEAD if setup["device"] == "cuda" else CPU_OVERHEAD
     merge = StagePeak(
@@ -1043,11 +1106,14 @@ def plan(
     device_memory_bytes: int | None = None,
     max_suggestions: int = 3,
     processes: int = 1,
+    measure_evaluation: bool = True,
 ) -> PlanReport:
     """Estimate `cfg`'s training memory on its device and say whether it fits, and if not what would.
 
     `processes`: the run's number of processes (GPUs), `--nproc`; the estimate is then per GPU, for
-    `train.distributed` (ddp or fsdp).
+    `train.distributed` (ddp or fsdp). `measure_evaluation`: read the evaluation data and the general
+    benchmarks' items for the evaluate stage (`evaluation_shape`; a few seconds); training's own plan,
+    which decides on the train stage alone, skips it.
     """
     model_config, source = load_model_config(cfg.model.name, cfg.model.revision)
     log.info("planning %s from %s", cfg.model.name, source)
@@ -1093,7 +1159,7 @@ def plan(
     if checkpointing.startswith("auto"):
         checkpointing += f", decided on {basis}"
     est = estimate_memory(model_config, **setup)
-    stages = estimate_stages(model_config, cfg, setup)
+    stages = estimate_stages(model_config, cfg, setup, evaluation_shape(cfg) if measure_evaluation else None)
     whole = max(est.peak, *(st.peak for st in stages if st.name in VERDICT_STAGES))
     fits = whole <= usable
     for st in stages:
