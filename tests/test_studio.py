@@ -423,7 +423,7 @@ def test_clone_prefills_the_form_from_the_run_and_queues_a_new_run(tmp_path):
     assert "id='clone' href='/runs/src/clone'" in c.get("/runs/src").text
 
     # Submit the prefilled form with two edits, as the browser would.
-    form = dict(re.findall(r"name='([^']+)' value='([^']*)'", page))
+    form = dict(re.findall(r"<input[^>]* name='([^']+)' value='([^']*)'", page))  # what a browser sends
     form = {k: html.unescape(v) for k, v in form.items()}
     bad = form | {"lora.r": "0", "train.learning_rate": "0.001"}
     response = c.post("/new", data=bad)
@@ -578,3 +578,28 @@ def test_chat_playground_relays_base_and_tuned_through_the_model_server(tmp_path
         process = c.app.state.playground.process
         assert c.post("/runs/a/chat/stop", data={"csrf": csrf(c)}).status_code == 303
     assert process.poll() is not None and c.get("/runs/a/chat/status").json() == {"state": "stopped"}
+
+
+def test_the_memory_plan_is_shown_before_launch_and_nothing_is_created(tmp_path, tiny_mistral, tiny_data):
+    """ "Check memory first" runs `qlora-llm plan` on the form's config (a subprocess: the studio never
+    loads torch) and shows its verdict above the form, which keeps what was typed; no run, no job."""
+    runs = tmp_path / "runs"
+    c = client(runs, data=tiny_data)
+    fields = {
+        "run_name": "planned",
+        "model.name": str(tiny_mistral),
+        "model.device": "cpu",
+        "data.train_file": str(tiny_data / "train.jsonl"),
+        "lora.r": "8",
+        "csrf": csrf(c),
+    }
+    response = c.post("/new", data=fields | {"action": "plan"})
+    assert response.status_code == 200, response.text
+    verdict = re.search(r"<p id='verdict'>(.*?)</p>", response.text).group(1)
+    assert verdict.startswith("verdict: FITS - peak ") and "GiB (in train)" in verdict
+    plan = html.unescape(re.search(r"<pre id='plan'>(.*?)</pre>", response.text, re.S).group(1))
+    assert "LoRA r=8" in plan and "\nevaluate " in plan and "config.yaml" not in plan  # no temporary path
+    assert "value='8'" in response.text  # the form keeps what was typed
+    assert not (runs / "planned").exists() and JobStore(runs).all() == []
+    launched = c.post("/new", data=fields | {"action": "launch"})
+    assert launched.status_code == 303 and len(JobStore(runs).all()) == 1

@@ -19,6 +19,9 @@ import json
 import logging
 import secrets
 import shlex
+import subprocess
+import sys
+import tempfile
 from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import parse_qs
@@ -28,6 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
+from qlora_llm.config import Config
 from qlora_llm.studio import chat, clone, evaluation, stages
 from qlora_llm.studio.form import new_form, validate_form
 from qlora_llm.studio.jobs import Job, JobStore, Worker
@@ -309,7 +313,7 @@ def _add_new_run_routes(app: FastAPI, studio: Studio) -> None:
     @app.post("/new")
     async def new_run(request: Request) -> Response:
         fields = {k: str(v) for k, v in (await request.form()).items() if k != "csrf"}
-        source = fields.pop("clone_of", "")
+        source, action = fields.pop("clone_of", ""), fields.pop("action", "launch")
         cfg, errors, overrides = validate_form(fields, runs, data)
         name = fields.get("run_name", "").strip()
         output = f"train.output_dir={runs / name}"
@@ -321,9 +325,32 @@ def _add_new_run_routes(app: FastAPI, studio: Studio) -> None:
         if cfg is None:
             body = new_form(studio, fields, errors, command, clone_of=source)
             return page("New run", body, 422)
+        if action == "plan":  # the memory plan's verdict before launch: nothing is created or queued
+            verdict = await asyncio.to_thread(plan_text, cfg)
+            body = new_form(studio, fields, {}, command, clone_of=source, plan=studio.hide_paths(verdict))
+            return page("New run", body)
         (runs / name).mkdir(parents=True)
         store.add(name, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         return RedirectResponse(f"/runs/{name}", status_code=303)
+
+
+def plan_text(cfg: Config) -> str:
+    """`qlora-llm plan` of the form's config, as the CLI prints it: in a subprocess, so the studio
+    process never imports torch or reads a model (it stays small with no model loaded)."""
+    with tempfile.TemporaryDirectory() as folder:
+        config = Path(folder) / "config.yaml"
+        config.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        done = subprocess.run(
+            [sys.executable, "-m", "qlora_llm.cli", "plan", str(config)],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=300,
+        )
+    if done.returncode not in (0, 1):  # 1: planned, and it does not fit
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return f"the plan could not be made: {last}"
+    return done.stdout
 
 
 def jobs_signature(jobs: list[Job]) -> str:

@@ -103,9 +103,15 @@ def validate_form(
 
 
 def new_form(
-    studio: Studio, values: dict[str, str], errors: dict[str, str], command: str = "", clone_of: str = ""
+    studio: Studio,
+    values: dict[str, str],
+    errors: dict[str, str],
+    command: str = "",
+    clone_of: str = "",
+    plan: str = "",
 ) -> str:
-    """The form: run name, then one fieldset per config section; `values` prefill it (else the defaults)."""
+    """The form: run name, then one fieldset per config section; `values` prefill it (else the defaults).
+    `plan`: the memory plan of these values, shown above the form with its verdict first."""
     defaults = Config().model_dump(mode="json")
     rows = [
         f"<p><label>run name <input type='text' name='run_name' value='{e(values.get('run_name', ''))}'></label>"
@@ -130,7 +136,14 @@ def new_form(
     rows.append("</fieldset>")
     top = f"<p class='error'>{e(errors[''])}</p>" if "" in errors else ""
     shown = f"<h2>Equivalent command</h2><pre id='command'>{e(command)}</pre>" if command else ""
+    if plan:
+        verdict = next((line for line in plan.splitlines() if line.startswith("verdict:")), plan.strip())
+        shown += f"<h2>Memory plan</h2><p id='verdict'>{e(verdict)}</p><pre id='plan'>{e(plan)}</pre>"
+    buttons = (
+        "<button name='action' value='launch'>Launch</button> "
+        "<button name='action' value='plan'>Check memory first</button>"
+    )
     return (
         f"{top}{shown}<form method='post' action='/new' id='new-run'>{studio.csrf_field()}"
-        f"<button>Launch</button>{''.join(rows)}<button>Launch</button></form>"
+        f"{buttons}{''.join(rows)}{buttons}</form>"
     )
