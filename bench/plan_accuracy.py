@@ -153,7 +153,7 @@ def whole_run(command: list[str]) -> dict:
     from qlora_llm.config import load_config
     from qlora_llm.plan import RUN_STAGES, plan
 
-    report = plan(load_config(command[1], command[2:]))
+    report = plan(load_config(command[1], command[2:]), measure_evaluation=True)
     # `run` goes through train and evaluate; every other command is its own stage.
     ran = [st for st in report.stages if st.name in (RUN_STAGES if command[0] == "run" else (command[0],))]
     largest = max(ran, key=lambda st: st.peak) if ran else None

@@ -343,3 +343,11 @@ def test_the_evaluate_stage_is_sized_by_the_evaluation_data_and_the_general_benc
     # Without measurements, the training length stands in and no lm-eval batch is counted.
     unmeasured = evaluate(None).components["logits or KV cache"]
     assert unmeasured == cfg.eval.batch_size * setup["seq_len"] * vocab * 8
+
+
+def test_the_plan_command_sizes_the_evaluate_stage_from_its_data(capsys):
+    from qlora_llm.cli import main
+
+    assert main(["plan", str(ROOT / "configs" / "smollm2-cpu.yaml"), "--memory", "24"]) == 0
+    evaluate = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("evaluate "))
+    assert "the largest batch: lm-eval's logits + log-softmax at batch 16 x " in evaluate

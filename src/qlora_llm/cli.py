@@ -434,7 +434,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     memory = int(args.memory * 2**30) if args.memory else None
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc}: need at least 1 process")
-    report = plan(load_config(args.config, args.overrides), device_memory_bytes=memory, processes=args.nproc)
+    cfg = load_config(args.config, args.overrides)
+    report = plan(cfg, device_memory_bytes=memory, processes=args.nproc, measure_evaluation=True)
     print(format_plan(report))
     return 0 if report.fits else 1
 

@@ -1106,14 +1106,15 @@ def plan(
     device_memory_bytes: int | None = None,
     max_suggestions: int = 3,
     processes: int = 1,
-    measure_evaluation: bool = True,
+    measure_evaluation: bool = False,
 ) -> PlanReport:
     """Estimate `cfg`'s training memory on its device and say whether it fits, and if not what would.
 
     `processes`: the run's number of processes (GPUs), `--nproc`; the estimate is then per GPU, for
-    `train.distributed` (ddp or fsdp). `measure_evaluation`: read the evaluation data and the general
-    benchmarks' items for the evaluate stage (`evaluation_shape`; a few seconds); training's own plan,
-    which decides on the train stage alone, skips it.
+    `train.distributed` (ddp or fsdp). `measure_evaluation`: size the evaluate stage from the evaluation
+    data and the general benchmarks' items (`evaluation_shape`, a few seconds: `qlora-llm plan` does);
+    without it that stage is planned at the training length, with no lm-eval batch. The verdict is on
+    training either way.
     """
     model_config, source = load_model_config(cfg.model.name, cfg.model.revision)
     log.info("planning %s from %s", cfg.model.name, source)

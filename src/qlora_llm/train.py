@@ -489,7 +489,7 @@ def _fit_memory(cfg: Config, args: Any, world: int, force: bool) -> str:
     from qlora_llm.plan import PlanError, plan
 
     try:
-        memory = plan(cfg, processes=world, measure_evaluation=False)
+        memory = plan(cfg, processes=world)
     except PlanError as err:  # an architecture or config.json the planner cannot read: train unchecked
         log.warning("memory plan unavailable (%s); training without the fit check", err)
         memory = None
