@@ -687,6 +687,25 @@ def _device_memory(device: str) -> int:
     return total
 
 
+def _tokenizer(cfg: Config) -> Any:
+    from qlora_llm.model import load_tokenizer
+
+    m = cfg.model
+    return load_tokenizer(m.name, m.revision, m.cache_dir, m.trust_remote_code)
+
+
+def _tokenized(cfg: Config, files: list[Any], tokenizer: Any) -> list[dict[str, list[int]]]:
+    """The examples of the files that exist, tokenized as train.py does it, none dropped."""
+    from qlora_llm.data import load_examples, tokenize_examples
+    from qlora_llm.templates import resolve_template
+
+    records = [r for f in files if f and Path(f).is_file() for r in load_examples(Path(f))]
+    if not records:
+        return []
+    template = resolve_template(cfg.model.template, tokenizer)
+    return tokenize_examples(records, tokenizer, template, 10**9)[0]
+
+
 def example_lengths(cfg: Config) -> list[tuple[int, int]] | None:
     """(tokens, labelled tokens) of the run's training and eval examples as train.py tokenizes them, or None.
 
@@ -699,18 +718,10 @@ def example_lengths(cfg: Config) -> list[tuple[int, int]] | None:
     """
     if cfg.train.method != "sft" or cfg.train.packing:
         return None
-    files = [f for f in (cfg.data.train_file, cfg.data.eval_file) if f]
     try:
-        from qlora_llm.data import load_examples, tokenize_examples
-        from qlora_llm.model import load_tokenizer
-        from qlora_llm.templates import resolve_template
-
-        m = cfg.model
-        records = [r for f in files if Path(f).is_file() for r in load_examples(Path(f))]
-        if not records:
+        rows = _tokenized(cfg, [cfg.data.train_file, cfg.data.eval_file], _tokenizer(cfg))
+        if not rows:
             return None
-        tokenizer = load_tokenizer(m.name, m.revision, m.cache_dir, m.trust_remote_code)
-        rows, _ = tokenize_examples(records, tokenizer, resolve_template(m.template, tokenizer), 10**9)
         every = cfg.train.train_on_prompt
         return [
             (len(r["input_ids"]), len(r["input_ids"]) if every else sum(r["completion_mask"])) for r in rows
@@ -731,26 +742,18 @@ class EvaluationShape:
 
 def evaluation_shape(cfg: Config) -> EvaluationShape:
     """Measured from the evaluation data and the general tasks' items (`evaluate` picks the same ones)."""
-    from qlora_llm.model import load_tokenizer
-    from qlora_llm.templates import resolve_template
-
     m, e = cfg.model, cfg.eval
     try:
-        tokenizer = load_tokenizer(m.name, m.revision, m.cache_dir, m.trust_remote_code)
+        tokenizer = _tokenizer(cfg)
     except Exception as err:  # a plan from the config alone is still a plan
         log.debug("evaluate planned at data.max_seq_length: no tokenizer here (%s)", err)
         return EvaluationShape(None, None)
     example = general = None
     data = e.data_file or cfg.data.eval_file
     try:
-        from qlora_llm.data import load_examples, tokenize_examples
-
-        if data and Path(data).is_file():
-            template = resolve_template(m.template, tokenizer)
-            rows, _ = tokenize_examples(load_examples(Path(data)), tokenizer, template, 10**9)
-            example = max((len(r["input_ids"]) for r in rows), default=None)
-            if example and e.max_length:
-                example = min(example, e.max_length)
+        example = max((len(r["input_ids"]) for r in _tokenized(cfg, [data], tokenizer)), default=None)
+        if example and e.max_length:
+            example = min(example, e.max_length)
     except Exception as err:
         log.debug("evaluate planned at data.max_seq_length: %s could not be measured (%s)", data, err)
     if e.general_tasks:
