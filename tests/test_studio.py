@@ -192,28 +192,54 @@ def test_runs_page_lists_cli_runs_without_server_paths(tmp_path):
     assert c.get("/runs/from-cli/metrics").json()["checkpoints"] == ["checkpoint-2"]
 
 
-def test_events_stream_every_logged_row(tmp_path):
-    cli_run(tmp_path)
-    app = create_app(tmp_path, start_worker=False)
-    route = next(r for r in app.routes if getattr(r, "path", "") == "/runs/{name}/events")
+def first_events(runs: Path, name: str, n: int) -> list[str]:
+    """The first n server-sent events of a run's page (the route's own stream, no socket)."""
     import asyncio
+
+    app = create_app(runs, start_worker=False)
+    route = next(r for r in app.routes if getattr(r, "path", "") == "/runs/{name}/events")
 
     class Request:
         async def is_disconnected(self):
             return False
 
-    async def first_events(n):
-        response = await route.endpoint("from-cli", Request())
+    async def collect():
+        response = await route.endpoint(name, Request())
         out = []
         async for chunk in response.body_iterator:
             out.append(chunk)
             if len(out) == n:
                 return out
 
-    events = asyncio.run(asyncio.wait_for(first_events(5), 10))
+    return asyncio.run(asyncio.wait_for(collect(), 10))
+
+
+def test_events_stream_every_logged_row(tmp_path):
+    cli_run(tmp_path)
+    events = first_events(tmp_path, "from-cli", 5)
     assert events[0].startswith("event: reset")
     assert [json.loads(e[len("data: ") :])["step"] for e in events[1:4]] == [1, 2, 4]
     assert events[4] == "event: status\ndata: started outside the studio\n\n"
+
+
+def test_run_page_shows_tokens_per_second_and_memory_from_metrics(tmp_path):
+    folder = cli_run(tmp_path)
+    c = client(tmp_path)
+    assert "<span id='speed'>–</span>" in c.get("/runs/from-cli").text  # nothing logged them yet
+    rows = [  # as monitor.py logs them: throughput on training rows, the peak memory on every row
+        {"step": 5, "loss": 1.0, "tokens_per_s": 1234.5, "memory_bytes": 3 * 2**30},
+        {"step": 6, "eval_loss": 1.1, "memory_bytes": int(3.5 * 2**30)},
+    ]
+    with open(folder / "metrics.jsonl", "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    page = c.get("/runs/from-cli").text
+    assert "<span id='speed'>1234.5 tokens/s</span>" in page
+    assert "<span id='memory'>3.50 GiB</span>" in page
+    assert "id='speed-chart'" in page
+    # The live page gets them from the same events as the loss chart (chart.js draws and formats them).
+    live = [json.loads(e[len("data: ") :]) for e in first_events(tmp_path, "from-cli", 6)[4:6]]
+    assert [(r["tokens_per_s"], r["memory_bytes"]) for r in live[:1]] == [(1234.5, 3 * 2**30)]
+    assert live[1]["memory_bytes"] == int(3.5 * 2**30)
 
 
 def test_non_loopback_bind_needs_a_key():

@@ -148,6 +148,8 @@ def test_launch_watch_stop_resume_in_chromium(studio, tmp_path, tiny_mistral, ti
         page.wait_for_function("Number(document.getElementById('chart').dataset.points) >= 3")
         page.wait_for_selector("#stop")
         before = int(page.locator("#chart").get_attribute("data-points"))
+        expect(page.locator("#speed")).to_contain_text("tokens/s")  # chart.js, from the same events
+        expect(page.locator("#memory")).to_contain_text("GiB")
         page.screenshot(path=str(shots / "run-live.png"), full_page=True)
         page.reload()
         page.wait_for_function(f"Number(document.getElementById('chart').dataset.points) >= {before}")

@@ -84,6 +84,9 @@ def run_info(run_dir: Path, store: JobStore) -> dict:
         "step": rows[-1]["step"] if rows else 0,
         "max_steps": train.get("max_steps", ""),
         "best_eval_loss": min(evals) if evals else None,
+        # The latest training log's throughput and the peak memory so far (monitor.py writes both).
+        "tokens_per_s": next((r["tokens_per_s"] for r in reversed(rows) if "tokens_per_s" in r), None),
+        "memory_bytes": next((r["memory_bytes"] for r in reversed(rows) if "memory_bytes" in r), None),
         "evaluation": evaluation.eval_summary(run_dir),
         "config": config,
         "checkpoints": sorted(
@@ -423,6 +426,9 @@ def run_body(studio: Studio, name: str) -> str:
         "(<span style='color:#1f77b4'>train</span>, <span style='color:#d62728'>eval</span>)</p>"
         f"<canvas id='chart' width='800' height='320' data-events='/runs/{e(name)}/events' "
         f"data-max-steps='{e(info['max_steps'])}' data-jobs='{e(jobs_signature(jobs))}'></canvas>"
+        f"<p><span style='color:#2ca02c'>throughput</span> <span id='speed'>{speed(info['tokens_per_s'])}</span> · "
+        f"<span style='color:#9467bd'>peak memory</span> <span id='memory'>{memory(info['memory_bytes'])}</span></p>"
+        "<canvas id='speed-chart' width='800' height='140'></canvas>"
         f"<h2>Command</h2><pre id='command'>{e(studio.hide_paths(shlex.join(['qlora-llm', *latest.command[3:]])) if latest else '')}</pre>"
         f"<h2>Log</h2><pre id='log'>{e(studio.hide_paths(log_tail(latest)))}</pre>"
         f"<h2>Jobs</h2><table id='jobs'><tr><th>job</th><th>stage</th><th>state</th><th>command</th></tr>{job_rows}</table>"
@@ -431,6 +437,16 @@ def run_body(studio: Studio, name: str) -> str:
         f"<h2>Config</h2><pre>{e(studio.hide_paths(yaml.safe_dump(info['config'], sort_keys=False)))}</pre>"
         "<script src='/static/chart.js'></script>"
     )
+
+
+def speed(tokens_per_s: float | None) -> str:
+    """Tokens per second as the run page shows it (chart.js formats live values the same way)."""
+    return "–" if tokens_per_s is None else f"{tokens_per_s:.1f} tokens/s"
+
+
+def memory(memory_bytes: int | None) -> str:
+    """Peak memory in GiB as the run page shows it (chart.js formats live values the same way)."""
+    return "–" if memory_bytes is None else f"{memory_bytes / 2**30:.2f} GiB"
 
 
 def log_tail(job: Job | None) -> str:

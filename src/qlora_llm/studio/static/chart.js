@@ -1,5 +1,5 @@
-// A tiny line chart on a canvas: train and eval loss over steps, live from the run's SSE stream.
-// No dependencies, so the studio works offline and ships with the package.
+// Tiny line charts on canvases: train and eval loss over steps, and below it tokens/s and peak memory,
+// live from the run's SSE stream. No dependencies, so the studio works offline and ships with the package.
 (function () {
   const canvas = document.getElementById("chart");
   if (!canvas) return;
@@ -10,6 +10,45 @@
   const count = document.getElementById("points");
   const status = document.getElementById("status");
   const progress = document.getElementById("progress");
+  const speedCanvas = document.getElementById("speed-chart");
+  const speedText = document.getElementById("speed");
+  const memoryText = document.getElementById("memory");
+  // The same formats as the server's first render (app.py: speed, memory).
+  const fmt = {
+    tokens_per_s: (v) => v.toFixed(1) + " tokens/s",
+    memory_bytes: (v) => (v / 2 ** 30).toFixed(2) + " GiB",
+  };
+  const usage = { tokens_per_s: [], memory_bytes: [] };
+  const usageColors = { tokens_per_s: "#2ca02c", memory_bytes: "#9467bd" };
+
+  // Tokens/s and memory share the x axis; each has its own scale, tokens/s labelled left, memory right.
+  function drawUsage() {
+    if (!speedCanvas) return;
+    const c = speedCanvas.getContext("2d");
+    const W = speedCanvas.width, H = speedCanvas.height, pad = 40;
+    c.clearRect(0, 0, W, H);
+    const all = usage.tokens_per_s.concat(usage.memory_bytes);
+    speedCanvas.dataset.points = String(all.length);
+    if (all.length === 0) return;
+    let x0 = Math.min(...all.map((p) => p[0])), x1 = Math.max(...all.map((p) => p[0]));
+    if (x1 === x0) x1 = x0 + 1;
+    const sx = (x) => pad + ((x - x0) / (x1 - x0)) * (W - 2 * pad);
+    c.strokeStyle = "#999"; c.strokeRect(pad, 10, W - 2 * pad, H - 10 - pad / 2);
+    c.font = "11px sans-serif";
+    for (const name of ["tokens_per_s", "memory_bytes"]) {
+      const pts = usage[name];
+      if (pts.length === 0) continue;
+      let y0 = Math.min(...pts.map((p) => p[1])), y1 = Math.max(...pts.map((p) => p[1]));
+      if (y1 === y0) { y0 = y0 * 0.9; y1 = y1 * 1.1 || 1; }
+      const sy = (y) => H - pad / 2 - ((y - y0) / (y1 - y0)) * (H - 10 - pad / 2);
+      const left = name === "tokens_per_s";
+      c.strokeStyle = usageColors[name]; c.fillStyle = usageColors[name]; c.beginPath();
+      pts.forEach((p, i) => (i ? c.lineTo(sx(p[0]), sy(p[1])) : c.moveTo(sx(p[0]), sy(p[1]))));
+      c.stroke();
+      c.fillText(fmt[name](y1).split(" ")[0], left ? 2 : W - pad + 2, 18);
+      c.fillText(fmt[name](y0).split(" ")[0], left ? 2 : W - pad + 2, H - pad / 2);
+    }
+  }
 
   function draw() {
     const W = canvas.width, H = canvas.height, pad = 40;
@@ -43,12 +82,18 @@
 
   if (logBox) logBox.addEventListener("change", draw);
   const source = new EventSource(canvas.dataset.events);
-  source.addEventListener("reset", () => { series.loss = []; series.eval_loss = []; draw(); });
+  source.addEventListener("reset", () => {
+    series.loss = []; series.eval_loss = []; usage.tokens_per_s = []; usage.memory_bytes = [];
+    draw(); drawUsage();
+  });
   source.onmessage = (event) => {
     const row = JSON.parse(event.data);
     for (const name of ["loss", "eval_loss"]) if (name in row) series[name].push([row.step, row[name]]);
+    for (const name of ["tokens_per_s", "memory_bytes"]) if (name in row) usage[name].push([row.step, row[name]]);
+    if ("tokens_per_s" in row && speedText) speedText.textContent = fmt.tokens_per_s(row.tokens_per_s);
+    if ("memory_bytes" in row && memoryText) memoryText.textContent = fmt.memory_bytes(row.memory_bytes);
     if (progress && canvas.dataset.maxSteps) progress.textContent = row.step + " / " + canvas.dataset.maxSteps;
-    draw();
+    draw(); drawUsage();
   };
   // The page was rendered for one job state; when the job moves on (running, stopped, done), render it
   // again so the buttons, log and checkpoints match the real job.
@@ -59,5 +104,5 @@
   source.addEventListener("jobs", (event) => {
     if (canvas.dataset.jobs !== undefined && canvas.dataset.jobs !== event.data) location.reload();
   });
-  draw();
+  draw(); drawUsage();
 })();
