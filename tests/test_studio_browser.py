@@ -1,8 +1,10 @@
 """The studio end to end in a real Chromium (Debian's, driven by Playwright): form -> live chart -> stop ->
 resume -> done -> evaluate (the report in the page) -> clone with changes -> compare -> chat (base vs
-fine-tuned), on the tiny test model. Screenshots land in the test's tmp folder.
+fine-tuned), on the tiny test model. Screenshots land in the test's tmp folder; with STUDIO_SCREENSHOTS=DIR
+they are also copied into DIR (how docs/img/ was made).
 
     .venv/bin/pytest tests/test_studio_browser.py -q
+    STUDIO_SCREENSHOTS=docs/img .venv/bin/pytest tests/test_studio_browser.py -q
 """
 
 from __future__ import annotations
@@ -226,3 +228,8 @@ def test_launch_watch_stop_resume_in_chromium(studio, tmp_path, tiny_mistral, ti
         page.wait_for_function("document.getElementById('chat-state').textContent === 'stopped'")
         browser.close()
     assert len(list(shots.glob("*.png"))) == 9
+    keep = os.environ.get("STUDIO_SCREENSHOTS")
+    if keep:  # opt-in: keep the shots outside the tmp folder (docs/img/ for the README)
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        for shot in shots.glob("*.png"):
+            shutil.copy(shot, Path(keep) / f"studio-{shot.name}")
