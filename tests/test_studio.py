@@ -183,6 +183,8 @@ def test_restart_marks_running_jobs_interrupted_and_offers_resume(tmp_path):
 
 def test_runs_page_lists_cli_runs_without_server_paths(tmp_path):
     folder = cli_run(tmp_path)
+    with open(folder / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "eval_lo')  # a row being written right now: not read yet
     c = client(tmp_path)
     row = re.search(r"<tr><td><a href='/runs/from-cli'>.*?</tr>", c.get("/").text).group(0)
     assert "tiny" in row and "train.jsonl" in row and "4 / 4" in row and "1.2500" in row
