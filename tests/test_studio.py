@@ -51,7 +51,7 @@ def test_every_route_refused_without_the_key_and_open_with_it(tmp_path):
     cli_run(tmp_path)
     c = client(tmp_path, api_key=KEY)
     gets = ["/", "/new", "/runs/from-cli", "/runs/from-cli/metrics", "/runs/from-cli/events"]
-    posts = ["/new", "/runs/from-cli/stop", "/runs/from-cli/resume", "/jobs/1/cancel"]
+    posts = ["/new", "/new/upload", "/runs/from-cli/stop", "/runs/from-cli/resume", "/jobs/1/cancel"]
     for path in gets:
         assert c.get(path).status_code == 401, path
     for path in posts:
@@ -631,3 +631,61 @@ def test_the_memory_plan_is_shown_before_launch_and_nothing_is_created(tmp_path,
     assert not (runs / "planned").exists() and JobStore(runs).all() == []
     launched = c.post("/new", data=fields | {"action": "launch"})
     assert launched.status_code == 303 and len(JobStore(runs).all()) == 1
+
+
+def test_upload_is_refused_without_csrf_past_the_size_limit_or_when_prepare_refuses_it(tmp_path, monkeypatch):
+    from qlora_llm.studio import upload
+
+    runs, data = tmp_path / "runs", tmp_path / "data"
+    data.mkdir()
+    c = client(runs, data)
+    rows = "".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(3))
+    file = {"file": ("mine.jsonl", rows.encode())}
+    assert c.post("/new/upload", files=file).status_code == 403  # no CSRF token
+    assert c.post("/new/upload", files={"file": ("x.exe", b"MZ")}, data={"csrf": csrf(c)}).status_code == 400
+    monkeypatch.setattr(upload, "MAX_BYTES", 100)
+    too_big = c.post("/new/upload", files=file, data={"csrf": csrf(c)})
+    assert too_big.status_code == 413 and "larger than" in too_big.text
+    # Past the limit by far, the body is refused by its Content-Length before it is read.
+    huge = c.post("/new/upload", files={"file": ("h.jsonl", b"x" * (2**20 + 200))}, data={"csrf": csrf(c)})
+    assert huge.status_code == 413
+    monkeypatch.setattr(upload, "MAX_BYTES", 2**20)
+    monkeypatch.setattr(upload, "run_prepare", lambda *a: (1, "error: only 3 valid examples"))
+    refused = c.post("/new/upload", files=file, data={"csrf": csrf(c)})
+    assert refused.status_code == 422 and "only 3 valid examples" in refused.text
+    assert list((data / ".uploads").iterdir()) == []  # nothing half-written is left behind
+
+
+def test_upload_is_prepared_and_shown_before_launch(tmp_path, tiny_mistral):
+    """The file lands inside --data under a safe name whatever its name says; `qlora-llm prepare` runs on
+    it; its report and the first example rendered with the model's template are shown above the form,
+    which then launches a run on the prepared files."""
+    runs, data = tmp_path / "runs", tmp_path / "data"
+    data.mkdir()
+    c = client(runs, data)
+    assert "action='/new/upload'" in c.get("/new").text
+    fields = {"csrf": csrf(c), "model": str(tiny_mistral), "max_seq_length": "64"}
+    rows = "".join(
+        json.dumps({"instruction": f"What comes after {i}?", "output": str(i + 1)}) + "\n" for i in range(30)
+    )
+    sent = {"file": ("../../../etc/my data.jsonl", rows.encode())}
+    response = c.post("/new/upload", files=sent, data=fields)
+    assert response.status_code == 200, response.text
+    folder = data / ".uploads" / "my-data"
+    assert (folder / "source" / "my-data.jsonl").read_text() == rows
+    assert not (tmp_path / "etc").exists()
+    report = html.unescape(re.search(r"<pre id='prepare-report'>(.*?)</pre>", response.text, re.S).group(1))
+    assert "read 30 records: wrote 27 train, 3 eval" in report and str(data) not in report
+    prompt = html.unescape(re.search(r"<pre id='example-prompt'>(.*?)</pre>", response.text, re.S).group(1))
+    first = json.loads((folder / "train.jsonl").read_text().splitlines()[0])
+    assert prompt.startswith("<s>[INST]") and first["instruction"] in prompt  # the Mistral template
+    assert "value='data/.uploads/my-data/train.jsonl'" in response.text
+    assert "value='data/.uploads/my-data/eval.jsonl'" in response.text
+    launch = {"run_name": "uploaded", "model.name": str(tiny_mistral), "csrf": csrf(c)}
+    launch |= {
+        "data.train_file": "data/.uploads/my-data/train.jsonl",
+        "data.eval_file": "data/.uploads/my-data/eval.jsonl",
+    }
+    assert c.post("/new", data=launch).status_code == 303
+    job = JobStore(runs).all()[0]
+    assert yaml.safe_load(job.config)["data"]["train_file"] == str((folder / "train.jsonl").resolve())

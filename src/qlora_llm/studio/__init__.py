@@ -3,7 +3,8 @@
     qlora-llm studio --runs runs --port 7860
 
 Server-rendered pages on the package's FastAPI stack (app.py: login, runs, a run, the form; evaluation.py,
-stages.py, clone.py: a run's report, its evaluate/merge/export jobs, clone with changes), a job queue in
+stages.py, clone.py, upload.py: a run's report, its evaluate/merge/export jobs, clone with changes, data
+upload with prepare's preview), a job queue in
 SQLite (jobs.py), and a small chart script shipped in static/. Every job is the CLI subprocess a user would run.
 """
 

@@ -1,13 +1,14 @@
 """The studio's web app: login, runs list, run page (live chart over SSE), new-run form; see __init__.py.
 
 The pages of their own live beside it: evaluation.py (a run's evaluation report), stages.py (evaluate,
-merge and export jobs), clone.py (clone with changes), chat.py (the chat playground), form.py (the config
-form), web.py (what they share).
+merge and export jobs), clone.py (clone with changes), chat.py (the chat playground), upload.py (data
+upload and prepare's preview), form.py (the config form), web.py (what they share).
 
 Security model: loopback by default (cli.py refuses another address without a key); with a key, every
 route but /login and /static needs the login cookie (or `Authorization: Bearer KEY`); every POST carries
-the CSRF token of this studio process; run names and data paths resolve inside the runs and data folders;
-errors render one line, never a stack trace or a server path.
+the CSRF token of this studio process (an upload's multipart body too); bodies past the upload limit are
+refused unread; run names and data paths resolve inside the runs and data folders; errors render one line,
+never a stack trace or a server path.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ import yaml
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from qlora_llm.config import Config
-from qlora_llm.studio import chat, clone, evaluation, stages
+from qlora_llm.studio import chat, clone, evaluation, stages, upload
 from qlora_llm.studio.form import new_form, validate_form
 from qlora_llm.studio.jobs import Job, JobStore, Worker
 from qlora_llm.studio.web import Refused, Studio, e, hide_paths, loss, page, run_folder
@@ -179,7 +181,27 @@ def create_app(
     stages.add_routes(app, studio)
     clone.add_routes(app, studio)
     chat.add_routes(app, studio, playground)
+    upload.add_routes(app, studio)
     return app
+
+
+async def csrf_field(request: Request) -> str:
+    """The form's csrf field, urlencoded or multipart (an upload). From the body, not request.form():
+    Starlette replays a read body to the route, not a parsed form."""
+    body = await request.body()
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        return (parse_qs(body.decode("utf-8", errors="replace")).get("csrf") or [""])[0]
+
+    async def chunks():
+        yield body
+
+    try:
+        form = await MultiPartParser(request.headers, chunks(), max_part_size=2**20).parse()
+    except MultiPartException:
+        return ""
+    token = form.get("csrf")
+    await form.close()
+    return token if isinstance(token, str) else ""
 
 
 def _add_sign_in(app: FastAPI, api_key: str | None, session: str, csrf_token: str) -> None:
@@ -205,9 +227,17 @@ def _add_sign_in(app: FastAPI, api_key: str | None, session: str, csrf_token: st
                 401,
             )
         if request.method not in ("GET", "HEAD") and path != "/login":
-            # The body, not request.form(): Starlette replays a read body to the route, not a parsed form.
-            body = parse_qs((await request.body()).decode("utf-8", errors="replace"))
-            token = (body.get("csrf") or [""])[0] or request.headers.get("x-csrf-token", "")
+            length = request.headers.get("content-length", "")
+            multipart = request.headers.get("content-type", "").startswith("multipart/form-data")
+            if (length.isdigit() and int(length) > upload.MAX_BYTES + 2**20) or (multipart and not length):
+                # Refused before the body is read: an upload is size-limited (and must say its size).
+                return page(
+                    "Refused",
+                    f"<p class='error'>The request is larger than {upload.MAX_BYTES // 2**20} MiB, or an upload "
+                    "that does not say its size.</p>",
+                    413,
+                )
+            token = await csrf_field(request) or request.headers.get("x-csrf-token", "")
             if not hmac.compare_digest(token.encode(), csrf_token.encode()):
                 return page(
                     "Refused",
@@ -349,7 +379,7 @@ def _add_new_run_routes(app: FastAPI, studio: Studio) -> None:
 
     @app.get("/new", response_class=HTMLResponse)
     def new_page() -> HTMLResponse:
-        return page("New run", new_form(studio, {}, {}))
+        return page("New run", upload.upload_form(studio) + new_form(studio, {}, {}))
 
     @app.post("/new")
     async def new_run(request: Request) -> Response:
