@@ -59,7 +59,11 @@ def direct_nll(model, row: dict[str, list[int]]) -> tuple[float, int, float, int
     return full, n_full, comp, n_comp
 
 
-def test_perplexity_matches_direct_per_token_computation(tiny_model):
+@pytest.mark.parametrize("tile_tokens", [None, 3])
+def test_perplexity_matches_direct_per_token_computation(tiny_model, monkeypatch, tile_tokens):
+    if tile_tokens:  # the LM head over 3 positions at a time: tiles end inside rows and inside padding
+        vocab = tiny_model.get_output_embeddings().weight.shape[0]
+        monkeypatch.setattr("qlora_llm.evaluate.EVAL_LOGITS_TILE_BYTES", 8 * vocab * tile_tokens)
     rows = random_rows([7, 12, 5, 20, 9])
     got = score_tokens(tiny_model, rows, batch_size=3).perplexity()  # batches mix lengths: padding present
     direct = [direct_nll(tiny_model, r) for r in rows]

@@ -314,7 +314,16 @@ def test_the_evaluate_stage_is_sized_by_the_evaluation_data_and_the_general_benc
     the evaluate stage takes the largest of the perplexity batch, the KV cache and lm-eval's batch."""
     from qlora_llm.data import load_examples, tokenize_examples
     from qlora_llm.model import load_tokenizer
-    from qlora_llm.plan import EvaluationShape, _setup, estimate_stages, evaluation_shape
+    from qlora_llm.plan import (
+        EVAL_LOGITS_TILE_BYTES,
+        LM_EVAL_LOGITS_COPIES,
+        EvaluationShape,
+        ModelShape,
+        _kv_cache_bytes,
+        _setup,
+        estimate_stages,
+        evaluation_shape,
+    )
     from qlora_llm.templates import resolve_template
 
     cfg = load_config(ROOT / "configs" / "smollm2-cpu.yaml", ["model.compute_dtype=float32"])
@@ -335,14 +344,33 @@ def test_the_evaluate_stage_is_sized_by_the_evaluation_data_and_the_general_benc
         )
 
     long_requests = evaluate(EvaluationShape(100, 4000))
-    assert long_requests.components["logits or KV cache"] == batch * 4000 * vocab * 2 * 4
-    assert "lm-eval's logits + log-softmax at batch 16 x 4000 tokens" in long_requests.how
+    assert long_requests.components["logits or KV cache"] == batch * 4000 * vocab * LM_EVAL_LOGITS_COPIES * 4
+    assert "lm-eval's logits, log-softmax and a temporary at batch 16 x 4000 tokens" in long_requests.how
+    # Long papers: the perplexity pass holds its last hidden states and one tile of LM-head logits (+ their
+    # log-softmax), never the whole (B, T, V): here less than a tenth of those logits.
+    shape_ = ModelShape.from_config(model_config)
+    tile = EVAL_LOGITS_TILE_BYTES // (8 * vocab)
+    perplexity = cfg.eval.batch_size * 4000 * shape_.hidden * 4 + tile * vocab * 8
+    kv = (
+        _kv_cache_bytes(shape_, cfg.eval.batch_size, 4000 + cfg.eval.max_new_tokens, 4)
+        + cfg.eval.batch_size * vocab * 4
+    )
     long_papers = evaluate(EvaluationShape(4000, 10))
-    assert long_papers.components["logits or KV cache"] == cfg.eval.batch_size * 4000 * vocab * (4 + 4)
-    assert "perplexity logits at batch 4 x 4000 tokens" in long_papers.how
-    # Without measurements, the training length stands in and no lm-eval batch is counted.
-    unmeasured = evaluate(None).components["logits or KV cache"]
-    assert unmeasured == cfg.eval.batch_size * setup["seq_len"] * vocab * 8
+    assert perplexity < cfg.eval.batch_size * 4000 * vocab * 8 / 10
+    assert long_papers.components["logits or KV cache"] == max(perplexity, kv, batch * 10 * vocab * 3 * 4)
+    # The base's fp16 log-probs on the KL prompts are held while the fine-tuned model is evaluated.
+    assert 20 < shape.kl_tokens < 400  # a rendered question + eval.general_max_new_tokens
+    kl = evaluate(EvaluationShape(100, 10, 80)).components["base's KL log-probs"]
+    assert kl == cfg.eval.kl_prompts * 80 * vocab * 2
+    # Without measurements, the training length stands in and no lm-eval batch or KL log-probs are counted.
+    unmeasured = evaluate(None)
+    T = setup["seq_len"]
+    assert unmeasured.components["logits or KV cache"] == max(
+        cfg.eval.batch_size * T * shape_.hidden * 4 + tile * vocab * 8,
+        _kv_cache_bytes(shape_, cfg.eval.batch_size, T + cfg.eval.max_new_tokens, 4)
+        + cfg.eval.batch_size * vocab * 4,
+    )
+    assert unmeasured.components["base's KL log-probs"] == 0
 
 
 def test_the_plan_command_sizes_the_evaluate_stage_from_its_data(capsys):
@@ -350,4 +378,4 @@ def test_the_plan_command_sizes_the_evaluate_stage_from_its_data(capsys):
 
     assert main(["plan", str(ROOT / "configs" / "smollm2-cpu.yaml"), "--memory", "24"]) == 0
     evaluate = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("evaluate "))
-    assert "the largest batch: lm-eval's logits + log-softmax at batch 16 x " in evaluate
+    assert "the largest batch: lm-eval's logits, log-softmax and a temporary at batch 16 x " in evaluate

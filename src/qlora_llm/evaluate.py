@@ -38,6 +38,7 @@ from qlora_llm.errors import QloraError
 from qlora_llm.generate import generate_greedy
 from qlora_llm.memory import PeakMemory
 from qlora_llm.model import LoadedModel, Target, find_target, load_target, sha256_file
+from qlora_llm.plan import EVAL_LOGITS_TILE_BYTES
 from qlora_llm.report import headline, write_report
 from qlora_llm.templates import render, to_messages
 
@@ -116,7 +117,6 @@ def score_tokens(
     Only one batch of logits exists at a time, (B, T, vocab), so the set can be any size.
     """
     import torch
-    import torch.nn.functional as F
     from tqdm.auto import tqdm
 
     max_length = max_length or int(model.config.max_position_embeddings)
@@ -148,14 +148,7 @@ def score_tokens(
                 attention[b, : len(seg)] = 1
                 full[b, first : len(seg)] = True
                 comp[b, first : len(seg)] = torch.tensor(cmask[first:], dtype=torch.bool)
-            logits = model(
-                input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False
-            ).logits
-            # logits[:, t] predicts token t + 1: (B, T-1, vocab) against (B, T-1) targets.
-            nll = F.cross_entropy(
-                logits[:, :-1].float().transpose(1, 2), ids[:, 1:].to(device), reduction="none"
-            ).cpu()
-            del logits
+            nll = next_token_nll(model, ids.to(device), attention.to(device)).cpu()
             full_t, comp_t = full[:, 1:], comp[:, 1:]
             for b, (i, _, _, _) in enumerate(batch):
                 scores.nll_full[i] += float(nll[b][full_t[b]].double().sum())
@@ -165,6 +158,38 @@ def score_tokens(
             bar.update(len(batch))
     bar.close()
     return scores
+
+
+def next_token_nll(model: Any, ids: Any, attention: Any) -> Any:
+    """(B, T-1) fp32 NLL of each next token (position t predicts t + 1), never all (B, T, vocab) logits.
+
+    The decoder's hidden states go through the LM head a tile of positions at a time (what TRL's fused
+    loss does in training). A model whose head is more than a linear layer (logit soft-capping or
+    scaling) is scored from its full logits.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    config = model.config
+    head = model.get_output_embeddings()
+    plain = not getattr(config, "final_logit_softcapping", None) and getattr(config, "logit_scale", None) in (
+        None,
+        1.0,
+    )
+    targets = ids[:, 1:]
+    if not plain or head is None:
+        logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+        return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state[
+        :, :-1
+    ]
+    tile = max(1, EVAL_LOGITS_TILE_BYTES // (8 * head.weight.shape[0]))
+    nll = torch.empty(targets.shape, dtype=torch.float32, device=ids.device)
+    for b in range(ids.shape[0]):
+        for s in range(0, targets.shape[1], tile):
+            logits = head(hidden[b, s : s + tile]).float()
+            nll[b, s : s + tile] = F.cross_entropy(logits, targets[b, s : s + tile], reduction="none")
+    return nll
 
 
 def tokenize_for_scoring(records: list[dict], tokenizer: Any, template: str) -> list[dict[str, list[int]]]:

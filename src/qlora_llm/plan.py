@@ -121,6 +121,12 @@ CPU_LOSS_TILE = (256, 8192)
 """Tokens x vocabulary entries per tile of TRL's fused LM head on CPU, which train.py sets (see there)."""
 CPU_FOLD_TEMPORARIES = 8
 """fp32 tile-sized temporaries TRL's torch fold (no Triton: CPU) holds at once; bench/loss_tiles.py."""
+LM_EVAL_LOGITS_COPIES = 3
+"""(B, T, vocab) logits-sized tensors lm-eval's log-likelihood batch holds at once: 2.7-2.8 measured."""
+EVAL_LOGITS_TILE_BYTES = 64 * 2**20
+"""The most fp32 logits `evaluate.next_token_nll` holds at once with their log-softmax (~170 positions of a
+49k vocabulary). Whole (B, T, vocab) logits and their log-softmax were the evaluation's peak: +1.2 GiB for
+the demo's test papers at batch 4 (docs/plan.md)."""
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # The stages the verdict and the suggestions cover: `plan` and `train` decide on training. The others
 # load other weights (eval.quantization, serve.quantization; often on another machine): they are planned
@@ -738,6 +744,9 @@ class EvaluationShape:
 
     example_tokens: int | None
     general_tokens: int | None
+    kl_tokens: int | None = None
+    """The longest KL prompt (a generative question, rendered) + eval.general_max_new_tokens: the base's
+    log-probs over these stay in memory while the fine-tuned model is evaluated."""
 
 
 def evaluation_shape(cfg: Config) -> EvaluationShape:
@@ -765,7 +774,29 @@ def evaluation_shape(cfg: Config) -> EvaluationShape:
             general = longest_request(tasks, samples, tokenizer)
         except Exception as err:
             log.debug("the general benchmarks' requests could not be measured (%s)", err)
-    return EvaluationShape(example, general)
+    return EvaluationShape(example, general, _kl_tokens(cfg, tokenizer))
+
+
+def _kl_tokens(cfg: Config, tokenizer: Any) -> int | None:
+    """evaluate's KL prompts: the first eval.kl_prompts questions of the first generative task."""
+    e = cfg.eval
+    if not e.general_generative or not e.kl_prompts:
+        return None
+    try:
+        from qlora_llm.benchmarks import generative_items, generative_prompt
+        from qlora_llm.templates import render_prompt, resolve_template
+
+        template = resolve_template(cfg.model.template, tokenizer)
+        items = generative_items(e.general_generative[0], e.general_generative_limit, e.general_seed)
+        prompts = [
+            render_prompt([{"role": "user", "content": generative_prompt(it)}], template, tokenizer)
+            for it in items[: e.kl_prompts]
+        ]
+        longest = max((len(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts), default=0)
+    except Exception as err:
+        log.debug("the KL prompts could not be measured (%s)", err)
+        return None
+    return longest + e.general_max_new_tokens if longest else None
 
 
 def _setup(
@@ -941,8 +972,8 @@ def estimate_stages(
     intermediates and the loss tiles, never the (B, T, V) logits. An evaluation after a step reuses the
     step's freed memory (measured: no rise in VmHWM, docs/plan.md). Saves copy only the adapter.
     evaluate: the base in eval.quantization (fp32 on CPU under compute_dtype auto) + adapter, and the
-    largest of: the perplexity forward's full logits at eval.batch_size over the longest evaluation
-    example (`evaluation`, else the training length), greedy generation's KV cache over prompt +
+    largest of: the perplexity forward at eval.batch_size over the longest evaluation example
+    (`evaluation`, else the training length; its LM head a tile of positions at a time), greedy generation's KV cache over prompt +
     eval.max_new_tokens, and lm-eval's batch of eval.general_batch_size general-benchmark requests
     (full logits and their log-softmax, both in the model's dtype). merge: the base in full precision and the merged copy
     beside it. serve: the weights in serve.quantization and the KV cache of serve.max_batch_size rows.
@@ -987,16 +1018,29 @@ def estimate_stages(
     e = cfg.eval
     ev = inference(e.quantization)
     t_eval = evaluation.example_tokens if evaluation and evaluation.example_tokens else T
-    # evaluate.score_tokens: the (B, T, V) logits in the compute dtype, their fp32 upcast (none when
-    # fp32 already) and cross_entropy's fp32 log-softmax of them.
-    ev_logits = e.batch_size * t_eval * V * (ai + (4 if ai < 4 else 0) + 4)
+    # evaluate.score_tokens: the decoder's last hidden states over the batch, then the LM head a tile of
+    # positions at a time (next_token_nll): the tile's logits, their fp32 upcast (none when fp32 already)
+    # and cross_entropy's fp32 log-softmax, never the whole (B, T, V).
+    tile = min(e.batch_size * t_eval, max(1, EVAL_LOGITS_TILE_BYTES // (8 * V)))
+    ev_logits = e.batch_size * t_eval * shape.hidden * ai + tile * V * (ai + (4 if ai < 4 else 0) + 4)
     kv = _kv_cache_bytes(shape, e.batch_size, t_eval + e.max_new_tokens, ai) + e.batch_size * V * 4
     t_general = evaluation.general_tokens if evaluation and e.general_tasks else None
-    general = e.general_batch_size * t_general * V * 2 * ai if t_general else 0
+    # lm-eval's batch: measured +0.48 / +0.91 GiB at 8 / 16 requests of 116 tokens over a 49k vocabulary
+    # in fp32, 2.7-2.8 copies of the (B, T, V) logits (its logits, their log-softmax and a temporary).
+    general = e.general_batch_size * t_general * V * LM_EVAL_LOGITS_COPIES * ai if t_general else 0
+    # The base's next-token log-probs on the KL prompts (fp16), held until the fine-tuned model is scored.
+    kl_t = evaluation.kl_tokens if evaluation and e.general_generative else None
+    kl = e.kl_prompts * kl_t * V * 2 if kl_t else 0
     largest = max(
-        (ev_logits, f"perplexity logits at batch {e.batch_size} x {t_eval} tokens"),
+        (
+            ev_logits,
+            f"perplexity at batch {e.batch_size} x {t_eval} tokens, its LM head {tile} positions at a time",
+        ),
         (kv, f"greedy answers with a KV cache of {t_eval} + {e.max_new_tokens} tokens"),
-        (general, f"lm-eval's logits + log-softmax at batch {e.general_batch_size} x {t_general} tokens"),
+        (
+            general,
+            f"lm-eval's logits, log-softmax and a temporary at batch {e.general_batch_size} x {t_general} tokens",
+        ),
     )
     weights = ev.base_weights + est.lora_weights
     evaluate = StagePeak(
@@ -1009,6 +1053,7 @@ def estimate_stages(
             "runtime overhead": ev.overhead,
             # lm-eval, its tasks and rouge-score imported on top of training's libraries (RSS, CPU only).
             "evaluation libraries": EVAL_LIBRARIES if e.general_tasks and setup["device"] == "cpu" else 0,
+            "base's KL log-probs": kl,
         },
         f"{_weights_kind(e.quantization)} weights in {infer_dtype}, base and tuned one after another; "
         f"the largest batch: {largest[1]}",

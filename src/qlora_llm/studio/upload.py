@@ -59,17 +59,22 @@ def upload_folder(data: Path, stem: str) -> Path:
 
 
 async def save_upload(file: UploadFile, target: Path) -> int:
-    """Copy the upload to `target`, refusing it (and removing what was written) past MAX_BYTES."""
+    """Copy the upload to `target`, refusing it (and removing what was written) past MAX_BYTES.
+
+    Written under a `.part` name and renamed when whole: an interrupted upload never sits under the real name.
+    """
     size = 0
-    with open(target, "wb") as out:
+    partial = target.with_name(target.name + ".part")
+    with open(partial, "wb") as out:
         while chunk := await file.read(2**20):
             size += len(chunk)
             if size > MAX_BYTES:
                 break
             out.write(chunk)
     if size > MAX_BYTES:
-        target.unlink()
+        partial.unlink()
         raise Refused(413, f"the file is larger than {MAX_BYTES // 2**20} MiB: name it by its path instead")
+    partial.replace(target)
     return size
 
 
