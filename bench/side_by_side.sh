@@ -9,7 +9,8 @@
 # Peer runs (trl-glibc, lf-qlora, lf-lora-nogc, litgpt-lora, ...) are the harness's own. Ours are run
 # here with the harness's exact settings, environment and clock, plus `lora.dropout=0.05`: the
 # harness's ours-* runs take the demo config's dropout 0, which the peers do not get.
-#   ours-qlora       the defaults: compute_dtype auto, gradient_checkpointing auto (off: it fits)
+#   ours-qlora       the library's defaults: compute_dtype auto, gradient_checkpointing auto (off: it fits;
+#                    set here, since the demo config turns checkpointing on)
 #   ours-qlora-gc    checkpointing on for every layer (the memory-matched comparison)
 #   ours-qlora-gc-fp32, ours-qlora-fp32   the same in fp32 (what `auto` gave before the probe)
 #   ours-lora        plain LoRA (model.quantization=none), checkpointing auto
@@ -27,12 +28,12 @@ train.early_stopping_patience=0 train.eval_steps=30 train.save_steps=30 lora.dro
 mkdir -p "$P/logs" "$P/runs"
 for RUN in $RUNS; do
   case $RUN in
-    ours-qlora)         EXTRA="" ;;
+    ours-qlora)         EXTRA="train.gradient_checkpointing=auto" ;;
     ours-qlora-gc)      EXTRA="train.gradient_checkpointing=true" ;;
-    ours-qlora-fp32)    EXTRA="model.compute_dtype=float32" ;;
+    ours-qlora-fp32)    EXTRA="train.gradient_checkpointing=auto model.compute_dtype=float32" ;;
     ours-qlora-gc-fp32) EXTRA="train.gradient_checkpointing=true model.compute_dtype=float32" ;;
-    ours-lora)          EXTRA="model.quantization=none" ;;
-    ours-lora-fp32)     EXTRA="model.quantization=none model.compute_dtype=float32" ;;
+    ours-lora)          EXTRA="train.gradient_checkpointing=auto model.quantization=none" ;;
+    ours-lora-fp32)     EXTRA="train.gradient_checkpointing=auto model.quantization=none model.compute_dtype=float32" ;;
     *) (cd "$PROJECT" && bash "$HARNESS/run_bench.sh" "$PASS" "$RUN"); continue ;;
   esac
   N=$RUN-p$PASS; OUT=$P/runs/$N; rm -rf "$OUT"; rm -f "$P/logs/$N".*
