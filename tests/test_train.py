@@ -698,6 +698,22 @@ def test_a_run_that_cannot_fit_is_refused_unless_forced(tiny_mistral, tiny_data,
     assert result.global_step == 1
 
 
+def test_the_plan_inside_train_sizes_batches_by_trains_own_rows(
+    tiny_mistral, tiny_data, tmp_path, monkeypatch
+):
+    """train hands its tokenized rows to the plan: the data is read and tokenized once, same longest row."""
+    import qlora_llm.plan as qplan
+
+    cfg = tiny_cfg(tiny_mistral, tiny_data, tmp_path / "run", "train.max_steps=1")
+    longest = max(n for n, _ in qplan.example_lengths(cfg) if n <= cfg.data.max_seq_length)
+    reports = []
+    real_plan = qplan.plan
+    monkeypatch.setattr(qplan, "plan", lambda *a, **k: reports.append(real_plan(*a, **k)) or reports[-1])
+    monkeypatch.setattr(qplan, "_tokenized", lambda *a: pytest.fail("the plan tokenized the data again"))
+    assert train(cfg).global_step == 1
+    assert [r.setup["seq_len"] for r in reports] == [longest]
+
+
 @pytest.mark.parametrize("on", [True, False])
 def test_activation_checkpointing_follows_the_setting(tiny_mistral, tiny_data, tmp_path, monkeypatch, on):
     seen = []

@@ -725,16 +725,18 @@ def example_lengths(cfg: Config) -> list[tuple[int, int]] | None:
     if cfg.train.method != "sft" or cfg.train.packing:
         return None
     try:
-        rows = _tokenized(cfg, [cfg.data.train_file, cfg.data.eval_file], _tokenizer(cfg))
-        if not rows:
-            return None
-        every = cfg.train.train_on_prompt
-        return [
-            (len(r["input_ids"]), len(r["input_ids"]) if every else sum(r["completion_mask"])) for r in rows
-        ]
+        return row_lengths(cfg, _tokenized(cfg, [cfg.data.train_file, cfg.data.eval_file], _tokenizer(cfg)))
     except Exception as err:  # a plan from the config alone is still a plan
         log.debug("planning at data.max_seq_length: the examples could not be measured (%s)", err)
         return None
+
+
+def row_lengths(cfg: Config, rows: list[dict[str, list[int]]]) -> list[tuple[int, int]] | None:
+    """(tokens, labelled tokens) of tokenized SFT examples; None for other shapes (pairs, packing) or none."""
+    if cfg.train.method != "sft" or cfg.train.packing or not rows:
+        return None
+    every = cfg.train.train_on_prompt
+    return [(len(r["input_ids"]), len(r["input_ids"]) if every else sum(r["completion_mask"])) for r in rows]
 
 
 @dataclass(frozen=True)
@@ -1155,6 +1157,7 @@ def plan(
     max_suggestions: int = 3,
     processes: int = 1,
     measure_evaluation: bool = False,
+    rows: list[dict[str, list[int]]] | None = None,
 ) -> PlanReport:
     """Estimate `cfg`'s training memory on its device and say whether it fits, and if not what would.
 
@@ -1162,7 +1165,8 @@ def plan(
     `train.distributed` (ddp or fsdp). `measure_evaluation`: size the evaluate stage from the evaluation
     data and the general benchmarks' items (`evaluation_shape`, a few seconds: `qlora-llm plan` does);
     without it that stage is planned at the training length, with no lm-eval batch. The verdict is on
-    training either way.
+    training either way. `rows`: the run's tokenized examples when the caller has them (train.py), so
+    the data is not read and tokenized a second time.
     """
     model_config, source = load_model_config(cfg.model.name, cfg.model.revision)
     log.info("planning %s from %s", cfg.model.name, source)
@@ -1188,7 +1192,7 @@ def plan(
     else:
         basis = f"{_gib(memory)} GiB {'given' if device_memory_bytes is not None else 'in total'}"
 
-    lengths = example_lengths(cfg)
+    lengths = example_lengths(cfg) if rows is None else row_lengths(cfg, rows)
 
     def estimate(c: Config) -> MemoryEstimate:
         resolved, _ = _resolve_checkpointing(model_config, _setup(c, device, processes, lengths), decide)

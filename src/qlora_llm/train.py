@@ -275,7 +275,7 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
     # Reading the world size sets up the process group (gloo on CPU, nccl on CUDA) in a launched worker.
     world, main = args.world_size, args.should_save
     _check_processes(cfg, args, device, checkpoint)
-    checkpointing = _fit_memory(cfg, args, world, force)
+    checkpointing = _fit_memory(cfg, args, world, force, data.train_rows + data.eval_rows)
 
     # Seeded first: LoRA's A matrices are drawn at get_peft_model, before the Trainer seeds anything,
     # and runs must be reproducible.
@@ -484,12 +484,13 @@ def _check_processes(cfg: Config, args: Any, device: str, checkpoint: Path | Non
         check_processes(checkpoint, world)
 
 
-def _fit_memory(cfg: Config, args: Any, world: int, force: bool) -> str:
-    """The memory plan: it decides checkpointing `auto`, and refuses a run it says will not fit."""
+def _fit_memory(cfg: Config, args: Any, world: int, force: bool, rows: list[dict]) -> str:
+    """The memory plan (sized by the run's own tokenized rows): it decides checkpointing `auto`, and
+    refuses a run it says will not fit."""
     from qlora_llm.plan import PlanError, plan
 
     try:
-        memory = plan(cfg, processes=world)
+        memory = plan(cfg, processes=world, rows=rows)
     except PlanError as err:  # an architecture or config.json the planner cannot read: train unchecked
         log.warning("memory plan unavailable (%s); training without the fit check", err)
         memory = None
