@@ -519,13 +519,17 @@ def test_a_jobs_db_from_before_reordering_still_opens(tmp_path):
     assert store.move(2, -1) and [j.run for j in store.queued()] == ["new", "old"]
 
 
+# `qlora-llm serve`'s arguments, served by a stand-in: "run" and "base", and each --adapter NAME=PATH's NAME.
+# Each answer streams back the model, every message as role:content, and the temperature.
 FAKE_SERVER = """
 import json, os, sys
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
+ADAPTERS = [sys.argv[i + 1].split("=")[0] for i, arg in enumerate(sys.argv) if arg == "--adapter"]
+
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
-        body = json.dumps({"status": "ok", "model": "run", "models": ["run", "base"]}).encode()
+        body = json.dumps({"status": "ok", "model": "run", "models": ["run", "base", *ADAPTERS]}).encode()
         self.send_response(200); self.end_headers(); self.wfile.write(body)
 
     def do_POST(self):
@@ -536,7 +540,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_response(422); self.end_headers()
             self.wfile.write(b'{"error": {"message": "max_tokens: must be between 1 and 100"}}'); return
         self.send_response(200); self.send_header("content-type", "text/event-stream"); self.end_headers()
-        for word in (request["model"], request["messages"][0]["content"], json.dumps(request["temperature"])):
+        said = "/".join(m["role"] + ":" + m["content"] for m in request["messages"])
+        for word in (request["model"], said, json.dumps(request["temperature"])):
             chunk = {"choices": [{"delta": {"content": word + " "}, "finish_reason": None}]}
             self.wfile.write(("data: " + json.dumps(chunk) + "\\n\\n").encode())
         self.wfile.write(b"data: [DONE]\\n\\n")
@@ -545,15 +550,46 @@ HTTPServer(("127.0.0.1", int(sys.argv[sys.argv.index("--port") + 1])), Handler).
 """
 
 
-def test_chat_playground_relays_base_and_tuned_through_the_model_server(tmp_path, monkeypatch):
-    import time
+def fake_serve(monkeypatch, tmp_path: Path) -> list[list[str]]:
+    """Launch FAKE_SERVER, given the same arguments, where the playground launches `qlora-llm serve`: no
+    model to load. Returns the serve commands launched."""
+    import subprocess
 
-    from qlora_llm.studio.chat import Playground
-
-    cli_run(tmp_path, "a")
-    (tmp_path / "fresh").mkdir()
     server = tmp_path / "fake_server.py"
     server.write_text(FAKE_SERVER)
+    real, seen = subprocess.Popen, []
+
+    def popen(command, **kwargs):
+        if command[1:4] != ["-m", "qlora_llm.cli", "serve"]:
+            return real(command, **kwargs)
+        seen.append(command)
+        return real([sys.executable, str(server), *command[4:]], **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    return seen
+
+
+def ready(c: TestClient, name: str) -> dict:
+    import time
+
+    deadline = time.monotonic() + 30
+    while (status := c.get(f"/runs/{name}/chat/status").json())["state"] == "loading":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    return status
+
+
+def streamed(answer) -> list[str]:
+    return [
+        json.loads(line[6:])["choices"][0]["delta"]["content"]
+        for line in answer.text.splitlines()
+        if line.startswith("data: {")
+    ]
+
+
+def test_chat_playground_relays_base_and_tuned_through_the_model_server(tmp_path, monkeypatch):
+    cli_run(tmp_path, "a")
+    (tmp_path / "fresh").mkdir()
     c = client(tmp_path, api_key=KEY)
     for path in ("/runs/a/chat", "/runs/a/chat/status"):
         assert c.get(path).status_code == 401
@@ -562,38 +598,29 @@ def test_chat_playground_relays_base_and_tuned_through_the_model_server(tmp_path
     page = c.get("/runs/a/chat").text
     assert "qlora-llm serve runs/a --host 127.0.0.1" in page and str(tmp_path) not in page
     # `qlora-llm serve RUN --host 127.0.0.1 --port P` replaced by a stand-in server: no model to load.
-    monkeypatch.setattr(
-        Playground, "command", lambda self, run, port: [sys.executable, str(server), "--port", str(port)]
-    )
+    seen = fake_serve(monkeypatch, tmp_path)
     assert c.get("/runs/a/chat/status").json() == {"state": "stopped"}
-    ask = {"model": "run", "prompt": "hello", "temperature": "0.5", "max_tokens": "8"}
+    hello = [{"role": "user", "content": "hello"}]
+    ask = {"model": "run", "messages": hello, "temperature": "0.5", "max_tokens": "8"}
     assert c.post("/runs/a/chat/complete", json=ask, headers={"x-csrf-token": csrf(c)}).status_code == 409
     assert c.post("/runs/fresh/chat/start", data={"csrf": csrf(c)}).status_code == 409  # nothing trained yet
 
     assert c.post("/runs/a/chat/start", data={"csrf": csrf(c)}).status_code == 303
     try:
-        deadline = time.monotonic() + 30
-        while (status := c.get("/runs/a/chat/status").json())["state"] == "loading":
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        assert status == {"state": "ready", "tuned": "run", "models": ["run", "base"]}
+        assert "--adapter" not in seen[-1]  # the base beside it: nothing more served
+        assert ready(c, "a") == {"state": "ready", "tuned": "run", "models": ["run", "base"], "other": None}
         for model in ("run", "base"):
             answer = c.post(
                 "/runs/a/chat/complete", json=ask | {"model": model}, headers={"x-csrf-token": csrf(c)}
             )
-            words = [
-                json.loads(line[6:])["choices"][0]["delta"]["content"]
-                for line in answer.text.splitlines()
-                if line.startswith("data: {")
-            ]
-            assert answer.status_code == 200 and words == [
-                f"{model} ",
-                "hello ",
-                "0.5 ",
-            ]  # sampling passed on
+            assert answer.status_code == 200
+            assert streamed(answer) == [f"{model} ", "user:hello ", "0.5 "]  # sampling passed on
         refused = [
             (ask | {"model": "other"}, 422, "model: one of run, base"),
-            (ask | {"prompt": " "}, 422, "write a message"),
+            (ask | {"messages": [{"role": "user", "content": " "}]}, 422, "write a message"),
+            (ask | {"messages": hello + [{"role": "assistant", "content": "hi"}]}, 422, "write a message"),
+            (ask | {"messages": [{"role": "tool", "content": "x"}]}, 422, "messages: a list"),
+            (ask | {"messages": "hello"}, 422, "messages: a list"),
             (ask | {"temperature": "warm"}, 422, "temperature: a number"),
             (ask | {"max_tokens": "500"}, 422, "between 1 and 100"),  # the server's own error, passed on
         ]
@@ -606,6 +633,86 @@ def test_chat_playground_relays_base_and_tuned_through_the_model_server(tmp_path
         process = c.app.state.playground.process
         assert c.post("/runs/a/chat/stop", data={"csrf": csrf(c)}).status_code == 303
     assert process.poll() is not None and c.get("/runs/a/chat/status").json() == {"state": "stopped"}
+
+
+def finished_run(runs: Path, name: str, base: str = "tiny") -> Path:
+    """A run as training leaves it at the end: its config and final_adapter/ (no weights: nothing loads one)."""
+    folder = cli_run(runs, name)
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    (folder / "config.yaml").write_text(yaml.safe_dump(config | {"model": {"name": base}}))
+    (folder / "final_adapter").mkdir()
+    (folder / "final_adapter" / "adapter_config.json").write_text("{}")
+    return folder
+
+
+def test_chat_beside_another_run_of_the_same_base_multi_turn(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    finished_run(runs, "a")
+    finished_run(runs, "b")  # the same base, finished: offered
+    finished_run(runs, "c", base="other-model")  # another base: not offered
+    cli_run(runs, "d")  # the same base ("tiny"), no final adapter yet: not offered
+    finished_run(tmp_path / "outside", "e")
+    (runs / "e").symlink_to(tmp_path / "outside" / "e")  # a run folder leading out of the runs folder
+    c = client(runs)
+    chat_page = c.get("/runs/a/chat").text
+    assert re.findall(r"<option value='([^']*)'", chat_page) == ["", "b"]  # its base model, or run b
+    commands = [html.unescape(shown) for shown in re.findall(r"data-command='([^']*)'", chat_page)]
+    assert commands == [
+        "qlora-llm serve runs/a --host 127.0.0.1",
+        "qlora-llm serve runs/a --host 127.0.0.1 --adapter b=runs/b/final_adapter",
+    ]  # the folders shown as runs/, never where they are
+    seen = fake_serve(monkeypatch, tmp_path)
+    for second, code, message in [
+        ("c", 409, "another base model"),
+        ("d", 409, "no final adapter"),
+        ("a", 409, "this run itself"),
+        ("e", 403, "outside"),
+        ("../outside/e", 404, "no such run"),
+        ("nope", 404, "no such run"),
+    ]:
+        response = c.post("/runs/a/chat/start", data={"csrf": csrf(c), "second": second})
+        assert response.status_code == code and message in response.text, second
+        assert str(runs) not in response.text
+    assert seen == []  # nothing started
+
+    assert c.post("/runs/a/chat/start", data={"csrf": csrf(c), "second": "b"}).status_code == 303
+    try:
+        assert seen[-1][4:] == [
+            str((runs / "a").resolve()),
+            "--host",
+            "127.0.0.1",
+            "--adapter",
+            f"b={(runs / 'b' / 'final_adapter').resolve()}",
+            "--port",
+            seen[-1][-1],
+        ]
+        assert ready(c, "a") == {
+            "state": "ready",
+            "tuned": "run",
+            "models": ["run", "base", "b"],
+            "other": "b",
+        }
+        assert "selected>the run b" in c.get("/runs/a/chat").text  # the page shows what is running
+        # The third turn: the column's earlier turns and its own answers go with it, in order.
+        turns = [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello there"},
+            {"role": "user", "content": "and again"},
+        ]
+        body = {"model": "b", "messages": turns, "temperature": "0", "max_tokens": "8"}
+        answer = c.post("/runs/a/chat/complete", json=body, headers={"x-csrf-token": csrf(c)})
+        assert answer.status_code == 200
+        assert streamed(answer) == ["b ", "user:hi/assistant:hello there/user:and again ", "0.0 "]
+
+        # Another comparison: the server beside run b stops before the one beside the base starts.
+        first = c.app.state.playground.process
+        assert c.post("/runs/a/chat/start", data={"csrf": csrf(c), "second": ""}).status_code == 303
+        assert first.poll() is not None and len(seen) == 2 and "--adapter" not in seen[-1]
+        assert ready(c, "a")["other"] is None
+    finally:
+        process = c.app.state.playground.process
+        c.post("/runs/a/chat/stop", data={"csrf": csrf(c)})
+    assert process.poll() is not None
 
 
 def test_the_memory_plan_is_shown_before_launch_and_nothing_is_created(tmp_path, tiny_mistral, tiny_data):
