@@ -114,7 +114,8 @@ def score_tokens(
 ) -> TokenScores:
     """Per-example NLL sums of `rows` ({"input_ids", "completion_mask"}), batched, padding never scored.
 
-    Only one batch of logits exists at a time, (B, T, vocab), so the set can be any size.
+    One batch at a time, its LM head a tile of positions at a time (`next_token_nll`), so the set and its
+    texts can be any size.
     """
     import torch
     from tqdm.auto import tqdm

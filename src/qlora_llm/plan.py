@@ -982,7 +982,8 @@ def estimate_stages(
     largest of: the perplexity forward at eval.batch_size over the longest evaluation example
     (`evaluation`, else the training length; its LM head a tile of positions at a time), greedy generation's KV cache over prompt +
     eval.max_new_tokens, and lm-eval's batch of eval.general_batch_size general-benchmark requests
-    (full logits and their log-softmax, both in the model's dtype). merge: the base in full precision and the merged copy
+    (3 logits-sized tensors in the model's dtype); the base's KL log-probs, kept for the fine-tuned
+    model; on CPU what training leaves in the process (`RUN_TRAINING_LEFTOVER`). merge: the base in full precision and the merged copy
     beside it. serve: the weights in serve.quantization and the KV cache of serve.max_batch_size rows.
     """
     shape = ModelShape.from_config(model_config)
