@@ -1026,30 +1026,11 @@ def estimate_stages(
     e = cfg.eval
     ev = inference(e.quantization)
     t_eval = evaluation.example_tokens if evaluation and evaluation.example_tokens else T
-    # evaluate.score_tokens: the decoder's last hidden states over the batch, then the LM head a tile of
-    # positions at a time (next_token_nll): the tile's logits, their fp32 upcast (none when fp32 already)
-    # and cross_entropy's fp32 log-softmax, never the whole (B, T, V).
-    tile = min(e.batch_size * t_eval, max(1, EVAL_LOGITS_TILE_BYTES // (8 * V)))
-    ev_logits = e.batch_size * t_eval * shape.hidden * ai + tile * V * (ai + (4 if ai < 4 else 0) + 4)
-    kv = _kv_cache_bytes(shape, e.batch_size, t_eval + e.max_new_tokens, ai) + e.batch_size * V * 4
     t_general = evaluation.general_tokens if evaluation and e.general_tasks else None
-    # lm-eval's batch: measured +0.48 / +0.91 GiB at 8 / 16 requests of 116 tokens over a 49k vocabulary
-    # in fp32, 2.7-2.8 copies of the (B, T, V) logits (its logits, their log-softmax and a temporary).
-    general = e.general_batch_size * t_general * V * LM_EVAL_LOGITS_COPIES * ai if t_general else 0
+    largest = _largest_eval_batch(cfg, shape, t_eval, t_general, ai)
     # The base's next-token log-probs on the KL prompts (fp16), held until the fine-tuned model is scored.
     kl_t = evaluation.kl_tokens if evaluation and e.general_generative else None
     kl = e.kl_prompts * kl_t * V * 2 if kl_t else 0
-    largest = max(
-        (
-            ev_logits,
-            f"perplexity at batch {e.batch_size} x {t_eval} tokens, its LM head {tile} positions at a time",
-        ),
-        (kv, f"greedy answers with a KV cache of {t_eval} + {e.max_new_tokens} tokens"),
-        (
-            general,
-            f"lm-eval's logits, log-softmax and a temporary at batch {e.general_batch_size} x {t_general} tokens",
-        ),
-    )
     weights = ev.base_weights + est.lora_weights
     evaluate = StagePeak(
         "evaluate",
@@ -1086,6 +1067,34 @@ def estimate_stages(
         f"{sv.max_new_tokens} tokens",
     )
     return [train, evaluate, merge, serve]
+
+
+def _largest_eval_batch(
+    cfg: Config, shape: ModelShape, t_eval: int, t_general: int | None, ai: int
+) -> tuple[int, str]:
+    """The largest of evaluate's batches, in bytes, and what it is: the perplexity pass, greedy answers'
+    KV cache, or lm-eval's batch of general-benchmark requests."""
+    e, V = cfg.eval, shape.vocab
+    # evaluate.score_tokens: the decoder's last hidden states over the batch, then the LM head a tile of
+    # positions at a time (next_token_nll): the tile's logits, their fp32 upcast (none when fp32 already)
+    # and cross_entropy's fp32 log-softmax, never the whole (B, T, V).
+    tile = min(e.batch_size * t_eval, max(1, EVAL_LOGITS_TILE_BYTES // (8 * V)))
+    ev_logits = e.batch_size * t_eval * shape.hidden * ai + tile * V * (ai + (4 if ai < 4 else 0) + 4)
+    kv = _kv_cache_bytes(shape, e.batch_size, t_eval + e.max_new_tokens, ai) + e.batch_size * V * 4
+    # lm-eval's batch: measured +0.48 / +0.91 GiB at 8 / 16 requests of 116 tokens over a 49k vocabulary
+    # in fp32, 2.7-2.8 copies of the (B, T, V) logits (its logits, their log-softmax and a temporary).
+    general = e.general_batch_size * t_general * V * LM_EVAL_LOGITS_COPIES * ai if t_general else 0
+    return max(
+        (
+            ev_logits,
+            f"perplexity at batch {e.batch_size} x {t_eval} tokens, its LM head {tile} positions at a time",
+        ),
+        (kv, f"greedy answers with a KV cache of {t_eval} + {e.max_new_tokens} tokens"),
+        (
+            general,
+            f"lm-eval's logits, log-softmax and a temporary at batch {e.general_batch_size} x {t_general} tokens",
+        ),
+    )
 
 
 @dataclass(frozen=True)
