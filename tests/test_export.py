@@ -349,7 +349,7 @@ def test_an_export_remerges_when_the_adapter_changed_since_the_last_merge(tiny_r
     """RUN/merged is reused only if it was merged from these adapter weights (by SHA-256)."""
     from safetensors.torch import load_file, save_file
 
-    from qlora_llm.model import sha256_file
+    from qlora_llm.fingerprint import sha256_file
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("merged", "export-*"))

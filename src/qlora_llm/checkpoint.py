@@ -18,7 +18,7 @@ from typing import Any
 from qlora_llm.atomic import atomic_dir, atomic_write_text
 from qlora_llm.config import Config, save_config
 from qlora_llm.errors import TrainError
-from qlora_llm.model import sha256_file
+from qlora_llm.fingerprint import sha256_file
 
 log = logging.getLogger(__name__)
 

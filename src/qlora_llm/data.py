@@ -799,7 +799,7 @@ def held_out(n: int, fraction: float, seed: int) -> set[int]:
 
 
 def _fingerprint(path: Path) -> dict[str, Any]:
-    from qlora_llm.model import sha256_file
+    from qlora_llm.fingerprint import sha256_file
 
     if path.is_file():
         digest = sha256_file(path)

@@ -35,9 +35,10 @@ from typing import Any
 from qlora_llm.atomic import atomic_file, atomic_write_text
 from qlora_llm.config import Config
 from qlora_llm.errors import QloraError
+from qlora_llm.fingerprint import sha256_file
 from qlora_llm.generate import generate_greedy
 from qlora_llm.memory import PeakMemory
-from qlora_llm.model import LoadedModel, Target, find_target, load_target, sha256_file
+from qlora_llm.model import LoadedModel, Target, find_target, load_target
 from qlora_llm.plan import EVAL_LOGITS_TILE_BYTES
 from qlora_llm.report import headline, write_report
 from qlora_llm.templates import render, to_messages

@@ -189,8 +189,9 @@ def ollama_template(template: str, tokenizer: Any) -> str:
 
 def _merged_folder(found: Any, device: str) -> Path:
     """The verified merged model of a target: its own folder, the run's `merged/`, or merged now."""
+    from qlora_llm.fingerprint import sha256_file
     from qlora_llm.merge import merge
-    from qlora_llm.model import resolve_model, sha256_file
+    from qlora_llm.model import resolve_model
 
     if found.kind == "merged":
         return found.path

@@ -23,7 +23,8 @@ from typing import Any
 
 from qlora_llm.atomic import atomic_dir
 from qlora_llm.errors import QloraError
-from qlora_llm.model import find_target, load_target, sha256_file
+from qlora_llm.fingerprint import sha256_file
+from qlora_llm.model import find_target, load_target
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ reached fails with one sentence that says how to point at a local folder instead
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import json
 import logging
@@ -25,6 +24,7 @@ from urllib.parse import urlparse
 
 from qlora_llm.atomic import atomic_dir
 from qlora_llm.errors import QloraError
+from qlora_llm.fingerprint import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +66,6 @@ def _package_folder(package: str) -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(next(iter(spec.submodule_search_locations)))
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks (weights can be GBs)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def builtin_folder(name: str, cache_dir: Path | None = None) -> Path:

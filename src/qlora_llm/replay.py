@@ -67,7 +67,7 @@ def _cache_file(cfg: Config, base_identity: dict[str, Any], prompts_sha: str) ->
 
 def base_answers(cfg: Config, base_identity: dict[str, Any]) -> Path:
     """The cached file of the base model's answers to the replay prompts; generated on first use."""
-    from qlora_llm.model import sha256_file
+    from qlora_llm.fingerprint import sha256_file
 
     prompts_file = Path(cfg.data.replay_prompts)
     prompts = read_prompts(prompts_file)

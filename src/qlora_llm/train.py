@@ -41,9 +41,9 @@ from qlora_llm.checkpoint import (
 from qlora_llm.config import Config, save_config
 from qlora_llm.data import load_examples, split_examples, tokenize_examples, tokenize_pairs
 from qlora_llm.errors import TrainError
-from qlora_llm.fingerprint import base_model_identity, library_versions
+from qlora_llm.fingerprint import base_model_identity, library_versions, sha256_file
 from qlora_llm.memory import peak_bytes
-from qlora_llm.model import adapter_folder, ensure_pad_token, sha256_file
+from qlora_llm.model import adapter_folder, ensure_pad_token
 from qlora_llm.monitor import (
     make_monitor,
     make_tracker_params,
