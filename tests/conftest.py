@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import tempfile
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +26,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # `compute_dtype: auto` picks bf16 for training on CPUs that compute it natively (a probe decides): the
 # suite pins fp32 so its numbers are the same on every host; tests/test_model.py covers the probe and
-# tests/test_train.py a bf16 run.
+# tests/test_trainer.py a bf16 run.
 os.environ.setdefault("QLORA_LLM_CPU_AUTO_DTYPE", "float32")
 # Library calls in the suite get the bounded kernel caches the CLI sets (src/qlora_llm/allocator.py).
 from qlora_llm.allocator import bound_kernel_caches  # noqa: E402
@@ -308,3 +311,141 @@ def smollm2_run(smollm2_cache, tmp_path_factory) -> Path:
     ]
     assert main(["train", str(ROOT / "configs" / "smollm2-cpu.yaml"), *overrides]) == 0
     return run
+
+
+# Training helpers the training test files share (test_train, test_trainer, test_checkpoint, test_monitor,
+# test_data, test_cpu4bit): a short run of the tiny model, a perturbed trainer, a run in a child process.
+
+ONE_STEP = ("train.max_steps=1", "train.save_steps=1", "train.eval_steps=1")
+
+
+def tiny_cfg(tiny_mistral, tiny_data, out, *extra):
+    """`tiny_overrides` loaded: 6 steps of 4 examples, an evaluation and a checkpoint every 3."""
+    from qlora_llm.config import load_config
+
+    return load_config(None, tiny_overrides(tiny_mistral, tiny_data, out, *extra, steps=6, batch=4, every=3))
+
+
+def patch_trainer(monkeypatch, mixin: type) -> None:
+    """Make train() use `mixin` layered over the real trainer class, to observe or perturb one run."""
+    import qlora_llm.trainer as qtrainer
+
+    real = qtrainer.trainer_class
+    monkeypatch.setattr(qtrainer, "trainer_class", lambda *a: type(mixin.__name__, (mixin, real(*a)), {}))
+
+
+def no_partial_files(out: Path) -> None:
+    """An interrupted run's folder holds only complete checkpoints: nothing staged or half written."""
+    from qlora_llm.checkpoint import complete_checkpoints
+
+    hidden = [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert not hidden, hidden  # no staging folder, no temporary adapter
+    assert {p.name for p in out.glob("checkpoint-*")} == {p.name for p in complete_checkpoints(out)}
+
+
+@pytest.fixture(scope="session")
+def straight_9(tiny_mistral, tiny_data, tmp_path_factory) -> Path:
+    """An uninterrupted 9-step run (checkpoints every 3): what every interrupted run must end equal to."""
+    from qlora_llm.train import train
+
+    out = tmp_path_factory.mktemp("straight") / "run"
+    train(tiny_cfg(tiny_mistral, tiny_data, out, "train.max_steps=9"))
+    return out
+
+
+def resume_ends_as_straight(tiny_mistral, tiny_data, out: Path, straight: Path) -> None:
+    """`--resume auto` finishes the 9-step run, with the adapter the uninterrupted run ended with."""
+    from qlora_llm.train import train
+
+    result = train(tiny_cfg(tiny_mistral, tiny_data, out, "train.max_steps=9"), resume="auto")
+    assert (result.stopped, result.global_step) == ("completed", 9)
+    assert_same_final(out, straight)
+
+
+def assert_same_final(a: Path, b: Path) -> None:
+    """Two runs ended with the same final adapter (to 1e-6)."""
+    import torch
+
+    x, y = lora_state(a / "final_adapter"), lora_state(b / "final_adapter")
+    assert x.keys() == y.keys()
+    for k in x:
+        torch.testing.assert_close(x[k], y[k], rtol=0, atol=1e-6)
+
+
+TRAIN_SCRIPT = textwrap.dedent("""
+    import logging, sys, time, torch
+    from qlora_llm.config import load_config
+    logging.basicConfig(level=logging.INFO)
+    from qlora_llm.train import train
+    cfg = load_config(None, sys.argv[2:])
+    mode = sys.argv[1]
+    if mode == "hang-on-save-6":
+        real_save = torch.save
+        def slow_save(obj, f, *a, **k):
+            if "checkpoint-6" in str(f):
+                open(sys.argv[2].split("=", 1)[1] + ".saving", "w").close()
+                time.sleep(600)
+            return real_save(obj, f, *a, **k)
+        torch.save = slow_save
+    if mode.startswith(("count-save-6", "die-at-write-")):
+        # Every write of checkpoint-6's save (files, renames), counted; the N-th one is a kill -9.
+        import builtins, os, signal, peft.peft_model as pm
+        die_at = int(mode.rsplit("-", 1)[1]) if mode.startswith("die-at-write-") else 0
+        seen = []
+        def event(what, path):
+            if "checkpoint-6" in str(path):
+                seen.append(f"{what} {path}")
+                if len(seen) == die_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        def hook(name, real, kind, pos=0, writes_only=False):
+            def wrapped(*a, **k):
+                mode_arg = a[1] if len(a) > 1 else k.get("mode", "r")
+                if not writes_only or any(c in str(mode_arg) for c in "wax+"):
+                    event(kind, a[pos])
+                return real(*a, **k)
+            return wrapped
+        torch.save = hook("save", torch.save, "torch.save", pos=1)
+        pm.safe_save_file = hook("safe_save_file", pm.safe_save_file, "safetensors", pos=1)
+        builtins.open = hook("open", builtins.open, "open", writes_only=True)
+        os.replace = hook("replace", os.replace, "replace", pos=1)
+        os.rename = hook("rename", os.rename, "rename", pos=1)
+    result = train(cfg, resume="auto")
+    if mode == "count-save-6":
+        print("".join(f"EVENT {e}\\n" for e in seen))
+    sys.exit(result.exit_code)
+""")
+
+
+def run_train_script(tmp_path, mode, cfg_args) -> subprocess.Popen:
+    """`train(cfg, resume="auto")` in a child process (to kill it), perturbed as TRAIN_SCRIPT's `mode` says."""
+    script = tmp_path / "run_train.py"
+    script.write_text(TRAIN_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.Popen(
+        [sys.executable, str(script), mode, *cfg_args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def train_args(tiny_mistral, tiny_data, out, *extra) -> list[str]:
+    """The overrides of a 3-step-checkpoint run of the tiny model, for a command line or TRAIN_SCRIPT."""
+    # marker path first: the child script derives its ".saving" flag from it
+    return [
+        f"train.output_dir={out}",
+        f"model.name={tiny_mistral}",
+        "model.device=cpu",
+        f"data.train_file={tiny_data / 'train.jsonl'}",
+        f"data.eval_file={tiny_data / 'eval.jsonl'}",
+        "data.max_seq_length=64",
+        "train.batch_size=4",
+        "train.gradient_accumulation_steps=1",
+        "train.eval_steps=3",
+        "train.save_steps=3",
+        "train.logging_steps=1",
+        "train.learning_rate=1e-2",
+        "train.early_stopping_patience=0",
+        *extra,
+    ]

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import reference_fused_gemv
-from test_train import lora_state, patch_trainer, tiny_cfg
+from conftest import lora_state, patch_trainer, reference_fused_gemv, tiny_cfg
 
 from qlora_llm.config import ModelConfig
 from qlora_llm.cpu4bit import KernelError, choose_kernel, fused_kernel_available, is_fused

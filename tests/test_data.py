@@ -1,4 +1,7 @@
-"""Data layer: every defect reported with its line, exactly the valid records written, same output from every input kind."""
+"""Data layer: every defect reported with its line, exactly the valid records written, same output from every input kind.
+
+And for training: token ids (one BOS, EOS last), the completion mask, collated labels, overlong rows dropped.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +10,12 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import MISTRAL_TOKENIZER
+from conftest import MISTRAL_TOKENIZER, ONE_STEP, WORDS, patch_trainer, tiny_cfg
 
 from qlora_llm.cli import main
 from qlora_llm.config import load_config
-from qlora_llm.data import OUTPUT_FILES, PrepareError, prepare, read_jsonl
+from qlora_llm.data import OUTPUT_FILES, PrepareError, prepare, read_jsonl, tokenize_examples
+from qlora_llm.train import train
 
 TOKENIZER = str(MISTRAL_TOKENIZER)
 
@@ -494,3 +498,77 @@ def test_bundled_preference_pairs_are_valid_reproducible_and_held_out(tmp_path):
     for name in ("train.jsonl", "eval.jsonl"):
         for line in (pairs / name).read_text().splitlines():
             assert json.loads(line)["prompt"].split("\n\n", 1)[1] not in sft  # a paper the SFT demo never saw
+
+
+def test_token_ids_one_bos_and_completion_mask(mistral_tokenizer):
+    records = [
+        {"instruction": "Hi", "input": "", "output": "Hello there."},
+        {"instruction": "A longer question here", "input": "with input", "output": "Ok."},
+    ]
+    rows, dropped = tokenize_examples(records, mistral_tokenizer, "mistral", 64)
+    assert dropped == 0
+    for row, record in zip(rows, records, strict=True):
+        ids = row["input_ids"]
+        assert ids[0] == 1 and ids.count(1) == 1 and ids[-1] == 2  # one BOS, ends on EOS
+        answer = [i for i, m in zip(ids, row["completion_mask"], strict=True) if m]
+        assert mistral_tokenizer.decode(answer) == f"{record['output']}</s>"
+
+
+def test_collated_batch_labels_completion_and_eos_never_padding(
+    tiny_mistral, tiny_data, tmp_path, monkeypatch
+):
+    """The first real batch the trainer feeds the model: which positions carry labels."""
+    seen = {}
+
+    class Spy:
+        def train(self, *a, **k):
+            seen["batch"] = next(iter(self.get_train_dataloader()))
+            seen["pad"] = self.processing_class.pad_token_id
+            return super().train(*a, **k)
+
+    patch_trainer(monkeypatch, Spy)
+    train(
+        tiny_cfg(
+            tiny_mistral,
+            tiny_data,
+            tmp_path / "run",
+            *ONE_STEP,
+            "train.group_by_length=false",
+        )
+    )
+    from qlora_llm.model import load_tokenizer
+
+    batch, tok = seen["batch"], load_tokenizer(str(tiny_mistral))
+    assert batch["input_ids"].shape[0] == 4
+    for ids, labels, mask in zip(
+        batch["input_ids"].tolist(), batch["labels"].tolist(), batch["attention_mask"].tolist(), strict=True
+    ):
+        n = sum(mask)
+        assert ids[0] == 1 and ids[:n].count(1) == 1 and ids[n - 1] == 2
+        learned = [t for t in labels if t != -100]
+        text = tok.decode(learned)
+        assert text.endswith("</s>") and labels[n - 1] == 2  # EOS is learned
+        assert text.removesuffix("</s>").split()[0] in WORDS  # exactly the answer, no prompt token
+        first = labels.index(learned[0])
+        assert tok.decode(ids[:first]).endswith("[/INST]")
+        assert all(x == -100 for x in labels[n:]) and all(x == seen["pad"] for x in ids[n:])
+
+
+def test_pad_equal_to_eos_keeps_eos_label():
+    """SmolLM2's pad token is its EOS: padding is masked by position, so the real EOS keeps its label."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    rows = [
+        {"input_ids": [5, 6, 7, 2], "labels": [-100, 6, 7, 2]},
+        {"input_ids": [5, 8, 2], "labels": [-100, 8, 2]},
+    ]
+    batch = DataCollatorForLanguageModeling(pad_token_id=2)(rows)
+    assert batch["labels"].tolist() == [[-100, 6, 7, 2], [-100, 8, 2, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+
+
+def test_overlong_examples_are_dropped_not_cut(mistral_tokenizer):
+    rows, dropped = tokenize_examples(
+        [{"instruction": "x " * 100, "input": "", "output": "y"}], mistral_tokenizer, "mistral", 32
+    )
+    assert rows == [] and dropped == 1

@@ -1,4 +1,4 @@
-"""Preference tuning (DPO, ORPO) on the 4-bit base, with everything `train` guarantees; and trackers."""
+"""Preference tuning (DPO, ORPO) on the 4-bit base, with everything `train` guarantees."""
 
 from __future__ import annotations
 
@@ -119,68 +119,6 @@ def test_a_method_and_data_of_different_kinds_are_refused(
     folder = tiny_pairs if data == "pairs" else tiny_data
     cfg = pair_cfg(tiny_mistral, folder, tmp_path / "run", f"train.method={method}")
     with pytest.raises(TrainError, match=re.escape(message)):
-        train(cfg)
-
-
-def test_tensorboard_gets_readable_events_with_the_runs_config(
-    tiny_mistral, tiny_data, tmp_path, monkeypatch
-):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
-    out = tmp_path / "run"
-    cfg = load_config(
-        None,
-        tiny_overrides(
-            tiny_mistral, tiny_data, out, "train.report_to=[tensorboard]", steps=4, batch=4, every=2
-        ),
-    )
-    train(cfg)
-    monkeypatch.undo()
-    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0, "scalars": 0}).Reload()
-    losses = events.Scalars("train/loss")
-    assert [e.step for e in losses] == [1, 2, 3, 4] and all(e.value > 0 for e in losses)
-    assert [e.step for e in events.Scalars("eval/loss")] == [0, 2, 4]
-    texts = {t for t in events.Tags()["tensors"]}
-    assert "qlora_llm/params/text_summary" in texts
-    params = events.Tensors("qlora_llm/params/text_summary")[0].tensor_proto.string_val[0].decode()
-    assert '"config.train.report_to": "[\'tensorboard\']"' in params and "manifest.identity" in params
-
-
-def test_mlflow_local_store_gets_params_and_metrics(tiny_mistral, tiny_data, tmp_path, monkeypatch):
-    mlflow = pytest.importorskip("mlflow")
-    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_ALLOW_FILE_STORE"):
-        monkeypatch.delenv(var, raising=False)
-    out = tmp_path / "run"
-    cfg = load_config(
-        None,
-        tiny_overrides(tiny_mistral, tiny_data, out, "train.report_to=[mlflow]", steps=4, batch=4, every=2),
-    )
-    train(cfg)
-    client = mlflow.tracking.MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
-    (experiment,) = [e for e in client.search_experiments() if e.name == "qlora-llm"]
-    (run,) = client.search_runs([experiment.experiment_id])
-    assert run.data.params["config.lora.r"] == "16" and run.data.params["manifest.method"] == "sft"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
-    assert "eval_loss" in run.data.metrics
-
-
-def test_a_tracker_that_is_not_installed_is_named_before_loading(
-    tiny_mistral, tiny_data, tmp_path, monkeypatch
-):
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
-    )
-    cfg = load_config(
-        None,
-        tiny_overrides(
-            tiny_mistral, tiny_data, tmp_path / "r", "train.report_to=[wandb]", steps=2, batch=4, every=2
-        ),
-    )
-    with pytest.raises(TrainError, match=r"wandb not installed. `pip install wandb`"):
         train(cfg)
 
 

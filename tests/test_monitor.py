@@ -1,0 +1,155 @@
+"""Watching a run (src/qlora_llm/monitor.py): SIGTERM stops at a step boundary; trackers get the run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from conftest import (
+    assert_same_final,
+    no_partial_files,
+    patch_trainer,
+    resume_ends_as_straight,
+    run_train_script,
+    tiny_cfg,
+    tiny_overrides,
+    train_args,
+)
+
+from qlora_llm.checkpoint import complete_checkpoints
+from qlora_llm.config import load_config
+from qlora_llm.errors import TrainError
+from qlora_llm.train import train
+
+
+def test_sigterm_during_an_evaluation_stops_after_it_and_resumes_exactly(
+    tiny_mistral, tiny_data, tmp_path, monkeypatch, straight_9
+):
+    class TermDuringEval:
+        def evaluate(self, *a, **k):
+            if self.state.global_step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().evaluate(*a, **k)
+
+    patch_trainer(monkeypatch, TermDuringEval)
+    out = tmp_path / "run"
+    first = train(tiny_cfg(tiny_mistral, tiny_data, out, "train.max_steps=9"))
+    assert first.stopped == "SIGTERM" and first.exit_code == 143 and first.global_step in (3, 4)
+    assert first.final_adapter is None and not (out / "final_adapter").exists()
+    no_partial_files(out)
+    monkeypatch.undo()
+    resume_ends_as_straight(tiny_mistral, tiny_data, out, straight_9)
+
+
+def test_sigterm_during_the_final_adapter_write_lets_it_finish(
+    tiny_mistral, tiny_data, tmp_path, monkeypatch, straight_9
+):
+    import peft
+
+    real = peft.PeftModel.save_pretrained
+
+    def term_then_save(self, directory, *a, **k):
+        if ".final_adapter." in str(directory):
+            os.kill(os.getpid(), signal.SIGTERM)  # as a user's stop arrives mid-write
+        return real(self, directory, *a, **k)
+
+    monkeypatch.setattr(peft.PeftModel, "save_pretrained", term_then_save)
+    out = tmp_path / "run"
+    result = train(tiny_cfg(tiny_mistral, tiny_data, out, "train.max_steps=9"))
+    assert (result.stopped, result.exit_code, result.global_step) == ("SIGTERM", 143, 9)
+    assert result.final_adapter == out / "final_adapter"
+    no_partial_files(out)
+    assert_same_final(out, straight_9)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_step_boundary_and_exits_143(tiny_mistral, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    proc = run_train_script(
+        tmp_path,
+        "normal",
+        train_args(
+            tiny_mistral,
+            tiny_data,
+            out,
+            "train.max_steps=500",
+            "train.save_steps=300",
+            "train.eval_steps=300",
+        ),
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 143, log[-3000:]
+    saved = complete_checkpoints(out)
+    assert len(saved) == 1 and 3 <= int(saved[0].name.split("-")[1]) < 300
+    assert not (out / "final_adapter").exists()
+
+
+def test_tensorboard_gets_readable_events_with_the_runs_config(
+    tiny_mistral, tiny_data, tmp_path, monkeypatch
+):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    out = tmp_path / "run"
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tiny_mistral, tiny_data, out, "train.report_to=[tensorboard]", steps=4, batch=4, every=2
+        ),
+    )
+    train(cfg)
+    monkeypatch.undo()
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0, "scalars": 0}).Reload()
+    losses = events.Scalars("train/loss")
+    assert [e.step for e in losses] == [1, 2, 3, 4] and all(e.value > 0 for e in losses)
+    assert [e.step for e in events.Scalars("eval/loss")] == [0, 2, 4]
+    texts = {t for t in events.Tags()["tensors"]}
+    assert "qlora_llm/params/text_summary" in texts
+    params = events.Tensors("qlora_llm/params/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert '"config.train.report_to": "[\'tensorboard\']"' in params and "manifest.identity" in params
+
+
+def test_mlflow_local_store_gets_params_and_metrics(tiny_mistral, tiny_data, tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_ALLOW_FILE_STORE"):
+        monkeypatch.delenv(var, raising=False)
+    out = tmp_path / "run"
+    cfg = load_config(
+        None,
+        tiny_overrides(tiny_mistral, tiny_data, out, "train.report_to=[mlflow]", steps=4, batch=4, every=2),
+    )
+    train(cfg)
+    client = mlflow.tracking.MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
+    (experiment,) = [e for e in client.search_experiments() if e.name == "qlora-llm"]
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.params["config.lora.r"] == "16" and run.data.params["manifest.method"] == "sft"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert "eval_loss" in run.data.metrics
+
+
+def test_a_tracker_that_is_not_installed_is_named_before_loading(
+    tiny_mistral, tiny_data, tmp_path, monkeypatch
+):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tiny_mistral, tiny_data, tmp_path / "r", "train.report_to=[wandb]", steps=2, batch=4, every=2
+        ),
+    )
+    with pytest.raises(TrainError, match=r"wandb not installed. `pip install wandb`"):
+        train(cfg)

@@ -1,0 +1,138 @@
+"""The trainer (src/qlora_llm/trainer.py): fp32 LoRA, a non-finite loss stopped, the loss batching cannot change."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ONE_STEP, lora_state, patch_trainer, tiny_cfg
+
+from qlora_llm.errors import TrainError
+from qlora_llm.train import train
+
+
+def test_trainable_weights_are_fp32_on_cpu_despite_trl_cast(tiny_mistral, tiny_data, tmp_path, monkeypatch):
+
+    seen = {}
+
+    class Spy:
+        def train(self, *a, **k):
+            seen["dtypes"] = {p.dtype for p in self.model.parameters() if p.requires_grad}
+            seen["base"] = {
+                type(m).__name__ for m in self.model.modules() if "Linear4bit" in type(m).__name__
+            }
+            return super().train(*a, **k)
+
+    patch_trainer(monkeypatch, Spy)
+    train(
+        tiny_cfg(
+            tiny_mistral,
+            tiny_data,
+            tmp_path / "run",
+            *ONE_STEP,
+        )
+    )
+    assert seen["dtypes"] == {torch.float32}
+    assert seen["base"] == {"Linear4bit"}  # it really is QLoRA on a 4-bit base
+
+
+def test_bf16_compute_on_cpu_keeps_lora_and_optimizer_state_in_fp32(
+    tiny_mistral, tiny_data, tmp_path, monkeypatch
+):
+    """What `compute_dtype: auto` picks on a CPU with native bf16: bf16 matmuls, fp32 trainable state."""
+    seen = {}
+
+    class Observe:
+        def training_step(self, model, *a, **k):
+            loss = super().training_step(model, *a, **k)
+            seen["lora"] = {p.dtype for p in model.parameters() if p.requires_grad}
+            seen["autocast"] = torch.is_autocast_enabled("cpu") or self.args.bf16
+            return loss
+
+    patch_trainer(monkeypatch, Observe)
+    cfg = tiny_cfg(tiny_mistral, tiny_data, tmp_path / "run", "model.compute_dtype=bfloat16")
+    result = train(cfg)
+    assert seen == {"lora": {torch.float32}, "autocast": True}
+    assert result.summary["compute_dtype"] == "bfloat16"
+    state = torch.load(tmp_path / "run" / "checkpoint-6" / "optimizer.pt", weights_only=False)["state"]
+    assert {t.dtype for s in state.values() for t in s.values() if t.dim() > 0} == {torch.float32}
+    assert result.summary["train_loss_last"] < result.summary["train_loss_first"]
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(
+    tiny_mistral, tiny_data, tmp_path, monkeypatch
+):
+
+    class Poisoned:
+        def compute_loss(self, model, inputs, *a, **k):
+            loss = super().compute_loss(model, inputs, *a, **k)
+            if self.state.global_step >= 4:
+                return loss * float("nan")
+            return loss
+
+    patch_trainer(monkeypatch, Poisoned)
+    with pytest.raises(
+        TrainError, match=r"loss became nan at step 5; the last good checkpoint is .*checkpoint-3"
+    ):
+        train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "run", "train.max_steps=8"))
+    ckpt = lora_state(tmp_path / "run" / "checkpoint-3")
+    assert all(torch.isfinite(t).all() for t in ckpt.values())
+
+
+def test_packed_and_padded_batches_give_the_same_loss(tiny_mistral, tiny_data, tmp_path, monkeypatch):
+    """Padding-free packing must not let examples attend to each other: same examples, same loss."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    seen = {}
+
+    class Spy:
+        def train(self, *a, **k):
+            rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in self.train_dataset][:4]
+            self.model.eval()  # no dropout: the two passes must see the same function
+            with torch.no_grad():
+                for name, padding_free in (("padded", False), ("packed", True)):
+                    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=padding_free)(rows)
+                    seen[name] = float(self.compute_loss(self.model, batch))
+                    seen[f"{name}_shape"] = tuple(batch["input_ids"].shape)
+            self.model.train()
+            return super().train(*a, **k)
+
+    patch_trainer(monkeypatch, Spy)
+    train(
+        tiny_cfg(
+            tiny_mistral,
+            tiny_data,
+            tmp_path / "run",
+            *ONE_STEP,
+        )
+    )
+    assert seen["packed_shape"][0] == 1 and seen["padded_shape"][0] == 4
+    assert seen["packed"] == pytest.approx(seen["padded"], rel=1e-5)
+
+
+def test_gradient_accumulation_matches_the_big_batch(tiny_mistral, tiny_data, tmp_path):
+    """4 micro-batches of 1 and one batch of 4: the same update (SGD, so the gradient scale shows)."""
+    common = [
+        *ONE_STEP,
+        "lora.dropout=0",
+        "train.optim=sgd",
+        "train.learning_rate=1",
+        "train.group_by_length=false",
+        "train.max_grad_norm=1e9",
+    ]
+    train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "big", *common, "train.batch_size=4"))
+    train(
+        tiny_cfg(
+            tiny_mistral,
+            tiny_data,
+            tmp_path / "acc",
+            *common,
+            "train.batch_size=1",
+            "train.gradient_accumulation_steps=4",
+        )
+    )
+    a = lora_state(tmp_path / "big" / "checkpoint-1")
+    b = lora_state(tmp_path / "acc" / "checkpoint-1")
+    moved = [k for k in a if k.endswith("lora_B.weight")]
+    assert moved and all(a[k].abs().sum() > 0 for k in moved)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
