@@ -6,9 +6,10 @@ import csv
 import json
 import os
 import signal
+import threading
+import time
 
 import pytest
-from test_train import patch_trainer
 
 from qlora_llm.cli import main
 from qlora_llm.config import load_config
@@ -92,31 +93,53 @@ def test_run_on_a_csv_then_again_skips_everything(tiny_mistral, user_csv, tmp_pa
     assert "merge     skipped (unchanged)" in third
 
 
-def test_an_interrupted_run_continues_and_other_settings_are_refused(
-    tiny_mistral, user_csv, tmp_path, monkeypatch
-):
+def test_an_interrupted_run_continues_and_other_settings_are_refused(tiny_mistral, user_csv, tmp_path):
+    """Training runs in a process of its own; SIGTERM to `run` reaches it once: it checkpoints, stops, and
+    the same command continues from there."""
+    import psutil
+
     out = tmp_path / "run"
     cfg = load_config(
-        None, settings(tiny_mistral, out, f"data.train_file={user_csv}", "eval.max_new_tokens=2")
+        None,
+        settings(
+            tiny_mistral,
+            out,
+            f"data.train_file={user_csv}",
+            "eval.max_new_tokens=2",
+            "train.max_steps=20",  # the signal lands after step 1: 19 steps to spare
+            "train.eval_steps=10",
+            "train.save_steps=10",
+            "train.logging_steps=1",
+        ),
     )
     columns = {"instruction": "question", "output": "answer"}
+    trainers: list[psutil.Process] = []
 
-    class Interrupted:
-        def training_step(self, *a, **k):
-            if self.state.global_step == 1:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return super().training_step(*a, **k)
+    def terminate_after_the_first_step() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            logged = (out / "metrics.jsonl").read_text() if (out / "metrics.jsonl").is_file() else ""
+            if '"loss"' in logged and signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+                trainers.extend(psutil.Process().children())
+                os.kill(os.getpid(), signal.SIGTERM)  # to `run` itself, as `kill PID` or the studio's stop
+                return
+            time.sleep(0.05)
 
-    patch_trainer(monkeypatch, Interrupted)
+    watcher = threading.Thread(target=terminate_after_the_first_step)
+    watcher.start()
     with pytest.raises(
-        PipelineError, match="training stopped by SIGTERM at step 2; run the same command again"
+        PipelineError, match=r"training stopped by SIGTERM at step \d+; run the same command again"
     ):
         run(cfg, columns=columns)
-    monkeypatch.undo()
+    watcher.join()
+    assert len(trainers) == 1 and not trainers[0].is_running()  # the training process, and it is gone
+    stopped_at = json.loads((out / "summary.json").read_text())["steps"]
+    assert 0 < stopped_at < 20 and (out / f"checkpoint-{stopped_at}").is_dir()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the forwarding ended with the child
     result = run(cfg, columns=columns)
     assert result.stages["prepare"] == "skipped (unchanged)"
     assert result.stages["train"].startswith("resumed, done in")
-    assert (result.adapter / "adapter_model.safetensors").is_file() and (out / "checkpoint-4").is_dir()
+    assert (result.adapter / "adapter_model.safetensors").is_file() and (out / "checkpoint-20").is_dir()
     other = load_config(None, settings(tiny_mistral, out, f"data.train_file={user_csv}", "lora.r=4"))
     with pytest.raises(PipelineError, match="holds a training run with other data or settings"):
         run(other, columns=columns)

@@ -731,15 +731,7 @@ def main(argv: list[str] | None = None) -> int:
     replica = os.environ.get("RANK", "0") != "0"
     if replica:
         warnings.simplefilter("ignore")
-    logging.basicConfig(
-        level=logging.ERROR if replica else logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
-    # lm_eval: the general benchmarks' harness logs a dozen lines per task per model at INFO.
-    for noisy in ("httpx", "urllib3", "filelock", "matplotlib", "PIL", "absl", "lm_eval"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet.setup_logging(logging.ERROR if replica else logging.DEBUG if args.verbose else logging.INFO)
     if args.command in MODEL_COMMANDS | {"prepare", "models"}:
         quiet.install()
     if args.command in MODEL_COMMANDS:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 BITSANDBYTES_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
@@ -48,8 +49,29 @@ class _DropMessages(logging.Filter):
         return not record.getMessage().startswith(self.prefixes)
 
 
+_installed = False
+
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+NOISY_LOGGERS = ("httpx", "urllib3", "filelock", "matplotlib", "PIL", "absl", "lm_eval")
+"""Loggers held at WARNING: lm-eval logs a dozen lines per task per model at INFO, the rest per request."""
+
+
+def setup_logging(level: int) -> None:
+    """The command line's logging: our records at `level` on stderr, one line each, the noisy held back."""
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
+    for noisy in NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def installed() -> bool:
+    """Whether this process installed the filters (a child process of ours installs them when so)."""
+    return _installed
+
+
 def install() -> None:
     """Install the filters; idempotent."""
+    global _installed
+    _installed = True
     for name, notice in (
         (BITSANDBYTES_CPU_LOGGER, KERNELS_NOTICE),
         (KERNELS_HUB_LOGGER, KERNELS_TRUST_NOTICE),
