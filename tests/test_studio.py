@@ -796,3 +796,219 @@ def test_upload_is_prepared_and_shown_before_launch(tmp_path, tiny_mistral):
     assert c.post("/new", data=launch).status_code == 303
     job = JobStore(runs).all()[0]
     assert yaml.safe_load(job.config)["data"]["train_file"] == str((folder / "train.jsonl").resolve())
+
+
+# A stand-in for a job's CLI command (`python -c STAND_IN train JOB`, so its stage reads "train"): it writes the CUDA_VISIBLE_DEVICES it was given to JOB.env, then
+# runs until the test writes JOB.release, and exits with the code written there.
+STAND_IN = """
+import os, pathlib, sys, time
+out = pathlib.Path(sys.argv[2])
+out.with_suffix(".env").write_text(os.environ.get("CUDA_VISIBLE_DEVICES", "unset"))
+release = out.with_suffix(".release")
+while not release.exists():
+    time.sleep(0.02)
+sys.exit(int(release.read_text() or "0"))
+"""
+
+
+def stand_in(store: JobStore, folder: Path, run: str, nproc: int = 1) -> int:
+    """Queue a job whose command is STAND_IN (`--nproc K` in it when K > 1, as `train` would have)."""
+    (store.home.parent / run).mkdir(exist_ok=True)
+    job = store.add_stage(run, ["train"])
+    command = [sys.executable, "-c", STAND_IN, "train", str(folder / f"job{job.id}")]
+    store.set(job.id, command=json.dumps(command + (["--nproc", str(nproc)] if nproc > 1 else [])))
+    return job.id
+
+
+def wait_for(condition, what: str, timeout: float = 60):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+    return value
+
+
+def started_on(folder: Path, job_id: int) -> str:
+    """The CUDA_VISIBLE_DEVICES a stand-in job was started with (waits for it to start)."""
+    env = folder / f"job{job_id}.env"
+    return wait_for(lambda: env.is_file() and env.read_text(), f"job {job_id} to start")
+
+
+def release(folder: Path, job_id: int, code: int = 0) -> None:
+    (folder / f"job{job_id}.part").write_text(str(code))
+    (folder / f"job{job_id}.part").rename(folder / f"job{job_id}.release")
+
+
+def still_waiting(store: JobStore, folder: Path, *job_ids: int) -> bool:
+    """After a few of the worker's passes, these jobs have not started."""
+    import time
+
+    time.sleep(0.5)  # 10 passes at poll_s=0.05
+    return all(store.get(i).state == "queued" and not (folder / f"job{i}.env").exists() for i in job_ids)
+
+
+def test_gpu_jobs_run_side_by_side_each_pinned_to_its_own_gpus(tmp_path):
+    """With GPUs 0 and 1: two 1-GPU jobs at once on "0" and "1", a third on the first GPU freed (a job
+    that failed frees it too), a 2-GPU job waits for both and nothing behind it jumps it, unless the user
+    moves it up; a waiting job can be cancelled; a job asking for more GPUs than the studio has never starts."""
+    from qlora_llm.studio.jobs import Worker
+
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    out.mkdir()
+    # The pages of a CPU studio and of a 2-GPU one on the same folder (made first: a studio starting
+    # marks the jobs it finds running as interrupted).
+    cpu_view, gpu_view = client(runs), TestClient(create_app(runs, start_worker=False, gpus=["0", "1"]))
+    store = JobStore(runs)
+    too_big = stand_in(store, out, "big", nproc=4)
+    a, b, c = (stand_in(store, out, name) for name in ("a", "b", "c"))
+    d = stand_in(store, out, "d", nproc=2)
+    e, f = stand_in(store, out, "e"), stand_in(store, out, "f")
+    worker = Worker(store, ["0", "1"], poll_s=0.05)
+    worker.start()
+    try:
+        assert (started_on(out, a), started_on(out, b)) == ("0", "1")
+        assert still_waiting(store, out, c, d, e, f)
+        assert store.get(too_big).state == "failed"
+        assert (
+            "--nproc 4 asks for 4 GPUs; this studio has 2 (0, 1)" in Path(store.get(too_big).log).read_text()
+        )
+
+        release(out, a, code=3)  # a fails: its GPU is free all the same
+        assert started_on(out, c) == "0"
+        assert (store.get(a).state, store.get(a).exit_code, store.get(a).gpus) == ("failed", 3, "0")
+        release(out, b)
+        wait_for(lambda: store.get(b).state == "done", "b to end")
+        # GPU 1 is free, d needs two: d waits, and e behind it waits too (first in, first out).
+        assert worker.free_gpus() == ["1"] and still_waiting(store, out, d, e)
+        assert store.cancel(f) and store.get(f).state == "cancelled"
+        assert store.move(e, -1)  # the user moves e ahead of d: e starts on the free GPU
+        assert started_on(out, e) == "1" and still_waiting(store, out, d)
+
+        release(out, c)
+        release(out, e)
+        assert started_on(out, d) == "0,1"
+        assert store.get(d).gpus == "0,1" and worker.free_gpus() == []
+        page = cpu_view.get("/").text
+        assert re.search(rf"<li id='running-{d}'>job {d}: <a href='/runs/d'>d</a> \(train\)</li>", page)
+        gpu_page = gpu_view.get("/")
+        assert (
+            f"<li id='running-{d}'>job {d}: <a href='/runs/d'>d</a> (train) on GPUs 0,1</li>" in gpu_page.text
+        )
+        assert "GPUs 0, 1: up to 2 jobs at once" in gpu_page.text
+        release(out, d)
+        wait_for(lambda: store.get(d).state == "done", "d to end")
+        assert worker.free_gpus() == ["0", "1"]
+    finally:
+        for job in store.all():
+            release(out, job.id)
+        worker.close()
+    assert not (out / f"job{f}.env").exists()
+    assert [store.get(i).state for i in (a, b, c, d, e, f)] == [
+        "failed",
+        "done",
+        "done",
+        "done",
+        "done",
+        "cancelled",
+    ]
+    assert [store.get(i).gpus for i in (b, c, d, e)] == ["1", "0", "0,1", "1"]
+    run_page = gpu_view.get("/runs/d").text
+    assert (
+        f"<tr id='job-{d}'><td>{d}</td><td>train</td><td class='state'>done</td><td class='gpus'>GPUs 0,1</td>"
+        in run_page
+    )
+
+
+def test_without_gpus_one_job_runs_at_a_time_in_the_studios_environment(tmp_path, monkeypatch):
+    from qlora_llm.studio.jobs import Worker
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    out.mkdir()
+    store = JobStore(runs)
+    first, second = stand_in(store, out, "first"), stand_in(store, out, "second", nproc=2)
+    worker = Worker(store, [], poll_s=0.05)
+    worker.start()
+    try:
+        assert started_on(out, first) == "unset" and still_waiting(store, out, second)
+        release(out, first)
+        assert started_on(out, second) == "unset"  # --nproc 2 on a CPU machine: 2 CPU processes, alone
+        assert store.get(first).state == "done" and store.get(second).gpus == ""
+    finally:
+        for job in store.all():
+            release(out, job.id)
+        worker.close()
+    page = client(runs).get("/").text
+    assert "no GPU: one job at a time" in page
+
+
+def test_a_new_run_asks_for_gpus_and_more_than_the_studio_has_is_refused(tmp_path):
+    c = TestClient(create_app(tmp_path, start_worker=False, gpus=["0", "1"]), follow_redirects=False)
+    page = c.get("/new").text
+    assert "name='nproc' value='1'" in page and "this studio has 2 (0, 1)" in page
+    refused = c.post("/new", data={"run_name": "wide", "nproc": "3", "csrf": csrf(c)})
+    assert refused.status_code == 422
+    assert _field_error(refused.text, "nproc") == (
+        "--nproc 3 asks for 3 GPUs; this studio has 2 (0, 1): ask for at most 2"
+    )
+    assert "--nproc 3" in re.search(r"<pre id='command'>([^<]*)</pre>", refused.text).group(1)
+    assert c.post("/new", data={"run_name": "bad", "nproc": "two", "csrf": csrf(c)}).status_code == 422
+    assert not (tmp_path / "wide").exists() and JobStore(tmp_path).all() == []
+
+    assert c.post("/new", data={"run_name": "wide", "nproc": "2", "csrf": csrf(c)}).status_code == 303
+    (job,) = JobStore(tmp_path).all()
+    assert job.command[-2:] == ["--nproc", "2"]
+    assert "name='nproc' value='2'" in c.get("/runs/wide/clone").text  # a clone asks for as many
+    assert "job 1: wide (train, asks for 2 GPUs)" in c.get("/").text
+    # Resumed on as many GPUs; a studio with fewer refuses to resume it, in one line.
+    JobStore(tmp_path).set(job.id, state="stopped")
+    assert c.post("/runs/wide/resume", data={"csrf": csrf(c)}).status_code == 303
+    assert JobStore(tmp_path).get(2).command[-4:] == ["--resume", "auto", "--nproc", "2"]
+    JobStore(tmp_path).set(2, state="interrupted")
+    one = TestClient(create_app(tmp_path, start_worker=False, gpus=["0"]), follow_redirects=False)
+    response = one.post("/runs/wide/resume", data={"csrf": csrf(one)})
+    assert response.status_code == 409 and "asks for 2 GPUs; this studio has 1 (0)" in response.text
+    # A CPU studio asks for no GPU count: one job at a time.
+    assert "name='nproc'" not in client(tmp_path).get("/new").text
+
+
+def test_the_studio_learns_its_gpus_without_torch(tmp_path):
+    import os
+    import subprocess
+
+    from qlora_llm.cli import build_parser
+    from qlora_llm.studio.gpus import detect_gpus, gpus_wanted, parse_gpus
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text(
+        '#!/bin/sh\n[ "$1 $2" = "--query-gpu=index --format=csv,noheader" ] || exit 9\nprintf "0\\n1\\n"\n'
+    )
+    smi.chmod(0o755)
+    assert detect_gpus({"PATH": str(bin_dir)}) == ["0", "1"]
+    # An explicit CUDA_VISIBLE_DEVICES wins: nvidia-smi would list every GPU whatever it says.
+    assert detect_gpus({"PATH": str(bin_dir), "CUDA_VISIBLE_DEVICES": "1"}) == ["1"]
+    assert detect_gpus({"PATH": str(tmp_path), "CUDA_VISIBLE_DEVICES": "2, 3"}) == ["2", "3"]
+    assert detect_gpus({"PATH": str(tmp_path), "CUDA_VISIBLE_DEVICES": "0,-1,2"}) == ["0"]  # as CUDA reads it
+    assert detect_gpus({"PATH": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}) == []
+    assert detect_gpus({"PATH": str(tmp_path)}) == []  # neither: the CPU rule
+    smi.write_text(
+        "#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the driver'\nexit 9\n"
+    )
+    assert detect_gpus({"PATH": str(bin_dir)}) == []
+
+    assert parse_gpus("0,1") == ["0", "1"] and parse_gpus("none") == [] and parse_gpus(" 3 ") == ["3"]
+    for bad in ("0,,1", "0,0", ""):
+        with pytest.raises(QloraError, match="distinct GPU ids"):
+            parse_gpus(bad)
+    assert build_parser().parse_args(["studio", "--gpus", "0,1"]).gpus == "0,1"
+    assert gpus_wanted(["python", "-m", "qlora_llm.cli", "train", "c.yaml", "--nproc", "4"]) == 4
+    assert gpus_wanted(["python", "-m", "qlora_llm.cli", "train", "c.yaml", "--nproc=2"]) == 2
+    assert gpus_wanted(["python", "-m", "qlora_llm.cli", "evaluate", "runs/a"]) == 1
+    # The studio process never imports torch (it stays small), GPUs or not.
+    code = "import sys, qlora_llm.cli, qlora_llm.studio.app, qlora_llm.studio.gpus; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
+    assert done.stdout.strip() == "False", done.stderr

@@ -314,11 +314,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_studio(args: argparse.Namespace) -> int:
     from qlora_llm.studio.app import serve_studio
+    from qlora_llm.studio.gpus import detect_gpus, parse_gpus
 
     if args.insecure_no_auth and not args.api_key:
         print(f"WARNING: the studio on {args.host} has no login (--insecure-no-auth)", file=sys.stderr)
     data = Path(args.data) if args.data else None
-    serve_studio(Path(args.runs), data, args.host, args.port, args.api_key, args.insecure_no_auth)
+    # Learnt once, here, without torch: the studio process loads no model.
+    gpus = parse_gpus(args.gpus) if args.gpus is not None else detect_gpus(os.environ)
+    serve_studio(Path(args.runs), data, args.host, args.port, args.api_key, args.insecure_no_auth, gpus)
     return 0
 
 
@@ -678,6 +681,12 @@ def _add_tools(sub: Any) -> None:
     p.add_argument("--port", type=int, default=7860, help="TCP port (default 7860)")
     p.add_argument("--api-key", help="require this key to sign in (needed to bind beyond loopback)")
     p.add_argument("--insecure-no-auth", action="store_true", help="bind beyond loopback with no login")
+    p.add_argument(
+        "--gpus",
+        metavar="IDS|none",
+        help="GPUs the jobs may use, e.g. 0,1 (one job per GPU, or --nproc K over K), or none: one job at "
+        "a time (default: CUDA_VISIBLE_DEVICES if set, else nvidia-smi's GPUs)",
+    )
 
     p = sub.add_parser("models", help="list known models and whether each is available here")
     p.add_argument("--config", help="YAML config (for model.cache_dir)")

@@ -35,7 +35,8 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from qlora_llm.config import Config
 from qlora_llm.studio import chat, clone, evaluation, stages, upload
-from qlora_llm.studio.form import new_form, validate_form
+from qlora_llm.studio.form import new_form, nproc_field, validate_form
+from qlora_llm.studio.gpus import gpus_wanted, too_many
 from qlora_llm.studio.jobs import Job, JobStore, Worker
 from qlora_llm.studio.web import Refused, Studio, e, hide_paths, loss, page, run_folder
 
@@ -142,15 +143,20 @@ def list_runs(runs: Path, store: JobStore) -> list[dict]:
 
 
 def create_app(
-    runs: Path, data: Path | None = None, api_key: str | None = None, start_worker: bool = True
+    runs: Path,
+    data: Path | None = None,
+    api_key: str | None = None,
+    start_worker: bool = True,
+    gpus: list[str] | None = None,
 ) -> FastAPI:
-    """The studio for the run folders under `runs`; `api_key` None means no login (loopback only)."""
+    """The studio for the run folders under `runs`; `api_key` None means no login (loopback only);
+    `gpus` the GPU ids its jobs may use (gpus.detect_gpus), None or [] on a CPU machine."""
     runs = Path(runs)
     runs.mkdir(parents=True, exist_ok=True)
     data = Path(data) if data is not None else runs
     store = JobStore(runs)
     store.mark_interrupted()
-    worker = Worker(store)
+    worker = Worker(store, gpus)
     secret = secrets.token_bytes(32)
     csrf_token = hmac.new(secret, b"csrf", hashlib.sha256).hexdigest()
     session = hmac.new(secret, (api_key or "").encode(), hashlib.sha256).hexdigest()
@@ -346,7 +352,10 @@ def _add_run_routes(app: FastAPI, studio: Studio) -> None:
         job = store.latest(name, "train")
         if job is None or job.state in ("queued", "running", "done"):
             raise Refused(409, "only a stopped, failed or interrupted studio run can be resumed")
-        store.add(name, job.config, ["--resume", "auto"])
+        wanted = gpus_wanted(job.command)  # resumed on as many GPUs (processes) as it ran on
+        if refused := too_many(wanted, worker.gpus):
+            raise Refused(409, refused)
+        store.add(name, job.config, ["--resume", "auto", *(["--nproc", str(wanted)] if wanted > 1 else [])])
         return RedirectResponse(f"/runs/{name}", status_code=303)
 
 
@@ -385,14 +394,19 @@ def _add_new_run_routes(app: FastAPI, studio: Studio) -> None:
     async def new_run(request: Request) -> Response:
         fields = {k: str(v) for k, v in (await request.form()).items() if k != "csrf"}
         source, action = fields.pop("clone_of", ""), fields.pop("action", "launch")
+        nproc, nproc_error = nproc_field(fields.get("nproc", ""), studio.worker.gpus)
         cfg, errors, overrides = validate_form(fields, runs, data)
+        if nproc_error:
+            cfg, errors = None, errors | {"nproc": nproc_error}
         name = fields.get("run_name", "").strip()
         output = f"train.output_dir={runs / name}"
         typed = [o for o in overrides if not o.startswith("train.output_dir=")]
+        flags = ["--nproc", str(nproc)] if nproc > 1 else []
         # empty.yaml: an empty file, so every value not given is the default, as in the form.
         command = (source and clone.clone_command(studio, source, fields, [*typed, output])) or hide_paths(
             shlex.join(["qlora-llm", "train", "empty.yaml", *typed, output]), runs, data
         )
+        command += " " + shlex.join(flags) if flags else ""
         if cfg is None:
             body = new_form(studio, fields, errors, command, clone_of=source)
             return page("New run", body, 422)
@@ -401,7 +415,7 @@ def _add_new_run_routes(app: FastAPI, studio: Studio) -> None:
             body = new_form(studio, fields, {}, command, clone_of=source, plan=studio.hide_paths(verdict))
             return page("New run", body)
         (runs / name).mkdir(parents=True)
-        store.add(name, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        store.add(name, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), flags)
         return RedirectResponse(f"/runs/{name}", status_code=303)
 
 
@@ -446,21 +460,48 @@ def runs_body(studio: Studio) -> str:
             f"{studio.csrf_field()}<button class='{action}'>{label}</button></form>"
         )
 
+    gpus = studio.worker.gpus
+
+    def asks(job: Job) -> str:
+        wanted = gpus_wanted(job.command)
+        return f", asks for {wanted} GPU{'s' if wanted > 1 else ''}" if gpus else ""
+
     queue = "".join(
-        f"<li id='job-{j.id}'>job {j.id}: {e(j.run)} ({e(j.stage)}) "
+        f"<li id='job-{j.id}'>job {j.id}: {e(j.run)} ({e(j.stage)}{asks(j)}) "
         + button(j, "up", "↑")
         + button(j, "down", "↓")
         + button(j, "cancel", "Cancel")
         + "</li>"
         for j in studio.store.queued()
     )
+    running = "".join(
+        f"<li id='running-{j.id}'>job {j.id}: <a href='/runs/{e(j.run)}'>{e(j.run)}</a> ({e(j.stage)})"
+        f"{' on ' + e(on_gpus(j)) if gpus else ''}</li>"
+        for j in studio.store.all()
+        if j.state == "running"
+    )
+    rule = (
+        f"GPUs {', '.join(gpus)}: up to {len(gpus)} jobs at once, each on its own GPUs"
+        if gpus
+        else "no GPU: one job at a time"
+    )
     return (
         "<table id='runs'><tr><th>Run</th><th>Status</th><th>Model</th><th>Data</th><th>Steps</th>"
         "<th>Best eval loss</th><th>Task metric (base → tuned)</th><th>General ability</th><th>Compare</th></tr>"
         f"{rows}</table>"
         "<form id='compare' method='get' action='/compare'><button>Compare 2-4 selected runs</button></form>"
+        f"<h2>Running</h2><p id='scheduling'>{e(rule)}; first in, first out.</p><ul id='running'>{running}</ul>"
         f"<h2>Waiting</h2><ol id='queue'>{queue}</ol>"
     )
+
+
+def on_gpus(job: Job) -> str:
+    """Where a job ran: `GPU 0`, `GPUs 0,1`, `no GPU`; empty before it started."""
+    if job.gpus is None:
+        return ""
+    if not job.gpus:
+        return "no GPU"
+    return f"GPU{'s' if ',' in job.gpus else ''} {job.gpus}"
 
 
 def run_body(studio: Studio, name: str) -> str:
@@ -482,7 +523,8 @@ def run_body(studio: Studio, name: str) -> str:
         )
     checkpoints = "".join(f"<li>{e(c)}</li>" for c in info["checkpoints"]) or "<li>none yet</li>"
     job_rows = "".join(
-        f"<tr><td>{j.id}</td><td>{e(j.stage)}</td><td class='state'>{e(j.state)}</td>"
+        f"<tr id='job-{j.id}'><td>{j.id}</td><td>{e(j.stage)}</td><td class='state'>{e(j.state)}</td>"
+        f"<td class='gpus'>{e(on_gpus(j))}</td>"
         f"<td><code>{e(studio.hide_paths(shlex.join(['qlora-llm', *j.command[3:]])))}</code></td></tr>"
         for j in jobs
     )
@@ -499,7 +541,7 @@ def run_body(studio: Studio, name: str) -> str:
         "<canvas id='speed-chart' width='800' height='140'></canvas>"
         f"<h2>Command</h2><pre id='command'>{e(studio.hide_paths(shlex.join(['qlora-llm', *latest.command[3:]])) if latest else '')}</pre>"
         f"<h2>Log</h2><pre id='log'>{e(studio.hide_paths(log_tail(latest)))}</pre>"
-        f"<h2>Jobs</h2><table id='jobs'><tr><th>job</th><th>stage</th><th>state</th><th>command</th></tr>{job_rows}</table>"
+        f"<h2>Jobs</h2><table id='jobs'><tr><th>job</th><th>stage</th><th>state</th><th>GPUs</th><th>command</th></tr>{job_rows}</table>"
         f"<h2>Checkpoints</h2><ul id='checkpoints'>{checkpoints}</ul>"
         f"{evaluation.eval_section(name, info['evaluation'])}{stages.stage_forms(name, studio)}"
         f"<h2>Config</h2><pre>{e(studio.hide_paths(yaml.safe_dump(info['config'], sort_keys=False)))}</pre>"
@@ -633,11 +675,19 @@ def serve_studio(
     port: int = 7860,
     api_key: str | None = None,
     insecure_no_auth: bool = False,
+    gpus: list[str] | None = None,
 ) -> None:
-    """Run the studio until Ctrl-C; the running job is stopped cleanly (it checkpoints) on the way out."""
+    """Run the studio until Ctrl-C; running jobs are stopped cleanly (they checkpoint) on the way out.
+    `gpus`: the GPU ids jobs may use (gpus.detect_gpus); none, one job at a time."""
     import uvicorn
 
     check_bind(host, api_key, insecure_no_auth)
-    app = create_app(runs, data, api_key=api_key)
-    log.info("studio on http://%s:%d (runs: %s)", host, port, runs)
+    app = create_app(runs, data, api_key=api_key, gpus=gpus)
+    log.info(
+        "studio on http://%s:%d (runs: %s; %s)",
+        host,
+        port,
+        runs,
+        f"GPUs {', '.join(gpus)}" if gpus else "no GPU: one job at a time",
+    )
     uvicorn.run(app, host=host, port=port, log_level="warning")

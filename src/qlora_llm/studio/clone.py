@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 
 from qlora_llm.studio.form import config_values, new_form
+from qlora_llm.studio.gpus import gpus_wanted
 from qlora_llm.studio.web import RUN_NAME, Refused, Studio, e, page, run_folder
 
 
@@ -64,6 +65,8 @@ def add_routes(app: FastAPI, studio: Studio) -> None:
     def clone_page(name: str) -> HTMLResponse:
         values = config_values(source_config(studio, name)[0], studio)
         values["run_name"] = free_name(studio.runs, name)
+        job = studio.store.latest(name, "train")
+        values["nproc"] = str(gpus_wanted(job.command) if job else 1)  # as many GPUs as the source's
         intro = (
             f"<p>The settings of run <a href='/runs/{e(name)}'>{e(name)}</a>: edit what should differ and launch; "
             "the new run gets its own folder.</p>"

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_llm.config import Config, ConfigError, describe_keys, load_config
+from qlora_llm.studio.gpus import too_many
 from qlora_llm.studio.web import RUN_NAME, Studio, e
 
 # Keys the form does not offer: the studio sets the output folder from the run name.
@@ -102,6 +103,15 @@ def validate_form(
         return None, {"": str(err)}, overrides
 
 
+def nproc_field(text: str, gpus: list[str]) -> tuple[int, str]:
+    """The form's GPU count (`train --nproc K`, one process per GPU): (K, "") or (1, the error shown beside
+    the field). Refused here, before anything is queued, when the studio has fewer GPUs."""
+    text = text.strip() or "1"
+    if not (text.isdigit() and int(text) > 0):
+        return 1, "a whole number of GPUs, 1 or more"
+    return int(text), too_many(int(text), gpus) or ""
+
+
 def new_form(
     studio: Studio,
     values: dict[str, str],
@@ -119,6 +129,14 @@ def new_form(
     ]
     if clone_of:
         rows.append(f"<input type='hidden' name='clone_of' value='{e(clone_of)}'>")
+    gpus = studio.worker.gpus
+    if gpus:  # a CPU studio runs one job at a time: no GPU count to ask for
+        rows.append(
+            f"<p><label>GPUs <input type='text' name='nproc' value='{e(values.get('nproc', '1'))}'></label>"
+            f" <span class='error' id='error-nproc'>{e(errors.get('nproc', ''))}</span><br><span class='help'>"
+            f"train --nproc K: K processes, one per GPU; this studio has {len(gpus)} ({e(', '.join(gpus))})"
+            "</span></p>"
+        )
     section = None
     for key, _, help_text in describe_keys():
         if key in FIXED_KEYS:

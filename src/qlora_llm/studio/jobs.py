@@ -1,8 +1,12 @@
-"""The studio's jobs: an SQLite table of CLI subprocesses and the queue that runs them one at a time.
+"""The studio's jobs: an SQLite table of CLI subprocesses and the queue that runs them.
 
 A job is the command a user would type (`python -m qlora_llm.cli train CONFIG ...`, or `evaluate`, `merge`,
 `export` on a run folder), so the studio never does what the CLI cannot. Jobs belong to the studio process, not to a browser page: closing the page
 changes nothing, and a studio restart marks jobs that were running as interrupted (resumable).
+
+On a CPU machine the queue runs one job at a time. With GPUs (gpus.py) it starts, in queue order, every
+waiting job whose GPU count fits in the free GPUs, each with CUDA_VISIBLE_DEVICES set to exactly its
+own, and frees them when the job ends.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from qlora_llm.studio.gpus import gpus_wanted, too_many
+
 log = logging.getLogger(__name__)
 
 SCHEMA = """
@@ -36,9 +42,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     log TEXT NOT NULL,
     pid INTEGER,
     stop_requested INTEGER NOT NULL DEFAULT 0,
-    position REAL
+    position REAL,
+    gpus TEXT
 )
 """
+# Columns added after the first jobs.db: an older file gains them when the studio opens it.
+ADDED_COLUMNS = {"position": "REAL", "gpus": "TEXT"}
 ACTIVE = ("queued", "running")
 
 
@@ -57,6 +66,7 @@ class Job:
     pid: int | None
     stop_requested: bool
     position: float | None  # queue order of waiting jobs; the job id until the user moves it
+    gpus: str | None  # the GPUs it ran on ("0,1"); "" without a GPU; None until it starts
 
     @property
     def stage(self) -> str:
@@ -75,9 +85,10 @@ class JobStore:
         self.lock = threading.Lock()
         with self._db() as db:
             db.execute(SCHEMA)
-            # A jobs.db written before the queue could be reordered has no position column.
-            if "position" not in {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}:
-                db.execute("ALTER TABLE jobs ADD COLUMN position REAL")
+            have = {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}
+            for column, kind in ADDED_COLUMNS.items():
+                if column not in have:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
 
     def _db(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30)
@@ -158,6 +169,15 @@ class JobStore:
         with self.lock, self._db() as db:
             db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*values.values(), job_id))
 
+    def claim(self, job_id: int, gpus: list[str]) -> bool:
+        """Mark a waiting job running on `gpus`; False if it stopped waiting meanwhile (cancelled)."""
+        with self.lock, self._db() as db:
+            cur = db.execute(
+                "UPDATE jobs SET state = 'running', started = ?, gpus = ? WHERE id = ? AND state = 'queued'",
+                (time.time(), ",".join(gpus), job_id),
+            )
+        return cur.rowcount == 1
+
     def cancel(self, job_id: int) -> bool:
         """Cancel a waiting job; a running one is stopped instead (see `stop`)."""
         with self.lock, self._db() as db:
@@ -179,13 +199,30 @@ class JobStore:
         return ids
 
 
-class Worker:
-    """Runs queued jobs one at a time (a CPU machine trains one run at a time), each as a subprocess."""
+@dataclass
+class Running:
+    """A job the worker started: its process and the GPUs it holds until it ends."""
 
-    def __init__(self, store: JobStore, poll_s: float = 0.5):
+    job_id: int
+    process: subprocess.Popen
+    gpus: list[str]
+
+
+class Worker:
+    """Starts queued jobs as subprocesses and records how they end.
+
+    `gpus` are the GPU ids jobs may use (gpus.detect_gpus); none (a CPU machine): one job at a time. With
+    GPUs: every waiting job whose GPU count (gpus.gpus_wanted: 1, or K for `--nproc K`) fits in the free
+    ones starts, in queue order, pinned to its own with CUDA_VISIBLE_DEVICES; they are free again when it
+    ends, however it ends (exit, crash, Stop; a studio restart starts with every GPU free).
+    """
+
+    def __init__(self, store: JobStore, gpus: list[str] | None = None, poll_s: float = 0.5):
         self.store = store
+        self.gpus = list(gpus or [])
         self.poll_s = poll_s
-        self.process: subprocess.Popen | None = None
+        self.running: dict[int, Running] = {}
+        self.lock = threading.Lock()  # `running` is the worker thread's, read by the pages
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="studio-worker", daemon=True)
 
@@ -193,11 +230,10 @@ class Worker:
         self.thread.start()
 
     def close(self) -> None:
-        """Studio shutdown: SIGTERM the running job so it checkpoints; it is marked interrupted (resumable)."""
+        """Studio shutdown: SIGTERM the running jobs so they checkpoint; they are marked interrupted."""
         self.stopping.set()
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        self.thread.join(timeout=5)
+        if self.thread.is_alive():
+            self.thread.join(timeout=10)
 
     def stop(self, job: Job) -> bool:
         """SIGTERM the job's process: the CLI finishes the step, saves a checkpoint and exits."""
@@ -210,28 +246,95 @@ class Worker:
             return False
         return True
 
+    def free_gpus(self) -> list[str]:
+        """The studio's GPUs that no running job holds, in the studio's order."""
+        with self.lock:
+            held = {gpu for running in self.running.values() for gpu in running.gpus}
+        return [gpu for gpu in self.gpus if gpu not in held]
+
     def _loop(self) -> None:
         while not self.stopping.is_set():
-            waiting = self.store.queued()
-            if not waiting:
-                time.sleep(self.poll_s)
-                continue
-            self._run(waiting[0])
+            try:
+                self._reap()
+                self._start_waiting()
+            except Exception:  # a failing pass (a locked jobs.db) must not end the queue for good
+                log.exception("the studio's job queue failed a pass; trying again")
+            self.stopping.wait(self.poll_s)
+        with self.lock:
+            processes = [running.process for running in self.running.values()]
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        self._reap(wait_s=5)
 
-    def _run(self, job: Job) -> None:
+    def _start_waiting(self) -> None:
+        """Start waiting jobs, first in the queue first, while the next one fits."""
+        for job in self.store.queued():
+            if self.stopping.is_set():
+                return
+            wanted = gpus_wanted(job.command)
+            refused = too_many(wanted, self.gpus)
+            if refused:  # queued by a studio with more GPUs (--gpus changed): it could never start
+                self._refuse(job, refused)
+                continue
+            if not self.gpus:
+                if not self.running:  # the CPU rule: one job at a time
+                    self._start(job, [])
+                return
+            free = self.free_gpus()
+            if wanted > len(free):
+                # Strict first in, first out: a later job that would fit the free GPUs does not jump this
+                # one, or a stream of 1-GPU jobs could keep a 2-GPU job waiting forever (starvation).
+                # The user may move a job up the queue to run it first.
+                return
+            self._start(job, free[:wanted])
+
+    def _start(self, job: Job, gpus: list[str]) -> None:
+        if not self.store.claim(job.id, gpus):
+            return  # cancelled since the queue was read
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        with open(job.log, "ab") as out:
-            self.process = subprocess.Popen(
-                job.command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
-            )
-            self.store.set(job.id, state="running", started=time.time(), pid=self.process.pid)
-            log.info("job %d started (pid %d): %s", job.id, self.process.pid, " ".join(job.command))
-            code = self.process.wait()
-        if self.stopping.is_set() and not self.store.get(job.id).stop_requested:
-            state = "interrupted"
-        elif self.store.get(job.id).stop_requested:
-            state = "stopped"
-        else:
-            state = "done" if code == 0 else "failed"
-        self.store.set(job.id, state=state, ended=time.time(), exit_code=code)
-        self.process = None
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+            # nvidia-smi numbers GPUs in PCI bus order; CUDA's default order (fastest first) may differ.
+            env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+        try:
+            with open(job.log, "ab") as out:
+                process = subprocess.Popen(
+                    job.command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+                )
+        except OSError as err:
+            log.error("job %d could not start: %s", job.id, err)
+            self.store.set(job.id, state="failed", ended=time.time())
+            return
+        with self.lock:
+            self.running[job.id] = Running(job.id, process, gpus)
+        self.store.set(job.id, pid=process.pid)
+        where = f"on GPU {','.join(gpus)}" if gpus else "without a GPU"
+        log.info("job %d started (pid %d) %s: %s", job.id, process.pid, where, " ".join(job.command))
+
+    def _refuse(self, job: Job, why: str) -> None:
+        with open(job.log, "a", encoding="utf-8") as out:
+            out.write(f"error: not started: {why}\n")
+        self.store.set(job.id, state="failed", ended=time.time())
+        log.error("job %d not started: %s", job.id, why)
+
+    def _reap(self, wait_s: float = 0.0) -> None:
+        """Record the jobs that ended (within `wait_s` seconds, at shutdown) and free their GPUs."""
+        deadline = time.monotonic() + wait_s
+        with self.lock:
+            started = list(self.running.values())
+        for running in started:
+            try:
+                code = running.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                continue
+            job = self.store.get(running.job_id)
+            if job.stop_requested:
+                state = "stopped"
+            elif self.stopping.is_set():
+                state = "interrupted"
+            else:
+                state = "done" if code == 0 else "failed"
+            with self.lock:
+                del self.running[running.job_id]  # its GPUs are free
+            self.store.set(job.id, state=state, ended=time.time(), exit_code=code)
