@@ -194,11 +194,12 @@ def test_runs_page_lists_cli_runs_without_server_paths(tmp_path):
     assert c.get("/runs/from-cli/metrics").json()["checkpoints"] == ["checkpoint-2"]
 
 
-def first_events(runs: Path, name: str, n: int) -> list[str]:
-    """The first n server-sent events of a run's page (the route's own stream, no socket)."""
+def first_events(runs: Path, name: str, n: int, app=None) -> list[str]:
+    """The first n server-sent events of a run's page (the route's own stream, no socket); `app`: a
+    studio already open on `runs` (a new one would mark its running jobs interrupted)."""
     import asyncio
 
-    app = create_app(runs, start_worker=False)
+    app = app or create_app(runs, start_worker=False)
     route = next(r for r in app.routes if getattr(r, "path", "") == "/runs/{name}/events")
 
     class Request:
@@ -1012,3 +1013,111 @@ def test_the_studio_learns_its_gpus_without_torch(tmp_path):
     code = "import sys, qlora_llm.cli, qlora_llm.studio.app, qlora_llm.studio.gpus; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
     assert done.stdout.strip() == "False", done.stderr
+
+
+# What an export logs, step by step (q4_k_m, the first on this machine: merge, fetch and build too): each
+# format string as it stands in the module that logs it, with arguments as a real export gives them.
+EXPORT_LOG = [
+    (
+        "export",
+        "no verified merge of this adapter beside %s yet: merging it first (qlora-llm merge)",
+        ("/r/a",),
+    ),
+    (
+        "merge",
+        "merged %s into %s in %.0f s: max logit difference %.1e, %d/%d greedy answers identical",
+        ("/r/a/final_adapter", "/r/a/merged", 41.2, 3.1e-6, 4, 4),
+    ),
+    ("llamacpp", "fetching llama.cpp (vendored in llama-cpp-python %s, 76 MB, once)", ("0.3.36",)),
+    ("export", "converting %s to GGUF %s with llama.cpp's converter", ("/r/a/merged", "f16")),
+    (
+        "llamacpp",
+        "building llama.cpp's %s from source, once (a few minutes per core)...",
+        ("llama-quantize, llama-results, llama-completion",),
+    ),
+    ("llamacpp", "building llama.cpp: %d%%%s", (3, "")),
+    ("llamacpp", "building llama.cpp: %d%%%s", (40, ", about 3 min left")),
+    ("llamacpp", "built llama.cpp's tools in %.0f s (%s)", (212.4, "/cache/llama.cpp/0.3.36/bin")),
+    ("export", "quantizing to %s with llama-quantize", ("q4_k_m",)),
+    ("export", "verifying the %s GGUF in llama.cpp against transformers on %d prompts", ("q4_k_m", 4)),
+    ("export", "exported %s as %s to %s in %.0f s", ("a", "gguf", "/r/a/export-gguf-q4_k_m", 301.7)),
+]
+EXPORT_STEPS_SHOWN = [
+    ("merging the adapter", None),
+    ("merged and checked", None),
+    ("fetching llama.cpp", None),
+    ("converting to GGUF f16", None),
+    ("building llama.cpp", 0),
+    ("building llama.cpp", 3),
+    ("building llama.cpp, about 3 min left", 40),
+    ("built llama.cpp", None),
+    ("quantizing to q4_k_m", None),
+    ("verifying in llama.cpp", None),
+    ("exported", 100),
+]
+
+
+def export_log_lines() -> list[str]:
+    """EXPORT_LOG as the CLI writes it to the job's log (cli.py's logging format)."""
+    import logging
+
+    formatter = logging.Formatter("%(levelname)s %(name)s: %(message)s")
+    return [
+        formatter.format(
+            logging.makeLogRecord(
+                {"name": f"qlora_llm.{module}", "levelname": "INFO", "msg": fmt, "args": args}
+            )
+        )
+        for module, fmt, args in EXPORT_LOG
+    ]
+
+
+def test_export_progress_is_read_from_the_exports_own_log_lines():
+    from qlora_llm.studio.stages import export_progress
+
+    src = Path(__file__).resolve().parents[1] / "src" / "qlora_llm"
+    for module, fmt, _ in EXPORT_LOG:  # the messages are the source's own, not made up here
+        assert f'"{fmt}"' in (src / f"{module}.py").read_text(), (module, fmt)
+    lines = export_log_lines()
+    assert lines[6] == "INFO qlora_llm.llamacpp: building llama.cpp: 40%, about 3 min left"
+    assert export_progress([]) is None
+    noise = [
+        "Loading checkpoint shards:  50%|#####     | 1/2 [00:01<00:01,  1.02s/it]",
+        "WARNING qlora_llm.export: llama.cpp's output does not start with the prompt it was given: 'x'",
+        "INFO qlora_llm.model: applied adapter /r/a/final_adapter (unmerged)",
+    ]
+    assert export_progress(noise) is None
+    for n, shown in enumerate(EXPORT_STEPS_SHOWN, start=1):  # after each line, its step: the last one wins
+        assert export_progress(lines[:n] + noise) == shown, lines[n - 1]
+
+
+def test_an_export_jobs_progress_is_on_the_run_page_and_pushed_live(tmp_path):
+    cli_run(tmp_path, "a")
+    c = client(tmp_path)
+    c.post("/runs/a/export", data={"format": "gguf", "quant": "q4_k_m", "csrf": csrf(c)})
+    store = JobStore(tmp_path)
+    store.set(1, state="running", pid=4242)
+    lines = export_log_lines()
+    Path(store.get(1).log).write_text("")
+    row = re.search(r"<tr id='job-1'>.*?</tr>", c.get("/runs/a").text).group(0)
+    assert "<progress id='progress-1' max='100'></progress>" in row  # under way, no step logged yet
+    Path(store.get(1).log).write_text("".join(line + "\n" for line in lines[:7]))
+    row = re.search(r"<tr id='job-1'>.*?</tr>", c.get("/runs/a").text).group(0)
+    assert "<progress id='progress-1' max='100' value='40'></progress>" in row
+    assert "building llama.cpp, about 3 min left · 40%" in row
+    # The run's live events carry it: reset, 3 metrics rows, the status, the jobs, then the progress.
+    events = first_events(tmp_path, "a", 7, c.app)
+    assert events[6] == 'event: progress\ndata: {"1": ["building llama.cpp, about 3 min left", 40]}\n\n'
+    with open(store.get(1).log, "a") as log:
+        log.write("".join(line + "\n" for line in lines[7:9]))
+    assert (
+        first_events(tmp_path, "a", 7, c.app)[6]
+        == 'event: progress\ndata: {"1": ["quantizing to q4_k_m", null]}\n\n'
+    )
+    with open(store.get(1).log, "a") as log:
+        log.write("".join(line + "\n" for line in lines[9:]))
+    store.set(1, state="done", exit_code=0)
+    assert "exported · 100%" in c.get("/runs/a").text
+    # Other stages have no progress cell.
+    c.post("/runs/a/merge", data={"csrf": csrf(c)})
+    assert "<progress id='progress-2'" not in c.get("/runs/a").text

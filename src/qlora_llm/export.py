@@ -432,9 +432,10 @@ def compare_with_llama_cpp(
     from qlora_llm.generate import generate_greedy
     from qlora_llm.model import load_target
 
+    prompts = _verify_prompts()
+    log.info("verifying the %s GGUF in llama.cpp against transformers on %d prompts", kind, len(prompts))
     loaded = load_target(merged, device=device)
     tokenizer = loaded.tokenizer
-    prompts = _verify_prompts()
     rendered = [render_prompt([{"role": "user", "content": p}], template, tokenizer) for p in prompts]
     ids = [tokenizer(r, add_special_tokens=True)["input_ids"] for r in rendered]
     answers = generate_greedy(loaded, ids, max_new_tokens=VERIFY_MAX_NEW_TOKENS, batch_size=1)
@@ -598,6 +599,7 @@ def _export_gguf(
             log.info("converting %s to GGUF %s with llama.cpp's converter", merged_dir, quant)
             tools.convert(stage, gguf_file, quant)
         else:
+            log.info("converting %s to GGUF %s with llama.cpp's converter", merged_dir, "f16")
             tools.convert(stage, scratch / "f16.gguf", "f16")
             log.info("quantizing to %s with llama-quantize", quant)
             tools.quantize(scratch / "f16.gguf", gguf_file, quant)

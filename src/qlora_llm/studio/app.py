@@ -38,7 +38,7 @@ from qlora_llm.studio import chat, clone, evaluation, stages, upload
 from qlora_llm.studio.form import new_form, nproc_field, validate_form
 from qlora_llm.studio.gpus import gpus_wanted, too_many
 from qlora_llm.studio.jobs import Job, JobStore, Worker
-from qlora_llm.studio.web import Refused, Studio, e, hide_paths, loss, page, run_folder
+from qlora_llm.studio.web import Refused, Studio, e, hide_paths, log_lines, loss, page, run_folder
 
 log = logging.getLogger(__name__)
 
@@ -309,11 +309,12 @@ def _add_run_routes(app: FastAPI, studio: Studio) -> None:
     @app.get("/runs/{name}/events")
     async def run_events(name: str, request: Request) -> StreamingResponse:
         """Server-sent events: every metrics.jsonl row (all of them, then each new one), the training's
-        status, and the run's jobs (an evaluation finishing re-renders the page with its report)."""
+        status, the run's jobs (an evaluation finishing re-renders the page with its report), and its
+        running exports' progress ({job id: [step, percent or null]}, read from their logs)."""
         folder = run_folder(runs, name)
 
         async def stream():
-            sent, status, jobs = 0, None, None
+            sent, status, jobs, progress = 0, None, None, None
             yield "event: reset\ndata: {}\n\n"
             while not await request.is_disconnected():
                 rows = read_metrics(folder)
@@ -331,6 +332,11 @@ def _add_run_routes(app: FastAPI, studio: Studio) -> None:
                 if states != jobs:
                     jobs = states
                     yield f"event: jobs\ndata: {states}\n\n"
+                running = [j for j in store.for_run(name) if j.state == "running" and j.stage == "export"]
+                now = {str(j.id): step for j in running if (step := stages.job_progress(j))}
+                if now and now != progress:
+                    progress = now
+                    yield f"event: progress\ndata: {json.dumps(now)}\n\n"
                 await asyncio.sleep(0.5)
 
         return StreamingResponse(
@@ -524,7 +530,7 @@ def run_body(studio: Studio, name: str) -> str:
     checkpoints = "".join(f"<li>{e(c)}</li>" for c in info["checkpoints"]) or "<li>none yet</li>"
     job_rows = "".join(
         f"<tr id='job-{j.id}'><td>{j.id}</td><td>{e(j.stage)}</td><td class='state'>{e(j.state)}</td>"
-        f"<td class='gpus'>{e(on_gpus(j))}</td>"
+        f"<td class='gpus'>{e(on_gpus(j))}</td><td>{stages.progress_cell(j)}</td>"
         f"<td><code>{e(studio.hide_paths(shlex.join(['qlora-llm', *j.command[3:]])))}</code></td></tr>"
         for j in jobs
     )
@@ -541,7 +547,7 @@ def run_body(studio: Studio, name: str) -> str:
         "<canvas id='speed-chart' width='800' height='140'></canvas>"
         f"<h2>Command</h2><pre id='command'>{e(studio.hide_paths(shlex.join(['qlora-llm', *latest.command[3:]])) if latest else '')}</pre>"
         f"<h2>Log</h2><pre id='log'>{e(studio.hide_paths(log_tail(latest)))}</pre>"
-        f"<h2>Jobs</h2><table id='jobs'><tr><th>job</th><th>stage</th><th>state</th><th>GPUs</th><th>command</th></tr>{job_rows}</table>"
+        f"<h2>Jobs</h2><table id='jobs'><tr><th>job</th><th>stage</th><th>state</th><th>GPUs</th><th>progress</th><th>command</th></tr>{job_rows}</table>"
         f"<h2>Checkpoints</h2><ul id='checkpoints'>{checkpoints}</ul>"
         f"{evaluation.eval_section(name, info['evaluation'])}{stages.stage_forms(name, studio)}"
         f"<h2>Config</h2><pre>{e(studio.hide_paths(yaml.safe_dump(info['config'], sort_keys=False)))}</pre>"
@@ -560,13 +566,9 @@ def memory(memory_bytes: int | None) -> str:
 
 
 def log_tail(job: Job | None) -> str:
-    if job is None or not Path(job.log).is_file():
+    if job is None:
         return ""
-    with open(job.log, "rb") as f:
-        f.seek(max(0, Path(job.log).stat().st_size - LOG_TAIL_BYTES))
-        # Progress bars redraw with \r: each redraw is a line of its own, the last ones kept.
-        text = f.read().decode("utf-8", errors="replace").replace("\r", "\n")
-    return "\n".join(line for line in text.splitlines() if line.strip())
+    return "\n".join(line for line in log_lines(job.log, LOG_TAIL_BYTES) if line.strip())
 
 
 def compare_body(studio: Studio, names: list[str]) -> str:

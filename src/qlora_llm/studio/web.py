@@ -82,3 +82,14 @@ def hide_paths(text: str, runs: Path, data: Path) -> str:
     for root, label in ((runs.resolve(), "runs"), (data.resolve(), "data")):
         text = text.replace(str(root), label)
     return text
+
+
+def log_lines(path: str | Path, limit: int) -> list[str]:
+    """The last `limit` bytes of a job's log as lines. Progress bars redraw with \\r: each redraw is a
+    line of its own."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - limit))
+        return f.read().decode("utf-8", errors="replace").replace("\r", "\n").splitlines()

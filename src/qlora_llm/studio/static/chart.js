@@ -1,5 +1,6 @@
 // Tiny line charts on canvases: train and eval loss over steps, and below it tokens/s and peak memory,
-// live from the run's SSE stream. No dependencies, so the studio works offline and ships with the package.
+// live from the run's SSE stream, with a running export's step and percent. No dependencies, so the studio
+// works offline and ships with the package.
 (function () {
   const canvas = document.getElementById("chart");
   if (!canvas) return;
@@ -103,6 +104,17 @@
   // Likewise when one of the run's jobs (an evaluation, a merge, an export) is queued, starts or ends.
   source.addEventListener("jobs", (event) => {
     if (canvas.dataset.jobs !== undefined && canvas.dataset.jobs !== event.data) location.reload();
+  });
+  // A running export's step and percent (the studio reads them from its log as the lines arrive).
+  source.addEventListener("progress", (event) => {
+    for (const [id, [step, percent]] of Object.entries(JSON.parse(event.data))) {
+      const bar = document.getElementById("progress-" + id);
+      const text = document.getElementById("step-" + id);
+      if (!bar || !text) continue;
+      if (percent === null) bar.removeAttribute("value");
+      else bar.value = percent;
+      text.textContent = percent === null ? step : step + " · " + percent + "%";
+    }
   });
   draw(); drawUsage();
 })();
