@@ -1,6 +1,6 @@
 """The studio end to end in a real Chromium (Debian's, driven by Playwright): form -> live chart -> stop ->
-resume -> done -> evaluate (the report in the page) -> clone with changes -> compare -> chat (base vs
-fine-tuned), on the tiny test model. Screenshots land in the test's tmp folder; with STUDIO_SCREENSHOTS=DIR
+resume -> done -> evaluate (the report in the page) -> clone with changes -> compare -> chat (the run beside
+its clone, two turns of one conversation), on the tiny test model. Screenshots land in the test's tmp folder; with STUDIO_SCREENSHOTS=DIR
 they are also copied into DIR (how docs/img/ was made).
 
     .venv/bin/pytest tests/test_studio_browser.py -q
@@ -209,20 +209,58 @@ def test_launch_watch_stop_resume_in_chromium(studio, tmp_path, tiny_mistral, ti
         expect(page.locator("#diff")).not_to_contain_text("lora.r")
         page.screenshot(path=str(shots / "compare.png"), full_page=True)
 
-        # Chat: the studio starts `qlora-llm serve runs/browser`; base and fine-tuned answer side by side.
+        # Chat: the run beside its clone (the same base, both trained above): the studio starts
+        # `qlora-llm serve runs/browser --adapter browser-2=runs/browser-2/final_adapter`, and both answer
+        # side by side (the base beside the run is tested over HTTP: test_studio.py).
+        asked = []  # what the page sends the studio's relay: a column's model and its whole conversation
+        page.on(
+            "request", lambda r: asked.append(r.post_data_json) if r.url.endswith("/chat/complete") else None
+        )
         page.goto(url + "/runs/browser")
         page.click("#chat-link")
+        page.select_option("#chat-second", "browser-2")
+        expect(page.locator("#serve-command")).to_contain_text(
+            "--adapter browser-2=runs/browser-2/final_adapter"
+        )
         page.click("#chat-start")
         page.wait_for_function("document.getElementById('chat-state').textContent === 'ready'")
         expect(page.locator("#tuned-model")).to_have_text("fine-tuned: browser")
-        expect(page.locator("#base-model")).to_contain_text("base: ")
+        expect(page.locator("#base-model")).to_have_text("other run: browser-2")
         page.fill("#prompt", "What comes after a?")
         page.fill("input[name=max_tokens]", "6")
+        # Sampled, seeded: greedy, the 4-step clone's first token is its end of text (an empty answer). The
+        # tiny model's logits are nearly flat, so the seed decides most tokens and the two columns may read
+        # alike: the requests below show which model each column asked.
+        page.fill("input[name=temperature]", "1")
+        page.fill("input[name=seed]", "0")
         page.click("#send")
+        answers = {}
         for side in ("base", "tuned"):
             page.wait_for_function(f"document.getElementById('{side}-answer').dataset.done === '1'")
             expect(page.locator(f"#{side}-finish")).to_contain_text("finish: ")
+            answers[side] = page.locator(f"#{side}-answer").text_content()
+            assert answers[side].strip(), f"the {side} column's answer is empty"
         assert page.locator("#chat-error").text_content() == ""
+        model = {"base": "browser-2", "tuned": "browser"}  # the second column is the other run
+        assert sorted((a["model"], len(a["messages"])) for a in asked) == [("browser", 1), ("browser-2", 1)]
+        # A second turn of the same conversation: each column sends its first turn and its own answer too.
+        page.fill("#prompt", "And after b?")
+        page.click("#send")  # waits for Send to be enabled again: one turn at a time
+        for side in ("base", "tuned"):
+            page.wait_for_function(f"document.getElementById('{side}-answer').dataset.done === '1'")
+            turns = page.locator(f"#{side}-history .turn")
+            expect(turns).to_have_count(3)  # you: the first prompt, its answer, you: the second prompt
+            assert turns.nth(0).text_content() == "you: What comes after a?"
+            assert turns.nth(1).text_content() == answers[side]
+            assert turns.nth(2).text_content() == "you: And after b?"
+            assert page.locator(f"#{side}-answer").text_content().strip(), (
+                f"the {side} column's second answer"
+            )
+        assert page.locator("#chat-error").text_content() == ""
+        second = {a["model"]: a["messages"] for a in asked[2:]}
+        for side in ("base", "tuned"):  # each column sent its own first turn and its own answer
+            assert [m["role"] for m in second[model[side]]] == ["user", "assistant", "user"]
+            assert second[model[side]][1]["content"] == answers[side]
         page.screenshot(path=str(shots / "chat.png"), full_page=True)
         page.click("#chat-stop")
         page.wait_for_function("document.getElementById('chat-state').textContent === 'stopped'")
