@@ -1121,3 +1121,16 @@ def test_an_export_jobs_progress_is_on_the_run_page_and_pushed_live(tmp_path):
     # Other stages have no progress cell.
     c.post("/runs/a/merge", data={"csrf": csrf(c)})
     assert "<progress id='progress-2'" not in c.get("/runs/a").text
+
+
+def test_pages_name_a_local_model_folder_without_its_server_path(tmp_path):
+    runs = tmp_path / "runs"
+    folder = cli_run(runs)
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    config["model"]["name"] = "/srv/models/team/my-model"
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    c = client(runs)
+    for url in ("/", "/runs/from-cli"):
+        page = c.get(url).text
+        assert "/srv/models" not in page and "my-model" in page, url
+    assert ".../my-model" in c.get("/runs/from-cli").text  # the config shown, path shortened

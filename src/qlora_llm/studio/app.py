@@ -98,6 +98,11 @@ def metrics_summary(run_dir: Path) -> dict:
     }
 
 
+def _model_label(name: str) -> str:
+    """A Hub id or a known name as it is; a local model folder by its name alone (no server paths)."""
+    return Path(name).name if name.startswith("/") else name
+
+
 def run_info(run_dir: Path, store: JobStore) -> dict:
     """What the runs page shows for one folder, whoever started it (CLI or studio)."""
     config: dict = {}
@@ -121,7 +126,7 @@ def run_info(run_dir: Path, store: JobStore) -> dict:
     return {
         "name": run_dir.name,
         "status": status,
-        "model": config.get("model", {}).get("name", ""),
+        "model": _model_label(str(config.get("model", {}).get("name", "") or "")),
         "data": Path(str(config.get("data", {}).get("train_file", "") or "")).name,
         "step": metrics["step"],
         "max_steps": train.get("max_steps", ""),

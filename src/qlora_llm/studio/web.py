@@ -77,11 +77,16 @@ def loss(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
 
 
+# An absolute path of two or more parts, not inside a URL (after "//" or "host:port").
+_SERVER_PATH = re.compile(r"(?<![\w.~:/-])/(?:[^\s/'\"<>:]+/)+([^\s/'\"<>:]+)")
+
+
 def hide_paths(text: str, runs: Path, data: Path) -> str:
-    """Pages show paths relative to the studio's folders, never where those folders are on the server."""
+    """Pages show paths relative to the studio's folders, never where those folders are on the server;
+    any other absolute path (a local model folder, a temporary file) as its last part: .../name."""
     for root, label in ((runs.resolve(), "runs"), (data.resolve(), "data")):
         text = text.replace(str(root), label)
-    return text
+    return _SERVER_PATH.sub(lambda m: f".../{m[1]}", text)
 
 
 def log_lines(path: str | Path, limit: int) -> list[str]:
