@@ -527,15 +527,7 @@ def test_collated_batch_labels_completion_and_eos_never_padding(
             return super().train(*a, **k)
 
     patch_trainer(monkeypatch, Spy)
-    train(
-        tiny_cfg(
-            tiny_mistral,
-            tiny_data,
-            tmp_path / "run",
-            *ONE_STEP,
-            "train.group_by_length=false",
-        )
-    )
+    train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "run", *ONE_STEP, "train.group_by_length=false"))
     from qlora_llm.model import load_tokenizer
 
     batch, tok = seen["batch"], load_tokenizer(str(tiny_mistral))

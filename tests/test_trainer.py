@@ -23,14 +23,7 @@ def test_trainable_weights_are_fp32_on_cpu_despite_trl_cast(tiny_mistral, tiny_d
             return super().train(*a, **k)
 
     patch_trainer(monkeypatch, Spy)
-    train(
-        tiny_cfg(
-            tiny_mistral,
-            tiny_data,
-            tmp_path / "run",
-            *ONE_STEP,
-        )
-    )
+    train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "run", *ONE_STEP))
     assert seen["dtypes"] == {torch.float32}
     assert seen["base"] == {"Linear4bit"}  # it really is QLoRA on a 4-bit base
 
@@ -97,14 +90,7 @@ def test_packed_and_padded_batches_give_the_same_loss(tiny_mistral, tiny_data, t
             return super().train(*a, **k)
 
     patch_trainer(monkeypatch, Spy)
-    train(
-        tiny_cfg(
-            tiny_mistral,
-            tiny_data,
-            tmp_path / "run",
-            *ONE_STEP,
-        )
-    )
+    train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "run", *ONE_STEP))
     assert seen["packed_shape"][0] == 1 and seen["padded_shape"][0] == 4
     assert seen["packed"] == pytest.approx(seen["padded"], rel=1e-5)
 
