@@ -121,11 +121,6 @@ CPU_LOSS_TILE = (256, 8192)
 """Tokens x vocabulary entries per tile of TRL's fused LM head on CPU, which train.py sets (see there)."""
 CPU_FOLD_TEMPORARIES = 8
 """fp32 tile-sized temporaries TRL's torch fold (no Triton: CPU) holds at once; bench/loss_tiles.py."""
-RUN_TRAINING_LEFTOVER = 35 * GIB // 100
-"""What training leaves in a CPU process that then evaluates (`qlora-llm run`, `make demo`): the base's
-evaluation window peaked 0.36 GiB higher after training in the same process than in one that only
-evaluates (SmolLM2, bf16 training; oneDNN's cache of bf16 kernels is the likeliest holder, not proven).
-A measured constant, not a formula: `qlora-llm evaluate` alone runs ~0.35 GiB under this stage."""
 LM_EVAL_LOGITS_COPIES = 3
 """(B, T, vocab) logits-sized tensors lm-eval's log-likelihood batch holds at once: 2.7-2.8 measured."""
 EVAL_LOGITS_TILE_BYTES = 64 * 2**20
@@ -983,7 +978,8 @@ def estimate_stages(
     (`evaluation`, else the training length; its LM head a tile of positions at a time), greedy generation's KV cache over prompt +
     eval.max_new_tokens, and lm-eval's batch of eval.general_batch_size general-benchmark requests
     (3 logits-sized tensors in the model's dtype); the base's KL log-probs, kept for the fine-tuned
-    model; on CPU what training leaves in the process (`RUN_TRAINING_LEFTOVER`). merge: the base in full precision and the merged copy
+    model (`qlora-llm run` trains in a process of its own, so nothing training leaves is under the
+    evaluation). merge: the base in full precision and the merged copy
     beside it. serve: the weights in serve.quantization and the KV cache of serve.max_batch_size rows.
     """
     shape = ModelShape.from_config(model_config)
@@ -1043,7 +1039,6 @@ def estimate_stages(
             # lm-eval, its tasks and rouge-score imported on top of training's libraries (RSS, CPU only).
             "evaluation libraries": EVAL_LIBRARIES if e.general_tasks and setup["device"] == "cpu" else 0,
             "base's KL log-probs": kl,
-            "left by training (run, CPU)": RUN_TRAINING_LEFTOVER if setup["device"] == "cpu" else 0,
         },
         f"{_weights_kind(e.quantization)} weights in {infer_dtype}, base and tuned one after another; "
         f"the largest batch: {largest[1]}",
