@@ -16,6 +16,7 @@ from conftest import (
     lora_state,
     no_partial_files,
     patch_trainer,
+    read_metrics,
     resume_ends_as_straight,
     run_train_script,
     tiny_cfg,
@@ -59,6 +60,12 @@ def test_resume_gives_the_same_weights_as_straight_training(tiny_mistral, tiny_d
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
     c = lora_state(tmp_path / "straight" / "checkpoint-10")
     assert any(not torch.equal(a[k], c[k]) for k in a)  # the comparison is not between untrained weights
+    # The run's token count (the studio's x-axis by tokens) continues across the resume, as the step does.
+    straight, split = (read_metrics(tmp_path / name) for name in ("straight", "split"))
+    assert straight[-1]["tokens"] == split[-1]["tokens"] > 0
+    assert [r["tokens"] for r in split if r["step"] == 20] == [
+        r["tokens"] for r in straight if r["step"] == 20
+    ]
 
 
 def test_checkpoint_of_another_lora_shape_is_refused(tiny_mistral, tiny_data, tmp_path):

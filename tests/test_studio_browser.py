@@ -155,6 +155,11 @@ def test_launch_watch_stop_resume_in_chromium(studio, tmp_path, tiny_mistral, ti
         page.screenshot(path=str(shots / "run-live.png"), full_page=True)
         page.reload()
         page.wait_for_function(f"Number(document.getElementById('chart').dataset.points) >= {before}")
+        # x by tokens trained: every logged row carries the run's token count, so no point is dropped.
+        page.select_option("#xaxis", "tokens")
+        expect(page.locator("#chart")).to_have_attribute("data-axis", "tokens")
+        page.wait_for_function(f"Number(document.getElementById('chart').dataset.points) >= {before}")
+        page.select_option("#xaxis", "step")
 
         # Stop: SIGTERM, the CLI saves a checkpoint at the next step and exits.
         page.click("#stop")

@@ -158,6 +158,7 @@ def make_monitor(run_dir: Path, device: str, stop_requests: list[str], world_siz
                 seconds, tokens = self.train_seconds, self.trainer.tokens_seen
                 row["tokens_per_s"] = round((tokens - self.mark[1]) / max(seconds - self.mark[0], 1e-9), 2)
                 self.mark = (seconds, tokens)
+            row["tokens"] = state.num_input_tokens_seen  # all processes' tokens so far, resumes included
             row["memory_bytes"] = peak_bytes(device)
             with open(self.metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")

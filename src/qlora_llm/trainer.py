@@ -137,6 +137,9 @@ class QLoRATrainerMixin:
         if self.args.world_size > 1:
             tokens = self.accelerator.reduce(tokens.to(self.args.device), "sum")  # all ranks' tokens
         self.tokens_seen += int(tokens)
+        # The run's total, in TrainerState: saved with each checkpoint and restored on resume (transformers'
+        # own count, include_num_input_tokens_seen, is off: it would count these tokens a second time).
+        self.state.num_input_tokens_seen += int(tokens)
         return loss
 
     def _prepare_dataset(self, dataset, *args, **kwargs):

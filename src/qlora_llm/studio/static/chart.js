@@ -8,6 +8,12 @@
   const series = { loss: [], eval_loss: [] };
   const colors = { loss: "#1f77b4", eval_loss: "#d62728" };
   const logBox = document.getElementById("logscale");
+  // x by optimizer step, or by tokens trained (metrics.jsonl's cumulative `tokens`, kept across resumes).
+  const axis = document.getElementById("xaxis");
+  const byTokens = () => axis && axis.value === "tokens";
+  const xOf = (p) => (byTokens() ? p[2] : p[0]);
+  const shown = (pts) => pts.filter((p) => xOf(p) !== undefined);
+  const xLabel = (x) => (byTokens() ? x.toLocaleString("en-US") + " tokens" : "step " + x);
   const count = document.getElementById("points");
   const status = document.getElementById("status");
   const progress = document.getElementById("progress");
@@ -28,23 +34,23 @@
     const c = speedCanvas.getContext("2d");
     const W = speedCanvas.width, H = speedCanvas.height, pad = 40;
     c.clearRect(0, 0, W, H);
-    const all = usage.tokens_per_s.concat(usage.memory_bytes);
+    const all = shown(usage.tokens_per_s.concat(usage.memory_bytes));
     speedCanvas.dataset.points = String(all.length);
     if (all.length === 0) return;
-    let x0 = Math.min(...all.map((p) => p[0])), x1 = Math.max(...all.map((p) => p[0]));
+    let x0 = Math.min(...all.map(xOf)), x1 = Math.max(...all.map(xOf));
     if (x1 === x0) x1 = x0 + 1;
     const sx = (x) => pad + ((x - x0) / (x1 - x0)) * (W - 2 * pad);
     c.strokeStyle = "#999"; c.strokeRect(pad, 10, W - 2 * pad, H - 10 - pad / 2);
     c.font = "11px sans-serif";
     for (const name of ["tokens_per_s", "memory_bytes"]) {
-      const pts = usage[name];
+      const pts = shown(usage[name]);
       if (pts.length === 0) continue;
       let y0 = Math.min(...pts.map((p) => p[1])), y1 = Math.max(...pts.map((p) => p[1]));
       if (y1 === y0) { y0 = y0 * 0.9; y1 = y1 * 1.1 || 1; }
       const sy = (y) => H - pad / 2 - ((y - y0) / (y1 - y0)) * (H - 10 - pad / 2);
       const left = name === "tokens_per_s";
       c.strokeStyle = usageColors[name]; c.fillStyle = usageColors[name]; c.beginPath();
-      pts.forEach((p, i) => (i ? c.lineTo(sx(p[0]), sy(p[1])) : c.moveTo(sx(p[0]), sy(p[1]))));
+      pts.forEach((p, i) => (i ? c.lineTo(sx(xOf(p)), sy(p[1])) : c.moveTo(sx(xOf(p)), sy(p[1]))));
       c.stroke();
       c.fillText(fmt[name](y1).split(" ")[0], left ? 2 : W - pad + 2, 18);
       c.fillText(fmt[name](y0).split(" ")[0], left ? 2 : W - pad + 2, H - pad / 2);
@@ -56,11 +62,12 @@
     ctx.clearRect(0, 0, W, H);
     const log = logBox && logBox.checked;
     const f = (v) => (log ? Math.log10(Math.max(v, 1e-12)) : v);
-    const all = series.loss.concat(series.eval_loss);
+    const all = shown(series.loss.concat(series.eval_loss));
     if (count) count.textContent = String(all.length);
     canvas.dataset.points = String(all.length);
+    canvas.dataset.axis = byTokens() ? "tokens" : "step";
     if (all.length === 0) return;
-    let x0 = Math.min(...all.map((p) => p[0])), x1 = Math.max(...all.map((p) => p[0]));
+    let x0 = Math.min(...all.map(xOf)), x1 = Math.max(...all.map(xOf));
     let y0 = Math.min(...all.map((p) => f(p[1]))), y1 = Math.max(...all.map((p) => f(p[1])));
     if (x1 === x0) x1 = x0 + 1;
     if (y1 === y0) y1 = y0 + 1;
@@ -70,18 +77,21 @@
     ctx.fillStyle = "#333"; ctx.font = "11px sans-serif";
     ctx.fillText((log ? 10 ** y1 : y1).toPrecision(3), 2, pad + 4);
     ctx.fillText((log ? 10 ** y0 : y0).toPrecision(3), 2, H - pad);
-    ctx.fillText("step " + x0, pad, H - pad + 14);
-    ctx.fillText("step " + x1, W - pad - 40, H - pad + 14);
+    ctx.fillText(xLabel(x0), pad, H - pad + 14);
+    ctx.textAlign = "right";
+    ctx.fillText(xLabel(x1), W - pad, H - pad + 14);
+    ctx.textAlign = "left";
     for (const name of ["loss", "eval_loss"]) {
-      const pts = series[name];
+      const pts = shown(series[name]);
       ctx.strokeStyle = colors[name]; ctx.fillStyle = colors[name]; ctx.beginPath();
-      pts.forEach((p, i) => (i ? ctx.lineTo(sx(p[0]), sy(p[1])) : ctx.moveTo(sx(p[0]), sy(p[1]))));
+      pts.forEach((p, i) => (i ? ctx.lineTo(sx(xOf(p)), sy(p[1])) : ctx.moveTo(sx(xOf(p)), sy(p[1]))));
       ctx.stroke();
-      pts.forEach((p) => ctx.fillRect(sx(p[0]) - 2, sy(p[1]) - 2, 4, 4));
+      pts.forEach((p) => ctx.fillRect(sx(xOf(p)) - 2, sy(p[1]) - 2, 4, 4));
     }
   }
 
   if (logBox) logBox.addEventListener("change", draw);
+  if (axis) axis.addEventListener("change", () => { draw(); drawUsage(); });
   const source = new EventSource(canvas.dataset.events);
   source.addEventListener("reset", () => {
     series.loss = []; series.eval_loss = []; usage.tokens_per_s = []; usage.memory_bytes = [];
@@ -89,8 +99,8 @@
   });
   source.onmessage = (event) => {
     const row = JSON.parse(event.data);
-    for (const name of ["loss", "eval_loss"]) if (name in row) series[name].push([row.step, row[name]]);
-    for (const name of ["tokens_per_s", "memory_bytes"]) if (name in row) usage[name].push([row.step, row[name]]);
+    for (const name of ["loss", "eval_loss"]) if (name in row) series[name].push([row.step, row[name], row.tokens]);
+    for (const name of ["tokens_per_s", "memory_bytes"]) if (name in row) usage[name].push([row.step, row[name], row.tokens]);
     if ("tokens_per_s" in row && speedText) speedText.textContent = fmt.tokens_per_s(row.tokens_per_s);
     if ("memory_bytes" in row && memoryText) memoryText.textContent = fmt.memory_bytes(row.memory_bytes);
     if (progress && canvas.dataset.maxSteps) progress.textContent = row.step + " / " + canvas.dataset.maxSteps;
