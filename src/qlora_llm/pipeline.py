@@ -161,7 +161,7 @@ def _train_apart(cfg: Config) -> dict[str, Any]:
     Why apart: training leaves memory in the process that ran it (~0.35 GiB measured on CPU after the
     demo's bf16 training; kernel caches of oneDNN are the likeliest holder, and no API empties them), and
     the evaluation that follows would stack on it. A child process returns all of it when it exits.
-    The child is in its own process group, so a Ctrl-C at the terminal reaches it once, through us:
+    The child is in a session of its own, so a Ctrl-C at the terminal reaches it once, through us:
     SIGINT and SIGTERM are forwarded (the first stops training at the next step with a checkpoint, a
     second stops now, as with `qlora-llm train`), and it is sent SIGTERM if this process dies.
     """
@@ -184,7 +184,7 @@ def _train_apart(cfg: Config) -> dict[str, Any]:
             str(level),
             str(int(quiet.installed())),
         ]
-        child = subprocess.Popen(command, stdin=subprocess.PIPE, process_group=0)
+        child = subprocess.Popen(command, stdin=subprocess.PIPE, start_new_session=True)
         handlers = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -240,8 +240,9 @@ def _train_child(out: Path, level: int, install_filters: bool) -> int:
     from qlora_llm.train import train
 
     request = json.loads(sys.stdin.read())
-    # Linux: SIGTERM when the parent dies (even by SIGKILL), so no orphan trains on; checked after.
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if sys.platform.startswith("linux"):
+        # SIGTERM when the parent dies (even by SIGKILL), so no orphan trains on; checked after.
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     if os.getppid() != request["parent"]:
         return 1
     quiet.setup_logging(level)
