@@ -275,10 +275,10 @@ def tiny_run(tiny_mistral, tmp_path_factory) -> Path:
             f"eval.benchmark_prompts={folder / 'bench.json'}",
             "eval.max_new_tokens=4",
             "eval.speed_runs=2",
-            # General benchmarks (tests/test_benchmarks.py): a few items each keeps every evaluation quick.
-            "eval.general_limit=6",
-            "eval.general_generative_limit=6",
-            "eval.general_max_new_tokens=4",
+            # No general benchmarks: lm-eval's tasks cost ~10 s per evaluation of this run (0.7 s without);
+            # the tests of them opt in (test_benchmarks.SMALL, test_sweep).
+            "eval.general_tasks=[]",
+            "eval.general_generative=[]",
         ],
     )
     return train(cfg).run_dir

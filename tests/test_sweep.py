@@ -42,12 +42,21 @@ def test_a_sweep_on_the_tiny_run(tiny_run, tmp_path, capsys):
     even when the config names a test file."""
     from qlora_llm.cli import main
 
-    cfg = load_config(tiny_run / "config.yaml", [f"eval.data_file={tmp_path / 'never-read.jsonl'}"])
+    general = [  # the run's config has none (conftest): a few items of one task of each kind
+        "eval.general_tasks=[arc_easy]",
+        "eval.general_generative=[basic_skills_common_knowledge]",
+        "eval.general_limit=6",
+        "eval.general_generative_limit=6",
+        "eval.general_max_new_tokens=4",
+    ]
+    cfg = load_config(tiny_run / "config.yaml", [f"eval.data_file={tmp_path / 'never-read.jsonl'}", *general])
     result = sweep_adapter_scale(cfg, tiny_run, [1.0, 0.0], output_dir=tmp_path / "sweep")
     assert [r["scale"] for r in result.rows] == [0.0, 1.0]
     zero, one = result.rows
     assert zero["task_tuned"] == zero["task_base"] and zero["kl"] == pytest.approx(0.0, abs=1e-9)
-    assert all(g["diff"] == 0 for g in zero["general"]) and zero["keeps_general"]
+    assert (
+        len(zero["general"]) == 2 and all(g["diff"] == 0 for g in zero["general"]) and zero["keeps_general"]
+    )
     assert one["kl"] > 0
     assert result.chosen in (0.0, 1.0) and result.chosen == choose(result.rows)
     summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
