@@ -96,8 +96,10 @@ def test_launch_watch_stop_resume_in_chromium(studio, tmp_path, tiny_mistral, ti
         "data.eval_file": str(tiny_data / "eval.jsonl"),
         "data.max_seq_length": "64",
         "train.max_steps": str(STEPS),
-        "train.batch_size": "4",
-        "train.gradient_accumulation_steps": "1",
+        # 12 batches of 1 per step: ~0.1 s a step on an idle machine (0.02 s at one batch of 4), so the
+        # page watches, shows an ETA and stops a run that is still running, however fast the host.
+        "train.batch_size": "1",
+        "train.gradient_accumulation_steps": "12",
         "train.eval_steps": "10",
         "train.save_steps": "1000",
         "train.logging_steps": "1",
@@ -152,6 +154,7 @@ def test_launch_watch_stop_resume_in_chromium(studio, tmp_path, tiny_mistral, ti
         before = int(page.locator("#chart").get_attribute("data-points"))
         expect(page.locator("#speed")).to_contain_text("tokens/s")  # chart.js, from the same events
         expect(page.locator("#memory")).to_contain_text("GiB")
+        expect(page.locator("#eta")).to_contain_text(" s left")  # from the times the rows were logged at
         page.screenshot(path=str(shots / "run-live.png"), full_page=True)
         page.reload()
         page.wait_for_function(f"Number(document.getElementById('chart').dataset.points) >= {before}")

@@ -160,6 +160,7 @@ def make_monitor(run_dir: Path, device: str, stop_requests: list[str], world_siz
                 self.mark = (seconds, tokens)
             row["tokens"] = state.num_input_tokens_seen  # all processes' tokens so far, resumes included
             row["memory_bytes"] = peak_bytes(device)
+            row["time"] = round(time.time(), 2)  # when it was logged (Unix seconds): a watcher's ETA and lag
             with open(self.metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
             if self.bar is not None:

@@ -98,6 +98,12 @@ def metrics_summary(run_dir: Path) -> dict:
     }
 
 
+def _train_started(store: JobStore, name: str) -> str:
+    """When the run's running training job started (Unix seconds), for the page's ETA; "" otherwise."""
+    job = store.latest(name, "train")
+    return str(job.started) if job is not None and job.state == "running" and job.started else ""
+
+
 def _model_label(name: str) -> str:
     """A Hub id or a known name as it is; a local model folder by its name alone (no server paths)."""
     return Path(name).name if name.startswith("/") else name
@@ -105,17 +111,17 @@ def _model_label(name: str) -> str:
 
 def run_info(run_dir: Path, store: JobStore) -> dict:
     """What the runs page shows for one folder, whoever started it (CLI or studio)."""
-    config: dict = {}
-    if (run_dir / "config.yaml").is_file():
-        try:
-            config = (
-                yaml.load((run_dir / "config.yaml").read_text(encoding="utf-8"), Loader=SAFE_LOADER) or {}
-            )
-        except yaml.YAMLError:
-            config = {}
-    metrics = metrics_summary(run_dir)
     # evaluate/merge/export jobs do not change the training's status
     job = store.latest(run_dir.name, "train")
+    # The run's resolved config once training has written it; before that (a job just started or still
+    # queued) the config the studio launched it with, so the page knows max_steps from the start.
+    saved = run_dir / "config.yaml"
+    text = saved.read_text(encoding="utf-8") if saved.is_file() else job.config if job is not None else ""
+    try:
+        config = yaml.load(text, Loader=SAFE_LOADER) or {} if text else {}
+    except yaml.YAMLError:
+        config = {}
+    metrics = metrics_summary(run_dir)
     if job is not None:
         status = job.state
     elif (run_dir / "summary.json").is_file():
@@ -541,14 +547,15 @@ def run_body(studio: Studio, name: str) -> str:
     )
     return (
         f"<p>Status: <b id='status'>{e(info['status'])}</b> · step <span id='progress'>{e(info['step'])} / "
-        f"{e(info['max_steps'])}</span> · best eval loss {loss(info['best_eval_loss'])} · model {e(info['model'])}</p>"
+        f"{e(info['max_steps'])}</span><span id='eta'></span> · best eval loss {loss(info['best_eval_loss'])} · model {e(info['model'])}</p>"
         f"{actions}"
         f"<p><label><input type='checkbox' id='logscale'> log scale</label> · <label>x: <select id='xaxis'>"
         "<option value='step'>step</option><option value='tokens'>tokens trained</option></select></label> · "
         "<span id='points'>0</span> points "
         "(<span style='color:#1f77b4'>train</span>, <span style='color:#d62728'>eval</span>)</p>"
         f"<canvas id='chart' width='800' height='320' data-events='/runs/{e(name)}/events' "
-        f"data-max-steps='{e(info['max_steps'])}' data-jobs='{e(jobs_signature(jobs))}'></canvas>"
+        f"data-max-steps='{e(info['max_steps'])}' data-jobs='{e(jobs_signature(jobs))}' "
+        f"data-started='{e(_train_started(studio.store, name))}'></canvas>"
         f"<p><span style='color:#2ca02c'>throughput</span> <span id='speed'>{speed(info['tokens_per_s'])}</span> · "
         f"<span style='color:#9467bd'>peak memory</span> <span id='memory'>{memory(info['memory_bytes'])}</span></p>"
         "<canvas id='speed-chart' width='800' height='140'></canvas>"

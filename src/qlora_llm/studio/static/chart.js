@@ -26,6 +26,24 @@
     memory_bytes: (v) => (v / 2 ** 30).toFixed(2) + " GiB",
   };
   const usage = { tokens_per_s: [], memory_bytes: [] };
+  const etaText = document.getElementById("eta");
+  const timed = []; // [step, time logged] of rows that carry their time
+
+  // Time left while the training job runs: the steps still to go at the pace of this job's rows so far
+  // (rows logged since it started; evaluations and saves included), else of the last ten rows.
+  function showEta() {
+    if (!etaText) return;
+    const started = Number(canvas.dataset.started || 0);
+    const max = Number(canvas.dataset.maxSteps || 0);
+    const rows = started ? timed.filter((r) => r[1] >= started) : timed.slice(-10);
+    etaText.textContent = "";
+    if (!started || !max || rows.length < 2) return;
+    const [s0, t0] = rows[0], [s1, t1] = rows[rows.length - 1];
+    if (s1 <= s0 || s1 >= max) return;
+    const left = Math.round(((max - s1) * (t1 - t0)) / (s1 - s0));
+    const m = Math.floor(left / 60), s = left % 60;
+    etaText.textContent = " · about " + (m ? m + " min " : "") + s + " s left";
+  }
   const usageColors = { tokens_per_s: "#2ca02c", memory_bytes: "#9467bd" };
 
   // Tokens/s and memory share the x axis; each has its own scale, tokens/s labelled left, memory right.
@@ -94,7 +112,7 @@
   if (axis) axis.addEventListener("change", () => { draw(); drawUsage(); });
   const source = new EventSource(canvas.dataset.events);
   source.addEventListener("reset", () => {
-    series.loss = []; series.eval_loss = []; usage.tokens_per_s = []; usage.memory_bytes = [];
+    series.loss = []; series.eval_loss = []; usage.tokens_per_s = []; usage.memory_bytes = []; timed.length = 0;
     draw(); drawUsage();
   });
   source.onmessage = (event) => {
@@ -104,6 +122,8 @@
     if ("tokens_per_s" in row && speedText) speedText.textContent = fmt.tokens_per_s(row.tokens_per_s);
     if ("memory_bytes" in row && memoryText) memoryText.textContent = fmt.memory_bytes(row.memory_bytes);
     if (progress && canvas.dataset.maxSteps) progress.textContent = row.step + " / " + canvas.dataset.maxSteps;
+    if ("time" in row) timed.push([row.step, row.time]);
+    showEta();
     draw(); drawUsage();
   };
   // The page was rendered for one job state; when the job moves on (running, stopped, done), render it
