@@ -39,42 +39,63 @@ def _wait(condition, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+class Studio:
+    """A `qlora-llm studio` process on a runs folder and a fixed port, which the test can restart."""
+
+    def __init__(self, tmp_path: Path, tiny_data: Path):
+        self.runs, self.data, self.port = tmp_path / "runs", tiny_data, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(tmp_path / "studio.log", "ab")
+        self.start()
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "qlora_llm.cli",
+                "studio",
+                "--runs",
+                str(self.runs),
+                "--data",
+                str(self.data),
+            ]
+            + ["--port", str(self.port), "--api-key", KEY],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ),
+        )
+
+        def up():
+            try:
+                return httpx.get(f"{self.url}/login", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return self.process.poll() is not None
+
+        _wait(up, 60, "the studio to listen")
+        assert self.process.poll() is None, "the studio exited at start"
+
+    def stop(self) -> None:
+        self.process.terminate()  # SIGTERM: the studio stops its running jobs, which checkpoint
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
 @pytest.fixture
 def studio(tmp_path, tiny_data):
-    runs = tmp_path / "runs"
-    port = free_port()
-    log = open(tmp_path / "studio.log", "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "qlora_llm.cli", "studio", "--runs", str(runs), "--data", str(tiny_data)]
-        + ["--port", str(port), "--api-key", KEY],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=dict(os.environ),
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def up():
-        try:
-            return httpx.get(f"{url}/login", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return process.poll() is not None
-
-    _wait(up, 60, "the studio to listen")
-    assert process.poll() is None, (tmp_path / "studio.log").read_text()
-    yield url, runs
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
+    running = Studio(tmp_path, tiny_data)
+    yield running
+    running.stop()
+    running.log.close()
 
 
 def test_launch_watch_stop_resume_in_chromium(studio, tmp_path, tiny_mistral, tiny_data):
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the dev extra)")
-    url, runs = studio
+    url, runs = studio.url, studio.runs
     shots = tmp_path / "screenshots"
     shots.mkdir()
 
@@ -174,7 +195,19 @@ def test_launch_watch_stop_resume_in_chromium(studio, tmp_path, tiny_mistral, ti
         expect(page.locator("#checkpoints")).to_contain_text(checkpoints[-1])
         page.screenshot(path=str(shots / "run-stopped.png"), full_page=True)
 
-        # Resume to completion from that checkpoint.
+        # Resume from that checkpoint; restart the studio while it runs: the job shows interrupted (the
+        # studio's shutdown stopped it, with a checkpoint), and resumes to completion in the new studio.
+        page.click("#resume")
+        page.wait_for_function("document.getElementById('status').textContent === 'running'")
+        studio.stop()
+        studio.start()
+        page.reload()  # a new studio process: a new session secret, so sign in again
+        assert page.url.endswith("/login")
+        page.fill("input[name=key]", KEY)
+        page.click("button")
+        page.wait_for_url(url + "/")
+        page.goto(url + "/runs/browser")
+        expect(page.locator("#status")).to_have_text("interrupted")
         page.click("#resume")
         page.wait_for_function("document.getElementById('status').textContent === 'done'")
         rows = [json.loads(line) for line in (runs / "browser" / "metrics.jsonl").read_text().splitlines()]

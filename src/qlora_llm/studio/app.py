@@ -706,4 +706,6 @@ def serve_studio(
         runs,
         f"GPUs {', '.join(gpus)}" if gpus else "no GPU: one job at a time",
     )
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # An open run page holds an event stream that never ends by itself: without a limit, uvicorn's graceful
+    # shutdown waits for it, and the running jobs are told to checkpoint (the lifespan's end) only then.
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
