@@ -294,6 +294,16 @@ def test_a_real_run_exported_to_gguf_computes_in_llama_cpp_what_it_computes_in_t
     assert GGUFReader(str(tmp_path / "lora" / lora.files[0])).fields["general.type"].contents() == "adapter"
     assert lora.verification["teacher_forced"]["decisive_agreement"] == 1.0
 
+    # The q8_0 check above ran the tools built without AMX: with it, ggml's AMX int8 kernel died with SIGILL
+    # on a Xeon VM that advertises AMX. objdump comes with the compiler the build needed.
+    from qlora_llm.config import load_config
+    from qlora_llm.llamacpp import LlamaCpp, _no_amx_flags
+
+    if _no_amx_flags() and shutil.which("objdump"):
+        tool = LlamaCpp(load_config(run / "config.yaml").model.cache_dir).tool("llama-results")
+        code = subprocess.run(["objdump", "-d", str(tool)], capture_output=True, text=True, check=True).stdout
+        assert not re.search(r"\s(tilezero|tileloadd|tdpbssd|ldtilecfg)\s", code)
+
 
 @pytest.mark.slow
 def test_a_gguf_that_computes_another_model_is_refused_and_nothing_is_written(

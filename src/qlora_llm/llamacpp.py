@@ -52,6 +52,13 @@ CMAKE_FLAGS = (
     "-DLLAMA_CURL=OFF",
     "-DLLAMA_USE_PREBUILT_UI=OFF",
 )
+# Native code without AMX: on a 2-core Xeon VM whose CPU advertises AMX (and whose Linux grants the AMX
+# permission ggml asks for), ggml's AMX int8 kernels died with SIGILL at their first tile instruction
+# (`tilezero`) on every q8_0 model, so the export check of a q8_0 GGUF could not run at all. These tools
+# only check exports; the user's own llama.cpp or Ollama is what serves them. Built into folders of their
+# own, so a build from before (with AMX) is not reused.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+BUILD_NAME = "no-amx"
 
 
 class LlamaCppError(QloraError, RuntimeError):
@@ -60,6 +67,21 @@ class LlamaCppError(QloraError, RuntimeError):
 
 def _tail(text: str, lines: int = 15) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _no_amx_flags() -> list[str]:
+    """cmake's compiler flags that keep AMX out of the native build, where the C++ compiler knows them
+    (x86-64 GCC 11+ and clang 12+; an aarch64 compiler refuses them, and has no AMX to avoid)."""
+    probe = subprocess.run(
+        ["c++", *NO_AMX.split(), "-x", "c++", "-E", "-"],
+        input="",
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if probe.returncode != 0:
+        return []
+    return [f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"]
 
 
 def _run(cmd: list[str], what: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
@@ -165,7 +187,7 @@ class LlamaCpp:
 
     def tool(self, name: str) -> Path:
         """The path of a built llama.cpp tool, building all of TOOLS the first time."""
-        binary = self.root / "bin" / name
+        binary = self.root / f"bin-{BUILD_NAME}" / name
         if not binary.is_file():
             self._build()
         return binary
@@ -178,13 +200,13 @@ class LlamaCpp:
                     "install them (Debian/Ubuntu: apt-get install cmake g++) and run again."
                 )
         src = self.source()
-        build = self.root / "build"
+        build = self.root / f"build-{BUILD_NAME}"
         generator = ["-G", "Ninja"] if shutil.which("ninja") else []
         jobs = str(os.cpu_count() or 2)
         start = time.perf_counter()
         log.info("building llama.cpp's %s from source, once (a few minutes per core)...", ", ".join(TOOLS))
         _run(
-            ["cmake", "-S", str(src), "-B", str(build), *generator, *CMAKE_FLAGS],
+            ["cmake", "-S", str(src), "-B", str(build), *generator, *CMAKE_FLAGS, *_no_amx_flags()],
             "cmake configure of llama.cpp",
         )
         proc = subprocess.Popen(
@@ -213,13 +235,17 @@ class LlamaCpp:
             raise LlamaCppError(
                 f"building llama.cpp failed (exit {proc.returncode}):\n{_tail(''.join(output))}"
             )
-        with atomic_dir(self.root / "bin", replace=True) as out:
+        with atomic_dir(self.root / f"bin-{BUILD_NAME}", replace=True) as out:
             for name in TOOLS:
                 found = next(build.rglob(name), None)
                 if found is None:
                     raise LlamaCppError(f"the llama.cpp build made no {name} (looked under {build})")
                 shutil.copy2(found, out / name)
-        log.info("built llama.cpp's tools in %.0f s (%s)", time.perf_counter() - start, self.root / "bin")
+        log.info(
+            "built llama.cpp's tools in %.0f s (%s)",
+            time.perf_counter() - start,
+            self.root / f"bin-{BUILD_NAME}",
+        )
 
     def quantize(self, source: Path, out_file: Path, quant: str) -> None:
         """A 16-bit GGUF -> a quantized one (q4_k_m, q5_k_m, ...) with llama.cpp's `llama-quantize`."""
