@@ -15,6 +15,8 @@
 #   ours-qlora-gc-fp32, ours-qlora-fp32   the same in fp32 (what `auto` gave before the probe)
 #   ours-lora        plain LoRA (model.quantization=none), checkpointing auto
 #   ours-lora-fp32   the same in fp32
+#   ours-qlora-gc-torchdrop   ours-qlora-gc with torch's nn.Dropout masks (lora.dropout_masks=torch): the A/B
+#                    of the CPU dropout (src/qlora_llm/dropout.py)
 set -u
 PASS=${1:?usage: side_by_side.sh PASS [RUN ...]}; shift
 RUNS=${*:-trl-glibc lf-qlora lf-lora-nogc litgpt-lora ours-qlora ours-qlora-gc ours-lora ours-qlora-gc-fp32 ours-lora-fp32}
@@ -34,6 +36,7 @@ for RUN in $RUNS; do
     ours-qlora-gc-fp32) EXTRA="train.gradient_checkpointing=true model.compute_dtype=float32" ;;
     ours-lora)          EXTRA="train.gradient_checkpointing=auto model.quantization=none" ;;
     ours-lora-fp32)     EXTRA="train.gradient_checkpointing=auto model.quantization=none model.compute_dtype=float32" ;;
+    ours-qlora-gc-torchdrop) EXTRA="train.gradient_checkpointing=true lora.dropout_masks=torch" ;;
     *) (cd "$PROJECT" && bash "$HARNESS/run_bench.sh" "$PASS" "$RUN"); continue ;;
   esac
   N=$RUN-p$PASS; OUT=$P/runs/$N; rm -rf "$OUT"; rm -f "$P/logs/$N".*

@@ -126,6 +126,8 @@ class LoraSettings(_Section):
     """LoRA scaling numerator (alpha / r = 2)."""
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     """Dropout on the LoRA input."""
+    dropout_masks: Literal["hash", "torch"] = "hash"
+    """On CPU: LoRA dropout masks from a counter-based hash keyed by torch's generator (vectorized), or torch's own nn.Dropout (serial)."""
     target_modules: list[str] = Field(default_factory=lambda: list(SEED_TARGET_MODULES))
     """Linear layers that get adapters: the 7 attention and MLP projections."""
     bias: Literal["none", "all", "lora_only"] = "none"

@@ -40,8 +40,9 @@ QLoRA paper does; else 4: peft's fp32, and train.py casts them back to fp32 on C
   the SwiGLU MLP keeps the SiLU input and the two factors of the gated product, 3 * w * I
   (bitsandbytes' Linear4bit returns its input's dtype, fp32 on an upcast base, even under autocast);
   each LoRA-targeted linear keeps its dropped-out input (or autocast's copy of it) and the dropout
-  mask, (a + 1) * in_features on CUDA (bool mask of the fused kernel) and (a + l) * in_features on CPU
-  (noise tensor in the dtype peft casts to), or with dropout 0 the shared input once; plus the rank-r
+  mask, (a + 1) * in_features on CUDA (bool mask of the fused kernel) and on CPU (the bool hash masks of
+  dropout.py; (a + l) * in_features with `lora.dropout_masks=torch`: nn.Dropout's noise tensor in the
+  dtype peft casts to), or with dropout 0 the shared input once; plus the rank-r
   output of LoRA A (a * r). The frozen 4-bit base linears keep nothing (bitsandbytes' MatMul4Bit saves
   only the packed weight). Mistral-7B, bf16, all 7 targets: 347 KiB per token per layer on the
   upcast base train.py uses (263 KiB in a plain loop with bf16 embeddings).
@@ -317,6 +318,7 @@ def estimate_memory(
     device: Literal["cuda", "cpu"],
     every_n_layers: int = 1,
     lora_dropout: float = 0.05,
+    dropout_masks: Literal["hash", "torch"] = "hash",
     attention: Literal["sdpa", "eager"] = "sdpa",
     lm_head_loss: Literal["chunked", "full"] = "chunked",
     kbit_prepared: bool = True,
@@ -368,7 +370,11 @@ def estimate_memory(
     how: dict[str, str] = {}
     base = _base_weights(s, quantization, double_quant, compute_dtype, how)
     lora = _lora_state(s, lora_r, lora_dtype, optim, method, how)
-    act = _activations(s, lora_r, lora_dropout, attention, gradient_checkpointing, every_n_layers, lora, how)
+    # On CPU the hash masks (dropout.py) are bool, as CUDA's fused dropout keeps them; nn.Dropout's are not.
+    mask_bytes = 1 if device == "cuda" or dropout_masks == "hash" else None
+    act = _activations(
+        s, lora_r, lora_dropout, mask_bytes, attention, gradient_checkpointing, every_n_layers, lora, how
+    )
     logits, logits_grad = _loss_head(s, lm_head_loss, scored_tokens, compute_dtype, how)
     overhead, loading = _runtime(s, model_config, base, how)
     # On CUDA a checkpointed layer is recomputed in backward after the loss's buffers and kept hidden
@@ -522,6 +528,7 @@ def _activations(
     s: _Step,
     lora_r: int,
     lora_dropout: float,
+    mask_bytes: int | None,
     attention: str,
     gradient_checkpointing: bool,
     every_n_layers: int,
@@ -542,9 +549,10 @@ def _activations(
     # projections (and SiLU and the product after them) are fp32 even under autocast.
     per_token += 3 * w * i
     # Per LoRA input feature: what LoRA A keeps (the dropout output, or autocast's copy of it: a bytes)
-    # and the dropout mask: bool from CUDA's fused dropout; on CPU a noise tensor in the dtype peft
-    # cast the input to (the adapters', since peft only checks for CUDA autocast).
-    mask = 1 if s.device == "cuda" else lb
+    # and the dropout mask: bool from CUDA's fused dropout and from the CPU's hash masks; nn.Dropout on
+    # CPU keeps a noise tensor in the dtype peft cast the input to (the adapters', since peft only checks
+    # for CUDA autocast).
+    mask = mask_bytes or lb
     if lora_dropout > 0:
         per_token += sum((a + mask) * linears[t][0] for t in targets)
     elif s.device == "cuda" or a == lb:
@@ -833,6 +841,7 @@ def _setup(
         "optim": cfg.train.optim,
         "device": device,
         "lora_dropout": cfg.lora.dropout,
+        "dropout_masks": cfg.lora.dropout_masks,
         "processes": processes,
         "distributed": cfg.train.distributed,
         "method": cfg.train.method,

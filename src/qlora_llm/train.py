@@ -281,6 +281,15 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
     # and runs must be reproducible.
     set_seed(t.seed)
     model, targets = _build_model(cfg, args, device, dtype, checkpoint)
+    if device == "cpu" and cfg.lora.dropout_masks == "hash":
+        from qlora_llm.dropout import use_hash_dropout
+
+        if swapped := use_hash_dropout(model):
+            log.info(
+                "LoRA dropout on CPU: masks from a counter-based hash in %d layers, vectorized "
+                "(lora.dropout_masks=torch keeps nn.Dropout, which draws them one at a time)",
+                swapped,
+            )
     manifest = _manifest(cfg, data, tokenizer, targets, device, world)
     if main:  # only rank 0 writes; the others hold the same model and data
         _start_run_folder(run_dir, cfg, manifest, fresh=checkpoint is None)

@@ -1,0 +1,87 @@
+"""LoRA dropout on CPU from a counter-based hash: a real dropout, keyed by torch's generator."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_cfg
+
+from qlora_llm.dropout import HashDropout, keep_mask, use_hash_dropout
+
+
+def test_a_mask_keeps_each_element_with_its_probability_independently_of_its_neighbours():
+    n, keep = 1_000_000, 0.95
+    mask = keep_mask(n, 12345, keep)
+    assert mask.dtype == torch.bool and mask.shape == (n,)
+    # 4.4 standard deviations of a binomial: a biased generator fails, a fair one essentially never.
+    assert abs(mask.float().mean().item() - keep) < 4.4 * (keep * (1 - keep) / n) ** 0.5
+    both_dropped = (~mask[:-1] & ~mask[1:]).float().mean().item()
+    assert abs(both_dropped - (1 - keep) ** 2) < 4.4 * ((1 - keep) ** 2 / n) ** 0.5
+    for stride in (2, 64, 576):  # rows of a hidden state: no pattern along them either
+        assert abs((~mask[:-stride] & ~mask[stride:]).float().mean().item() - 0.0025) < 0.0003
+    assert torch.equal(keep_mask(n, 12345, keep), mask)  # a function of (index, key)
+    other = keep_mask(n, 12346, keep)
+    assert abs((mask ^ other).float().mean().item() - 2 * keep * (1 - keep)) < 0.001  # unrelated masks
+    assert keep_mask(n, 7, 0.5).float().mean().item() == pytest.approx(0.5, abs=0.002)
+
+
+def test_hash_dropout_scales_what_it_keeps_zeroes_the_rest_and_follows_torchs_generator():
+    drop = HashDropout(0.1)
+    x = torch.randn(4, 50, 64, requires_grad=True)
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = y != 0
+    assert 0.85 < kept.float().mean().item() < 0.95
+    assert torch.allclose(y[kept], x[kept] / 0.9)
+    y.sum().backward()
+    assert torch.allclose(x.grad, kept.float() / 0.9)  # the gradient flows through the kept entries only
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)  # train.seed decides the masks
+    assert not torch.equal(drop(x), y)  # and each call draws a new one
+    drop.eval()
+    assert drop(x) is x
+
+
+def test_gradient_checkpointings_recompute_draws_the_same_masks():
+    """The recompute restores torch's generator and so redraws the key: gradients as without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    layer, drop = torch.nn.Linear(64, 64), HashDropout(0.3)
+    x = torch.randn(8, 64)
+
+    def grads(checkpointed: bool) -> torch.Tensor:
+        layer.zero_grad()
+        torch.manual_seed(3)
+
+        def block(h):
+            return layer(drop(h)).tanh()
+
+        out = checkpoint(block, x, use_reentrant=False) if checkpointed else block(x)
+        out.square().sum().backward()
+        return layer.weight.grad.clone()
+
+    assert torch.equal(grads(True), grads(False))
+
+
+def test_training_on_cpu_uses_it_in_every_lora_layer_and_says_so(tiny_mistral, tiny_data, tmp_path, caplog):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_mistral),
+        LoraConfig(r=4, lora_dropout=0.05, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    assert use_hash_dropout(model) == 4  # 2 layers x 2 projections
+    assert sum(isinstance(m, HashDropout) for m in model.modules()) == 4
+
+    from qlora_llm.train import train
+
+    caplog.set_level("INFO", logger="qlora_llm.train")
+    cfg = tiny_cfg(tiny_mistral, tiny_data, tmp_path / "run", "train.max_steps=3", "lora.dropout=0.1")
+    result = train(cfg)
+    assert "LoRA dropout on CPU: masks from a counter-based hash in 14 layers" in caplog.text
+    rows = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r.get("loss") is not None]
+    assert result.global_step == 3 and losses and all(loss == loss for loss in losses)  # trained, finite
