@@ -128,6 +128,16 @@ def test_gradient_checkpointing_lowers_activations():
     assert with_gc.peak < without.peak
 
 
+def test_on_cpu_the_hash_dropout_masks_are_counted_at_one_byte_nn_dropouts_at_the_adapters_dtype():
+    setup = dict(device="cpu", compute_dtype="float32", gradient_checkpointing=False, lora_dropout=0.05)
+    torch_masks = mistral_estimate(**setup, dropout_masks="torch").activations
+    hash_masks = mistral_estimate(**setup, dropout_masks="hash").activations
+    inputs = 6 * 4096 + 14336  # the in-features of q, k, v, o, gate, up (4096) and down (14336)
+    assert torch_masks - hash_masks == 2 * 512 * 32 * (4 - 1) * inputs  # tokens x layers x bytes saved
+    no_dropout = dict(setup, lora_dropout=0.0)
+    assert mistral_estimate(**no_dropout, dropout_masks="torch") == mistral_estimate(**no_dropout)
+
+
 def test_on_cuda_the_plan_meets_the_measured_7b_peaks_within_10_percent():
     # Measured on an H200 (bench/results/gpu_check-h200-2026-12-04-plan.json, torch.cuda.max_memory_allocated):
     # the 7B check on ACLSum, batch 2, longest example 356 Mistral tokens, at most 47 answer tokens each.

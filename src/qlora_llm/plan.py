@@ -370,11 +370,8 @@ def estimate_memory(
     how: dict[str, str] = {}
     base = _base_weights(s, quantization, double_quant, compute_dtype, how)
     lora = _lora_state(s, lora_r, lora_dtype, optim, method, how)
-    # On CPU the hash masks (dropout.py) are bool, as CUDA's fused dropout keeps them; nn.Dropout's are not.
-    mask_bytes = 1 if device == "cuda" or dropout_masks == "hash" else None
-    act = _activations(
-        s, lora_r, lora_dropout, mask_bytes, attention, gradient_checkpointing, every_n_layers, lora, how
-    )
+    dropout = (lora_dropout, dropout_masks)
+    act = _activations(s, lora_r, dropout, attention, gradient_checkpointing, every_n_layers, lora, how)
     logits, logits_grad = _loss_head(s, lm_head_loss, scored_tokens, compute_dtype, how)
     overhead, loading = _runtime(s, model_config, base, how)
     # On CUDA a checkpointed layer is recomputed in backward after the loss's buffers and kept hidden
@@ -527,8 +524,7 @@ class _Activations:
 def _activations(
     s: _Step,
     lora_r: int,
-    lora_dropout: float,
-    mask_bytes: int | None,
+    dropout: tuple[float, str],
     attention: str,
     gradient_checkpointing: bool,
     every_n_layers: int,
@@ -552,7 +548,8 @@ def _activations(
     # and the dropout mask: bool from CUDA's fused dropout and from the CPU's hash masks; nn.Dropout on
     # CPU keeps a noise tensor in the dtype peft cast the input to (the adapters', since peft only checks
     # for CUDA autocast).
-    mask = mask_bytes or lb
+    lora_dropout, masks = dropout
+    mask = 1 if s.device == "cuda" or masks == "hash" else lb
     if lora_dropout > 0:
         per_token += sum((a + mask) * linears[t][0] for t in targets)
     elif s.device == "cuda" or a == lb:
