@@ -31,9 +31,10 @@ _indices = torch.empty(0, dtype=torch.int32)
 
 
 def _index(n: int) -> torch.Tensor:
+    """0..n-1, kept for the largest input seen (the MLP's down projection: 4 bytes an element)."""
     global _indices
     if _indices.numel() < n:
-        _indices = torch.arange(max(n, 2 * _indices.numel()), dtype=torch.int32)
+        _indices = torch.arange(n, dtype=torch.int32)
     return _indices[:n]
 
 
