@@ -44,7 +44,6 @@ def main() -> int:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--top", type=int, default=15)
-    parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (inductor)")
     parser.add_argument(
         "--no-profile", action="store_true", help="time the steps only (no profiler overhead)"
     )
@@ -57,7 +56,6 @@ def main() -> int:
     if env is not None:  # mimalloc, as the CLI runs
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
-    import torch
     from transformers import TrainerCallback
 
     import qlora_llm.train as train_module
@@ -86,17 +84,15 @@ def main() -> int:
             train_module,
             load_config,
             TrainerCallback,
-            torch,
             [*settings, f"model.compute_dtype={dtype}", *args.overrides],
             args.steps,
-            args.compile,
             not args.no_profile,
         )
         _print_profile(dtype, profile, args.top)
     return 0
 
 
-def _profile_run(train_module, load_config, callback_base, torch, overrides, steps, compile_layers, profiled):
+def _profile_run(train_module, load_config, callback_base, overrides, steps, profiled):
     """Train; the wall time of steps 4..steps (median) and, if `profiled`, the profiler's key averages."""
     import statistics
     import time
@@ -123,9 +119,6 @@ def _profile_run(train_module, load_config, callback_base, torch, overrides, ste
     def with_profiler(*a, **kw):
         trainer = make_trainer(*a, **kw)
         trainer.add_callback(Profile())
-        if compile_layers:
-            for layer in trainer.model.base_model.model.model.layers:
-                layer.compile(dynamic=True)
         return trainer
 
     train_module._make_trainer = with_profiler
