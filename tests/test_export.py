@@ -296,11 +296,14 @@ def test_a_real_run_exported_to_gguf_computes_in_llama_cpp_what_it_computes_in_t
 
     # The q8_0 check above ran the tools built without AMX: with it, ggml's AMX int8 kernel died with SIGILL
     # on a Xeon VM that advertises AMX. objdump comes with the compiler the build needed.
-    from qlora_llm.config import load_config
-    from qlora_llm.llamacpp import LlamaCpp, _no_amx_flags
+    from qlora_llm.llamacpp import BUILD_NAME, LlamaCpp, _no_amx_flags
+    from qlora_llm.model import find_target
 
     if _no_amx_flags() and shutil.which("objdump"):
-        tool = LlamaCpp(load_config(run / "config.yaml").model.cache_dir).tool("llama-results")
+        # The tools the exports above built and ran (the default cache: export was given no model config),
+        # not a second build of them.
+        tool = LlamaCpp(find_target(run).model_cfg.cache_dir).root / f"bin-{BUILD_NAME}" / "llama-results"
+        assert tool.is_file()
         code = subprocess.run(["objdump", "-d", str(tool)], capture_output=True, text=True, check=True).stdout
         assert not re.search(r"\s(tilezero|tileloadd|tdpbssd|ldtilecfg)\s", code)
 
