@@ -17,6 +17,8 @@
 #   ours-lora-fp32   the same in fp32
 #   ours-qlora-gc-torchdrop   ours-qlora-gc with torch's nn.Dropout masks (lora.dropout_masks=torch): the A/B
 #                    of the CPU dropout (src/qlora_llm/dropout.py)
+#   ours-qlora-gc-bf16, ours-qlora-bf16   ours-qlora-gc / ours-qlora with model.upcast_layers=false: embeddings,
+#                    norms and head in bf16 as in LLaMA-Factory's bf16 run (the like-for-like of lf-qlora-bf16)
 set -u
 PASS=${1:?usage: side_by_side.sh PASS [RUN ...]}; shift
 RUNS=${*:-trl-glibc lf-qlora lf-lora-nogc litgpt-lora ours-qlora ours-qlora-gc ours-lora ours-qlora-gc-fp32 ours-lora-fp32}
@@ -37,6 +39,8 @@ for RUN in $RUNS; do
     ours-lora)          EXTRA="train.gradient_checkpointing=auto model.quantization=none" ;;
     ours-lora-fp32)     EXTRA="train.gradient_checkpointing=auto model.quantization=none model.compute_dtype=float32" ;;
     ours-qlora-gc-torchdrop) EXTRA="train.gradient_checkpointing=true lora.dropout_masks=torch" ;;
+    ours-qlora-gc-bf16) EXTRA="train.gradient_checkpointing=true model.upcast_layers=false" ;;
+    ours-qlora-bf16)    EXTRA="train.gradient_checkpointing=auto model.upcast_layers=false" ;;
     *) (cd "$PROJECT" && bash "$HARNESS/run_bench.sh" "$PASS" "$RUN"); continue ;;
   esac
   N=$RUN-p$PASS; OUT=$P/runs/$N; rm -rf "$OUT"; rm -f "$P/logs/$N".*

@@ -128,14 +128,25 @@ def test_gradient_checkpointing_lowers_activations():
     assert with_gc.peak < without.peak
 
 
-def test_on_cpu_the_hash_dropout_masks_are_counted_at_one_byte_nn_dropouts_at_the_adapters_dtype():
-    setup = dict(device="cpu", compute_dtype="float32", gradient_checkpointing=False, lora_dropout=0.05)
-    torch_masks = mistral_estimate(**setup, dropout_masks="torch").activations
-    hash_masks = mistral_estimate(**setup, dropout_masks="hash").activations
+def test_on_cpu_a_dropout_mask_is_counted_in_the_residual_streams_dtype():
+    """The LoRA input reaches the dropout in the stream's dtype (train.py stops peft's cast to fp32): the
+    mask is that dtype (fp32 on an upcast 4-bit base, bf16 with model.upcast_layers=false), hash or not;
+    o_proj's input is the attention's output, in the compute dtype."""
     inputs = 6 * 4096 + 14336  # the in-features of q, k, v, o, gate, up (4096) and down (14336)
-    assert torch_masks - hash_masks == 2 * 512 * 32 * (4 - 1) * inputs  # tokens x layers x bytes saved
-    no_dropout = dict(setup, lora_dropout=0.0)
-    assert mistral_estimate(**no_dropout, dropout_masks="torch") == mistral_estimate(**no_dropout)
+    per_layer_token = 2 * 512 * 32  # tokens x layers
+    setup = dict(device="cpu", compute_dtype="bfloat16", gradient_checkpointing=False)
+    upcast = mistral_estimate(**setup, lora_dropout=0.05).activations
+    # Without dropout each module keeps autocast's bf16 copy of the fp32 input; with it, the mask too.
+    # o_proj's input is sdpa's bf16 output: its mask is bf16.
+    masks = 4 * (inputs - 4096) + 2 * 4096
+    assert upcast - mistral_estimate(**setup, lora_dropout=0.0).activations == per_layer_token * masks
+    bf16 = dict(setup, kbit_prepared=False)
+    shared = 3 * 4096 + 14336  # without dropout the bf16 inputs are kept once: attention, o, MLP, down
+    dropped = mistral_estimate(**bf16, lora_dropout=0.05).activations
+    assert dropped - mistral_estimate(**bf16, lora_dropout=0.0).activations == per_layer_token * (
+        (2 + 2) * inputs - 2 * shared
+    )
+    assert mistral_estimate(**setup, lora_dropout=0.05, dropout_masks="torch").activations == upcast
 
 
 def test_on_cuda_the_plan_meets_the_measured_7b_peaks_within_10_percent():

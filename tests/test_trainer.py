@@ -51,6 +51,38 @@ def test_bf16_compute_on_cpu_keeps_lora_and_optimizer_state_in_fp32(
     assert result.summary["train_loss_last"] < result.summary["train_loss_first"]
 
 
+@pytest.mark.parametrize("upcast", [True, False])
+def test_lora_inputs_reach_the_dropout_in_the_residual_streams_dtype_under_cpu_bf16(
+    tiny_mistral, tiny_data, tmp_path, monkeypatch, upcast
+):
+    """peft would cast each LoRA input to fp32 (it sees only CUDA's autocast); train() stops it. The stream is
+    fp32 on an upcast 4-bit base and bf16 with model.upcast_layers=false (embeddings and norms in bf16).
+    Before, every LoRA input arrived in fp32."""
+    seen = {"inputs": set()}
+
+    class Observe:
+        def training_step(self, model, *a, **k):
+            if not seen["inputs"]:
+                for name, module in model.named_modules():
+                    if name.endswith("lora_dropout.default"):
+                        projection = name.split(".")[-3]
+                        module.register_forward_pre_hook(
+                            lambda m, args, p=projection: seen["inputs"].add((p, args[0].dtype))
+                        )
+                seen["norms"] = {m.weight.dtype for n, m in model.named_modules() if n.endswith("norm")}
+            return super().training_step(model, *a, **k)
+
+    patch_trainer(monkeypatch, Observe)
+    overrides = ["model.compute_dtype=bfloat16", "lora.dropout=0.1", f"model.upcast_layers={upcast}"]
+    result = train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "run", *overrides))
+    stream = torch.float32 if upcast else torch.bfloat16
+    projections = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
+    # o_proj's input is the attention's output, which autocast computes in bf16 either way.
+    assert seen["inputs"] == {(p, stream) for p in projections} | {("o_proj", torch.bfloat16)}
+    assert seen["norms"] == {stream}
+    assert result.summary["train_loss_last"] < result.summary["train_loss_first"]
+
+
 def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(
     tiny_mistral, tiny_data, tmp_path, monkeypatch
 ):

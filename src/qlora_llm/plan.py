@@ -40,9 +40,10 @@ QLoRA paper does; else 4: peft's fp32, and train.py casts them back to fp32 on C
   the SwiGLU MLP keeps the SiLU input and the two factors of the gated product, 3 * w * I
   (bitsandbytes' Linear4bit returns its input's dtype, fp32 on an upcast base, even under autocast);
   each LoRA-targeted linear keeps its dropped-out input (or autocast's copy of it) and the dropout
-  mask, (a + 1) * in_features on CUDA (bool mask of the fused kernel) and on CPU (the bool hash masks of
-  dropout.py; (a + l) * in_features with `lora.dropout_masks=torch`: nn.Dropout's noise tensor in the
-  dtype peft casts to), or with dropout 0 the shared input once; plus the rank-r
+  mask, (a + 1) * in_features on CUDA (bool mask of the fused kernel), (a + w) * in_features on CPU
+  (dropout.py's hash masks and nn.Dropout's noise, both in the input's dtype: the residual stream's, w,
+  since train.py stops peft's cast to fp32, but a for o_proj, whose input is sdpa's output), or with
+  dropout 0 the shared input once; plus the rank-r
   output of LoRA A (a * r). The frozen 4-bit base linears keep nothing (bitsandbytes' MatMul4Bit saves
   only the packed weight). Mistral-7B, bf16, all 7 targets: 347 KiB per token per layer on the
   upcast base train.py uses (263 KiB in a plain loop with bf16 embeddings).
@@ -545,14 +546,15 @@ def _activations(
     # projections (and SiLU and the product after them) are fp32 even under autocast.
     per_token += 3 * w * i
     # Per LoRA input feature: what LoRA A keeps (the dropout output, or autocast's copy of it: a bytes)
-    # and the dropout mask: bool from CUDA's fused dropout and from the CPU's hash masks; nn.Dropout on
-    # CPU keeps a noise tensor in the dtype peft cast the input to (the adapters', since peft only checks
-    # for CUDA autocast).
-    lora_dropout, masks = dropout
-    mask = 1 if s.device == "cuda" or masks == "hash" else lb
+    # and the dropout mask: bool from CUDA's fused dropout; on CPU the input arrives in the residual
+    # stream's dtype (train.py stops peft's cast to the adapters' fp32, which only sees CUDA autocast) and
+    # both the hash masks and nn.Dropout's noise are in that dtype.
+    # The attention output (o_proj's input) comes out of sdpa in the compute dtype even on an fp32 stream.
+    lora_dropout, _ = dropout
+    mask = {t: 1 if s.device == "cuda" else a if t == "o_proj" else w for t in targets}
     if lora_dropout > 0:
-        per_token += sum((a + mask) * linears[t][0] for t in targets)
-    elif s.device == "cuda" or a == lb:
+        per_token += sum((a + mask[t]) * linears[t][0] for t in targets)
+    elif s.device == "cuda" or a == w:
         # Without dropout the LoRA-A input is the module input itself, shared by q/k/v and by gate/up.
         inputs = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "gate_proj": "mlp_in"}
         inputs |= {"up_proj": "mlp_in", "o_proj": "attn_out", "down_proj": "mlp_mid"}
@@ -839,6 +841,7 @@ def _setup(
         "device": device,
         "lora_dropout": cfg.lora.dropout,
         "dropout_masks": cfg.lora.dropout_masks,
+        "kbit_prepared": cfg.model.upcast_layers,
         "processes": processes,
         "distributed": cfg.train.distributed,
         "method": cfg.train.method,

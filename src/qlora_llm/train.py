@@ -290,6 +290,8 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
                 "(lora.dropout_masks=torch keeps nn.Dropout, which draws them one at a time)",
                 swapped,
             )
+    if device == "cpu" and str(dtype) != "torch.float32":
+        _lora_inputs_as_they_come(model)
     manifest = _manifest(cfg, data, tokenizer, targets, device, world)
     if main:  # only rank 0 writes; the others hold the same model and data
         _start_run_folder(run_dir, cfg, manifest, fresh=checkpoint is None)
@@ -531,10 +533,12 @@ def _build_model(
         dtype=dtype,
         quant_storage=dtype if args.fsdp else None,
     )
-    if m.quantization != "none":
+    if m.quantization != "none" and m.upcast_layers:
         # Checkpointing is switched on by the Trainer (activation_checkpointing), under the name
         # transformers 5 uses; PEFT would switch it on again under the old one.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    elif m.quantization != "none":
+        log.info("embeddings, norms and the output head in %s (model.upcast_layers=false)", str(dtype)[6:])
     explicit = "target_modules" in cfg.lora.model_fields_set
     targets = resolve_target_modules(model, cfg.lora.target_modules)
     if explicit and targets != cfg.lora.target_modules:
@@ -562,6 +566,21 @@ def _build_model(
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora), targets
+
+
+def _lora_inputs_as_they_come(model: Any) -> None:
+    """Stop PEFT casting each LoRA layer's input to the LoRA weights' dtype (fp32) under CPU autocast.
+
+    PEFT skips that cast when `torch.is_autocast_enabled()`, which asks about CUDA's autocast only: on a
+    CPU training in bf16 every LoRA input went bf16 -> fp32 (a copy), through dropout in fp32, and back
+    to bf16 inside autocast's matmul (another copy), in the forward, the recompute and the backward.
+    Autocast decides the matmul's dtype either way, so the result is the same matmul.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False
 
 
 def _manifest(
