@@ -183,6 +183,24 @@ def test_activation_checkpointing_follows_the_setting(tiny_mistral, tiny_data, t
     assert seen == [on]
 
 
+def test_in_training_evaluation_can_take_the_first_eval_examples_only(
+    tiny_mistral, tiny_data, tmp_path, monkeypatch
+):
+    seen = []
+
+    class Observe:
+        def evaluate(self, eval_dataset=None, *a, **k):
+            seen.append(len(self.eval_dataset))
+            return super().evaluate(eval_dataset, *a, **k)
+
+    patch_trainer(monkeypatch, Observe)
+    extra = ("train.max_steps=1", "train.save_steps=1", "train.eval_steps=1", "train.eval_max_examples=3")
+    result = train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "run", *extra))
+    assert seen == [3, 3]  # the baseline at step 0 and step 1, on 3 of the 4 eval examples
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    assert manifest["data"]["eval_examples"] == 3
+
+
 def _layer_checkpointing(model) -> list[bool]:
     return [layer.gradient_checkpointing for layer in model.base_model.model.model.layers]
 

@@ -177,6 +177,9 @@ class TrainConfig(_Section):
     """Evaluations without eval_loss improvement before stopping; 0 disables early stopping."""
     eval_steps: int = Field(50, gt=0)
     """Evaluate every this many steps."""
+    eval_max_examples: int | None = Field(None, gt=0)
+    """Evaluate during training on the first this many eval examples only (the same ones every time), to
+    make each evaluation cheaper; early stopping and the best checkpoint then follow their loss. None = all."""
     save_steps: int = Field(50, gt=0)
     """Write a checkpoint every this many steps."""
     save_total_limit: int | None = 3

@@ -407,6 +407,13 @@ def _load_data(cfg: Config, tokenizer: Any) -> _Data:
         )
     if not train_rows:
         raise TrainError(f"no training example fits data.max_seq_length={max_len}.")
+    if t.eval_max_examples is not None and len(eval_rows) > t.eval_max_examples:
+        log.info(
+            "evaluating during training on the first %d of %d eval examples (train.eval_max_examples)",
+            t.eval_max_examples,
+            len(eval_rows),
+        )
+        eval_rows = eval_rows[: t.eval_max_examples]
     if t.early_stopping_patience and not eval_rows:
         raise TrainError(
             "early stopping needs eval data: set data.eval_file or data.eval_fraction > 0, "
