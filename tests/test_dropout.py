@@ -8,18 +8,18 @@ import pytest
 import torch
 from conftest import tiny_cfg
 
-from qlora_llm.dropout import HashDropout, keep_scale, use_hash_dropout
+from qlora_llm.dropout import HashDropout, keep_mask, use_hash_dropout
 
 
 def test_a_mask_keeps_each_element_with_its_probability_independently_of_its_neighbours():
     n, keep = 1_000_001, 0.95  # odd: the last element has half a hash of its own
 
-    def keep_mask(n, key, keep):
-        scaled = keep_scale(n, key, 1 - keep, torch.float32)
-        assert ((scaled == 0) | ((scaled - 1 / keep).abs() < 1e-6)).all()  # dropped, or kept and scaled
-        return scaled > 0
+    def kept(n, key, keep):
+        mask = keep_mask(n, key, 1 - keep)
+        assert mask.dtype == torch.bfloat16 and ((mask == 0) | (mask == 1)).all()
+        return mask == 1
 
-    mask = keep_mask(n, 12345, keep)
+    mask = kept(n, 12345, keep)
     assert mask.dtype == torch.bool and mask.shape == (n,)
     # 4.4 standard deviations of a binomial: a biased generator fails, a fair one essentially never.
     assert abs(mask.float().mean().item() - keep) < 4.4 * (keep * (1 - keep) / n) ** 0.5
@@ -27,12 +27,12 @@ def test_a_mask_keeps_each_element_with_its_probability_independently_of_its_nei
     assert abs(both_dropped - (1 - keep) ** 2) < 4.4 * ((1 - keep) ** 2 / n) ** 0.5
     for stride in (2, 64, 576):  # rows of a hidden state: no pattern along them either
         assert abs((~mask[:-stride] & ~mask[stride:]).float().mean().item() - 0.0025) < 0.0003
-    assert torch.equal(keep_mask(n, 12345, keep), mask)  # a function of (index, key)
-    other = keep_mask(n, 12346, keep)
+    assert torch.equal(kept(n, 12345, keep), mask)  # a function of (index, key)
+    other = kept(n, 12346, keep)
     assert abs((mask ^ other).float().mean().item() - 2 * keep * (1 - keep)) < 0.001  # unrelated masks
-    assert keep_mask(n, 7, 0.5).float().mean().item() == pytest.approx(0.5, abs=0.002)
-    assert keep_mask(n, 7, 1 - 1e-6).all()  # below 1/65536 nothing is dropped
-    assert torch.equal(keep_scale(n, 9, 0.3, torch.bfloat16) > 0, keep_mask(n, 9, 0.7))  # any dtype alike
+    assert kept(n, 7, 0.5).float().mean().item() == pytest.approx(0.5, abs=0.002)
+    assert kept(n, 7, 1 - 1e-6).all()  # below 1/65536 nothing is dropped
+    assert torch.equal(keep_mask(n, 9, 0.3, torch.float32) == 1, kept(n, 9, 0.7))  # any dtype alike
 
 
 def test_hash_dropout_scales_what_it_keeps_zeroes_the_rest_and_follows_torchs_generator():
@@ -50,6 +50,12 @@ def test_hash_dropout_scales_what_it_keeps_zeroes_the_rest_and_follows_torchs_ge
     assert not torch.equal(drop(x), y)  # and each call draws a new one
     drop.eval()
     assert drop(x) is x
+    # In bf16 the kept values are scaled by 1/(1-p) itself: a scale rounded to bf16 (1.0547 for 1/0.95)
+    # would bias every kept value by 0.2%.
+    xb = torch.randn(64, 1000, dtype=torch.bfloat16)
+    yb = HashDropout(0.05)(xb)
+    ratio = (yb[yb != 0].float() / xb[yb != 0].float()).mean().item()
+    assert abs(ratio - 1 / 0.95) < 5e-4
 
 
 def test_gradient_checkpointings_recompute_draws_the_same_masks():

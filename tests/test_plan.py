@@ -128,25 +128,22 @@ def test_gradient_checkpointing_lowers_activations():
     assert with_gc.peak < without.peak
 
 
-def test_on_cpu_a_dropout_mask_is_counted_in_the_residual_streams_dtype():
-    """The LoRA input reaches the dropout in the stream's dtype (train.py stops peft's cast to fp32): the
-    mask is that dtype (fp32 on an upcast 4-bit base, bf16 with model.upcast_layers=false), hash or not;
-    o_proj's input is the attention's output, in the compute dtype."""
+def test_on_cpu_a_dropout_mask_takes_2_bytes_and_nn_dropouts_noise_the_inputs_dtype():
+    """dropout.py's masks are 0/1 in bf16. nn.Dropout's noise has its input's dtype: the residual stream's
+    (train.py stops peft's cast to fp32), fp32 on an upcast 4-bit base, bf16 with model.upcast_layers=false;
+    o_proj's input is the attention's output, in the compute dtype, either way."""
     inputs = 6 * 4096 + 14336  # the in-features of q, k, v, o, gate, up (4096) and down (14336)
     per_layer_token = 2 * 512 * 32  # tokens x layers
-    setup = dict(device="cpu", compute_dtype="bfloat16", gradient_checkpointing=False)
-    upcast = mistral_estimate(**setup, lora_dropout=0.05).activations
-    # Without dropout each module keeps autocast's bf16 copy of the fp32 input; with it, the mask too.
-    # o_proj's input is sdpa's bf16 output: its mask is bf16.
-    masks = 4 * (inputs - 4096) + 2 * 4096
-    assert upcast - mistral_estimate(**setup, lora_dropout=0.0).activations == per_layer_token * masks
-    bf16 = dict(setup, kbit_prepared=False)
-    shared = 3 * 4096 + 14336  # without dropout the bf16 inputs are kept once: attention, o, MLP, down
-    dropped = mistral_estimate(**bf16, lora_dropout=0.05).activations
-    assert dropped - mistral_estimate(**bf16, lora_dropout=0.0).activations == per_layer_token * (
-        (2 + 2) * inputs - 2 * shared
+    setup = dict(device="cpu", compute_dtype="bfloat16", gradient_checkpointing=False, lora_dropout=0.05)
+    # Without dropout each module keeps autocast's bf16 copy of its input; with it, the mask too.
+    hash_masks = mistral_estimate(**setup).activations
+    assert hash_masks - mistral_estimate(**setup | {"lora_dropout": 0.0}).activations == per_layer_token * (
+        2 * inputs
     )
-    assert mistral_estimate(**setup, lora_dropout=0.05, dropout_masks="torch").activations == upcast
+    torch_masks = mistral_estimate(**setup, dropout_masks="torch").activations
+    assert torch_masks - hash_masks == per_layer_token * (4 - 2) * (inputs - 4096)  # fp32 noise but o_proj's
+    bf16 = dict(setup, kbit_prepared=False)
+    assert mistral_estimate(**bf16, dropout_masks="torch") == mistral_estimate(**bf16)  # bf16 noise: 2 bytes
 
 
 def test_on_cuda_the_plan_meets_the_measured_7b_peaks_within_10_percent():

@@ -8,7 +8,7 @@ step of SmolLM2 at dropout 0.05, more than every matmul in bf16. No library offe
 (inductor's compiled dropout measured no faster), so the mask is computed here: the element's index mixed
 with a 32-bit key by murmur3's finalizer, in whole-tensor int32 operations that run vectorized on every
 thread, two elements from each 32-bit hash, compared with the keep probability to 1/65536, and the
-mask made and applied in the input's dtype (bool tensors are slow on a CPU).
+mask made and applied as 0/1 in 2 bytes (bool tensors are slow on a CPU).
 
 The key is drawn from PyTorch's own CPU generator for every mask, so everything that relies on that
 generator still holds: `train.seed` decides the masks, a resumed run restores them with the RNG state, and
@@ -39,19 +39,19 @@ def _index(n: int) -> torch.Tensor:
     return _indices[:n]
 
 
-def keep_scale(n: int, key: int, p: float, dtype: torch.dtype) -> torch.Tensor:
-    """n values in `dtype`: 1/(1-p) where an element is kept, 0 where it is dropped (each dropped with
+def keep_mask(n: int, key: int, p: float, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """n values in `dtype`: 1 where an element is kept, 0 where it is dropped (each dropped with
     probability `p`, to 1/65536), a function of (index, key) alone.
 
     Each 32-bit hash gives two elements, its two 16-bit halves (read as int16; kept below the threshold):
-    half the integer work of one hash an element. The mask is made in the input's dtype by integer
-    arithmetic and applied by a multiply: on a CPU, comparisons that make a bool tensor, its cast and
-    `masked_fill` with it each cost ~4-6x a multiply of the same size (measured: 122, 231 and 384 us against
-    62 us for 4 x 240 x 576 elements in bf16).
+    half the integer work of one hash an element. The mask is made by integer arithmetic and applied by a
+    multiply: on a CPU, comparisons that make a bool tensor, its cast and `masked_fill` with it each cost
+    ~4-6x a multiply of the same size (measured: 122, 231 and 384 us against 62 us for 4 x 240 x 576
+    elements in bf16).
     """
     threshold = round((1 - p) * RESOLUTION) - RESOLUTION // 2
     if threshold >= RESOLUTION // 2:
-        return torch.full((n,), 1 / (1 - p), dtype=dtype)
+        return torch.ones(n, dtype=dtype)
     h = torch.mul(_index((n + 1) // 2), GOLDEN).bitwise_xor_(key)
     for shift, multiplier in FMIX:
         # Logical shifts: torch's >> on int32 is arithmetic, so the sign bits it copies in are masked off.
@@ -60,11 +60,11 @@ def keep_scale(n: int, key: int, p: float, dtype: torch.dtype) -> torch.Tensor:
             h.mul_(multiplier)
     # half - threshold is negative exactly where the element is kept: its sign bit, shifted down, is -1.
     kept = h.view(torch.int16)[:n].to(torch.int32).sub_(threshold).bitwise_right_shift_(31).neg_()
-    return kept.to(dtype).mul_(1 / (1 - p))
+    return kept.to(dtype)
 
 
 class HashDropout(torch.nn.Module):
-    """`nn.Dropout(p)` whose CPU masks come from `keep_scale`; the same module otherwise (p, train/eval)."""
+    """`nn.Dropout(p)` whose CPU masks come from `keep_mask`; the same module otherwise (p, train/eval)."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -74,8 +74,10 @@ class HashDropout(torch.nn.Module):
         if not self.training or self.p == 0 or x.device.type != "cpu" or x.numel() >= 2**31:
             return torch.nn.functional.dropout(x, self.p, self.training)
         key = int(torch.randint(-(2**31), 2**31 - 1, (), dtype=torch.int64))
-        # Autograd keeps the mask (x's dtype, as nn.Dropout's) for the backward, not x.
-        return x * keep_scale(x.numel(), key, self.p, x.dtype).view(x.shape)
+        # 0/1 in 2 bytes (exact) even for an fp32 x: autograd keeps the mask for the backward, not x. The
+        # scale is applied apart: folded into a bf16 mask, 1/0.95 would round to 1.0547.
+        mask = keep_mask(x.numel(), key, self.p, x.dtype if x.element_size() <= 2 else torch.bfloat16)
+        return (x * mask.view(x.shape)).mul_(1 / (1 - self.p))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

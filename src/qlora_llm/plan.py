@@ -40,10 +40,10 @@ QLoRA paper does; else 4: peft's fp32, and train.py casts them back to fp32 on C
   the SwiGLU MLP keeps the SiLU input and the two factors of the gated product, 3 * w * I
   (bitsandbytes' Linear4bit returns its input's dtype, fp32 on an upcast base, even under autocast);
   each LoRA-targeted linear keeps its dropped-out input (or autocast's copy of it) and the dropout
-  mask, (a + 1) * in_features on CUDA (bool mask of the fused kernel), (a + w) * in_features on CPU
-  (dropout.py's hash masks and nn.Dropout's noise, both in the input's dtype: the residual stream's, w,
-  since train.py stops peft's cast to fp32, but a for o_proj, whose input is sdpa's output), or with
-  dropout 0 the shared input once; plus the rank-r
+  mask, (a + 1) * in_features on CUDA (bool mask of the fused kernel), (a + 2) * in_features on CPU
+  (dropout.py's 0/1 masks in 2 bytes; with `lora.dropout_masks=torch` nn.Dropout's noise in the input's
+  dtype: the residual stream's, w, since train.py stops peft's cast to fp32, but a for o_proj, whose
+  input is sdpa's output), or with dropout 0 the shared input once; plus the rank-r
   output of LoRA A (a * r). The frozen 4-bit base linears keep nothing (bitsandbytes' MatMul4Bit saves
   only the packed weight). Mistral-7B, bf16, all 7 targets: 347 KiB per token per layer on the
   upcast base train.py uses (263 KiB in a plain loop with bf16 embeddings).
@@ -550,8 +550,10 @@ def _activations(
     # stream's dtype (train.py stops peft's cast to the adapters' fp32, which only sees CUDA autocast) and
     # both the hash masks and nn.Dropout's noise are in that dtype.
     # The attention output (o_proj's input) comes out of sdpa in the compute dtype even on an fp32 stream.
-    lora_dropout, _ = dropout
-    mask = {t: 1 if s.device == "cuda" else a if t == "o_proj" else w for t in targets}
+    # dropout.py's masks are 0/1 in 2 bytes; nn.Dropout's noise has the input's dtype.
+    lora_dropout, masks = dropout
+    into = {t: a if t == "o_proj" else w for t in targets}
+    mask = {t: 1 if s.device == "cuda" else 2 if masks == "hash" else into[t] for t in targets}
     if lora_dropout > 0:
         per_token += sum((a + mask[t]) * linears[t][0] for t in targets)
     elif s.device == "cuda" or a == w:
