@@ -546,11 +546,10 @@ def _activations(
     # projections (and SiLU and the product after them) are fp32 even under autocast.
     per_token += 3 * w * i
     # Per LoRA input feature: what LoRA A keeps (the dropout output, or autocast's copy of it: a bytes)
-    # and the dropout mask: bool from CUDA's fused dropout; on CPU the input arrives in the residual
-    # stream's dtype (train.py stops peft's cast to the adapters' fp32, which only sees CUDA autocast) and
-    # both the hash masks and nn.Dropout's noise are in that dtype.
-    # The attention output (o_proj's input) comes out of sdpa in the compute dtype even on an fp32 stream.
-    # dropout.py's masks are 0/1 in 2 bytes; nn.Dropout's noise has the input's dtype.
+    # and the dropout mask: bool from CUDA's fused dropout; on CPU dropout.py's 0/1 masks in 2 bytes, or
+    # nn.Dropout's noise in the input's dtype: the residual stream's (train.py stops peft's cast to the
+    # adapters' fp32, which only sees CUDA autocast), but the compute dtype for o_proj, whose input is
+    # sdpa's output even on an fp32 stream.
     lora_dropout, masks = dropout
     into = {t: a if t == "o_proj" else w for t in targets}
     mask = {t: 1 if s.device == "cuda" else 2 if masks == "hash" else into[t] for t in targets}
