@@ -144,6 +144,8 @@ def test_on_cpu_a_dropout_mask_takes_2_bytes_and_nn_dropouts_noise_the_inputs_dt
     assert torch_masks - hash_masks == per_layer_token * (4 - 2) * (inputs - 4096)  # fp32 noise but o_proj's
     bf16 = dict(setup, kbit_prepared=False)
     assert mistral_estimate(**bf16, dropout_masks="torch") == mistral_estimate(**bf16)  # bf16 noise: 2 bytes
+    no_dropout = dict(setup, lora_dropout=0.0)
+    assert mistral_estimate(**no_dropout, dropout_masks="torch") == mistral_estimate(**no_dropout)
 
 
 def test_on_cuda_the_plan_meets_the_measured_7b_peaks_within_10_percent():

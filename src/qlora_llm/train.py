@@ -545,7 +545,10 @@ def _build_model(
         # transformers 5 uses; PEFT would switch it on again under the old one.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     elif m.quantization != "none":
-        log.info("embeddings, norms and the output head in %s (model.upcast_layers=false)", str(dtype)[6:])
+        log.info(
+            "embeddings, norms and the output head in %s (model.upcast_layers=false)",
+            str(dtype).removeprefix("torch."),
+        )
     explicit = "target_modules" in cfg.lora.model_fields_set
     targets = resolve_target_modules(model, cfg.lora.target_modules)
     if explicit and targets != cfg.lora.target_modules:
