@@ -99,3 +99,77 @@ def test_training_on_cpu_uses_it_in_every_lora_layer_and_says_so(tiny_mistral, t
     rows = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if r.get("loss") is not None]
     assert result.global_step == 3 and losses and all(loss == loss for loss in losses)  # trained, finite
+
+
+def _eager(x, key, p):
+    return x * keep_mask(x.numel(), key, p, torch.bfloat16).view(x.shape).to(x.dtype) * (1 / (1 - p))
+
+
+def test_compiled_masks_are_the_eager_ones_bit_for_bit_and_are_not_kept_for_the_backward():
+    import qlora_llm.dropout as dropout
+
+    chosen = dropout.fuse_hash_dropout(0.1, (2, 8, 16), (torch.bfloat16, torch.float32), 0, "compiled")
+    assert chosen.startswith("compiled by torch.compile") and dropout._compiled is not None
+    try:
+        drop = HashDropout(0.1)
+        for shape in ((4, 50, 64), (3, 7, 5), (1, 1, 1), (2, 33)):  # odd sizes: the last hash's half
+            for dtype in (torch.bfloat16, torch.float32):
+                x = torch.randn(*shape, dtype=dtype, requires_grad=True)
+                torch.manual_seed(3)
+                key = int(torch.randint(-(2**31), 2**31 - 1, (), dtype=torch.int64))
+                torch.manual_seed(3)
+                saved: list[torch.Tensor] = []
+                with torch.autograd.graph.saved_tensors_hooks(
+                    lambda t, kept=saved: kept.append(t) or t, lambda t: t
+                ):
+                    y = drop(x)
+                assert y.dtype == dtype and torch.equal(y, _eager(x, key, 0.1))
+                assert all(t.numel() <= 1 for t in saved), [(t.shape, t.dtype) for t in saved]
+                y.backward(torch.ones_like(y))
+                assert torch.equal(x.grad, _eager(torch.ones_like(x), key, 0.1))
+    finally:
+        dropout.fuse_hash_dropout(0.1, (1, 1, 1), (torch.float32,), 0, "hash")
+    assert dropout._compiled is None
+
+
+def test_auto_compiles_only_a_run_long_enough_to_pay_for_it():
+    import qlora_llm.dropout as dropout
+
+    assert dropout.fuse_hash_dropout(0.1, (4, 64, 64), (torch.float32,), 10, "auto").startswith(
+        "eager (0 s of masks in this run: too few to pay for compiling)"
+    )
+    assert dropout._compiled is None
+    assert dropout.fuse_hash_dropout(0.1, (4, 64, 64), (torch.float32,), 10**9, "hash") == (
+        "eager (lora.dropout_masks=hash)"
+    )
+
+
+def test_a_run_with_compiled_masks_trains_exactly_as_with_eager_ones(
+    tiny_mistral, tiny_data, tmp_path, caplog
+):
+    from qlora_llm.train import train
+
+    caplog.set_level("INFO", logger="qlora_llm.train")
+    runs = {}
+    for masks in ("hash", "compiled"):
+        cfg = tiny_cfg(
+            tiny_mistral,
+            tiny_data,
+            tmp_path / masks,
+            "train.max_steps=3",
+            "lora.dropout=0.1",
+            f"lora.dropout_masks={masks}",
+        )
+        runs[masks] = train(cfg)
+    assert "in 14 layers, eager (lora.dropout_masks=hash)" in caplog.text
+    assert "in 14 layers, compiled by torch.compile" in caplog.text
+
+    def losses(result):
+        rows = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if r.get("loss") is not None]
+
+    assert losses(runs["hash"]) == losses(runs["compiled"]) and len(losses(runs["hash"])) == 3
+    from safetensors.torch import load_file
+
+    weights = {m: load_file(r.final_adapter / "adapter_model.safetensors") for m, r in runs.items()}
+    assert all(torch.equal(weights["hash"][k], weights["compiled"][k]) for k in weights["hash"])

@@ -132,8 +132,11 @@ class LoraSettings(_Section):
     """LoRA scaling numerator (alpha / r = 2)."""
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     """Dropout on the LoRA input."""
-    dropout_masks: Literal["hash", "torch"] = "hash"
-    """On CPU: LoRA dropout masks from a counter-based hash keyed by torch's generator (vectorized), or torch's own nn.Dropout (serial)."""
+    dropout_masks: Literal["auto", "compiled", "hash", "torch"] = "auto"
+    """On CPU: LoRA dropout masks from a counter-based hash keyed by torch's generator, vectorized (`hash`) or
+    fused into one loop by torch.compile (`compiled`: the same masks, not kept for the backward); `auto`: the
+    hash, compiled when the run is long enough to pay for compiling and the compiled masks measure faster;
+    `torch`: torch's own nn.Dropout (serial)."""
     target_modules: list[str] = Field(default_factory=lambda: list(SEED_TARGET_MODULES))
     """Linear layers that get adapters: the 7 attention and MLP projections."""
     bias: Literal["none", "all", "lora_only"] = "none"

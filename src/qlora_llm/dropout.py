@@ -49,7 +49,7 @@ def keep_mask(n: int, key: int, p: float, dtype: torch.dtype = torch.bfloat16) -
     ~4-6x a multiply of the same size (measured: 122, 231 and 384 us against 62 us for 4 x 240 x 576
     elements in bf16).
     """
-    threshold = round((1 - p) * RESOLUTION) - RESOLUTION // 2
+    threshold = _threshold(p)
     if threshold >= RESOLUTION // 2:
         return torch.ones(n, dtype=dtype)
     h = torch.mul(_index((n + 1) // 2), GOLDEN).bitwise_xor_(key)
@@ -63,6 +63,58 @@ def keep_mask(n: int, key: int, p: float, dtype: torch.dtype = torch.bfloat16) -
     return kept.to(dtype)
 
 
+def _threshold(p: float) -> int:
+    """The int16 half below which an element is kept: keep probability 1 - p, to 1/65536."""
+    return round((1 - p) * RESOLUTION) - RESOLUTION // 2
+
+
+def _hash_dropout(x: torch.Tensor, key: torch.Tensor, threshold: torch.Tensor, scale: float) -> torch.Tensor:
+    """`x * keep_mask(...) / (1 - p)` written for torch.compile: inductor fuses the index, the hash, the
+    comparison and the multiply into one C++ loop, and the backward recomputes the mask from the key
+    instead of keeping it. The same masks as `keep_mask`, bit for bit (tested). `key` and `threshold` are
+    int32 tensors: dynamo would make a float p symbolic, and the threshold's rounding with it."""
+    index = torch.arange(x.numel(), dtype=torch.int32, device=x.device)
+    h = (index >> 1).mul(GOLDEN).bitwise_xor(key)
+    for shift, multiplier in FMIX:
+        h = h.bitwise_xor((h >> shift).bitwise_and((1 << (32 - shift)) - 1))
+        if multiplier is not None:
+            h = h.mul(multiplier)
+    # Element 2j is the low 16 bits of hash j, element 2j+1 the high ones (keep_mask's int16 view), as int16.
+    half = torch.where((index & 1) == 0, h, h >> 16).bitwise_and(0xFFFF)
+    half = half - ((half & 0x8000) << 1)
+    return torch.where(half < threshold, x * scale, 0)
+
+
+class _CompiledDropout(torch.autograd.Function):
+    """The compiled masks in both directions: the backward applies the same mask, from the same key, to the
+    gradient, so nothing of the mask is kept (AOTAutograd's partitioner would keep it as a bool)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, key: torch.Tensor, threshold: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        ctx.save_for_backward(key, threshold)
+        ctx.scale = scale
+        return _compiled(x.reshape(-1), key, threshold, scale).view(x.shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        key, threshold = ctx.saved_tensors
+        return _compiled(grad.reshape(-1), key, threshold, ctx.scale).view(grad.shape), None, None, None
+
+
+def _int32(value: int) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.int32)
+
+
+_compiled: Any = None
+"""torch.compile'd `_hash_dropout` once `fuse_hash_dropout` chose it; None: the eager masks."""
+_compiled_once: Any = None
+"""The one torch.compile wrapper: dynamo keeps its graphs per function, so a process compiles once per
+dtype; the inputs are flattened so every shape is one graph (fullgraph=False: past dynamo's recompile
+limit it runs the function eagerly, the same masks)."""
+
+
 class HashDropout(torch.nn.Module):
     """`nn.Dropout(p)` whose CPU masks come from `keep_mask`; the same module otherwise (p, train/eval)."""
 
@@ -73,7 +125,12 @@ class HashDropout(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0 or x.device.type != "cpu" or x.numel() >= 2**31:
             return torch.nn.functional.dropout(x, self.p, self.training)
-        key = int(torch.randint(-(2**31), 2**31 - 1, (), dtype=torch.int64))
+        key = torch.randint(-(2**31), 2**31 - 1, (), dtype=torch.int64)
+        if _compiled is not None:
+            return _CompiledDropout.apply(
+                x, key.to(torch.int32), _int32(_threshold(self.p)), 1 / (1 - self.p)
+            )
+        key = int(key)
         # 0/1 in 2 bytes (exact) even for an fp32 x: autograd keeps the mask for the backward, not x. The
         # scale is applied apart: folded into a bf16 mask, 1/0.95 would round to 1.0547.
         mask = keep_mask(x.numel(), key, self.p, x.dtype if x.element_size() <= 2 else torch.bfloat16)
@@ -96,3 +153,67 @@ def use_hash_dropout(model: Any) -> int:
                 dropouts[name] = HashDropout(layer.p)
                 swapped += 1
     return swapped
+
+
+COMPILE_PAYS_AFTER_S = 20.0
+"""Compile the masks only when the run would spend longer than this drawing them eagerly: compiling took
+5 s (inductor's disk cache warm) to 13 s (cold) on 2 cores, once a process."""
+
+
+def fuse_hash_dropout(
+    p: float, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...], draws: int, mode: str = "auto"
+) -> str:
+    """Compile the hash dropout (inductor: C++) when it pays on this CPU for this run; what was chosen.
+
+    `shape`: a LoRA input at the run's batch and length; `dtypes`: the dtypes LoRA inputs will have;
+    `draws`: masks the run will draw per dtype (layers x targets x steps, x2 under checkpointing). The eager
+    masks are timed first (forward and backward, milliseconds); only a run that would spend more than
+    COMPILE_PAYS_AFTER_S in them compiles, and keeps the compiled masks if they measure faster. Both give
+    the same masks, bit for bit. A CPU without a C++ compiler, or any compile error, keeps eager masks.
+    `mode`: `auto` as above, `compiled` compiles (if it can) without measuring, `hash` stays eager.
+    """
+    global _compiled, _compiled_once
+    import time
+
+    _compiled = None
+    if mode == "hash":
+        return "eager (lora.dropout_masks=hash)"
+    always = mode == "compiled"
+    key = torch.zeros((), dtype=torch.int32)
+    inputs = [torch.randn(shape, dtype=dtype, requires_grad=True) for dtype in dtypes]
+
+    def eager(x: torch.Tensor) -> torch.Tensor:
+        mask = keep_mask(x.numel(), 0, p, x.dtype if x.element_size() <= 2 else torch.bfloat16)
+        return x * mask.view(x.shape) * (1 / (1 - p))
+
+    def timed(dropout: Any) -> float:
+        start = time.perf_counter()
+        for x in inputs:
+            dropout(x).sum().backward()
+        return (time.perf_counter() - start) / len(inputs)
+
+    eager_s = 0.0 if always else min(timed(eager) for _ in range(3))
+    if not always and eager_s * draws < COMPILE_PAYS_AFTER_S:
+        return f"eager ({eager_s * draws:.0f} s of masks in this run: too few to pay for compiling)"
+    threshold, scale = _int32(_threshold(p)), 1 / (1 - p)
+
+    def fused(x: torch.Tensor) -> torch.Tensor:
+        return _CompiledDropout.apply(x, key, threshold, scale)
+
+    if _compiled_once is None:
+        _compiled_once = torch.compile(_hash_dropout, dynamic=True)
+    _compiled = _compiled_once
+    try:
+        compile_s = timed(fused) * len(inputs)
+    except Exception as err:  # noqa: BLE001 - any failure to compile means: stay eager
+        _compiled = None
+        return f"eager (torch.compile failed: {type(err).__name__}: {str(err).splitlines()[0][:120]})"
+    if always:
+        return f"compiled by torch.compile (lora.dropout_masks=compiled; {compile_s:.0f} s to compile)"
+    fused_s = min(timed(fused) for _ in range(3))
+    if fused_s >= eager_s:
+        _compiled = None
+        return f"eager ({eager_s * 1e3:.1f} ms a mask, compiled {fused_s * 1e3:.1f} ms)"
+    return (
+        f"compiled by torch.compile, {eager_s / fused_s:.1f}x as fast as eager ({compile_s:.0f} s to compile)"
+    )

@@ -121,6 +121,10 @@ FUSED_TOKEN_TILE = 4096  # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE
 FUSED_VOCAB_TILE = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
 CPU_LOSS_TILE = (256, 8192)
 """Tokens x vocabulary entries per tile of TRL's fused LM head on CPU, which train.py sets (see there)."""
+CPU_ACTIVATION_SLACK = 0.2
+"""RSS above the bytes of the tensors a CPU step keeps for its backward: mimalloc keeps freed temporaries
+committed for a while (MIMALLOC_PURGE_DELAY=0 halved this, at 1.6x the step time) and rounds each block up
+to its size class. +12 to +28% of the kept tensors, measured on 7 no-checkpointing runs (docs/plan.md)."""
 CPU_FOLD_TEMPORARIES = 8
 """fp32 tile-sized temporaries TRL's torch fold (no Triton: CPU) holds at once; bench/loss_tiles.py."""
 LM_EVAL_LOGITS_COPIES = 3
@@ -248,6 +252,8 @@ class MemoryEstimate:
     how: dict[str, str] = field(default_factory=dict)
     loading: int = 0
     """Peak while the weights load (CPU), when the weights file and the model built from it are both in RAM."""
+    allocator: int = 0
+    """CPU: the allocator's slack over the kept activations (CPU_ACTIVATION_SLACK); 0 on CUDA."""
 
     COMPONENTS: ClassVar[tuple[tuple[str, str], ...]] = (
         ("base_weights", "base weights"),
@@ -256,6 +262,7 @@ class MemoryEstimate:
         ("optimizer_states", "optimizer states"),
         ("activations", "activations"),
         ("logits", "logits + loss"),
+        ("allocator", "allocator slack"),
         ("overhead", "runtime overhead"),
     )
 
@@ -319,7 +326,7 @@ def estimate_memory(
     device: Literal["cuda", "cpu"],
     every_n_layers: int = 1,
     lora_dropout: float = 0.05,
-    dropout_masks: Literal["hash", "torch"] = "hash",
+    dropout_masks: Literal["auto", "compiled", "hash", "torch"] = "auto",
     attention: Literal["sdpa", "eager"] = "sdpa",
     lm_head_loss: Literal["chunked", "full"] = "chunked",
     kbit_prepared: bool = True,
@@ -374,6 +381,10 @@ def estimate_memory(
     dropout = (lora_dropout, dropout_masks)
     act = _activations(s, lora_r, dropout, attention, gradient_checkpointing, every_n_layers, lora, how)
     logits, logits_grad = _loss_head(s, lm_head_loss, scored_tokens, compute_dtype, how)
+    allocator = int(CPU_ACTIVATION_SLACK * act.bytes) if device == "cpu" else 0
+    how["allocator"] = (
+        f"{CPU_ACTIVATION_SLACK:.0%} of the activations: RSS the allocator holds beyond them (measured)"
+    )
     overhead, loading = _runtime(s, model_config, base, how)
     # On CUDA a checkpointed layer is recomputed in backward after the loss's buffers and kept hidden
     # states are freed: its full set, the residual stream's fp32 gradient and its backward buffers then
@@ -416,6 +427,7 @@ def estimate_memory(
         optimizer_states=optimizer_states,
         activations=act.bytes,
         logits=logits,
+        allocator=allocator,
         overhead=overhead,
         transient=transient,
         loading=loading,
@@ -552,7 +564,9 @@ def _activations(
     # sdpa's output even on an fp32 stream.
     lora_dropout, masks = dropout
     into = {t: a if t == "o_proj" else w for t in targets}
-    mask = {t: 1 if s.device == "cuda" else 2 if masks == "hash" else into[t] for t in targets}
+    # `compiled` keeps no mask (the backward recomputes it from its key); `auto` may not compile: 2 bytes.
+    cpu_mask = {"compiled": 0, "hash": 2, "auto": 2}
+    mask = {t: 1 if s.device == "cuda" else cpu_mask.get(masks, into[t]) for t in targets}
     if lora_dropout > 0:
         per_token += sum((a + mask[t]) * linears[t][0] for t in targets)
     elif s.device == "cuda" or a == w:
@@ -1338,7 +1352,9 @@ def format_plan(report: PlanReport) -> str:
         return f"{label:<20}{_gib(n):>7}{extra}  {how}"
 
     for key, label in est.COMPONENTS:
-        seed_gb = SEED_TABLE_GB[key]
+        if key == "allocator" and not est.allocator:
+            continue  # CUDA: the caching allocator's bytes are what the activations line counts
+        seed_gb = SEED_TABLE_GB.get(key)
         lines.append(
             row(label, getattr(est, key), "-" if seed_gb is None else f"{seed_gb:.1f}", est.how[key])
         )

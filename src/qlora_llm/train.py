@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -281,15 +282,10 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
     # and runs must be reproducible.
     set_seed(t.seed)
     model, targets = _build_model(cfg, args, device, dtype, checkpoint)
-    if device == "cpu" and cfg.lora.dropout_masks == "hash":
-        from qlora_llm.dropout import use_hash_dropout
-
-        if swapped := use_hash_dropout(model):
-            log.info(
-                "LoRA dropout on CPU: masks from a counter-based hash in %d layers, vectorized "
-                "(lora.dropout_masks=torch keeps nn.Dropout, which draws them one at a time)",
-                swapped,
-            )
+    if device == "cpu" and cfg.lora.dropout_masks != "torch":
+        _hash_dropout(
+            cfg, model, dtype, checkpointing, steps=_planned_steps(cfg, len(data.train_rows), world)
+        )
     if device == "cpu" and str(dtype) != "torch.float32":
         _lora_inputs_as_they_come(model)
     manifest = _manifest(cfg, data, tokenizer, targets, device, world)
@@ -576,6 +572,40 @@ def _build_model(
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora), targets
+
+
+def _planned_steps(cfg: Config, examples: int, world: int) -> int:
+    """Optimizer steps the run will take (train.max_steps, or its epochs)."""
+    t = cfg.train
+    if t.max_steps > 0:
+        return t.max_steps
+    return math.ceil(
+        t.num_epochs * math.ceil(examples / (t.batch_size * world)) / t.gradient_accumulation_steps
+    )
+
+
+def _hash_dropout(cfg: Config, model: Any, dtype: Any, checkpointing: str, steps: int) -> None:
+    """LoRA dropout masks from dropout.py's hash on CPU, compiled when that pays for this run."""
+    import torch
+
+    from qlora_llm.dropout import fuse_hash_dropout, use_hash_dropout
+
+    swapped = use_hash_dropout(model)
+    if not swapped:
+        return
+    # A LoRA input is the residual stream's dtype (fp32 on an upcast 4-bit base), or the compute dtype.
+    upcast = cfg.model.quantization != "none" and cfg.model.upcast_layers
+    dtypes = tuple(dict.fromkeys([dtype, torch.float32 if upcast else dtype]))
+    recompute = 2 if checkpointing.startswith(("on", "auto: on")) else 1
+    draws = swapped * steps * cfg.train.gradient_accumulation_steps * recompute
+    shape = (cfg.train.batch_size, cfg.data.max_seq_length, model.config.hidden_size)
+    chosen = fuse_hash_dropout(cfg.lora.dropout, shape, dtypes, draws, cfg.lora.dropout_masks)
+    log.info(
+        "LoRA dropout on CPU: masks from a counter-based hash in %d layers, %s "
+        "(lora.dropout_masks=torch keeps nn.Dropout, which draws them one at a time)",
+        swapped,
+        chosen,
+    )
 
 
 def _lora_inputs_as_they_come(model: Any) -> None:
