@@ -19,6 +19,10 @@
 #                    of the CPU dropout (src/qlora_llm/dropout.py)
 #   ours-qlora-gc-bf16, ours-qlora-bf16   ours-qlora-gc / ours-qlora with model.upcast_layers=false: embeddings,
 #                    norms and head in bf16 as in LLaMA-Factory's bf16 run (the like-for-like of lf-qlora-bf16)
+#   ours-qlora-gc-compiled, ours-qlora-gc-bf16-compiled, ours-lora-compiled   the same with
+#                    lora.dropout_masks=compiled: what `auto` picks for a run longer than this 30-step one
+#                    (it compiles when the run would spend over 10 s in eager masks: from ~22 steps here
+#                    with checkpointing, ~43 without)
 set -u
 PASS=${1:?usage: side_by_side.sh PASS [RUN ...]}; shift
 RUNS=${*:-trl-glibc lf-qlora lf-lora-nogc litgpt-lora ours-qlora ours-qlora-gc ours-lora ours-qlora-gc-fp32 ours-lora-fp32}
@@ -41,6 +45,9 @@ for RUN in $RUNS; do
     ours-qlora-gc-torchdrop) EXTRA="train.gradient_checkpointing=true lora.dropout_masks=torch" ;;
     ours-qlora-gc-bf16) EXTRA="train.gradient_checkpointing=true model.upcast_layers=false" ;;
     ours-qlora-bf16)    EXTRA="train.gradient_checkpointing=auto model.upcast_layers=false" ;;
+    ours-qlora-gc-compiled) EXTRA="train.gradient_checkpointing=true lora.dropout_masks=compiled" ;;
+    ours-qlora-gc-bf16-compiled) EXTRA="train.gradient_checkpointing=true model.upcast_layers=false lora.dropout_masks=compiled" ;;
+    ours-lora-compiled) EXTRA="train.gradient_checkpointing=auto model.quantization=none lora.dropout_masks=compiled" ;;
     *) (cd "$PROJECT" && bash "$HARNESS/run_bench.sh" "$PASS" "$RUN"); continue ;;
   esac
   N=$RUN-p$PASS; OUT=$P/runs/$N; rm -rf "$OUT"; rm -f "$P/logs/$N".*

@@ -41,9 +41,10 @@ QLoRA paper does; else 4: peft's fp32, and train.py casts them back to fp32 on C
   (bitsandbytes' Linear4bit returns its input's dtype, fp32 on an upcast base, even under autocast);
   each LoRA-targeted linear keeps its dropped-out input (or autocast's copy of it) and the dropout
   mask, (a + 1) * in_features on CUDA (bool mask of the fused kernel), (a + 2) * in_features on CPU
-  (dropout.py's 0/1 masks in 2 bytes; with `lora.dropout_masks=torch` nn.Dropout's noise in the input's
-  dtype: the residual stream's, w, since train.py stops peft's cast to fp32, but a for o_proj, whose
-  input is sdpa's output), or with dropout 0 the shared input once; plus the rank-r
+  (dropout.py's 0/1 masks in 2 bytes, counted for `auto`, which may not compile; none with
+  `lora.dropout_masks=compiled`, whose backward redraws the mask from its key; with `torch` nn.Dropout's
+  noise in the input's dtype: the residual stream's, w, since train.py stops peft's cast to fp32, but a
+  for o_proj, whose input is sdpa's output), or with dropout 0 the shared input once; plus the rank-r
   output of LoRA A (a * r). The frozen 4-bit base linears keep nothing (bitsandbytes' MatMul4Bit saves
   only the packed weight). Mistral-7B, bf16, all 7 targets: 347 KiB per token per layer on the
   upcast base train.py uses (263 KiB in a plain loop with bf16 embeddings).
@@ -67,6 +68,9 @@ QLoRA paper does; else 4: peft's fp32, and train.py casts them back to fp32 on C
   positions first and tiles only them (the answers, under answers-only loss: `scored_tokens`), and
   its forward tile is freed before the backward's (allocated bytes); on CPU it tiles every position,
   and RSS keeps the freed tile (calibrated so).
+- allocator slack (CPU only): the RSS holds more than the bytes of the tensors a step keeps: mimalloc
+  keeps freed temporaries committed for a while and rounds blocks up to size classes. 20% of the
+  activations line (`CPU_ACTIVATION_SLACK`; 12-28% measured on 7 runs without checkpointing).
 - runtime overhead: CUDA context, cuBLAS workspace and kernels ~0.5 GiB on CUDA. On CPU the Python
   process with torch, transformers, peft, trl, datasets and bitsandbytes imported: 0.47 GiB RSS was
   measured (torch 2.13 CPU), counted as 0.5 GiB. Plus, on CPU, the rest of the weights file when the
@@ -76,7 +80,7 @@ QLoRA paper does; else 4: peft's fp32, and train.py casts them back to fp32 on C
   model built from it (quantized, or cast to the compute dtype). It sets the peak of short CPU runs.
 - CPU loss tiles: train.py gives TRL's fused head 256 x 8192 tiles on CPU (`CPU_LOSS_TILE`), and its
   torch fold (no Triton) holds ~8 fp32 temporaries of a tile (`CPU_FOLD_TEMPORARIES`).
-  Calibrated on CPU against whole-process peaks (`bench/plan_accuracy.py`: 13 points within 8.2%).
+  Calibrated on CPU against whole-process peaks (`bench/plan_accuracy.py`, docs/plan.md).
 - transient (only in `peak`): buffers alive for a moment, in no line above: the largest 4-bit weight
   dequantized to the compute dtype for its matmul (forward and backward) plus the gradients of one
   layer's largest intermediates in backward, B*T*(3I + 2H)*a; or, when larger, the loss's backward

@@ -601,8 +601,7 @@ def _hash_dropout(cfg: Config, model: Any, dtype: Any, checkpointing: str, steps
     shape = (cfg.train.batch_size, cfg.data.max_seq_length, model.config.hidden_size)
     chosen = fuse_hash_dropout(cfg.lora.dropout, shape, dtypes, draws, cfg.lora.dropout_masks)
     log.info(
-        "LoRA dropout on CPU: masks from a counter-based hash in %d layers, %s "
-        "(lora.dropout_masks=torch keeps nn.Dropout, which draws them one at a time)",
+        "LoRA dropout on CPU: masks from a counter-based hash in %d layers, %s",
         swapped,
         chosen,
     )
