@@ -167,9 +167,9 @@ def use_hash_dropout(model: Any) -> int:
 
 COMPILE_PAYS_AFTER_S = 10.0
 """Compile the masks only when the run would spend longer than this drawing them eagerly: compiling took
-5 s (inductor's disk cache warm) to 13 s (cold) on 2 cores, once a process, and the compiled masks save
-about three quarters of the eager time (x4 as fast), so from 10 s on compiling pays with a warm cache and
-about breaks even with a cold one."""
+2-5 s (inductor's disk cache warm) to 13 s (cold) on 2 cores, once a process, and in isolation the
+compiled masks took a quarter to a half of the eager time: from 10 s on compiling can pay. Whether it
+does is then measured (a whole step gained little on a CPU with AMX: docs/train.md)."""
 
 
 def fuse_hash_dropout(

@@ -358,8 +358,7 @@ def estimate_memory(
     """
     shape = ModelShape.from_config(model_config)
     quantized = quantization != "none"
-    if lora_dtype is None:
-        lora_dtype = "bfloat16" if quantized and device == "cuda" else "float32"
+    lora_dtype = lora_dtype or ("bfloat16" if quantized and device == "cuda" else "float32")
     # A preference step forwards each example's chosen and rejected answer together: twice the sequences.
     # DPO's reference forward runs without gradients, so its activations never add to the training ones.
     sequences = batch_size * (1 if method == "sft" else 2)
@@ -385,10 +384,6 @@ def estimate_memory(
     dropout = (lora_dropout, dropout_masks)
     act = _activations(s, lora_r, dropout, attention, gradient_checkpointing, every_n_layers, lora, how)
     logits, logits_grad = _loss_head(s, lm_head_loss, scored_tokens, compute_dtype, how)
-    allocator = int(CPU_ACTIVATION_SLACK * act.bytes) if device == "cpu" else 0
-    how["allocator"] = (
-        f"{CPU_ACTIVATION_SLACK:.0%} of the activations: RSS the allocator holds beyond them (measured)"
-    )
     overhead, loading = _runtime(s, model_config, base, how)
     # On CUDA a checkpointed layer is recomputed in backward after the loss's buffers and kept hidden
     # states are freed: its full set, the residual stream's fp32 gradient and its backward buffers then
@@ -431,7 +426,7 @@ def estimate_memory(
         optimizer_states=optimizer_states,
         activations=act.bytes,
         logits=logits,
-        allocator=allocator,
+        allocator=_allocator_slack(act.bytes, device, how),
         overhead=overhead,
         transient=transient,
         loading=loading,
@@ -610,6 +605,14 @@ def _activations(
         + (f"; {recomputed} recomputed set in the backward's buffers" if recomputed else "")
     )
     return _Activations(checkpoints + (sets - recomputed) * per_layer + shared, per_layer, recomputed)
+
+
+def _allocator_slack(activations: int, device: str, how: dict) -> int:
+    """CPU: the RSS the allocator holds beyond the kept activations; CUDA's counted bytes are allocated ones."""
+    how["allocator"] = (
+        f"{CPU_ACTIVATION_SLACK:.0%} of the activations: RSS the allocator holds beyond them (measured)"
+    )
+    return int(CPU_ACTIVATION_SLACK * activations) if device == "cpu" else 0
 
 
 def _loss_head(
