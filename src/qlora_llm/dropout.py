@@ -178,7 +178,7 @@ def fuse_hash_dropout(
     """Compile the hash dropout (inductor: C++) when it pays on this CPU for this run; what was chosen.
 
     `shape`: a LoRA input at the run's batch and length; `dtypes`: the dtypes LoRA inputs will have;
-    `draws`: masks the run will draw per dtype (layers x targets x steps, x2 under checkpointing). The eager
+    `draws`: masks the run will draw (LoRA layers x steps, x2 under checkpointing). The eager
     masks are timed first (forward and backward, milliseconds); only a run that would spend more than
     COMPILE_PAYS_AFTER_S in them compiles, and keeps the compiled masks if they measure faster. Both give
     the same masks, bit for bit. A CPU without a C++ compiler, or any compile error, keeps eager masks.
