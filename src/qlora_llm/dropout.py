@@ -125,6 +125,14 @@ dtype; the inputs are flattened so every shape is one graph (fullgraph=False: pa
 limit it runs the function eagerly, the same masks)."""
 
 
+def _eager_dropout(x: torch.Tensor, key: int, p: float) -> torch.Tensor:
+    """x with `keep_mask`'s mask applied and scaled, in whole-tensor torch ops."""
+    # 0/1 in 2 bytes (exact) even for an fp32 x: autograd keeps the mask for the backward, not x. The
+    # scale is applied apart: folded into a bf16 mask, 1/0.95 would round to 1.0547.
+    mask = keep_mask(x.numel(), key, p, x.dtype if x.element_size() <= 2 else torch.bfloat16)
+    return (x * mask.view(x.shape)).mul_(1 / (1 - p))
+
+
 class HashDropout(torch.nn.Module):
     """`nn.Dropout(p)` whose CPU masks come from `keep_mask`; the same module otherwise (p, train/eval)."""
 
@@ -140,11 +148,7 @@ class HashDropout(torch.nn.Module):
             return _CompiledDropout.apply(
                 x, key.to(torch.int32), _int32(_threshold(self.p)), 1 / (1 - self.p)
             )
-        key = int(key)
-        # 0/1 in 2 bytes (exact) even for an fp32 x: autograd keeps the mask for the backward, not x. The
-        # scale is applied apart: folded into a bf16 mask, 1/0.95 would round to 1.0547.
-        mask = keep_mask(x.numel(), key, self.p, x.dtype if x.element_size() <= 2 else torch.bfloat16)
-        return (x * mask.view(x.shape)).mul_(1 / (1 - self.p))
+        return _eager_dropout(x, int(key), self.p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -194,17 +198,13 @@ def fuse_hash_dropout(
     key = torch.zeros((), dtype=torch.int32)
     inputs = [torch.randn(shape, dtype=dtype, requires_grad=True) for dtype in dtypes]
 
-    def eager(x: torch.Tensor) -> torch.Tensor:
-        mask = keep_mask(x.numel(), 0, p, x.dtype if x.element_size() <= 2 else torch.bfloat16)
-        return x * mask.view(x.shape) * (1 / (1 - p))
-
     def timed(dropout: Any) -> float:
         start = time.perf_counter()
         for x in inputs:
             dropout(x).sum().backward()
         return (time.perf_counter() - start) / len(inputs)
 
-    eager_s = 0.0 if always else min(timed(eager) for _ in range(3))
+    eager_s = 0.0 if always else min(timed(lambda x: _eager_dropout(x, 0, p)) for _ in range(3))
     if not always and eager_s * draws < COMPILE_PAYS_AFTER_S:
         return f"eager ({eager_s * draws:.0f} s of masks in this run: too few to pay for compiling)"
     threshold, scale = _int32(_threshold(p)), 1 / (1 - p)

@@ -283,7 +283,7 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
     set_seed(t.seed)
     model, targets = _build_model(cfg, args, device, dtype, checkpoint)
     if device == "cpu" and cfg.lora.dropout_masks != "torch":
-        _hash_dropout(
+        _use_hash_dropout(
             cfg, model, dtype, checkpointing, steps=_planned_steps(cfg, len(data.train_rows), world)
         )
     if device == "cpu" and str(dtype) != "torch.float32":
@@ -584,7 +584,7 @@ def _planned_steps(cfg: Config, examples: int, world: int) -> int:
     )
 
 
-def _hash_dropout(cfg: Config, model: Any, dtype: Any, checkpointing: str, steps: int) -> None:
+def _use_hash_dropout(cfg: Config, model: Any, dtype: Any, checkpointing: str, steps: int) -> None:
     """LoRA dropout masks from dropout.py's hash on CPU, compiled when that pays for this run."""
     import torch
 
