@@ -66,8 +66,15 @@ def read_eval(folder: Path) -> dict:
     return table
 
 
+def run_suffix(overrides: list[str]) -> str:
+    """The run folder's suffix for these overrides: train.kl_weight=1.0 -> -kl_weight1.0."""
+    return "".join(
+        "-" + key.split(".")[-1] + value for key, _, value in (o.partition("=") for o in overrides)
+    )
+
+
 def run_seed(seed: int, runs_dir: Path, overrides: list[str], scale: float | None, run: bool = True) -> dict:
-    suffix = "".join("-" + o.split(".")[-1].replace("=", "") for o in overrides)
+    suffix = run_suffix(overrides)
     out = runs_dir / f"seed-{seed}{suffix}"
     cmd = [str(CLI), "run", "configs/smollm2-cpu.yaml", f"train.seed={seed}", f"train.output_dir={out}"]
     if run:
@@ -92,7 +99,7 @@ def run_seed(seed: int, runs_dir: Path, overrides: list[str], scale: float | Non
 
 def print_sweeps(seeds: list[int], runs_dir: Path, overrides: list[str]) -> None:
     """Each run's adapter-scale sweep on its eval split, and the median over the seeds per scale."""
-    suffix = "".join("-" + o.split(".")[-1].replace("=", "") for o in overrides)
+    suffix = run_suffix(overrides)
     by_scale: dict[float, list[dict]] = {}
     print("adapter-scale sweep on each run's eval split (points vs base; general: paired 95% interval)")
     for seed in seeds:

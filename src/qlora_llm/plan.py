@@ -1229,7 +1229,7 @@ def plan(
     # not given: a run that fits the total but not what other processes left is killed.
     available = available_bytes(device) if device_memory_bytes is None else None
     decide = usable if available is None else min(usable, int(FIT_MARGIN * available // processes))
-    if available is not None:
+    if available is not None and available // processes <= memory:
         basis = f"{_gib(available)} GiB available now"
     else:
         basis = f"{_gib(memory)} GiB {'given' if device_memory_bytes is not None else 'in total'}"
