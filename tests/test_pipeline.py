@@ -143,3 +143,49 @@ def test_an_interrupted_run_continues_and_other_settings_are_refused(tiny_mistra
     other = load_config(None, settings(tiny_mistral, out, f"data.train_file={user_csv}", "lora.r=4"))
     with pytest.raises(PipelineError, match="holds a training run with other data or settings"):
         run(other, columns=columns)
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_leaves_no_orphan_training(tiny_mistral, user_csv, tmp_path):
+    """`kill -9` of `qlora-llm run` cannot be forwarded: the training process is told by the kernel
+    (PR_SET_PDEATHSIG) and stops as on one SIGTERM, at a step boundary with a checkpoint, instead of training
+    on with nobody to evaluate or merge. (The kernel repeats the notice for each of the parent's threads; as
+    SIGTERMs, the second meant "stop now" and no checkpoint was written, in 1 run of 3.)"""
+    import subprocess
+    import sys
+
+    import psutil
+
+    out = tmp_path / "run"
+    args = settings(
+        tiny_mistral,
+        out,
+        f"data.train_file={user_csv}",
+        "train.max_steps=400",  # minutes of training: only the parent's death can end it in time
+        "train.eval_steps=200",
+        "train.save_steps=200",
+        "train.logging_steps=1",
+    )
+    (tmp_path / "config.yaml").write_text("{}\n")  # the defaults, then the settings above
+    command = [sys.executable, "-m", "qlora_llm.cli", "run", str(tmp_path / "config.yaml")]
+    command += ["--map", "instruction=question"]
+    command += ["--map", "output=answer", *args]
+    with open(tmp_path / "log.txt", "w") as log:
+        parent = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+    deadline = time.monotonic() + 300
+    while '"loss"' not in ((out / "metrics.jsonl").read_text() if (out / "metrics.jsonl").is_file() else ""):
+        assert parent.poll() is None and time.monotonic() < deadline, (tmp_path / "log.txt").read_text()[
+            -3000:
+        ]
+        time.sleep(0.1)
+    [trainer] = psutil.Process(parent.pid).children()
+    parent.kill()
+    parent.wait()
+    trainer.wait(timeout=120)
+    said = (tmp_path / "log.txt").read_text()
+    assert "the `run` process that started this training died: stopping it" in said, said[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped"] == "SIGTERM", said[-3000:]
+    stopped_at = summary["steps"]
+    assert 0 < stopped_at < 400 and (out / f"checkpoint-{stopped_at}").is_dir()
+    assert not (out / "final_adapter").exists()

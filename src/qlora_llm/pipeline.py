@@ -163,7 +163,7 @@ def _train_apart(cfg: Config) -> dict[str, Any]:
     the evaluation that follows would stack on it. A child process returns all of it when it exits.
     The child is in a session of its own, so a Ctrl-C at the terminal reaches it once, through us:
     SIGINT and SIGTERM are forwarded (the first stops training at the next step with a checkpoint, a
-    second stops now, as with `qlora-llm train`), and it is sent SIGTERM if this process dies.
+    second stops now, as with `qlora-llm train`), and if this process dies it stops as on one SIGTERM.
     """
     import signal
     import subprocess
@@ -241,8 +241,16 @@ def _train_child(out: Path, level: int, install_filters: bool) -> int:
 
     request = json.loads(sys.stdin.read())
     if sys.platform.startswith("linux"):
-        # SIGTERM when the parent dies (even by SIGKILL), so no orphan trains on; checked after.
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        # Told when the parent dies (even by SIGKILL), so no orphan trains on; checked after. Not as SIGTERM:
+        # the kernel repeats the notice as each of the dying parent's threads exits, and a second SIGTERM
+        # means "stop now, no checkpoint". The first notice asks once for the stop with a checkpoint.
+        def parent_died(_signum: int, _frame: Any) -> None:
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            log.warning("the `run` process that started this training died: stopping it")
+            signal.raise_signal(signal.SIGTERM)
+
+        signal.signal(signal.SIGHUP, parent_died)
+        ctypes.CDLL(None).prctl(1, signal.SIGHUP)  # PR_SET_PDEATHSIG
     if os.getppid() != request["parent"]:
         return 1
     quiet.setup_logging(level)
