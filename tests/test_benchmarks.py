@@ -302,6 +302,25 @@ def test_a_model_against_itself_has_no_drift_and_no_change(tiny_mistral, tmp_pat
         assert r["diff"] == r["lo"] == r["hi"] == 0.0 and r["verdict"] == "no measurable loss"
 
 
+def test_the_evaluate_command_shows_no_lm_eval_notice(tiny_mistral, tmp_path, capsys):
+    """lm-eval warns per task and per model about its own command line and about being handed a loaded
+    model: nothing a user of ours can act on, so the terminal does not show it (quiet.py)."""
+    from qlora_llm.cli import main
+
+    data = tmp_path / "eval.jsonl"
+    data.write_text(json.dumps({"instruction": "Say hi.", "input": "", "output": "Hi."}) + "\n")
+    settings = [
+        "model.device=cpu",
+        "eval.benchmark_prompts=null",
+        "eval.max_new_tokens=2",
+        "eval.speed_runs=1",
+    ]
+    args = [str(tiny_mistral), *settings, "eval.general_tasks=[piqa]", *SMALL[1:], "--data", str(data)]
+    assert main(["evaluate", *args, "--compare", "none", "--output-dir", str(tmp_path / "ev")]) == 0
+    err = capsys.readouterr().err
+    assert "lm_eval" not in err and "WARNING" not in err, err
+
+
 # --------------------------------------------------------------------------------------------------
 # ROUGE: what it rewards
 

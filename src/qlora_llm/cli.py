@@ -741,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
     if replica:
         warnings.simplefilter("ignore")
     quiet.setup_logging(logging.ERROR if replica else logging.DEBUG if args.verbose else logging.INFO)
-    if args.command in MODEL_COMMANDS | {"prepare", "models"}:
+    if args.command in MODEL_COMMANDS | {"prepare", "models", "plan"}:
         quiet.install()
     if args.command in MODEL_COMMANDS:
         logging.getLogger("qlora_llm").info("memory allocator: %s", active_allocator())

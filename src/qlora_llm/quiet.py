@@ -13,6 +13,10 @@ shows. Our own warnings are untouched. What is filtered and why:
   code uses the new ones.
 - TRL warns on every import of `trl.experimental`, where ORPO's trainer lives: `train.method=orpo` is a
   choice the user made, and our log says it runs on TRL's experimental trainer.
+- lm-eval warns, per task and load, that "custom kwargs can be passed to `--metadata` in console": our
+  offline tasks read their data through a function, which is what triggers it; there is no console of
+  lm-eval's to pass them to. It also warns, per model, that it was given a loaded model rather than a
+  name: benchmarks.py does that on purpose (the model the evaluation already loaded, in one process).
 - the per-call progress bars of `datasets` (TRL's "Building labels ...") and of transformers' weight
   loading and saving: our progress bar and log lines say what is happening.
 
@@ -37,16 +41,27 @@ RENAMED_CHECKPOINTING = (
 )
 
 
+LM_EVAL_TASK_LOGGER = "lm_eval.api.task"
+LM_EVAL_CUSTOM_DATASET_NOTICE = ": Custom kwargs can be passed to `--metadata`"
+"""lm-eval warns so (two lines) for every task whose data is read by a function, as our offline tasks are
+(benchmarks.py), on every load: about its command line, which the user of ours does not have."""
+LM_EVAL_HF_LOGGER = "lm_eval.models.huggingface"
+LM_EVAL_MODEL_NOTICES = (
+    "`pretrained` model kwarg is not of type `str`",
+    "Passed an already-initialized model through `pretrained`",
+)
+"""lm-eval's notices that it was handed a loaded model (benchmarks.py does so, one process, on purpose)."""
 TRL_EXPERIMENTAL = r"You are importing from 'trl\.experimental'"
 
 
 class _DropMessages(logging.Filter):
-    def __init__(self, *prefixes: str):
+    def __init__(self, *parts: str):
         super().__init__()
-        self.prefixes = prefixes
+        self.parts = parts
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefixes)
+        message = record.getMessage()
+        return not any(part in message for part in self.parts)
 
 
 _installed = False
@@ -72,13 +87,15 @@ def install() -> None:
     """Install the filters; idempotent."""
     global _installed
     _installed = True
-    for name, notice in (
+    for name, *notices in (
         (BITSANDBYTES_CPU_LOGGER, KERNELS_NOTICE),
         (KERNELS_HUB_LOGGER, KERNELS_TRUST_NOTICE),
+        (LM_EVAL_TASK_LOGGER, LM_EVAL_CUSTOM_DATASET_NOTICE),
+        (LM_EVAL_HF_LOGGER, *LM_EVAL_MODEL_NOTICES),
     ):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in logger.filters):
-            logger.addFilter(_DropMessages(notice))
+            logger.addFilter(_DropMessages(*notices))
     warnings.filterwarnings(
         "ignore", message=RENAMED_CHECKPOINTING, category=FutureWarning, module="transformers"
     )
