@@ -14,7 +14,16 @@ from pathlib import Path
 import pytest
 
 from qlora_llm.config import SEED_TARGET_MODULES, load_config
-from qlora_llm.plan import GB, GIB, PlanError, estimate_memory, format_plan, load_model_config, plan
+from qlora_llm.plan import (
+    FIT_MARGIN,
+    GB,
+    GIB,
+    PlanError,
+    estimate_memory,
+    format_plan,
+    load_model_config,
+    plan,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -254,6 +263,33 @@ def test_smollm2_on_cpu_fits_in_24_gib():
     assert report.estimate.peak < 4 * GIB
     assert not report.seed_setup and "seed GB" not in format_plan(report)
     assert "allocator slack" in format_plan(report)
+
+
+def test_the_plan_of_a_run_counts_run_itself_beside_training_on_cpu_only():
+    """`qlora-llm run` waits in RAM while its training process trains: the plan `qlora-llm plan` prints
+    (the stages of `run`) counts it on training's stage and decides checkpointing without its share; the
+    plan `train` makes for itself does not (its available memory already excludes the parent's)."""
+    from qlora_llm.plan import RUN_PARENT
+
+    demo = load_config(ROOT / "configs" / "smollm2-cpu.yaml")
+    alone = plan(demo, device_memory_bytes=24 * GIB)
+    beside = plan(demo, device_memory_bytes=24 * GIB, under_run=True)
+    train = {
+        r: next(st for st in p.stages if st.name == "train") for r, p in (("alone", alone), ("run", beside))
+    }
+    assert train["run"].components["the waiting `run` process"] == RUN_PARENT
+    assert train["run"].peak == train["alone"].peak + RUN_PARENT and beside.peak == alone.peak + RUN_PARENT
+    assert "the waiting `run` process" not in train["alone"].components
+    on_gpu = plan(load_config(None, ["model.device=cuda"]), device_memory_bytes=24 * GIB, under_run=True)
+    assert (
+        "the waiting `run` process" not in next(st for st in on_gpu.stages if st.name == "train").components
+    )
+    # Checkpointing auto: a budget that fits the step alone but not beside `run` checkpoints.
+    auto = load_config(ROOT / "configs" / "smollm2-cpu.yaml", ["train.gradient_checkpointing=auto"])
+    step = plan(auto, device_memory_bytes=24 * GIB).estimate.peak
+    room = int((step + RUN_PARENT // 2) / FIT_MARGIN)
+    assert plan(auto, device_memory_bytes=room).checkpointing.startswith("auto: off")
+    assert plan(auto, device_memory_bytes=room, under_run=True).checkpointing.startswith("auto: on")
 
 
 def test_an_in_training_evaluation_lands_on_the_loading_peak_without_full_logits():

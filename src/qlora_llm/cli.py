@@ -438,7 +438,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc}: need at least 1 process")
     cfg = load_config(args.config, args.overrides)
-    report = plan(cfg, device_memory_bytes=memory, processes=args.nproc, measure_evaluation=True)
+    # The stages of `qlora-llm run` (what `make demo` runs after it), training beside `run` itself.
+    report = plan(
+        cfg, device_memory_bytes=memory, processes=args.nproc, measure_evaluation=True, under_run=True
+    )
     print(format_plan(report))
     return 0 if report.fits else 1
 
