@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -182,14 +183,6 @@ _BUILD_TOOLS = "import sys; from pathlib import Path; from qlora_llm.llamacpp im
 )
 
 
-def _lowest_priority() -> None:
-    """The build's processes run only on a core nothing else wants (Linux's SCHED_IDLE; else nice 19)."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        os.nice(19)
-
-
 def pytest_collection_modifyitems(items: list) -> None:
     items.sort(key=lambda item: "llama_cpp_tools" in getattr(item, "fixturenames", ()))
 
@@ -201,12 +194,13 @@ def _llama_cpp_build(request) -> Iterator[subprocess.Popen | None]:
         yield None
         return
     LLAMA_CPP_CACHE.mkdir(exist_ok=True)
+    # Only on a core nothing else wants: Linux's SCHED_IDLE (util-linux's chrt), else nice 19.
+    idle = ["chrt", "--idle", "0"] if shutil.which("chrt") else ["nice", "-n", "19"]
     with open(LLAMA_CPP_CACHE / "build.log", "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-c", _BUILD_TOOLS, str(LLAMA_CPP_CACHE)],
+            [*idle, sys.executable, "-c", _BUILD_TOOLS, str(LLAMA_CPP_CACHE)],
             stdout=out,
             stderr=subprocess.STDOUT,
-            preexec_fn=_lowest_priority,
             start_new_session=True,
         )
     yield proc
