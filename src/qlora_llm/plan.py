@@ -118,11 +118,11 @@ FIT_MARGIN = 0.92
 CUDA_OVERHEAD = GIB // 2
 CPU_OVERHEAD = GIB // 2
 EVAL_LIBRARIES = GIB // 10
+"""lm-eval, its task objects and rouge-score imported: +0.09 GiB RSS measured over training's imports."""
 RUN_PARENT = int(0.38 * GIB)
 """`qlora-llm run` while its training process trains (pipeline.py trains apart): its imports and the prepared
 data, 0.38 GiB measured (proportional set size: 0.33 private + its share of the mapped libraries; RSS 0.42)
-beside the demo's training, on CPU. Counted on training's stage in the plan of a `run`."""
-"""lm-eval, its task objects and rouge-score imported: +0.09 GiB RSS measured over training's imports."""
+beside a demo-recipe training, on CPU. Counted on training's stage in the plan of a `run`."""
 QUANT_BLOCK = 64  # bitsandbytes 4-bit blocksize (BitsAndBytesConfig default)
 DOUBLE_QUANT_BLOCK = 256  # absmax values per second-level fp32 constant with double quant
 FUSED_TOKEN_TILE = 4096  # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE
