@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -203,6 +204,8 @@ def _llama_cpp_build(request) -> Iterator[subprocess.Popen | None]:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+    # Reaped as soon as it ends: no zombie among the session's children for the tests that count them.
+    threading.Thread(target=proc.wait, daemon=True).start()
     yield proc
     if proc.poll() is None:  # the session ended first (a failure with -x, or ^C): no orphan compilers
         os.killpg(proc.pid, 9)

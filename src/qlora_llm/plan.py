@@ -1204,6 +1204,34 @@ def _is_seed_setup(model_config: dict[str, Any], setup: dict[str, Any]) -> bool:
     )
 
 
+def _memory_budget(
+    device: str, device_memory_bytes: int | None, processes: int, under_run: bool
+) -> tuple[int, int, str, list[str]]:
+    """This process's memory, the budget checkpointing (auto) is decided on, what it was decided on, notes."""
+    from qlora_llm.memory import available_bytes
+
+    memory = device_memory_bytes if device_memory_bytes is not None else _device_memory(device)
+    notes: list[str] = []
+    if device == "cpu" and processes > 1:
+        # The processes of a CPU run share this machine's RAM; each may plan with its share.
+        notes.append(
+            f"{processes} processes share {_gib(memory)} GiB of RAM: {_gib(memory // processes)} each"
+        )
+        memory //= processes
+    usable = int(FIT_MARGIN * memory)
+    # Checkpointing (auto) is decided from the RAM available now, not the total, when the memory was
+    # not given: a run that fits the total but not what other processes left is killed.
+    available = available_bytes(device) if device_memory_bytes is None else None
+    decide = usable if available is None else min(usable, int(FIT_MARGIN * available // processes))
+    if under_run and device == "cpu":
+        decide -= RUN_PARENT  # what `run`'s training process will find available, `run` itself running
+    if available is not None and available // processes <= memory:
+        basis = f"{_gib(available)} GiB available now"
+    else:
+        basis = f"{_gib(memory)} GiB {'given' if device_memory_bytes is not None else 'in total'}"
+    return memory, decide, basis, notes
+
+
 def plan(
     cfg: Config,
     *,
@@ -1226,29 +1254,11 @@ def plan(
     """
     model_config, source = load_model_config(cfg.model.name, cfg.model.revision)
     log.info("planning %s from %s", cfg.model.name, source)
-    from qlora_llm.memory import available_bytes
     from qlora_llm.model import pick_device
 
     device = pick_device(cfg.model.device, check=False)
-    memory = device_memory_bytes if device_memory_bytes is not None else _device_memory(device)
-    notes: list[str] = []
-    if device == "cpu" and processes > 1:
-        # The processes of a CPU run share this machine's RAM; each may plan with its share.
-        notes.append(
-            f"{processes} processes share {_gib(memory)} GiB of RAM: {_gib(memory // processes)} each"
-        )
-        memory //= processes
+    memory, decide, basis, notes = _memory_budget(device, device_memory_bytes, processes, under_run)
     usable = int(FIT_MARGIN * memory)
-    # Checkpointing (auto) is decided from the RAM available now, not the total, when the memory was
-    # not given: a run that fits the total but not what other processes left is killed.
-    available = available_bytes(device) if device_memory_bytes is None else None
-    decide = usable if available is None else min(usable, int(FIT_MARGIN * available // processes))
-    if under_run and device == "cpu":
-        decide -= RUN_PARENT  # what `run`'s training process will find available, `run` itself running
-    if available is not None and available // processes <= memory:
-        basis = f"{_gib(available)} GiB available now"
-    else:
-        basis = f"{_gib(memory)} GiB {'given' if device_memory_bytes is not None else 'in total'}"
 
     lengths = example_lengths(cfg) if rows is None else row_lengths(cfg, rows)
 
