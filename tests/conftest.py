@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -173,53 +171,6 @@ def cpu_kernel(request) -> Iterator[str]:
             mp.setattr(cpu4bit, "fused_kernel_available", lambda: True)
             mp.setattr(bnb_functional, "gemv_4bit", reference_fused_gemv)
         yield request.param
-
-
-# llama.cpp's tools (built from source, ~6 CPU-minutes) are built by a background process at the lowest
-# priority while the rest of the suite runs, on the cores the tests leave idle (their imports,
-# subprocess start-ups and servers waiting); the tests that need them run last and wait for it.
-LLAMA_CPP_CACHE = Path(os.environ["HOME"]) / "llama-cpp-prebuild"
-_BUILD_TOOLS = "import sys; from pathlib import Path; from qlora_llm.llamacpp import LlamaCpp; " + (
-    "LlamaCpp(Path(sys.argv[1])).tool('llama-results')"
-)
-
-
-def pytest_collection_modifyitems(items: list) -> None:
-    items.sort(key=lambda item: "llama_cpp_tools" in getattr(item, "fixturenames", ()))
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _llama_cpp_build(request) -> Iterator[subprocess.Popen | None]:
-    """Starts the build of llama.cpp's tools at the start of the session, when a test will need them."""
-    if not any("llama_cpp_tools" in getattr(i, "fixturenames", ()) for i in request.session.items):
-        yield None
-        return
-    LLAMA_CPP_CACHE.mkdir(exist_ok=True)
-    # Only on a core nothing else wants: Linux's SCHED_IDLE (util-linux's chrt), else nice 19.
-    idle = ["chrt", "--idle", "0"] if shutil.which("chrt") else ["nice", "-n", "19"]
-    with open(LLAMA_CPP_CACHE / "build.log", "w") as out:
-        proc = subprocess.Popen(
-            [*idle, sys.executable, "-c", _BUILD_TOOLS, str(LLAMA_CPP_CACHE)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    # Reaped as soon as it ends: no zombie among the session's children for the tests that count them.
-    threading.Thread(target=proc.wait, daemon=True).start()
-    yield proc
-    if proc.poll() is None:  # the session ended first (a failure with -x, or ^C): no orphan compilers
-        os.killpg(proc.pid, 9)
-        proc.wait()
-
-
-@pytest.fixture(scope="session")
-def llama_cpp_tools(_llama_cpp_build, smollm2_cache) -> Path:
-    """llama.cpp's tools, built in the background, in the SmolLM2 cache where the exports look for them."""
-    if _llama_cpp_build.wait() != 0:
-        log = (LLAMA_CPP_CACHE / "build.log").read_text()[-3000:]
-        pytest.fail(f"building llama.cpp's tools failed (exit {_llama_cpp_build.returncode}):\n{log}")
-    (smollm2_cache / "llama.cpp").symlink_to(LLAMA_CPP_CACHE / "llama.cpp", target_is_directory=True)
-    return smollm2_cache / "llama.cpp"
 
 
 @pytest.fixture(scope="session")

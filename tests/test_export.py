@@ -244,7 +244,7 @@ def test_near_ties_may_flip_but_a_decisive_flip_or_a_large_kl_is_a_divergence():
 
 @pytest.mark.slow
 def test_a_real_run_exported_to_gguf_computes_in_llama_cpp_what_it_computes_in_transformers(
-    smollm2_run, llama_cpp_tools, tmp_path, go_render
+    smollm2_run, tmp_path, go_render
 ):
     """The real SmolLM2 run, through llama.cpp's converter and its own tools (built here from the pinned
     source): on the same tokens (benchmark prompts with transformers' greedy answers), each GGUF's logits
@@ -300,7 +300,8 @@ def test_a_real_run_exported_to_gguf_computes_in_llama_cpp_what_it_computes_in_t
     from qlora_llm.model import find_target
 
     if _no_amx_flags() and shutil.which("objdump"):
-        # The tools the exports above ran (the run's model cache), not a second build of them.
+        # The tools the exports above built and ran (the default cache: export was given no model config),
+        # not a second build of them.
         tool = LlamaCpp(find_target(run).model_cfg.cache_dir).root / f"bin-{BUILD_NAME}" / "llama-results"
         assert tool.is_file()
         code = subprocess.run(["objdump", "-d", str(tool)], capture_output=True, text=True, check=True).stdout
@@ -309,7 +310,7 @@ def test_a_real_run_exported_to_gguf_computes_in_llama_cpp_what_it_computes_in_t
 
 @pytest.mark.slow
 def test_a_gguf_that_computes_another_model_is_refused_and_nothing_is_written(
-    smollm2_run, llama_cpp_tools, tmp_path, monkeypatch
+    smollm2_run, tmp_path, monkeypatch
 ):
     """A real divergence (here: the final norm's sign flipped in what the converter reads) is refused."""
     from safetensors.torch import load_file, save_file
