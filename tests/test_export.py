@@ -211,6 +211,34 @@ def test_an_export_that_fails_leaves_nothing_under_its_name(tiny_run, tmp_path):
     assert not [p for p in bad.iterdir() if p.name.startswith(".export-vllm")]
 
 
+def test_greedy_reference_answers_are_computed_once_per_merge(tmp_path):
+    """Exports of one merged model reuse transformers' answers; new weights or other prompts recompute them."""
+    from qlora_llm.export import ANSWERS_FILE, _reference_answers
+
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "model.safetensors").write_bytes(b"weights")
+    calls = []
+
+    def generate(text="an answer"):
+        calls.append(text)
+        return [{"text": text, "ids": [5, 2], "tokens": 2, "finish_reason": "stop"}]
+
+    cpu = "cpu torch.float32"
+    first = _reference_answers(merged, [[1, 2, 3]], cpu, generate)
+    assert _reference_answers(merged, [[1, 2, 3]], cpu, generate) == first and len(calls) == 1
+    assert (
+        _reference_answers(merged, [[1, 2, 4]], cpu, generate) == first and len(calls) == 2
+    )  # other prompts
+    assert _reference_answers(merged, [[1, 2, 4]], "cuda:0 torch.bfloat16", generate) and len(calls) == 3
+    (merged / "model.safetensors").write_bytes(b"merged again, other weights")
+    again = _reference_answers(merged, [[1, 2, 4]], cpu, lambda: generate("another answer"))
+    assert again[0]["text"] == "another answer" and len(calls) == 4
+    assert [p.name for p in merged.iterdir() if p.name.startswith(".")] == []  # no partial file left
+    (merged / ANSWERS_FILE).write_text("{half a file")
+    assert _reference_answers(merged, [[1, 2, 4]], cpu, generate) == first and len(calls) == 5
+
+
 def test_near_ties_may_flip_but_a_decisive_flip_or_a_large_kl_is_a_divergence():
     """The teacher-forced check on logits with near-ties: rounding flips a near-tie, never a clear choice."""
     import torch
@@ -268,6 +296,7 @@ def test_a_real_run_exported_to_gguf_computes_in_llama_cpp_what_it_computes_in_t
     assert f"top-1 agreement 100.0% on the {forced['decisive']} decisive positions" in md
 
     q8 = export(run, "gguf", quant="q8_0", out_dir=tmp_path / "q8", device="cpu")
+    assert q8.verification["greedy"]["answer_tokens"] == f16.verification["greedy"]["answer_tokens"]
     assert (tmp_path / "q8" / q8.files[0]).stat().st_size < 0.6 * (
         tmp_path / "f16" / f16.files[0]
     ).stat().st_size
@@ -306,6 +335,13 @@ def test_a_real_run_exported_to_gguf_computes_in_llama_cpp_what_it_computes_in_t
         assert tool.is_file()
         code = subprocess.run(["objdump", "-d", str(tool)], capture_output=True, text=True, check=True).stdout
         assert not re.search(r"\s(tilezero|tileloadd|tdpbssd|ldtilecfg)\s", code)
+    # ggml's kernels were compiled at -O3, the rest at -O1 (a shorter build; the same outputs).
+    build = LlamaCpp(find_target(run).model_cfg.cache_dir).root / f"build-{BUILD_NAME}"
+    commands = {
+        Path(c["file"]).name: c["command"] for c in json.loads((build / "compile_commands.json").read_text())
+    }
+    assert " -O3 " in commands["ops.cpp"] and " -O3 " in commands["ggml-quants.c"]
+    assert " -O1 " in commands["llama-model.cpp"] and " -O3 " not in commands["arg.cpp"]
 
 
 @pytest.mark.slow

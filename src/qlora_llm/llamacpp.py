@@ -59,6 +59,12 @@ CMAKE_FLAGS = (
 # own, so a build from before (with AMX) is not reused.
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 BUILD_NAME = "no-amx"
+# ggml (the kernels: where the tools spend their time) at -O3, the rest (llama's model code, `common`'s
+# argument parser, chat and JSON code, cpp-httplib: 83% of the compile's CPU time) at -O1: measured here,
+# the build took 215 s instead of 299 s, and llama-results and llama-completion wrote byte-identical
+# outputs in the same time. cmake includes the file right after ggml's `project()`, in ggml's scope.
+OPTIMIZE = ("-DCMAKE_C_FLAGS_RELEASE=-O1 -DNDEBUG", "-DCMAKE_CXX_FLAGS_RELEASE=-O1 -DNDEBUG")
+GGML_O3 = 'set(CMAKE_C_FLAGS_RELEASE "-O3 -DNDEBUG")\nset(CMAKE_CXX_FLAGS_RELEASE "-O3 -DNDEBUG")\n'
 
 
 class LlamaCppError(QloraError, RuntimeError):
@@ -205,8 +211,21 @@ class LlamaCpp:
         jobs = str(os.cpu_count() or 2)
         start = time.perf_counter()
         log.info("building llama.cpp's %s from source, once (a few minutes per core)...", ", ".join(TOOLS))
+        build.mkdir(parents=True, exist_ok=True)
+        (build / "ggml-O3.cmake").write_text(GGML_O3)
         _run(
-            ["cmake", "-S", str(src), "-B", str(build), *generator, *CMAKE_FLAGS, *_no_amx_flags()],
+            [
+                "cmake",
+                "-S",
+                str(src),
+                "-B",
+                str(build),
+                *generator,
+                *CMAKE_FLAGS,
+                *OPTIMIZE,
+                f"-DCMAKE_PROJECT_ggml_INCLUDE={build / 'ggml-O3.cmake'}",
+                *_no_amx_flags(),
+            ],
             "cmake configure of llama.cpp",
         )
         proc = subprocess.Popen(
