@@ -373,42 +373,77 @@ def assert_same_final(a: Path, b: Path) -> None:
 
 
 TRAIN_SCRIPT = textwrap.dedent("""
-    import logging, sys, time, torch
+    import logging, os, sys, time, torch
     from qlora_llm.config import load_config
     logging.basicConfig(level=logging.INFO)
     from qlora_llm.train import train
-    cfg = load_config(None, sys.argv[2:])
-    mode = sys.argv[1]
-    if mode == "hang-on-save-6":
-        real_save = torch.save
-        def slow_save(obj, f, *a, **k):
-            if "checkpoint-6" in str(f):
-                open(sys.argv[2].split("=", 1)[1] + ".saving", "w").close()
-                time.sleep(600)
-            return real_save(obj, f, *a, **k)
-        torch.save = slow_save
-    if mode.startswith(("count-save-6", "die-at-write-")):
-        # Every write of checkpoint-6's save (files, renames), counted; the N-th one is a kill -9.
-        import builtins, os, signal, peft.peft_model as pm
-        die_at = int(mode.rsplit("-", 1)[1]) if mode.startswith("die-at-write-") else 0
+    mode, overrides = sys.argv[1], sys.argv[2:]
+
+    def count_writes(die_at):
+        # Every write of checkpoint-6's save (files, renames), counted; the die_at-th one is a kill -9.
+        import builtins, signal, peft.peft_model as pm
         seen = []
         def event(what, path):
             if "checkpoint-6" in str(path):
                 seen.append(f"{what} {path}")
                 if len(seen) == die_at:
                     os.kill(os.getpid(), signal.SIGKILL)
-        def hook(name, real, kind, pos=0, writes_only=False):
+        def hook(real, kind, pos=0, writes_only=False):
             def wrapped(*a, **k):
                 mode_arg = a[1] if len(a) > 1 else k.get("mode", "r")
                 if not writes_only or any(c in str(mode_arg) for c in "wax+"):
                     event(kind, a[pos])
                 return real(*a, **k)
             return wrapped
-        torch.save = hook("save", torch.save, "torch.save", pos=1)
-        pm.safe_save_file = hook("safe_save_file", pm.safe_save_file, "safetensors", pos=1)
-        builtins.open = hook("open", builtins.open, "open", writes_only=True)
-        os.replace = hook("replace", os.replace, "replace", pos=1)
-        os.rename = hook("rename", os.rename, "rename", pos=1)
+        torch.save = hook(torch.save, "torch.save", pos=1)
+        pm.safe_save_file = hook(pm.safe_save_file, "safetensors", pos=1)
+        builtins.open = hook(builtins.open, "open", writes_only=True)
+        os.replace = hook(os.replace, "replace", pos=1)
+        os.rename = hook(os.rename, "rename", pos=1)
+        return seen
+
+    if mode.startswith("die-at-writes-"):
+        # Kill -9 at write 1, 2, ..., N of checkpoint-6's save, each in a child forked from here after the
+        # imports (most of a fresh process's time), two at a time, each into OUT/k<k>/run with its log
+        # beside it: prints "EXIT k returncode" per child.
+        import trl, peft, transformers  # what train() imports when it runs: imported once, here
+        root, running = load_config(None, overrides).train.output_dir, {}
+        def reap():
+            pid, status = os.wait()
+            code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+            print(f"EXIT {running.pop(pid)} {code}", flush=True)
+        for k in range(1, int(mode.rsplit("-", 1)[1]) + 1):
+            if len(running) == 2:
+                reap()
+            out = os.path.join(root, f"k{k}", "run")
+            os.makedirs(os.path.dirname(out))
+            sys.stdout.flush(); sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                log = os.open(os.path.join(os.path.dirname(out), "log.txt"), os.O_WRONLY | os.O_CREAT, 0o644)
+                os.dup2(log, 1); os.dup2(log, 2)
+                code = 1  # an exception in the child must not return into this loop
+                try:
+                    torch.set_num_threads(1)  # two children on two cores: one thread each, no OpenMP spinning
+                    count_writes(k)
+                    code = train(load_config(None, [*overrides, f"train.output_dir={out}"]), resume="auto").exit_code
+                finally:
+                    sys.stdout.flush(); sys.stderr.flush()
+                    os._exit(code)
+            running[pid] = k
+        while running:
+            reap()
+        sys.exit(0)
+    cfg = load_config(None, overrides)
+    if mode == "hang-on-save-6":
+        real_save = torch.save
+        def slow_save(obj, f, *a, **k):
+            if "checkpoint-6" in str(f):
+                open(overrides[0].split("=", 1)[1] + ".saving", "w").close()
+                time.sleep(600)
+            return real_save(obj, f, *a, **k)
+        torch.save = slow_save
+    seen = count_writes(0) if mode == "count-save-6" else []
     result = train(cfg, resume="auto")
     if mode == "count-save-6":
         print("".join(f"EVENT {e}\\n" for e in seen))

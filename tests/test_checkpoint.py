@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -167,22 +166,22 @@ def test_kill_9_at_every_stage_of_a_save_leaves_only_complete_checkpoints(tiny_m
     assert {"adapter_model.safetensors", "optimizer.pt", "rng_state.pth", "trainer_state.json"} <= set(names)
     assert names[-3:] == ["manifest.json", "checksums.json", "checkpoint-6"], names  # the rename is last
 
-    def die_at_write(k: int) -> tuple[int, int, Path, str]:
-        # A folder of its own per kill, two at a time: each child is mostly its imports, on one core.
-        (tmp_path / f"k{k}").mkdir()
-        out = tmp_path / f"k{k}" / "run"
-        args = train_args(tiny_mistral, tiny_data, out, "train.max_steps=6")
-        proc = run_train_script(tmp_path / f"k{k}", f"die-at-write-{k}", args)
-        log = proc.communicate(timeout=300)[0]
-        return k, proc.returncode, out, log
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        for k, returncode, out, log in pool.map(die_at_write, range(1, len(events) + 1)):
-            assert returncode == -9, (k, events[k - 1], log[-2000:])
-            names = sorted(p.name for p in out.glob("checkpoint-*"))
-            complete = [p.name for p in complete_checkpoints(out)]
-            assert names == complete and complete[0] == "checkpoint-3", (k, names)
-            assert not (out / "final_adapter").exists()
+    kills = run_train_script(
+        tmp_path,
+        f"die-at-writes-{len(events)}",
+        train_args(tiny_mistral, tiny_data, tmp_path / "kills", "train.max_steps=6"),
+    )
+    log = kills.communicate(timeout=600)[0]
+    assert kills.returncode == 0, log[-3000:]
+    exits = dict(re.findall(r"^EXIT (\d+) (-?\d+)$", log, flags=re.M))
+    assert sorted(map(int, exits)) == list(range(1, len(events) + 1)), log[-3000:]
+    for k in range(1, len(events) + 1):
+        out = tmp_path / "kills" / f"k{k}" / "run"
+        assert exits[str(k)] == "-9", (k, events[k - 1], (out.parent / "log.txt").read_text()[-2000:])
+        names = sorted(p.name for p in out.glob("checkpoint-*"))
+        complete = [p.name for p in complete_checkpoints(out)]
+        assert names == complete and complete[0] == "checkpoint-3", (k, names)
+        assert not (out / "final_adapter").exists()
     args = train_args(tiny_mistral, tiny_data, out, "train.max_steps=9")
     finish = run_train_script(tmp_path, "normal", args)
     log = finish.communicate(timeout=300)[0]
