@@ -272,14 +272,19 @@ def test_near_ties_may_flip_but_a_decisive_flip_or_a_large_kl_is_a_divergence():
 
 @pytest.mark.slow
 def test_a_real_run_exported_to_gguf_computes_in_llama_cpp_what_it_computes_in_transformers(
-    smollm2_run, tmp_path, go_render
+    smollm2_run, tmp_path, go_render, monkeypatch
 ):
     """The real SmolLM2 run, through llama.cpp's converter and its own tools (built here from the pinned
     source): on the same tokens (benchmark prompts with transformers' greedy answers), each GGUF's logits
     agree with transformers' within its format's limits, and EXPORT.md says by how much; the Ollama
-    q4_k_m export renders our template in Go; the GGUF adapter loads with --lora."""
+    q4_k_m export renders our template in Go; the GGUF adapter loads with --lora. And a GGUF that computes
+    another model (the final norm's sign flipped in what the converter reads) is refused, nothing written.
+    One test: the tools are built once (minutes), and every export shares the run's merge."""
     from gguf import GGUFReader
+    from safetensors.torch import load_file, save_file
     from transformers import AutoTokenizer
+
+    import qlora_llm.export as qexport
 
     # A copy: the export merges into RUN/merged first, and the shared run must stay as the merge test expects it.
     run = tmp_path / "run"
@@ -335,26 +340,7 @@ def test_a_real_run_exported_to_gguf_computes_in_llama_cpp_what_it_computes_in_t
         assert tool.is_file()
         code = subprocess.run(["objdump", "-d", str(tool)], capture_output=True, text=True, check=True).stdout
         assert not re.search(r"\s(tilezero|tileloadd|tdpbssd|ldtilecfg)\s", code)
-    # ggml's kernels were compiled at -O3, the rest at -O1 (a shorter build; the same outputs).
-    build = LlamaCpp(find_target(run).model_cfg.cache_dir).root / f"build-{BUILD_NAME}"
-    commands = {
-        Path(c["file"]).name: c["command"] for c in json.loads((build / "compile_commands.json").read_text())
-    }
-    assert " -O3 " in commands["ops.cpp"] and " -O3 " in commands["ggml-quants.c"]
-    assert " -O1 " in commands["llama-model.cpp"] and " -O3 " not in commands["arg.cpp"]
 
-
-@pytest.mark.slow
-def test_a_gguf_that_computes_another_model_is_refused_and_nothing_is_written(
-    smollm2_run, tmp_path, monkeypatch
-):
-    """A real divergence (here: the final norm's sign flipped in what the converter reads) is refused."""
-    from safetensors.torch import load_file, save_file
-
-    import qlora_llm.export as qexport
-
-    run = tmp_path / "run"  # its merged folder too, when the merge test made one: the export reuses it
-    shutil.copytree(smollm2_run, run, ignore=shutil.ignore_patterns("checkpoint-*", "eval", "export-*"))
     stage_for_converter = qexport._stage_for_converter
 
     def broken_stage(merged, stage, jinja):
@@ -371,8 +357,18 @@ def test_a_gguf_that_computes_another_model_is_refused_and_nothing_is_written(
         r"positions of 4 benchmark prompts\), llama.cpp's logits differ from transformers': top-1 agreement "
         r"0\.0% on the \d+ decisive positions .* Nothing was written\.$",
     ):
-        export(run, "gguf", quant="f16", out_dir=tmp_path / "f16", device="cpu")
-    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+        export(run, "gguf", quant="f16", out_dir=tmp_path / "refused", device="cpu")
+    assert not (tmp_path / "refused").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no partial folder
+    monkeypatch.undo()
+
+    # ggml's kernels were compiled at -O3, the rest at -O1 (a shorter build; the same outputs).
+    build = LlamaCpp(find_target(run).model_cfg.cache_dir).root / f"build-{BUILD_NAME}"
+    commands = {
+        Path(c["file"]).name: c["command"] for c in json.loads((build / "compile_commands.json").read_text())
+    }
+    assert " -O3 " in commands["ops.cpp"] and " -O3 " in commands["ggml-quants.c"]
+    assert " -O1 " in commands["llama-model.cpp"] and " -O3 " not in commands["arg.cpp"]
 
 
 def test_an_export_that_dies_mid_write_leaves_the_previous_one_intact(tiny_run, tmp_path, monkeypatch):
