@@ -194,3 +194,54 @@ def test_fused_is_refused_where_the_cpu_cannot_run_it(monkeypatch):
     assert choose_kernel("auto") == "plain" and choose_kernel("plain") == "plain"
     monkeypatch.setattr(cpu4bit, "fused_kernel_available", lambda: True)
     assert choose_kernel("auto") == "fused" and choose_kernel("plain") == "plain"
+
+
+@pytest.mark.parametrize("plain_speedup", [10.0, 1.2])
+def test_auto_runs_large_calls_plain_where_the_probe_measured_plain_faster(
+    tiny_mistral, monkeypatch, caplog, plain_speedup
+):
+    """`auto`: a decode-sized call runs fused; a larger one runs plain where the probe measured plain at
+    least 2x as fast at 1024 rows (else fused, as before). A routed layer keeps both layouts while it
+    alternates (no repacking per call) and is back to its very bytes, packed copy dropped, for training."""
+    import bitsandbytes.functional as bnb_functional
+
+    import qlora_llm.cpu4bit as cpu4bit
+
+    if not cpu4bit.fused_kernel_available():
+        monkeypatch.setattr(cpu4bit, "fused_kernel_available", lambda: True)
+        monkeypatch.setattr(bnb_functional, "gemv_4bit", reference_fused_gemv)
+    monkeypatch.setattr(cpu4bit, "large_call_speedup", lambda dtype: plain_speedup)
+    packs = []
+    convert = bnb_functional._convert_weight_packed_for_cpu
+    monkeypatch.setattr(
+        bnb_functional, "_convert_weight_packed_for_cpu", lambda *a: packs.append(1) or convert(*a)
+    )
+    with caplog.at_level(logging.INFO, logger="qlora_llm.cpu4bit"):
+        model = load_4bit(tiny_mistral, "auto")
+    line = [r.getMessage() for r in caplog.records if r.name == "qlora_llm.cpu4bit"][0]
+    layer = q_proj(model)
+    data, state = layer.weight.data.clone(), layer.weight.quant_state
+    small, large = torch.tensor([[1, 415, 2936, 9060, 285]]), torch.randint(3, 500, (2, 40))
+    model.eval()
+    with torch.no_grad():
+        model(small)
+        assert is_fused(layer)
+        model(large)  # 80 rows
+        if plain_speedup < 2:
+            assert "at 1024 rows plain measured 1.2x fused's speed here, so every call runs fused" in line
+            assert is_fused(layer)
+            return
+        assert "calls of more than 32 rows (scoring, prefill) run plain: it measured 10.0x as fast" in line
+        assert (
+            not is_fused(layer) and torch.equal(layer.weight.data, data) and layer.weight.quant_state is state
+        )
+        layers_packed = len(packs)
+        model(small)
+        model(large)
+        model(small)
+    assert is_fused(layer) and len(packs) == layers_packed  # switched back and forth without repacking
+    model.train()
+    x = torch.randn(2, 64, requires_grad=True)
+    layer(x).sum().backward()
+    assert not is_fused(layer) and torch.equal(layer.weight.data, data) and layer.weight.quant_state is state
+    assert "_qlora_packed" not in layer.__dict__ and x.grad.abs().sum() > 0

@@ -445,7 +445,7 @@ def load_base_model(
     if cpu_kernel is not None:
         from qlora_llm.cpu4bit import setup_cpu_4bit
 
-        setup_cpu_4bit(model, cpu_kernel)
+        setup_cpu_4bit(model, cpu_kernel, route=mcfg.cpu_4bit_kernel == "auto")
     log.info(
         "loaded %s on %s: %s, compute %s",
         mcfg.name,
