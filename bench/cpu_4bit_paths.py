@@ -1,10 +1,11 @@
 """The two CPU paths of a 4-bit model, side by side: perplexity, evaluation speed, generation speed.
 
-    python bench/cpu_4bit_paths.py [--examples 20] [--new-tokens 64] [--runs 3]
+    python bench/cpu_4bit_paths.py [--examples 20] [--new-tokens 64] [--runs 3] [--compute-dtype bfloat16]
 
-Loads the bundled SmolLM2-135M-Instruct three ways: full precision fp32 (the reference), NF4 with the
-plain kernel (dequantize, then an fp32 matmul) and, where the CPU has AVX512-BF16, NF4 with
-bitsandbytes' fused bf16 kernel (`model.cpu_4bit_kernel`, src/qlora_llm/cpu4bit.py). For each it
+Loads the bundled SmolLM2-135M-Instruct four ways: full precision (the reference), NF4 with the
+plain kernel (dequantize, then a matmul in the compute dtype, fp32 by default) and, where the CPU has
+AVX512-BF16, NF4 with bitsandbytes' fused bf16 kernel for every call (`model.cpu_4bit_kernel=fused`)
+and with `auto` (fused for decode-sized calls, larger ones by the probe; src/qlora_llm/cpu4bit.py). For each it
 prints the answer and full-text perplexity of the first ACLSum test examples (model's own template),
 the scoring speed (tokens/s of the perplexity pass, batch 4), greedy generation speed (one prompt,
 batch 1, after a warm-up) and how many of the first 32 greedy tokens match the fp32 model's and the
@@ -42,13 +43,15 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    ap.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
 
     lines = (ROOT / "data" / "aclsum" / "test.jsonl").read_text().splitlines()
     records = [json.loads(x) for x in lines[: args.examples]]
-    variants = [("fp32, full precision", "none", "plain"), ("NF4, plain kernel", "nf4", "plain")]
+    variants = [("full precision", "none", "plain"), ("NF4, plain kernel", "nf4", "plain")]
     if fused_kernel_available():
         variants.append(("NF4, fused AVX512-BF16 kernel", "nf4", "fused"))
+        variants.append(("NF4, auto (per call)", "nf4", "auto"))
     else:
         print("this CPU has no AVX512-BF16: the fused kernel cannot run here")
     rows: list[dict] = []
@@ -58,7 +61,7 @@ def main() -> None:
             name="smollm2-135m-instruct",
             template="auto",
             device="cpu",
-            compute_dtype="float32",
+            compute_dtype=args.compute_dtype,
             cpu_4bit_kernel=kernel,
         )
         loaded = load_target("smollm2-135m-instruct", model_cfg=mcfg, device="cpu", quantization=quantization)
@@ -83,8 +86,10 @@ def main() -> None:
         }
         rows.append(row)
         del loaded
-    print(f"SmolLM2-135M-Instruct, {len(records)} ACLSum test examples, {args.new_tokens} new tokens")
-    print("greedy: per prompt, how many of the first 32 answer tokens equal the fp32 | the NF4-plain model's")
+    print(
+        f"SmolLM2-135M-Instruct, {len(records)} ACLSum test examples, {args.new_tokens} new tokens, compute {args.compute_dtype}"
+    )
+    print("greedy: per prompt, how many of the first 32 answer tokens equal the full-precision | the NF4-plain model's")
     print(f"{'variant':31} {'answer ppl':>10} {'full ppl':>9} {'score tok/s':>11} {'gen tok/s':>9}  greedy")
     for r in rows:
         print(
