@@ -245,3 +245,14 @@ def test_auto_runs_large_calls_plain_where_the_probe_measured_plain_faster(
     layer(x).sum().backward()
     assert not is_fused(layer) and torch.equal(layer.weight.data, data) and layer.weight.quant_state is state
     assert "_qlora_packed" not in layer.__dict__ and x.grad.abs().sum() > 0
+
+
+def test_the_kernel_probe_leaves_the_global_rng_as_it_found_it():
+    """The probe runs while the model loads, before LoRA's random init: it must not shift that init."""
+    import qlora_llm.cpu4bit as cpu4bit
+
+    if not cpu4bit.fused_kernel_available():
+        pytest.skip("the probe times the real fused kernel, which needs AVX512-BF16")
+    before = torch.get_rng_state()
+    cpu4bit.large_call_speedup.__wrapped__(torch.float32)
+    assert torch.equal(torch.get_rng_state(), before)

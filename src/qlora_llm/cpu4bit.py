@@ -165,9 +165,11 @@ def large_call_speedup(dtype: Any) -> float:
     from bitsandbytes.nn import Linear4bit, Params4bit
 
     generator = torch.Generator().manual_seed(0)
-    layer = Linear4bit(
-        1024, 1024, bias=False, compute_dtype=dtype, quant_type="nf4", compress_statistics=True
-    )
+    # nn.Linear's init draws from the global RNG: forked, so the probe does not change the run's LoRA init.
+    with torch.random.fork_rng(devices=[]):
+        layer = Linear4bit(
+            1024, 1024, bias=False, compute_dtype=dtype, quant_type="nf4", compress_statistics=True
+        )
     layer.weight = Params4bit(
         torch.randn(1024, 1024, generator=generator), requires_grad=False, quant_type="nf4"
     )._quantize("cpu")
