@@ -265,6 +265,26 @@ def test_smollm2_on_cpu_fits_in_24_gib():
     assert "allocator slack" in format_plan(report)
 
 
+def test_4bit_evaluation_and_serving_on_cpu_count_the_fused_kernels_second_copy():
+    """A 4-bit layer that alternates between the fused kernel (decode) and the plain one (scoring) keeps
+    both layouts (cpu4bit.py): the 4-bit data and its bf16 block constants once more, on CPU only."""
+    demo = ROOT / "configs" / "smollm2-cpu.yaml"
+    nf4 = plan(
+        load_config(demo, ["eval.quantization=nf4", "serve.quantization=nf4"]), device_memory_bytes=24 * GIB
+    )
+    plain = plan(load_config(demo), device_memory_bytes=24 * GIB)
+    # SmolLM2-135M: 30 layers of q, k, v, o (576 x 576, 576 x 192 twice, 576 x 576) and 3 x 576 x 1536.
+    numel = 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536
+    for name in ("evaluate", "serve"):
+        stage = next(st for st in nf4.stages if st.name == name)
+        assert stage.components["fused kernel's copy"] == 30 * (numel // 2 + 2 * numel // 64)
+        assert "fused kernel's copy" not in next(st for st in plain.stages if st.name == name).components
+    on_gpu = plan(
+        load_config(demo, ["model.device=cuda", "eval.quantization=nf4"]), device_memory_bytes=24 * GIB
+    )
+    assert "fused kernel's copy" not in next(st for st in on_gpu.stages if st.name == "evaluate").components
+
+
 def test_the_plan_of_a_run_counts_run_itself_beside_training_on_cpu_only():
     """`qlora-llm run` waits in RAM while its training process trains: the plan `qlora-llm plan` prints
     (the stages of `run`) counts it on training's stage and decides checkpointing without its share; the

@@ -988,6 +988,18 @@ def _weights_kind(quantization: str) -> str:
     return "plain" if quantization == "none" else f"4-bit {quantization}"
 
 
+def _fused_copy(shape: ModelShape, quantization: str, device: str) -> dict[str, int]:
+    """4-bit weights evaluated or served on a CPU: a layer that alternates between the fused kernel (decode
+    steps) and the plain one (prefill, scoring) keeps both layouts (cpu4bit.py): the 4-bit data again and
+    its bf16 block constants. Counted wherever it can happen (which kernel runs is measured at load)."""
+    if quantization == "none" or device != "cpu":
+        return {}
+    per_layer = sum(
+        math.ceil(i * o / 2) + 2 * math.ceil(i * o / QUANT_BLOCK) for i, o in shape.linears().values()
+    )
+    return {"fused kernel's copy": shape.layers * per_layer}
+
+
 def _kv_cache_bytes(shape: ModelShape, batch: int, tokens: int, a: int) -> int:
     # K and V per layer per token: 2 * kv_heads * head_dim values in the compute dtype.
     return 2 * shape.layers * shape.kv_heads * shape.head_dim * a * batch * tokens
@@ -1075,6 +1087,7 @@ def estimate_stages(
         "evaluate",
         {
             "weights + adapter": weights,
+            **_fused_copy(shape, e.quantization, setup["device"]),
             "logits or KV cache": largest[0],
             "activations": e.batch_size * t_eval * (3 * shape.intermediate + 4 * shape.hidden) * ai,
             "loading": max(0, ev.loading - ev.overhead - weights),
@@ -1098,6 +1111,7 @@ def estimate_stages(
         "serve",
         {
             "weights": served.base_weights,
+            **_fused_copy(shape, sv.quantization, setup["device"]),
             "KV cache": _kv_cache_bytes(shape, sv.max_batch_size, T + sv.max_new_tokens, ai),
             "runtime overhead": served.overhead,
         },
