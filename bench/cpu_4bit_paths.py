@@ -89,7 +89,9 @@ def main() -> None:
     print(
         f"SmolLM2-135M-Instruct, {len(records)} ACLSum test examples, {args.new_tokens} new tokens, compute {args.compute_dtype}"
     )
-    print("greedy: per prompt, how many of the first 32 answer tokens equal the full-precision | the NF4-plain model's")
+    print(
+        "greedy: per prompt, how many of the first 32 answer tokens equal the full-precision | the NF4-plain model's"
+    )
     print(f"{'variant':31} {'answer ppl':>10} {'full ppl':>9} {'score tok/s':>11} {'gen tok/s':>9}  greedy")
     for r in rows:
         print(
