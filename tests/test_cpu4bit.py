@@ -240,6 +240,11 @@ def test_auto_runs_large_calls_plain_where_the_probe_measured_plain_faster(
         model(large)
         model(small)
     assert is_fused(layer) and len(packs) == layers_packed  # switched back and forth without repacking
+    with torch.no_grad():
+        model(large)
+        layer.weight.data = layer.weight.data.clone()  # the weight replaced (as a merge or a load would)
+        model(small)
+    assert is_fused(layer) and len(packs) == layers_packed + 1  # its stale packed copy was not reused
     model.train()
     x = torch.randn(2, 64, requires_grad=True)
     layer(x).sum().backward()

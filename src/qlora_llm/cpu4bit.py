@@ -54,7 +54,7 @@ PROBE_ROWS = 1024
 """The rows of the probe call that decides larger calls (an evaluation batch is 4 x 300 tokens)."""
 PLAIN_WINS_AT = 2.0
 """Larger calls run plain where the probe measured it at least this many times as fast as fused: far
-from 1, so timing noise does not flip the choice (measured: ~10x on a Xeon with AMX)."""
+from 1, so timing noise does not flip the choice (measured: 4.2-7.7x on a Xeon with AMX in bf16)."""
 
 
 class KernelError(QloraError, ValueError):
@@ -105,6 +105,9 @@ def to_fused(module: Any) -> None:
     weight = module.weight
     plain_state = weight.quant_state
     packed = module.__dict__.get("_qlora_packed")
+    if packed is not None and module._qlora_plain_data.data_ptr() != weight.data.data_ptr():
+        drop_packed(module)  # the weight was replaced since (a merge, a load): its packed copy is stale
+        packed = None
     if packed is None:
         # The converter rewrites the state object it is given; give it a copy so the original stays exact.
         packed = _convert_weight_packed_for_cpu(weight.data, copy.copy(plain_state))
@@ -160,7 +163,8 @@ def _plain_for_state_dict(module: Any, prefix: str, keep_vars: bool) -> None:
 @functools.cache
 def large_call_speedup(dtype: Any) -> float:
     """How many times as fast the plain kernel (dequantize, then a `dtype` matmul) runs a `PROBE_ROWS`-row
-    call as the fused one, on this CPU: a random 1024 x 1024 NF4 layer, best of 3 each (~0.1 s, once)."""
+    call as the fused one, on this CPU: a random 1024 x 1024 NF4 layer, best of 3 each (0.1 s; 1.6 s when it
+    is the process's first bf16 matmul), once per process and dtype."""
     import torch
     from bitsandbytes.nn import Linear4bit, Params4bit
 
