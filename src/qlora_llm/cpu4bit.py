@@ -52,11 +52,11 @@ SMALL_CALL_ROWS = 32
 """Rows (tokens) up to which `auto` always runs the fused kernel: a decode step of up to 32 sequences."""
 PROBE_ROWS = 1024
 """The rows of the probe call that decides larger calls (an evaluation batch is 4 x 300 tokens)."""
-PLAIN_WINS_AT = 1.5
-"""Larger calls run plain where the probe measured it at least this many times as fast as fused. Away
-from the hosts measured, so timing noise does not flip the choice: a Xeon with AMX 4.2-7.7x in bf16 and
-1.87x and over 2x in fp32 (two probes; scoring the real model, plain ran 1.7x fused's speed); an AMD EPYC without AMX
-scored the real model 1.47x faster fused in fp32 (docs/cpu.md)."""
+PLAIN_WINS_AT = 1.2
+"""Larger calls run plain where the probe measured it at least this many times as fast as fused. Between
+the hosts measured, so timing noise does not flip the choice: a Xeon with AMX 4.2-7.7x in bf16 and 1.87x
+and over 2x in fp32; an AMD EPYC without AMX 1.35-1.44x in bf16 (scoring the real model, plain ran 1.34x
+fused's speed) and 0.70x in fp32 (fused scored the real model 1.47x faster) (docs/cpu.md)."""
 
 
 class KernelError(QloraError, ValueError):
