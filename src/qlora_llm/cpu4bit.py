@@ -52,10 +52,10 @@ SMALL_CALL_ROWS = 32
 """Rows (tokens) up to which `auto` always runs the fused kernel: a decode step of up to 32 sequences."""
 PROBE_ROWS = 1024
 """The rows of the probe call that decides larger calls (an evaluation batch is 4 x 300 tokens)."""
-PLAIN_WINS_AT = 1.2
+PLAIN_WINS_AT = 1.1
 """Larger calls run plain where the probe measured it at least this many times as fast as fused. Between
 the hosts measured, so timing noise does not flip the choice: a Xeon with AMX 4.2-7.7x in bf16 and 1.87x
-and over 2x in fp32; an AMD EPYC without AMX 1.35-1.44x in bf16 (scoring the real model, plain ran 1.34x
+and over 2x in fp32; an AMD EPYC without AMX 1.3-1.44x in bf16 (scoring the real model, plain ran 1.34x
 fused's speed) and 0.70x in fp32 (fused scored the real model 1.47x faster) (docs/cpu.md)."""
 
 
@@ -216,10 +216,10 @@ def setup_cpu_4bit(model: Any, kernel: Kernel, route: bool = False) -> None:
             limit = SMALL_CALL_ROWS
             routing = (
                 f"; calls of more than {limit} rows (scoring, prefill) run plain: it measured "
-                f"{speedup:.1f}x as fast at {PROBE_ROWS} rows on this CPU"
+                f"{speedup:.2f}x as fast at {PROBE_ROWS} rows on this CPU"
             )
         else:
-            routing = f"; at {PROBE_ROWS} rows plain measured {speedup:.1f}x fused's speed here, so every call runs fused"
+            routing = f"; at {PROBE_ROWS} rows plain measured {speedup:.2f}x fused's speed here, so every call runs fused"
     odd: dict[str, str] = {}
     for name, module in layers:
         module.support_avx512bf16_for_cpu = False  # bitsandbytes' own repacking: see the module docstring
