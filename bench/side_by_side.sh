@@ -2,6 +2,7 @@
 # The training table in docs/train.md: qlora-llm beside LLaMA-Factory, LitGPT and the seed's plain TRL script,
 # one run at a time, through the peers harness (../shared/peers: its step clock, settings and summary).
 #
+#   .venv/bin/qlora-llm plan configs/smollm2-cpu.yaml   # converts the bundled model, which install.sh copies
 #   bash ../shared/peers/install.sh                 # once, ~10 min
 #   bash bench/side_by_side.sh PASS [RUN ...]       # default: every run below, ~30 min on 2 cores
 #   python ../shared/peers/summarize.py             # one JSON row per run: tokens/s over steps 6-30, peak RSS
