@@ -196,13 +196,15 @@ def test_fused_is_refused_where_the_cpu_cannot_run_it(monkeypatch):
     assert choose_kernel("auto") == "fused" and choose_kernel("plain") == "plain"
 
 
-@pytest.mark.parametrize("plain_speedup", [10.0, 1.05])
+@pytest.mark.parametrize("plain_speedup", [10.0, 1.3, 1.05])
 def test_auto_runs_large_calls_plain_where_the_probe_measured_plain_faster(
     tiny_mistral, monkeypatch, caplog, plain_speedup
 ):
     """`auto`: a decode-sized call runs fused; a larger one runs plain where the probe measured plain at
-    least 1.1x as fast at 1024 rows (else fused, as before). A routed layer keeps both layouts while it
-    alternates (no repacking per call) and is back to its very bytes, packed copy dropped, for training."""
+    least 1.1x as fast at 1024 rows (else fused, as before): 10x as on a Xeon with AMX in bf16, 1.3x as on
+    the AMD EPYC in bf16 (where plain scored the real model 1.34x as fast). A routed layer keeps both
+    layouts while it alternates (no repacking per call) and is back to its very bytes, packed copy
+    dropped, for training."""
     import bitsandbytes.functional as bnb_functional
 
     import qlora_llm.cpu4bit as cpu4bit
@@ -227,11 +229,14 @@ def test_auto_runs_large_calls_plain_where_the_probe_measured_plain_faster(
         model(small)
         assert is_fused(layer)
         model(large)  # 80 rows
-        if plain_speedup < 2:
+        if plain_speedup < 1.1:
             assert "at 1024 rows plain measured 1.05x fused's speed here, so every call runs fused" in line
             assert is_fused(layer)
             return
-        assert "calls of more than 32 rows (scoring, prefill) run plain: it measured 10.00x as fast" in line
+        assert (
+            f"calls of more than 32 rows (scoring, prefill) run plain: it measured {plain_speedup:.2f}x as fast"
+            in line
+        )
         assert (
             not is_fused(layer) and torch.equal(layer.weight.data, data) and layer.weight.quant_state is state
         )
