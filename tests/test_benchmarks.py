@@ -5,6 +5,7 @@ report's sections and KL, and ROUGE's precision, recall and lengths."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -319,7 +320,8 @@ def test_a_model_against_itself_has_no_drift_and_no_change(tiny_mistral, tmp_pat
 
 def test_the_evaluate_command_shows_no_lm_eval_notice(tiny_mistral, tmp_path, capsys):
     """lm-eval warns per task and per model about its own command line and about being handed a loaded
-    model: nothing a user of ours can act on, so the terminal does not show it (quiet.py)."""
+    model: nothing a user of ours can act on, so the terminal does not show it (quiet.py). Nor its
+    progress bars (one per stage, each left on the terminal): one bar of ours counts its requests."""
     from qlora_llm.cli import main
 
     data = tmp_path / "eval.jsonl"
@@ -334,6 +336,10 @@ def test_the_evaluate_command_shows_no_lm_eval_notice(tiny_mistral, tmp_path, ca
     assert main(["evaluate", *args, "--compare", "none", "--output-dir", str(tmp_path / "ev")]) == 0
     err = capsys.readouterr().err
     assert "lm_eval" not in err and "WARNING" not in err, err
+    bars = [line for line in re.split(r"[\r\n]", err) if "|" in line and "/s]" in line]
+    assert not [b for b in bars if re.match(r"\s*\d+%\|", b) or "Tokenizing" in b or "Running" in b], bars
+    # Our bar, counting lm-eval's requests: piqa's 6 items, 2 choices each.
+    assert any(re.match(r"tuned: lm-eval: .*\| \d+/12 \[", b) for b in bars), bars
 
 
 # --------------------------------------------------------------------------------------------------

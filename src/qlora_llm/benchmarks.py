@@ -252,6 +252,34 @@ def longest_request(tasks: GeneralTasks, samples: dict[str, list[int]], tokenize
     return longest
 
 
+class _CountRequests:
+    """lm-eval's cache hook, called once per scored request: here it only advances our progress bar."""
+
+    def __init__(self, bar: Any):
+        self.bar = bar
+
+    def add_partial(self, attr: str, req: Any, res: Any) -> None:
+        self.bar.update(1)
+
+
+def _quiet_lm(model: Any, tokenizer: Any, batch_size: int, bar: Any) -> Any:
+    """lm-eval's HF model over the loaded model, its own progress bars off: one per stage, each left on
+    the terminal ("Tokenizing inputs", "Running loglikelihood requests"). `bar` counts the requests."""
+    import copy
+
+    from lm_eval.models.huggingface import HFLM
+
+    class QuietHFLM(HFLM):
+        def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+            bar.reset(total=len(requests))
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+    # HFLM may give the tokenizer a pad token: a copy, so the rest of the evaluation sees the original.
+    lm = QuietHFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
+    lm.set_cache_hook(_CountRequests(bar))
+    return lm
+
+
 def run_likelihood_tasks(
     model: Any,
     tokenizer: Any,
@@ -259,23 +287,28 @@ def run_likelihood_tasks(
     samples: dict[str, list[int]],
     *,
     batch_size: int = 8,
+    desc: str = "lm-eval",
+    progress: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """acc and acc_norm per task, and per item (by doc id), as lm-eval scores them for this model object."""
-    import copy
+    from unittest import mock
 
+    import lm_eval.api.task
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
+    from tqdm.auto import tqdm
 
-    # HFLM may give the tokenizer a pad token: a copy, so the rest of the evaluation sees the original.
-    lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
-    result = simple_evaluate(
-        model=lm,
-        tasks=list(samples),
-        samples=samples,
-        task_manager=_task_manager(tasks),
-        bootstrap_iters=0,
-        log_samples=True,
-    )
+    bar = tqdm(desc=desc, unit="request", disable=not progress, leave=False)
+    # lm-eval builds each task's requests under a bar it offers no switch for (lm_eval/api/task.py).
+    silent = functools.partial(lm_eval.api.task.tqdm, disable=True)
+    with bar, mock.patch.object(lm_eval.api.task, "tqdm", silent):
+        result = simple_evaluate(
+            model=_quiet_lm(model, tokenizer, batch_size, bar),
+            tasks=list(samples),
+            samples=samples,
+            task_manager=_task_manager(tasks),
+            bootstrap_iters=0,
+            log_samples=True,
+        )
     out = {}
     for name, items in result["samples"].items():
         metrics = result["results"][name]

@@ -531,6 +531,8 @@ def _evaluate_general(
             general["tasks"],
             general["samples"],
             batch_size=e.general_batch_size,
+            desc=f"{label}: lm-eval",
+            progress=True,
         )
     own_sequences = []
     for name, items in general["items"].items():
