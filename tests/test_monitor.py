@@ -153,3 +153,32 @@ def test_a_tracker_that_is_not_installed_is_named_before_loading(
     )
     with pytest.raises(TrainError, match=r"wandb not installed. `pip install wandb`"):
         train(cfg)
+
+
+def test_the_bars_eta_is_the_steps_pace_not_the_evaluations(tmp_path, monkeypatch):
+    """An evaluation (the step-0 baseline, every eval_steps) or a save between two steps is no slow step:
+    the bar's rate and ETA come from the steps alone. Steps of 6 s after a 20 s evaluation: 39 x 6 s left,
+    not 39 x 26 s."""
+    from types import SimpleNamespace
+
+    import tqdm.std
+
+    from qlora_llm.monitor import make_monitor
+
+    clock = [1000.0]
+    monkeypatch.setattr(tqdm.std, "time", lambda: clock[0])
+    monitor = make_monitor(tmp_path, "cpu", [], 1)
+    monitor.trainer = SimpleNamespace(tokens_seen=0)
+    state = SimpleNamespace(is_world_process_zero=True, max_steps=40, global_step=0)
+    monitor.on_train_begin(None, state, None)
+    for step in (1, 2):
+        clock[0] += 20.0  # the evaluation at step 0, then a save after step 1
+        monitor.on_evaluate(None, state, None) if step == 1 else monitor.on_save(None, state, None)
+        monitor.on_step_begin(None, state, None)
+        clock[0] += 6.0
+        state.global_step = step
+        monitor.on_step_end(None, state, None)
+        shown = monitor.bar.format_dict
+        left = (shown["total"] - shown["n"]) / shown["rate"]
+        assert left == pytest.approx((40 - step) * 6.0), (step, left)
+    monitor.on_train_end(None, state, None)

@@ -106,6 +106,7 @@ def make_monitor(run_dir: Path, device: str, stop_requests: list[str], world_siz
             self.mark = (0.0, 0)
             self.metrics_path = run_dir / "metrics.jsonl"
             self.load_peak = 0
+            self.paused = False  # an evaluation or a save ran since the last step
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.mark = (self.train_seconds, self.trainer.tokens_seen)
@@ -122,6 +123,18 @@ def make_monitor(run_dir: Path, device: str, stop_requests: list[str], world_siz
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.step_start = time.perf_counter()
+            if self.paused and self.bar is not None:
+                # The bar's rate, ETA and clock are the steps' own: otherwise the evaluation before the
+                # first step counts as a slow step (the demo's bar showed 18 minutes left for 5). The
+                # stage's wall time, evaluations included, is in the log line that ends it.
+                self.bar.unpause()
+            self.paused = False
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            self.paused = True
+
+        def on_save(self, args, state, control, **kwargs):
+            self.paused = True
 
         def on_step_end(self, args, state, control, **kwargs):
             self.train_seconds += time.perf_counter() - self.step_start
