@@ -255,28 +255,34 @@ def longest_request(tasks: GeneralTasks, samples: dict[str, list[int]], tokenize
 class _CountRequests:
     """lm-eval's cache hook, called once per scored request: here it only advances our progress bar."""
 
-    def __init__(self, bar: Any):
-        self.bar = bar
+    bar: Any = None
 
     def add_partial(self, attr: str, req: Any, res: Any) -> None:
-        self.bar.update(1)
+        if self.bar is not None:
+            self.bar.update(1)
 
 
-def _quiet_lm(model: Any, tokenizer: Any, batch_size: int, bar: Any) -> Any:
-    """lm-eval's HF model over the loaded model, its own progress bars off: one per stage, each left on
-    the terminal ("Tokenizing inputs", "Running loglikelihood requests"). `bar` counts the requests."""
+def _quiet_lm(model: Any, tokenizer: Any, batch_size: int, desc: str, progress: bool) -> Any:
+    """lm-eval's HF model over the loaded model, its own progress bars off (one per stage, each left on
+    the terminal: "Tokenizing inputs", "Running loglikelihood requests"); one bar of ours instead."""
     import copy
 
     from lm_eval.models.huggingface import HFLM
+    from tqdm.auto import tqdm
+
+    counter = _CountRequests()
 
     class QuietHFLM(HFLM):
         def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-            bar.reset(total=len(requests))
-            return super().loglikelihood(requests, disable_tqdm=True)
+            with tqdm(
+                total=len(requests), desc=desc, unit="request", disable=not progress, leave=False
+            ) as bar:
+                counter.bar = bar
+                return super().loglikelihood(requests, disable_tqdm=True)
 
     # HFLM may give the tokenizer a pad token: a copy, so the rest of the evaluation sees the original.
     lm = QuietHFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
-    lm.set_cache_hook(_CountRequests(bar))
+    lm.set_cache_hook(counter)
     return lm
 
 
@@ -295,14 +301,12 @@ def run_likelihood_tasks(
 
     import lm_eval.api.task
     from lm_eval import simple_evaluate
-    from tqdm.auto import tqdm
 
-    bar = tqdm(desc=desc, unit="request", disable=not progress, leave=False)
     # lm-eval builds each task's requests under a bar it offers no switch for (lm_eval/api/task.py).
     silent = functools.partial(lm_eval.api.task.tqdm, disable=True)
-    with bar, mock.patch.object(lm_eval.api.task, "tqdm", silent):
+    with mock.patch.object(lm_eval.api.task, "tqdm", silent):
         result = simple_evaluate(
-            model=_quiet_lm(model, tokenizer, batch_size, bar),
+            model=_quiet_lm(model, tokenizer, batch_size, desc, progress),
             tasks=list(samples),
             samples=samples,
             task_manager=_task_manager(tasks),
