@@ -294,6 +294,9 @@ def test_report_has_general_ability_beside_the_task_metrics(tiny_run, tmp_path):
     assert "| piqa_local | acc_norm | 6 |" in md and "Mean per-token KL(base ‖ tuned): **" in md
     page = (tmp_path / "ev" / "report.html").read_text()
     assert 'id="general-likelihood"' in page and 'id="general-generative"' in page and 'id="kl"' in page
+    assert (
+        "Mean per-token KL(base ‖ tuned): <b>" in page and "&lt;b&gt;" not in page
+    )  # bold, not printed tags
     saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert saved["general"]["kl"] == g["kl"] and saved["tuned"]["general"]["tasks"]["piqa_local"]["n"] == 6
     # Again: the base's results come from its cache, its log-probs too, so KL is the same number.

@@ -278,13 +278,14 @@ def _general_html(g: dict[str, Any]) -> str:
             "<th>metric</th><th>items</th><th>base</th><th>fine-tuned</th><th>change (paired 95% CI)</th>"
             f"</tr></thead><tbody>{rows}</tbody></table>"
         )
+    # Numbers and fixed text only: nothing here to escape, and escaping would print the <b> tags.
     kl = (
         f"Mean per-token KL(base ‖ tuned): <b>{g['kl']['kl']:.4f}</b> nats over {g['kl']['tokens']} tokens of "
         f"{g['kl']['prompts']} general prompts (each with the base model's own greedy answer)."
         if g["kl"] is not None
         else "KL(base ‖ tuned): not measured."
     )
-    return "".join(parts) + f'<h2>Drift from the base</h2><p id="kl">{e(kl)}</p>'
+    return "".join(parts) + f'<h2>Drift from the base</h2><p id="kl">{kl}</p>'
 
 
 def write_report(metrics: dict[str, Any], out: Path) -> None:
