@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from conftest import ONE_STEP, lora_state, patch_trainer, tiny_cfg
+from conftest import ONE_STEP, lora_state, patch_trainer, read_metrics, tiny_cfg, tiny_overrides
 
 from qlora_llm.errors import TrainError
 from qlora_llm.train import train
@@ -154,3 +156,32 @@ def test_gradient_accumulation_matches_the_big_batch(tiny_mistral, tiny_data, tm
     assert moved and all(a[k].abs().sum() > 0 for k in moved)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_eval_loss_of_the_same_model_is_the_same_for_every_seed(tiny_mistral, tmp_path):
+    """Step 0's evaluation scores the base (LoRA's B is zero): the training seed must not move it.
+
+    Answers of 1 to 6 words, 2 to a batch: the batches' token means weigh the examples by how they are
+    paired, so an order that depends on the seed (transformers' LengthGroupedSampler) moves eval loss.
+    """
+    from qlora_llm.config import load_config
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [
+        {
+            "instruction": f"Count to {n}.",
+            "input": "",
+            "output": " ".join(["one", "two", "three"] * 2)[: 4 * n],
+        }
+        for n in range(1, 7)
+    ]
+    for name in ("train", "eval"):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    losses = {}
+    for seed in (1, 2, 3):
+        out = tmp_path / f"seed-{seed}"
+        overrides = tiny_overrides(tiny_mistral, data, out, f"train.seed={seed}", steps=1, batch=2, every=1)
+        train(load_config(None, overrides))
+        losses[seed] = next(r["eval_loss"] for r in read_metrics(out) if r["step"] == 0 and "eval_loss" in r)
+    assert losses[1] == losses[2] == losses[3], losses
