@@ -173,7 +173,10 @@ def test_the_bars_eta_is_the_steps_pace_not_the_evaluations(tmp_path, monkeypatc
     monitor.on_train_begin(None, state, None)
     for step in (1, 2):
         clock[0] += 20.0  # the evaluation at step 0, then a save after step 1
-        monitor.on_evaluate(None, state, None) if step == 1 else monitor.on_save(None, state, None)
+        if step == 1:
+            monitor.on_evaluate(None, state, None)
+        else:
+            monitor.on_save(None, state, None)
         monitor.on_step_begin(None, state, None)
         clock[0] += 6.0
         state.global_step = step
@@ -181,4 +184,32 @@ def test_the_bars_eta_is_the_steps_pace_not_the_evaluations(tmp_path, monkeypatc
         shown = monitor.bar.format_dict
         left = (shown["total"] - shown["n"]) / shown["rate"]
         assert left == pytest.approx((40 - step) * 6.0), (step, left)
+    clock[0] += 20.0  # the last evaluation: the bar that stays on the terminal keeps the steps' time
+    monitor.on_evaluate(None, state, None)
+    monitor.on_train_end(None, state, None)
+    assert monitor.bar.format_dict["elapsed"] == pytest.approx(2 * 6.0)
+
+
+def test_the_bar_counts_an_evaluations_batches_then_shows_its_loss(tmp_path):
+    """The step-0 evaluation runs before any step moves the bar: its batches are counted on the bar, and
+    the count gives way to the eval loss when the evaluation logs it."""
+    from types import SimpleNamespace
+
+    from qlora_llm.monitor import make_monitor
+
+    monitor = make_monitor(tmp_path, "cpu", [], 1)
+    monitor.trainer = SimpleNamespace(tokens_seen=0)
+    state = SimpleNamespace(
+        is_world_process_zero=True, max_steps=40, global_step=0, epoch=0, num_input_tokens_seen=0
+    )
+    monitor.on_train_begin(None, state, None)
+    batches = [None] * 13
+    for _ in range(3):
+        monitor.on_prediction_step(None, state, None, eval_dataloader=batches)
+    assert "evaluating=3/13" in monitor.bar.postfix
+    monitor.on_log(None, state, None, logs={"eval_loss": 3.58})
+    monitor.on_evaluate(None, state, None)
+    assert "eval_loss=3.58" in monitor.bar.postfix and "evaluating" not in monitor.bar.postfix
+    monitor.on_prediction_step(None, state, None, eval_dataloader=batches)
+    assert "evaluating=1/13" in monitor.bar.postfix and "eval_loss=3.58" in monitor.bar.postfix
     monitor.on_train_end(None, state, None)

@@ -107,6 +107,8 @@ def make_monitor(run_dir: Path, device: str, stop_requests: list[str], world_siz
             self.metrics_path = run_dir / "metrics.jsonl"
             self.load_peak = 0
             self.paused = False  # an evaluation or a save ran since the last step
+            self.shown: dict[str, str] = {}  # the bar's postfix from the last log
+            self.eval_batches = 0
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.mark = (self.train_seconds, self.trainer.tokens_seen)
@@ -130,8 +132,21 @@ def make_monitor(run_dir: Path, device: str, stop_requests: list[str], world_siz
                 self.bar.unpause()
             self.paused = False
 
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+            # An evaluation holds the bar still for as long as a few steps (the demo's: ~25 s at step 0,
+            # before any step moves it): count its batches where the loss is shown.
+            if self.bar is None:
+                return
+            self.eval_batches += 1
+            try:
+                total = f"/{len(eval_dataloader)}"
+            except TypeError:  # an iterable dataset: no length
+                total = ""
+            self.bar.set_postfix(self.shown | {"evaluating": f"{self.eval_batches}{total}"})
+
         def on_evaluate(self, args, state, control, **kwargs):
             self.paused = True
+            self.eval_batches = 0
 
         def on_save(self, args, state, control, **kwargs):
             self.paused = True
@@ -179,10 +194,13 @@ def make_monitor(run_dir: Path, device: str, stop_requests: list[str], world_siz
             if self.bar is not None:
                 shown = {k: f"{row[k]:.4g}" for k in ("loss", "eval_loss", "tokens_per_s") if k in row}
                 shown["mem"] = f"{row['memory_bytes'] / 2**30:.2f}G"
+                self.shown = shown
                 self.bar.set_postfix(shown, refresh=False)
 
         def on_train_end(self, args, state, control, **kwargs):
             if self.bar is not None:
+                if self.paused:
+                    self.bar.unpause()  # the last evaluation and save are no step either
                 self.bar.close()
 
     return RunMonitor()
