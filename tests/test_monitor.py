@@ -190,13 +190,16 @@ def test_the_bars_eta_is_the_steps_pace_not_the_evaluations(tmp_path, monkeypatc
     assert monitor.bar.format_dict["elapsed"] == pytest.approx(2 * 6.0)
 
 
-def test_the_bar_counts_an_evaluations_batches_then_shows_its_loss(tmp_path):
-    """The step-0 evaluation runs before any step moves the bar: its batches are counted on the bar, and
-    the count gives way to the eval loss when the evaluation logs it."""
+def test_the_bar_counts_an_evaluations_batches_then_shows_its_loss(tmp_path, monkeypatch):
+    """The step-0 evaluation runs before any step moves the bar: its batches are counted on the bar (redrawn
+    at most once a second), and the count gives way to the eval loss when the evaluation logs it."""
     from types import SimpleNamespace
 
+    import qlora_llm.monitor
     from qlora_llm.monitor import make_monitor
 
+    clock = [100.0]
+    monkeypatch.setattr(qlora_llm.monitor.time, "monotonic", lambda: clock[0])
     monitor = make_monitor(tmp_path, "cpu", [], 1)
     monitor.trainer = SimpleNamespace(tokens_seen=0)
     state = SimpleNamespace(
@@ -205,11 +208,18 @@ def test_the_bar_counts_an_evaluations_batches_then_shows_its_loss(tmp_path):
     monitor.on_train_begin(None, state, None)
     batches = [None] * 13
     for _ in range(3):
+        clock[0] += 2.0
         monitor.on_prediction_step(None, state, None, eval_dataloader=batches)
     assert "evaluating=3/13" in monitor.bar.postfix
+    clock[0] += 0.1  # a fourth batch within the second: counted, not redrawn
+    monitor.on_prediction_step(None, state, None, eval_dataloader=batches)
+    assert "evaluating=3/13" in monitor.bar.postfix
+    clock[0] += 1.0
+    monitor.on_prediction_step(None, state, None, eval_dataloader=batches)
+    assert "evaluating=5/13" in monitor.bar.postfix
     monitor.on_log(None, state, None, logs={"eval_loss": 3.58})
     monitor.on_evaluate(None, state, None)
     assert "eval_loss=3.58" in monitor.bar.postfix and "evaluating" not in monitor.bar.postfix
-    monitor.on_prediction_step(None, state, None, eval_dataloader=batches)
+    monitor.on_prediction_step(None, state, None, eval_dataloader=batches)  # the next evaluation's first
     assert "evaluating=1/13" in monitor.bar.postfix and "eval_loss=3.58" in monitor.bar.postfix
     monitor.on_train_end(None, state, None)

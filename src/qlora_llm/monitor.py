@@ -109,6 +109,7 @@ def make_monitor(run_dir: Path, device: str, stop_requests: list[str], world_siz
             self.paused = False  # an evaluation or a save ran since the last step
             self.shown: dict[str, str] = {}  # the bar's postfix from the last log
             self.eval_batches = 0
+            self.eval_shown_at = 0.0
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.mark = (self.train_seconds, self.trainer.tokens_seen)
@@ -133,11 +134,16 @@ def make_monitor(run_dir: Path, device: str, stop_requests: list[str], world_siz
             self.paused = False
 
         def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
-            # An evaluation holds the bar still for as long as a few steps (the demo's: ~25 s at step 0,
-            # before any step moves it): count its batches where the loss is shown.
+            # An evaluation holds the bar still for as long as a few steps (the demo's: ~20 s at step 0,
+            # before any step moves it): count its batches where the loss is shown, redrawn at most
+            # once a second (an eval set of small batches would otherwise write a line per batch).
             if self.bar is None:
                 return
             self.eval_batches += 1
+            now = time.monotonic()
+            if self.eval_batches > 1 and now - self.eval_shown_at < 1.0:
+                return
+            self.eval_shown_at = now
             try:
                 total = f"/{len(eval_dataloader)}"
             except TypeError:  # an iterable dataset: no length

@@ -50,7 +50,7 @@ class LongestFirstSampler(torch.utils.data.Sampler):
     it pairs examples into batches at random within groups of a few batches, and eval loss (a mean of the
     batches' token means) then moved with the seed: the demo's step-0 evaluation, the same base model on
     the same 50 papers, gave 3.590 for seed 42 and 3.608 for seed 1. In this order it is a function of the
-    model and the eval set alone, and batches pad least.
+    model, the eval set and the batch size alone, and batches pad least.
     """
 
     def __init__(self, lengths: list[int]) -> None:
