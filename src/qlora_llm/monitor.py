@@ -89,6 +89,14 @@ def make_tracker_params(cfg: Config, manifest: dict[str, Any]) -> Any:
     return TrackerParams()
 
 
+def _count_of(done: int, batches: Any) -> str:
+    """`5/13`, or `5` when the batches have no length (an iterable dataset)."""
+    try:
+        return f"{done}/{len(batches)}"
+    except TypeError:
+        return str(done)
+
+
 def make_monitor(run_dir: Path, device: str, stop_requests: list[str], world_size: int) -> Any:
     from tqdm.auto import tqdm
     from transformers import TrainerCallback
@@ -144,11 +152,7 @@ def make_monitor(run_dir: Path, device: str, stop_requests: list[str], world_siz
             if self.eval_batches > 1 and now - self.eval_shown_at < 1.0:
                 return
             self.eval_shown_at = now
-            try:
-                total = f"/{len(eval_dataloader)}"
-            except TypeError:  # an iterable dataset: no length
-                total = ""
-            self.bar.set_postfix(self.shown | {"evaluating": f"{self.eval_batches}{total}"})
+            self.bar.set_postfix(self.shown | {"evaluating": _count_of(self.eval_batches, eval_dataloader)})
 
         def on_evaluate(self, args, state, control, **kwargs):
             self.paused = True
