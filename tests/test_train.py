@@ -214,7 +214,15 @@ def test_checkpointing_auto_takes_the_fewest_layers_that_fit(
     capped (told less in total than is free: a patched or misread total) is decided, and said, on the total."""
     import qlora_llm.plan as qplan
 
-    cfg = tiny_cfg(tiny_mistral, tiny_data, tmp_path / "run", "train.max_steps=1", "train.save_steps=1")
+    # Loss on every position: the step (activations and the loss's tile), not the loading, sets the peak.
+    cfg = tiny_cfg(
+        tiny_mistral,
+        tiny_data,
+        tmp_path / "run",
+        "train.max_steps=1",
+        "train.save_steps=1",
+        "train.train_on_prompt=true",
+    )
     model_config, _ = qplan.load_model_config(str(tiny_mistral))
     setup = qplan._setup(cfg, "cpu", lengths=qplan.example_lengths(cfg))  # as train plans: its data's longest
 

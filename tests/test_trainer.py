@@ -129,6 +129,55 @@ def test_packed_and_padded_batches_give_the_same_loss(tiny_mistral, tiny_data, t
     assert seen["packed"] == pytest.approx(seen["padded"], rel=1e-5)
 
 
+def test_the_cpu_loss_head_scores_only_the_labelled_positions_for_the_same_loss(
+    tiny_mistral, tiny_data, tmp_path, monkeypatch
+):
+    """TRL scores every position on CPU (no Triton) and zeroes the prompt's; train() has it gather the
+    answer's positions first. Same batch, both ways: the same loss and gradients, fewer rows through the head."""
+    import trl.kernels.chunked_logprob as kernel
+    import trl.trainer.utils as trl_utils
+
+    real = trl_utils._ChunkedLogProbFunction
+    seen: dict = {"rows": []}
+
+    class Count:
+        @staticmethod
+        def apply(hidden, *rest):
+            seen["rows"].append(hidden.shape[0])
+            return real.apply(hidden, *rest)
+
+    class Spy:
+        def train(self, *a, **k):
+            rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in self.train_dataset][:4]
+            batch = self.data_collator(rows)
+            labelled = int((batch["labels"][:, 1:] != -100).sum())
+            monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", Count)
+            self.model.eval()  # no dropout: the two passes must see the same function
+            for name, compact in (("gathered", trl_utils._use_triton), ("every", kernel._use_triton)):
+                monkeypatch.setattr(trl_utils, "_use_triton", compact)
+                self.model.zero_grad()
+                loss = self.compute_loss(self.model, dict(batch))
+                loss.backward()
+                seen[name] = (
+                    float(loss.detach()),
+                    {n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None},
+                )
+            self.model.zero_grad()
+            self.model.train()
+            seen["labelled"], seen["positions"] = labelled, batch["labels"][:, 1:].numel()
+            return super().train(*a, **k)
+
+    patch_trainer(monkeypatch, Spy)
+    train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "run", *ONE_STEP))
+    assert seen["rows"][:2] == [seen["labelled"], seen["positions"]]
+    assert seen["labelled"] < seen["positions"]  # the prompts' positions were left out
+    assert seen["gathered"][0] == pytest.approx(seen["every"][0], rel=1e-6)
+    grads = seen["gathered"][1], seen["every"][1]
+    assert grads[0] and grads[0].keys() == grads[1].keys()
+    for key, grad in grads[0].items():
+        torch.testing.assert_close(grad, grads[1][key], rtol=1e-5, atol=1e-7)
+
+
 def test_gradient_accumulation_matches_the_big_batch(tiny_mistral, tiny_data, tmp_path):
     """4 micro-batches of 1 and one batch of 4: the same update (SGD, so the gradient scale shows)."""
     common = [

@@ -22,7 +22,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -166,12 +166,19 @@ def fsdp_settings(quantized: bool) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _cpu_loss_tiles(device: str) -> Iterator[None]:
-    """Smaller tiles for TRL's fused LM head on CPU, put back after the run.
+    """TRL's fused LM head on CPU: smaller tiles, and only the labelled positions scored; put back after.
 
     Without Triton, TRL folds each logits tile with plain torch ops that hold several fp32 temporaries of
     the tile's size: 1024 tokens x 32768 vocabulary entries is 128 MiB each, ~1 GiB for a moment in every
     step, half of the whole run's peak for SmolLM2. TRL has no setting for the tile, so its two module
     constants are set here; smaller tiles do the same arithmetic (bench/loss_tiles.py measures both).
+
+    TRL gathers the positions that have a label before the head only where its Triton kernels run
+    (`_use_triton`): elsewhere it scores every position and zeroes the unlabelled ones, because on
+    compiling backends (Neuron) a batch-dependent row count recompiles. The CPU fold is plain eager torch,
+    which compiles nothing, so the gather is switched on here: with the loss on the answer only, the
+    prompt's positions (most of a summarization example's) no longer pass through the head, forward and
+    backward. Each labelled position's log-probability is the same arithmetic on the same row.
     """
     if device != "cpu":
         yield
@@ -181,12 +188,24 @@ def _cpu_loss_tiles(device: str) -> Iterator[None]:
 
     from qlora_llm.plan import CPU_LOSS_TILE
 
-    saved = kernel.TOKEN_CHUNK_SIZE, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
+    saved = kernel.TOKEN_CHUNK_SIZE, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE, trl_utils._use_triton
     kernel.TOKEN_CHUNK_SIZE, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = CPU_LOSS_TILE
+    # Read only by the fused forward's `compact` switch; the kernel module keeps its own reference, so the
+    # fold itself still runs the torch ops.
+    trl_utils._use_triton = _compact_on_cpu(saved[2])
     try:
         yield
     finally:
-        kernel.TOKEN_CHUNK_SIZE, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = saved
+        kernel.TOKEN_CHUNK_SIZE, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE, trl_utils._use_triton = saved
+
+
+def _compact_on_cpu(use_triton: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    """TRL's `_use_triton`, answering yes for the CPU: score only the labelled positions there."""
+
+    def compact(device: Any) -> bool:
+        return device.type == "cpu" or use_triton(device)
+
+    return compact
 
 
 def _apply_checkpointing(args: Any, setting: bool | str, memory: Any) -> str:
