@@ -178,7 +178,9 @@ def _cpu_loss_tiles(device: str) -> Iterator[None]:
     compiling backends (Neuron) a batch-dependent row count recompiles. The CPU fold is plain eager torch,
     which compiles nothing, so the gather is switched on here: with the loss on the answer only, the
     prompt's positions (most of a summarization example's) no longer pass through the head, forward and
-    backward. Each labelled position's log-probability is the same arithmetic on the same row.
+    backward. Each labelled position's log-probability is the same arithmetic on the same row, but the
+    head's matmul has fewer rows, and a CPU matmul may round a row differently with another row count:
+    a whole run is not bit-identical to one that scores every position (docs/train.md).
     """
     if device != "cpu":
         yield
