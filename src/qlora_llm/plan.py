@@ -64,10 +64,10 @@ QLoRA paper does; else 4: peft's fp32, and train.py casts them back to fp32 on C
   one tile of min(B*T, 4096) tokens by min(V, 32768) vocabulary entries in the compute dtype, through a
   compute-dtype copy of (that slice of) the lm_head when w != a. With `"full"` (transformers' own
   loss): the (B, T, V) logits in the compute dtype and the fp32 log-softmax cross-entropy keeps,
-  B*T*V * (a + 4); in fp32 that is "B*T*V*4 twice". TRL's head gathers the labelled positions first
-  and tiles only them (the answers, under answers-only loss: `scored_tokens`; on CPU because train.py
-  switches it on there). On CUDA its forward tile is freed before the backward's (allocated bytes); on
-  CPU the RSS keeps the freed tile (calibrated so).
+  B*T*V * (a + 4); in fp32 that is "B*T*V*4 twice". On CUDA (Triton) TRL's head gathers the labelled
+  positions first and tiles only them (the answers, under answers-only loss: `scored_tokens`), and
+  its forward tile is freed before the backward's (allocated bytes); on CPU it tiles every position,
+  and RSS keeps the freed tile (calibrated so).
 - allocator slack (CPU only): the RSS holds more than the bytes of the tensors a step keeps: mimalloc
   keeps freed temporaries committed for a while and rounds blocks up to size classes. 20% of the
   activations line (`CPU_ACTIVATION_SLACK`; 12-28% measured on 7 runs without checkpointing).
@@ -626,9 +626,10 @@ def _loss_head(
     h, v, a, w, tokens = s.shape.hidden, s.shape.vocab, s.a, s.w, s.tokens
     # Under autocast a fp32 lm_head is used through a compute-dtype copy of (a tile of) its weight.
     token_tile, vocab_tile = CPU_LOSS_TILE if s.device == "cpu" else (FUSED_TOKEN_TILE, FUSED_VOCAB_TILE)
-    # The fused head gathers the labelled positions first (a copy) and tiles only those: TRL does so where
-    # its Triton kernels run, and train.py has it do so on CPU (`_cpu_loss_tiles`).
-    scored = tokens if scored_tokens is None else min(scored_tokens, tokens)
+    # On CUDA the fused head gathers the labelled positions first (a copy) and tiles only those. On CPU
+    # train.py has it gather too (`_cpu_loss_tiles`), but a whole tile is still planned there: the RSS of
+    # checkpointed runs did not fall with the smaller tile (docs/plan.md), and this keeps their calibration.
+    scored = tokens if s.device == "cpu" or scored_tokens is None else min(scored_tokens, tokens)
     token_tile, vocab_tile = min(scored, token_tile), min(v, vocab_tile)
     head_cast = (vocab_tile if lm_head_loss == "chunked" else v) * h * a if w != a else 0
     if lm_head_loss != "chunked":
