@@ -167,6 +167,8 @@ def test_the_cpu_loss_head_scores_only_the_labelled_positions_for_the_same_loss(
             seen["labelled"], seen["positions"] = labelled, batch["labels"][:, 1:].numel()
             return super().train(*a, **k)
 
+    # Registered first, so the teardown puts TRL's own function back (the Spy's patches run inside train()).
+    monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton)
     patch_trainer(monkeypatch, Spy)
     train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "run", *ONE_STEP))
     assert seen["rows"][:2] == [seen["labelled"], seen["positions"]]
