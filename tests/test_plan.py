@@ -157,6 +157,30 @@ def test_on_cpu_a_dropout_mask_takes_2_bytes_and_nn_dropouts_noise_the_inputs_dt
     assert mistral_estimate(**no_dropout, dropout_masks="torch") == mistral_estimate(**no_dropout)
 
 
+def test_on_cpu_auto_masks_are_planned_as_the_run_will_draw_them(monkeypatch):
+    """`lora.dropout_masks: auto` compiles the masks on a run long enough to pay for it, and compiled masks
+    keep nothing for the backward: the plan asks the run's own rule (dropout.compiles), so a long run is
+    planned without the 2-byte masks and a short one with them."""
+    import torch
+
+    import qlora_llm.dropout as dropout
+
+    monkeypatch.setattr(dropout, "_compiler_found", lambda: True)
+    monkeypatch.setattr(dropout, "eager_mask_seconds", lambda p, shape, dtypes: 0.01)  # 10 ms a mask
+    demo = ROOT / "configs" / "smollm2-cpu.yaml"
+    fixed = ["model.compute_dtype=float32", "train.gradient_checkpointing=false", "train.batch_size=2"]
+    fixed.append("lora.dropout=0.05")  # the demo trains without dropout
+    # 210 LoRA dropouts a step (7 projections x 30 layers): 4 steps draw 8.4 s of eager masks, 5 steps 10.5 s.
+    short, long = (plan(load_config(demo, [*fixed, f"train.max_steps={n}"])) for n in (4, 5))
+    tokens = 2 * short.setup["seq_len"]
+    inputs = 6 * 576 + 1536  # SmolLM2's in-features of q, k, v, o, gate, up and down
+    assert short.estimate.activations - long.estimate.activations == tokens * 30 * 2 * inputs
+    assert "LoRA dropout masks kept" in short.estimate.how["activations"]
+    assert "LoRA dropout masks not kept (compiled" in long.estimate.how["activations"]
+    # The run decides alike: fuse_hash_dropout compiles the long run's masks, not the short one's.
+    assert dropout.fuse_hash_dropout(0.05, (2, 8, 576), (torch.float32,), 4 * 210).startswith("eager (8 s")
+
+
 def test_on_cpu_the_allocators_slack_is_a_fifth_of_the_activations_and_on_cuda_nothing():
     """RSS holds ~12-28% over the kept tensors on CPU (docs/plan.md); CUDA's counted bytes are allocated ones."""
     for checkpointing in (True, False):

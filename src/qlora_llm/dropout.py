@@ -20,6 +20,8 @@ CUDA tensors keep `nn.Dropout` (its generator is parallel there).
 
 from __future__ import annotations
 
+import functools
+import time
 from typing import Any
 
 import torch
@@ -176,37 +178,81 @@ compiled masks took a quarter to a half of the eager time: from 10 s on compilin
 does is then measured (a whole step gained little on a CPU with AMX: docs/train.md)."""
 
 
+def lora_input_dtypes(compute: torch.dtype, upcast: bool) -> tuple[torch.dtype, ...]:
+    """The dtypes LoRA inputs come in: the residual stream's (fp32 on an upcast 4-bit base) and the compute
+    dtype (o_proj's input is attention's output)."""
+    return tuple(dict.fromkeys([compute, torch.float32 if upcast else compute]))
+
+
+def mask_draws(dropouts: int, steps: int, accumulation: int, checkpointed: bool) -> int:
+    """Masks a run draws: every LoRA dropout in every micro-batch, twice under checkpointing (the recompute)."""
+    return dropouts * steps * accumulation * (2 if checkpointed else 1)
+
+
+@functools.lru_cache(maxsize=16)
+def eager_mask_seconds(p: float, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...]) -> float:
+    """One eager mask at `shape`, forward and backward, in seconds (the best of 3, averaged over `dtypes`).
+
+    Cached, so `plan` inside `train` and the run it plans decide the same way on the same timing."""
+    inputs = [torch.randn(shape, dtype=dtype, requires_grad=True) for dtype in dtypes]
+    return min(_timed(lambda x: _eager_dropout(x, 0, p), inputs) for _ in range(3))
+
+
+def _timed(dropout: Any, inputs: list[torch.Tensor]) -> float:
+    start = time.perf_counter()
+    for x in inputs:
+        dropout(x).sum().backward()
+    return (time.perf_counter() - start) / len(inputs)
+
+
+def compiles(
+    p: float, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...], draws: int, mode: str = "auto"
+) -> bool:
+    """Whether `fuse_hash_dropout` will compile the masks for such a run: `compiled`, or `auto` on a run
+    that would spend COMPILE_PAYS_AFTER_S or more in eager masks, where a C++ compiler is found for
+    inductor. Compiled masks keep no tensor for the backward (the key redraws them), so `plan` asks too.
+    (`auto` also drops compiled masks that measure slower than eager: never seen, and not predicted.)"""
+    if mode not in ("auto", "compiled") or p == 0 or not _compiler_found():
+        return False
+    return mode == "compiled" or eager_mask_seconds(p, shape, dtypes) * draws >= COMPILE_PAYS_AFTER_S
+
+
+@functools.cache
+def _compiler_found() -> bool:
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception:  # noqa: BLE001 - no compiler (or no inductor): torch.compile would fail
+        return False
+    return True
+
+
 def fuse_hash_dropout(
     p: float, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...], draws: int, mode: str = "auto"
 ) -> str:
     """Compile the hash dropout (inductor: C++) when it pays on this CPU for this run; what was chosen.
 
     `shape`: a LoRA input at the run's batch and length; `dtypes`: the dtypes LoRA inputs will have;
-    `draws`: masks the run will draw (LoRA layers x steps, x2 under checkpointing). The eager
-    masks are timed first (forward and backward, milliseconds); only a run that would spend more than
-    COMPILE_PAYS_AFTER_S in them compiles, and keeps the compiled masks if they measure faster. Both give
-    the same masks, bit for bit. A CPU without a C++ compiler, or any compile error, keeps eager masks.
+    `draws`: masks the run will draw (`mask_draws`). The eager masks are timed first (forward and
+    backward, `eager_mask_seconds`); only a run that would spend more than COMPILE_PAYS_AFTER_S in them
+    compiles (`compiles`), and keeps the compiled masks if they measure faster. Both give the same
+    masks, bit for bit. A CPU without a C++ compiler, or any compile error, keeps eager masks.
     `mode`: `auto` as above, `compiled` compiles (if it can) without measuring, `hash` stays eager.
     """
     global _compiled, _compiled_once
-    import time
 
     _compiled = None
     if mode == "hash":
         return "eager (lora.dropout_masks=hash)"
+    if not _compiler_found():
+        return "eager (no C++ compiler found for torch.compile)"
     always = mode == "compiled"
+    eager_s = 0.0 if always else eager_mask_seconds(p, shape, dtypes)
+    if not compiles(p, shape, dtypes, draws, mode):
+        return f"eager ({eager_s * draws:.0f} s of masks in this run: too few to pay for compiling)"
     key = torch.zeros((), dtype=torch.int32)
     inputs = [torch.randn(shape, dtype=dtype, requires_grad=True) for dtype in dtypes]
-
-    def timed(dropout: Any) -> float:
-        start = time.perf_counter()
-        for x in inputs:
-            dropout(x).sum().backward()
-        return (time.perf_counter() - start) / len(inputs)
-
-    eager_s = 0.0 if always else min(timed(lambda x: _eager_dropout(x, 0, p)) for _ in range(3))
-    if not always and eager_s * draws < COMPILE_PAYS_AFTER_S:
-        return f"eager ({eager_s * draws:.0f} s of masks in this run: too few to pay for compiling)"
     threshold, scale = _int32(_threshold(p)), 1 / (1 - p)
 
     def fused(x: torch.Tensor) -> torch.Tensor:
@@ -216,13 +262,13 @@ def fuse_hash_dropout(
         _compiled_once = torch.compile(_hash_dropout, dynamic=True)
     _compiled = _compiled_once
     try:
-        compile_s = timed(fused) * len(inputs)
+        compile_s = _timed(fused, inputs) * len(inputs)
     except Exception as err:  # noqa: BLE001 - any failure to compile means: stay eager
         _compiled = None
         return f"eager (torch.compile failed: {type(err).__name__}: {str(err).splitlines()[0][:120]})"
     if always:
         return f"compiled by torch.compile (lora.dropout_masks=compiled; {compile_s:.0f} s to compile)"
-    fused_s = min(timed(fused) for _ in range(3))
+    fused_s = min(_timed(fused, inputs) for _ in range(3))
     if fused_s >= eager_s:
         _compiled = None
         return f"eager ({eager_s * 1e3:.1f} ms a mask, compiled {fused_s * 1e3:.1f} ms)"

@@ -41,8 +41,9 @@ QLoRA paper does; else 4: peft's fp32, and train.py casts them back to fp32 on C
   (bitsandbytes' Linear4bit returns its input's dtype, fp32 on an upcast base, even under autocast);
   each LoRA-targeted linear keeps its dropped-out input (or autocast's copy of it) and the dropout
   mask, (a + 1) * in_features on CUDA (bool mask of the fused kernel), (a + 2) * in_features on CPU
-  (dropout.py's 0/1 masks in 2 bytes, counted for `auto`, which may not compile; none with
-  `lora.dropout_masks=compiled`, whose backward redraws the mask from its key; with `torch` nn.Dropout's
+  (dropout.py's 0/1 masks in 2 bytes; none when compiled, whose backward redraws the mask from its key:
+  `lora.dropout_masks=compiled`, or `auto` on a run long enough that train.py compiles them, which
+  plan() asks with the run's steps, by the run's own rule and timing, `dropout.compiles`; with `torch` nn.Dropout's
   noise in the input's dtype: the residual stream's, w, since train.py stops peft's cast to fp32, but a
   for o_proj, whose input is sdpa's output), or with dropout 0 the shared input once; plus the rank-r
   output of LoRA A (a * r). The frozen 4-bit base linears keep nothing (bitsandbytes' MatMul4Bit saves
@@ -567,11 +568,16 @@ def _activations(
     # sdpa's output even on an fp32 stream.
     lora_dropout, masks = dropout
     into = {t: a if t == "o_proj" else w for t in targets}
-    # `compiled` keeps no mask (the backward recomputes it from its key); `auto` may not compile: 2 bytes.
+    # `compiled` keeps no mask (the backward redraws it from its key); `auto` as planned without the run's
+    # length (plan() resolves it, _dropout_masks): 2 bytes.
     cpu_mask = {"compiled": 0, "hash": 2, "auto": 2}
     mask = {t: 1 if s.device == "cuda" else cpu_mask.get(masks, into[t]) for t in targets}
+    masks_kept = ""
     if lora_dropout > 0:
         per_token += sum((a + mask[t]) * linears[t][0] for t in targets)
+        if s.device == "cpu":
+            kept = "not kept (compiled: redrawn in the backward)" if masks == "compiled" else "kept"
+            masks_kept = f"; LoRA dropout masks {kept}"
     elif s.device == "cuda" or a == w:
         # Without dropout the LoRA-A input is the module input itself, shared by q/k/v and by gate/up.
         inputs = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "gate_proj": "mlp_in"}
@@ -588,7 +594,7 @@ def _activations(
     if not gradient_checkpointing:
         how["activations"] = (
             f"no checkpointing: {n_layers} layers x {per_layer / GB:.2f} GB "
-            f"({per_token / 1024:.0f} KiB/token/layer) + final norm"
+            f"({per_token / 1024:.0f} KiB/token/layer) + final norm{masks_kept}"
         )
         return _Activations(n_layers * per_layer + shared, per_layer, 0)
     # transformers checkpoints layers 0, n, 2n, ...; the others keep their full set. The backward
@@ -607,6 +613,7 @@ def _activations(
         f"{sets - recomputed} full layer sets alive ({per_layer / GB:.2f} GB each = "
         f"{per_token / 1024:.0f} KiB/token) + final norm"
         + (f"; {recomputed} recomputed set in the backward's buffers" if recomputed else "")
+        + masks_kept
     )
     return _Activations(checkpoints + (sets - recomputed) * per_layer + shared, per_layer, recomputed)
 
@@ -836,13 +843,19 @@ def _kl_tokens(cfg: Config, tokenizer: Any) -> int | None:
 
 
 def _setup(
-    cfg: Config, device: str, processes: int = 1, lengths: list[tuple[int, int]] | None = None
+    cfg: Config,
+    device: str,
+    processes: int = 1,
+    lengths: list[tuple[int, int]] | None = None,
+    model_config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The estimate's keyword arguments, resolved from the config for this device.
 
     `lengths` (example_lengths): the sequence length is then the longest example train.py keeps (it
     drops, not cuts, those over data.max_seq_length), not max_seq_length itself, and a batch scores at
-    most batch_size x the most labelled tokens of one kept example."""
+    most batch_size x the most labelled tokens of one kept example. `model_config`: resolve
+    `lora.dropout_masks: auto` on CPU as the run will (`_dropout_masks`); without it `auto` is planned
+    with its masks kept."""
     compute = cfg.model.compute_dtype
     if compute == "auto" and device == "cuda":
         # bf16 and fp16 are both 2 bytes, so CUDA without bf16 (model.pick_compute_dtype) plans the same.
@@ -867,7 +880,9 @@ def _setup(
         "optim": cfg.train.optim,
         "device": device,
         "lora_dropout": cfg.lora.dropout,
-        "dropout_masks": cfg.lora.dropout_masks,
+        "dropout_masks": _dropout_masks(cfg, model_config, compute, processes, lengths)
+        if device == "cpu" and model_config is not None
+        else cfg.lora.dropout_masks,
         "kbit_prepared": cfg.model.upcast_layers,
         "processes": processes,
         "distributed": cfg.train.distributed,
@@ -875,6 +890,42 @@ def _setup(
         # ORPO's trainer computes the full (B,T,V) logits; SFT and DPO use TRL's fused LM head.
         **({"lm_head_loss": "full"} if cfg.train.method == "orpo" else {}),
     }
+
+
+def _dropout_masks(
+    cfg: Config,
+    model_config: dict[str, Any],
+    compute: str,
+    processes: int,
+    lengths: list[tuple[int, int]] | None,
+) -> str:
+    """`lora.dropout_masks: auto` on CPU as train.py will decide it: `compiled` (no mask kept for the
+    backward) when its eager masks would take long enough to pay for compiling on this CPU, else `hash`
+    (2-byte masks kept). Both ask `dropout.compiles`, with the same timing when `train` plans.
+
+    The steps: train.max_steps, or the epochs over the examples read (eval rows included, so at most a
+    few steps more than the run takes); a run whose data cannot be read is planned with its masks."""
+    t, mode = cfg.train, cfg.lora.dropout_masks
+    if mode != "auto" or cfg.lora.dropout == 0:
+        return mode
+    if t.max_steps > 0:
+        steps = t.max_steps
+    elif lengths:
+        batches = math.ceil(len(lengths) / (t.batch_size * processes))
+        steps = math.ceil(t.num_epochs * batches / t.gradient_accumulation_steps)
+    else:
+        return "hash"
+    import torch
+
+    from qlora_llm.dropout import compiles, lora_input_dtypes, mask_draws
+
+    shape = ModelShape.from_config(model_config)
+    dropouts = len(_resolve_targets(list(cfg.lora.target_modules), shape)) * shape.layers
+    draws = mask_draws(dropouts, steps, t.gradient_accumulation_steps, t.gradient_checkpointing is True)
+    upcast = cfg.model.quantization != "none" and cfg.model.upcast_layers
+    dtypes = lora_input_dtypes(getattr(torch, compute), upcast)
+    masks = (t.batch_size, cfg.data.max_seq_length, shape.hidden)
+    return "compiled" if compiles(cfg.lora.dropout, masks, dtypes, draws) else "hash"
 
 
 def _resolve_checkpointing(
@@ -1278,7 +1329,9 @@ def plan(
     lengths = example_lengths(cfg) if rows is None else row_lengths(cfg, rows)
 
     def estimate(c: Config) -> MemoryEstimate:
-        resolved, _ = _resolve_checkpointing(model_config, _setup(c, device, processes, lengths), decide)
+        resolved, _ = _resolve_checkpointing(
+            model_config, _setup(c, device, processes, lengths, model_config), decide
+        )
         step = estimate_memory(model_config, **resolved)
         # A suggestion must make training fit, in-training evaluation included.
         stages = estimate_stages(model_config, c, resolved, under_run=under_run)
@@ -1286,7 +1339,7 @@ def plan(
         return replace(step, loading=max(step.peak, *ran))
 
     setup, checkpointing = _resolve_checkpointing(
-        model_config, _setup(cfg, device, processes, lengths), decide
+        model_config, _setup(cfg, device, processes, lengths, model_config), decide
     )
     if setup["seq_len"] < cfg.data.max_seq_length:
         notes.append(

@@ -607,18 +607,14 @@ def _planned_steps(cfg: Config, examples: int, world: int) -> int:
 
 def _use_hash_dropout(cfg: Config, model: Any, dtype: Any, checkpointing: str, steps: int) -> None:
     """LoRA dropout masks from dropout.py's hash on CPU, compiled when that pays for this run."""
-    import torch
-
-    from qlora_llm.dropout import fuse_hash_dropout, use_hash_dropout
+    from qlora_llm.dropout import fuse_hash_dropout, lora_input_dtypes, mask_draws, use_hash_dropout
 
     swapped = use_hash_dropout(model)
     if not swapped:
         return
-    # A LoRA input is the residual stream's dtype (fp32 on an upcast 4-bit base), or the compute dtype.
-    upcast = cfg.model.quantization != "none" and cfg.model.upcast_layers
-    dtypes = tuple(dict.fromkeys([dtype, torch.float32 if upcast else dtype]))
-    recompute = 2 if checkpointing.startswith(("on", "auto: on")) else 1
-    draws = swapped * steps * cfg.train.gradient_accumulation_steps * recompute
+    dtypes = lora_input_dtypes(dtype, cfg.model.quantization != "none" and cfg.model.upcast_layers)
+    checkpointed = checkpointing.startswith(("on", "auto: on"))
+    draws = mask_draws(swapped, steps, cfg.train.gradient_accumulation_steps, checkpointed)
     shape = (cfg.train.batch_size, cfg.data.max_seq_length, model.config.hidden_size)
     chosen = fuse_hash_dropout(cfg.lora.dropout, shape, dtypes, draws, cfg.lora.dropout_masks)
     log.info(
