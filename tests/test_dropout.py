@@ -173,3 +173,13 @@ def test_a_run_with_compiled_masks_trains_exactly_as_with_eager_ones(
 
     weights = {m: load_file(r.final_adapter / "adapter_model.safetensors") for m, r in runs.items()}
     assert all(torch.equal(weights["hash"][k], weights["compiled"][k]) for k in weights["hash"])
+
+
+def test_the_eager_timing_scales_a_huge_shape_instead_of_allocating_it():
+    """`plan` times the masks before it refuses a run that cannot fit: an absurd batch must not be allocated
+    (it was: "you tried to allocate 16384000000000 bytes"); elementwise time is scaled from a capped size."""
+    import qlora_llm.dropout as dropout
+
+    capped = dropout.eager_mask_seconds(0.1, (dropout.TIMED_ELEMENTS,), (torch.float32,))
+    huge = dropout.eager_mask_seconds(0.1, (10**9, 512, 576), (torch.float32,))
+    assert 0 < capped and huge > 1000 * capped  # 70,000x the elements, timed on the same 4M

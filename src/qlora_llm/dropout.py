@@ -21,6 +21,7 @@ CUDA tensors keep `nn.Dropout` (its generator is parallel there).
 from __future__ import annotations
 
 import functools
+import math
 import time
 from typing import Any
 
@@ -189,13 +190,27 @@ def mask_draws(dropouts: int, steps: int, accumulation: int, checkpointed: bool)
     return dropouts * steps * accumulation * (2 if checkpointed else 1)
 
 
+TIMED_ELEMENTS = 1 << 22
+"""The most elements a mask is timed on (4M, ~10 ms eager here); a larger one's time is scaled from it
+(elementwise work: linear in the elements), so `plan` never allocates what an absurd batch would."""
+
+
 @functools.lru_cache(maxsize=16)
 def eager_mask_seconds(p: float, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...]) -> float:
     """One eager mask at `shape`, forward and backward, in seconds (the best of 3, averaged over `dtypes`).
 
     Cached, so `plan` inside `train` and the run it plans decide the same way on the same timing."""
-    inputs = [torch.randn(shape, dtype=dtype, requires_grad=True) for dtype in dtypes]
-    return min(_timed(lambda x: _eager_dropout(x, 0, p), inputs) for _ in range(3))
+    inputs, scale = _timing_inputs(shape, dtypes)
+    return scale * min(_timed(lambda x: _eager_dropout(x, 0, p), inputs) for _ in range(3))
+
+
+def _timing_inputs(
+    shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...]
+) -> tuple[list[torch.Tensor], float]:
+    """Flat inputs of at most TIMED_ELEMENTS, and what their times are multiplied by for `shape`."""
+    n = math.prod(shape)
+    timed = max(1, min(n, TIMED_ELEMENTS))
+    return [torch.randn(timed, dtype=dtype, requires_grad=True) for dtype in dtypes], n / timed
 
 
 def _timed(dropout: Any, inputs: list[torch.Tensor]) -> float:
@@ -252,7 +267,7 @@ def fuse_hash_dropout(
     if not compiles(p, shape, dtypes, draws, mode):
         return f"eager ({eager_s * draws:.0f} s of masks in this run: too few to pay for compiling)"
     key = torch.zeros((), dtype=torch.int32)
-    inputs = [torch.randn(shape, dtype=dtype, requires_grad=True) for dtype in dtypes]
+    inputs, scale = _timing_inputs(shape, dtypes)
     threshold, scale = _int32(_threshold(p)), 1 / (1 - p)
 
     def fused(x: torch.Tensor) -> torch.Tensor:
@@ -268,7 +283,7 @@ def fuse_hash_dropout(
         return f"eager (torch.compile failed: {type(err).__name__}: {str(err).splitlines()[0][:120]})"
     if always:
         return f"compiled by torch.compile (lora.dropout_masks=compiled; {compile_s:.0f} s to compile)"
-    fused_s = min(_timed(fused, inputs) for _ in range(3))
+    fused_s = scale * min(_timed(fused, inputs) for _ in range(3))
     if fused_s >= eager_s:
         _compiled = None
         return f"eager ({eager_s * 1e3:.1f} ms a mask, compiled {fused_s * 1e3:.1f} ms)"
