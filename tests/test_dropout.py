@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -142,6 +143,25 @@ def test_auto_compiles_only_a_run_long_enough_to_pay_for_it():
     assert dropout.fuse_hash_dropout(0.1, (4, 64, 64), (torch.float32,), 10**9, "hash") == (
         "eager (lora.dropout_masks=hash)"
     )
+
+
+def test_auto_weighs_the_compiled_masks_at_the_runs_shape_as_it_does_the_eager_ones(monkeypatch):
+    """A shape over TIMED_ELEMENTS is timed on a part and scaled: the compiled masks' time by the same
+    factor as the eager ones' (here 8), or auto keeps compiled masks that are slower than eager."""
+    import qlora_llm.dropout as dropout
+
+    shape = (32, 1024, 1024)  # 8 x TIMED_ELEMENTS
+    assert math.prod(shape) == 8 * dropout.TIMED_ELEMENTS
+    monkeypatch.setattr(
+        dropout, "_timed", lambda fn, inputs: 1e-3
+    )  # every timed pass: 1 ms, nothing compiled
+    monkeypatch.setattr(dropout, "eager_mask_seconds", lambda p, shape, dtypes: 0.9 * 8e-3)
+    try:
+        chosen = dropout.fuse_hash_dropout(0.1, shape, (torch.float32,), 10**6, "auto")
+        assert chosen == "eager (7.2 ms a mask, compiled 8.0 ms)"
+        assert dropout._compiled is None
+    finally:
+        dropout._compiled = None
 
 
 def test_a_run_with_compiled_masks_trains_exactly_as_with_eager_ones(

@@ -243,8 +243,9 @@ class EvalConfig(_Section):
     """Generative general tasks answered greedily through the chat template (basic_skills_*); [] skips."""
     general_limit: int | None = Field(100, gt=0)
     """Items per likelihood task, a fixed seeded subset; None takes all."""
-    general_generative_limit: int | None = Field(100, gt=0)
-    """Questions per generative task, a fixed seeded subset; None takes all."""
+    general_generative_limit: int | None = Field(256, gt=0)
+    """Questions per generative task, a fixed seeded subset; None takes all. 256: a paired interval of about
+    +-4 points (at 64 it was ~17 points wide, too wide to tell a fine-tune's cost: docs/demo.md)."""
     general_max_new_tokens: int = Field(24, gt=0)
     """Answer length for the generative general tasks (short answers)."""
     general_batch_size: int = Field(16, gt=0)

@@ -267,11 +267,11 @@ def fuse_hash_dropout(
     if not compiles(p, shape, dtypes, draws, mode):
         return f"eager ({eager_s * draws:.0f} s of masks in this run: too few to pay for compiling)"
     key = torch.zeros((), dtype=torch.int32)
-    inputs, scale = _timing_inputs(shape, dtypes)
-    threshold, scale = _int32(_threshold(p)), 1 / (1 - p)
+    inputs, per_input = _timing_inputs(shape, dtypes)  # the timed inputs' time x per_input = the run's
+    threshold, keep_scale = _int32(_threshold(p)), 1 / (1 - p)
 
     def fused(x: torch.Tensor) -> torch.Tensor:
-        return _CompiledDropout.apply(x, key, threshold, scale)
+        return _CompiledDropout.apply(x, key, threshold, keep_scale)
 
     if _compiled_once is None:
         _compiled_once = torch.compile(_hash_dropout, dynamic=True)
@@ -283,7 +283,7 @@ def fuse_hash_dropout(
         return f"eager (torch.compile failed: {type(err).__name__}: {str(err).splitlines()[0][:120]})"
     if always:
         return f"compiled by torch.compile (lora.dropout_masks=compiled; {compile_s:.0f} s to compile)"
-    fused_s = scale * min(_timed(fused, inputs) for _ in range(3))
+    fused_s = per_input * min(_timed(fused, inputs) for _ in range(3))
     if fused_s >= eager_s:
         _compiled = None
         return f"eager ({eager_s * 1e3:.1f} ms a mask, compiled {fused_s * 1e3:.1f} ms)"

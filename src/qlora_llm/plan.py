@@ -892,6 +892,16 @@ def _setup(
     }
 
 
+def planned_steps(cfg: Config, examples: int, processes: int) -> int:
+    """Optimizer steps a run takes: train.max_steps, else its epochs over `examples` in batches of
+    batch_size per process, accumulated."""
+    t = cfg.train
+    if t.max_steps > 0:
+        return t.max_steps
+    batches = math.ceil(examples / (t.batch_size * processes))
+    return math.ceil(t.num_epochs * batches / t.gradient_accumulation_steps)
+
+
 def _dropout_masks(
     cfg: Config,
     model_config: dict[str, Any],
@@ -908,19 +918,17 @@ def _dropout_masks(
     t, mode = cfg.train, cfg.lora.dropout_masks
     if mode != "auto" or cfg.lora.dropout == 0:
         return mode
-    if t.max_steps > 0:
-        steps = t.max_steps
-    elif lengths:
-        batches = math.ceil(len(lengths) / (t.batch_size * processes))
-        steps = math.ceil(t.num_epochs * batches / t.gradient_accumulation_steps)
-    else:
+    if t.max_steps <= 0 and not lengths:
         return "hash"
+    steps = planned_steps(cfg, len(lengths or []), processes)
     import torch
 
     from qlora_llm.dropout import compiles, lora_input_dtypes, mask_draws
 
     shape = ModelShape.from_config(model_config)
     dropouts = len(_resolve_targets(list(cfg.lora.target_modules), shape)) * shape.layers
+    # Checkpointing `auto` is not decided yet (it needs this plan's peak): counted as off, half the draws,
+    # so a run that compiles only because checkpointing doubled its draws is planned with its masks kept.
     draws = mask_draws(dropouts, steps, t.gradient_accumulation_steps, t.gradient_checkpointing is True)
     upcast = cfg.model.quantization != "none" and cfg.model.upcast_layers
     dtypes = lora_input_dtypes(getattr(torch, compute), upcast)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -304,8 +303,10 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
     set_seed(t.seed)
     model, targets = _build_model(cfg, args, device, dtype, checkpoint)
     if device == "cpu" and cfg.lora.dropout_masks != "torch":
+        from qlora_llm.plan import planned_steps
+
         _use_hash_dropout(
-            cfg, model, dtype, checkpointing, steps=_planned_steps(cfg, len(data.train_rows), world)
+            cfg, model, dtype, checkpointing, steps=planned_steps(cfg, len(data.train_rows), world)
         )
     if device == "cpu" and str(dtype) != "torch.float32":
         _lora_inputs_as_they_come(model)
@@ -593,16 +594,6 @@ def _build_model(
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora), targets
-
-
-def _planned_steps(cfg: Config, examples: int, world: int) -> int:
-    """Optimizer steps the run will take (train.max_steps, or its epochs)."""
-    t = cfg.train
-    if t.max_steps > 0:
-        return t.max_steps
-    return math.ceil(
-        t.num_epochs * math.ceil(examples / (t.batch_size * world)) / t.gradient_accumulation_steps
-    )
 
 
 def _use_hash_dropout(cfg: Config, model: Any, dtype: Any, checkpointing: str, steps: int) -> None:
