@@ -16,7 +16,7 @@ import argparse
 import time
 from pathlib import Path
 
-from qlora_llm.benchmarks import generative_items, generative_prompt, paired_bootstrap, score_generative
+from qlora_llm.benchmarks import compare, generative_items, generative_prompt, score_generative
 from qlora_llm.config import load_config
 from qlora_llm.generate import generate_greedy
 from qlora_llm.model import find_target, load_target
@@ -48,7 +48,7 @@ def main() -> None:
     print(f"{args.task}, {len(items)} questions; base {100 * base['acc']:.1f}% ({seconds:.0f} s)")
     for run in args.runs:
         tuned, seconds = answer(run, cfg, items)
-        ci = paired_bootstrap([([x["acc"] for x in base["items"]], [x["acc"] for x in tuned["items"]])])
+        ci = compare({args.task: base}, {args.task: tuned}, seed=cfg.eval.general_seed)[0]  # evaluate's own
         print(
             f"{run}: {100 * tuned['acc']:.1f}% ({seconds:.0f} s), {100 * ci['diff']:+.1f} points "
             f"(95% CI {100 * ci['lo']:+.1f} to {100 * ci['hi']:+.1f})"
