@@ -31,7 +31,7 @@ def answer(target: str | Path, cfg, items: list[dict]) -> tuple[dict, float]:
     ids = [loaded.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     e = cfg.eval
     answers = generate_greedy(
-        loaded, ids, max_new_tokens=e.general_max_new_tokens, batch_size=e.general_batch_size
+        loaded, ids, max_new_tokens=e.general_max_new_tokens, batch_size=e.general_answers_batch_size
     )
     return score_generative(items, [a["text"] for a in answers]), time.perf_counter() - start
 

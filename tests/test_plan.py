@@ -507,6 +507,24 @@ def test_the_evaluate_stage_is_sized_by_the_evaluation_data_and_the_general_benc
     assert 20 < shape.kl_tokens < 400  # a rendered question + eval.general_max_new_tokens
     kl = evaluate(EvaluationShape(100, 10, 80)).components["base's KL log-probs"]
     assert kl == cfg.eval.kl_prompts * 80 * vocab * 2
+    # The generative tasks' greedy answers, eval.general_answers_batch_size rows over the longest question:
+    # their KV cache and prefill grow with the rows (twice the rows, twice the bytes).
+    assert shape.kl_tokens <= shape.answer_tokens < 400
+    long_questions = evaluate(EvaluationShape(100, 10, 80, 4000))
+    n = cfg.eval.general_answers_batch_size
+    assert f"generative answers at batch {n} with a KV cache of 4000 tokens" in long_questions.how
+    doubled = load_config(
+        ROOT / "configs" / "smollm2-cpu.yaml",
+        ["model.compute_dtype=float32", f"eval.general_answers_batch_size={2 * n}"],
+    )
+    twice = next(
+        st
+        for st in estimate_stages(
+            model_config, doubled, _setup(doubled, "cpu"), EvaluationShape(100, 10, 80, 4000)
+        )
+        if st.name == "evaluate"
+    )
+    assert twice.components["logits or KV cache"] == 2 * long_questions.components["logits or KV cache"]
     # Without measurements, the training length stands in and no lm-eval batch or KL log-probs are counted.
     unmeasured = evaluate(None)
     T = setup["seq_len"]

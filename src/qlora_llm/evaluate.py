@@ -543,7 +543,7 @@ def _evaluate_general(
         messages = [[{"role": "user", "content": generative_prompt(it)}] for it in items]
         prompts = [render_prompt(m, loaded.template, loaded.tokenizer) for m in messages]
         ids, answers = _greedy_answers(
-            loaded, prompts, e.general_max_new_tokens, e.general_batch_size, f"{label}: {name}"
+            loaded, prompts, e.general_max_new_tokens, e.general_answers_batch_size, f"{label}: {name}"
         )
         tasks[name] = score_generative(items, [a["text"] for a in answers])
         if not own_sequences:

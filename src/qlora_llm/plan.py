@@ -790,6 +790,9 @@ class EvaluationShape:
     kl_tokens: int | None = None
     """The longest KL prompt (a generative question, rendered) + eval.general_max_new_tokens: the base's
     log-probs over these stay in memory while the fine-tuned model is evaluated."""
+    answer_tokens: int | None = None
+    """The longest generative question, rendered, + eval.general_max_new_tokens: the greedy answers' KV
+    cache at eval.general_answers_batch_size rows."""
 
 
 def evaluation_shape(cfg: Config) -> EvaluationShape:
@@ -817,29 +820,38 @@ def evaluation_shape(cfg: Config) -> EvaluationShape:
             general = longest_request(tasks, samples, tokenizer)
         except Exception as err:
             log.debug("the general benchmarks' requests could not be measured (%s)", err)
-    return EvaluationShape(example, general, _kl_tokens(cfg, tokenizer))
+    return EvaluationShape(example, general, *_generative_tokens(cfg, tokenizer))
 
 
-def _kl_tokens(cfg: Config, tokenizer: Any) -> int | None:
-    """evaluate's KL prompts: the first eval.kl_prompts questions of the first generative task."""
+def _generative_tokens(cfg: Config, tokenizer: Any) -> tuple[int | None, int | None]:
+    """The longest KL prompt (evaluate's KL prompts: the first eval.kl_prompts questions of the first
+    generative task) and the longest question of every generative task, each rendered, + the answer."""
     e = cfg.eval
-    if not e.general_generative or not e.kl_prompts:
-        return None
+    if not e.general_generative:
+        return None, None
     try:
         from qlora_llm.benchmarks import generative_items, generative_prompt
         from qlora_llm.templates import render_prompt, resolve_template
 
         template = resolve_template(cfg.model.template, tokenizer)
-        items = generative_items(e.general_generative[0], e.general_generative_limit, e.general_seed)
-        prompts = [
-            render_prompt([{"role": "user", "content": generative_prompt(it)}], template, tokenizer)
-            for it in items[: e.kl_prompts]
+        lengths = [
+            [
+                len(tokenizer(render_prompt(m, template, tokenizer), add_special_tokens=True)["input_ids"])
+                for m in ([{"role": "user", "content": generative_prompt(it)}] for it in items)
+            ]
+            for items in (
+                generative_items(n, e.general_generative_limit, e.general_seed) for n in e.general_generative
+            )
         ]
-        longest = max((len(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts), default=0)
     except Exception as err:
-        log.debug("the KL prompts could not be measured (%s)", err)
-        return None
-    return longest + e.general_max_new_tokens if longest else None
+        log.debug("the generative questions could not be measured (%s)", err)
+        return None, None
+    kl = max(lengths[0][: e.kl_prompts], default=0)
+    answers = max((n for task in lengths for n in task), default=0)
+    return (
+        kl + e.general_max_new_tokens if kl else None,
+        answers + e.general_max_new_tokens if answers else None,
+    )
 
 
 def _setup(
@@ -1138,7 +1150,8 @@ def estimate_stages(
     ev = inference(e.quantization)
     t_eval = evaluation.example_tokens if evaluation and evaluation.example_tokens else T
     t_general = evaluation.general_tokens if evaluation and e.general_tasks else None
-    largest = _largest_eval_batch(cfg, shape, t_eval, t_general, ai)
+    t_answers = evaluation.answer_tokens if evaluation and e.general_generative else None
+    largest = _largest_eval_batch(cfg, shape, t_eval, t_general, t_answers, ai)
     # The base's next-token log-probs on the KL prompts (fp16), held until the fine-tuned model is scored.
     kl_t = evaluation.kl_tokens if evaluation and e.general_generative else None
     kl = e.kl_prompts * kl_t * V * 2 if kl_t else 0
@@ -1182,10 +1195,10 @@ def estimate_stages(
 
 
 def _largest_eval_batch(
-    cfg: Config, shape: ModelShape, t_eval: int, t_general: int | None, ai: int
+    cfg: Config, shape: ModelShape, t_eval: int, t_general: int | None, t_answers: int | None, ai: int
 ) -> tuple[int, str]:
     """The largest of evaluate's batches, in bytes, and what it is: the perplexity pass, greedy answers'
-    KV cache, or lm-eval's batch of general-benchmark requests."""
+    KV cache, lm-eval's batch of general-benchmark requests, or the generative tasks' greedy answers."""
     e, V = cfg.eval, shape.vocab
     # evaluate.score_tokens: the decoder's last hidden states over the batch, then the LM head a tile of
     # positions at a time (next_token_nll): the tile's logits, their fp32 upcast (none when fp32 already)
@@ -1196,6 +1209,15 @@ def _largest_eval_batch(
     # lm-eval's batch: measured +0.48 / +0.91 GiB at 8 / 16 requests of 116 tokens over a 49k vocabulary
     # in fp32, 2.7-2.8 copies of the (B, T, V) logits (its logits, their log-softmax and a temporary).
     general = e.general_batch_size * t_general * V * LM_EVAL_LOGITS_COPIES * ai if t_general else 0
+    # Generative answers: their KV cache, the last position's logits, and the prefill's activations.
+    n = e.general_answers_batch_size
+    answers = (
+        _kv_cache_bytes(shape, n, t_answers, ai)
+        + n * V * 4
+        + n * t_answers * (3 * shape.intermediate + 4 * shape.hidden) * ai
+        if t_answers
+        else 0
+    )
     return max(
         (
             ev_logits,
@@ -1206,6 +1228,7 @@ def _largest_eval_batch(
             general,
             f"lm-eval's logits, log-softmax and a temporary at batch {e.general_batch_size} x {t_general} tokens",
         ),
+        (answers, f"generative answers at batch {n} with a KV cache of {t_answers} tokens"),
     )
 
 
