@@ -20,14 +20,12 @@ from qlora_llm.benchmarks import compare, generative_items, generative_prompt, s
 from qlora_llm.config import load_config
 from qlora_llm.generate import generate_greedy
 from qlora_llm.model import find_target, load_target
-from qlora_llm.templates import render_prompt
 
 
 def answer(target: str | Path, cfg, items: list[dict]) -> tuple[dict, float]:
     start = time.perf_counter()
     loaded = load_target(find_target(target, cfg.model), device=cfg.model.device, merge=True)
-    messages = [[{"role": "user", "content": generative_prompt(it)}] for it in items]
-    prompts = [render_prompt(m, loaded.template, loaded.tokenizer) for m in messages]
+    prompts = [generative_prompt(it, loaded.template, loaded.tokenizer) for it in items]
     ids = [loaded.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     e = cfg.eval
     answers = generate_greedy(

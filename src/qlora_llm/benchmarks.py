@@ -348,9 +348,13 @@ def generative_items(name: str, limit: int | None, seed: int) -> list[dict[str, 
     ]
 
 
-def generative_prompt(item: dict[str, Any]) -> str:
-    """The user message for one question (rendered with the model's chat template by the caller)."""
-    return f"{GENERATIVE_INSTRUCTION}\n\n{item['question']}"
+def generative_prompt(item: dict[str, Any], template: str, tokenizer: Any) -> str:
+    """One question as the model is asked it: the instruction and the question as the user's message,
+    rendered with the model's chat template (evaluate answers it, the plan measures it)."""
+    from qlora_llm.templates import render_prompt
+
+    message = {"role": "user", "content": f"{GENERATIVE_INSTRUCTION}\n\n{item['question']}"}
+    return render_prompt([message], template, tokenizer)
 
 
 def _normalize(text: str) -> str:

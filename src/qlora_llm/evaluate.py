@@ -524,7 +524,6 @@ def _evaluate_general(
         score_generative,
         token_log_probs,
     )
-    from qlora_llm.templates import render_prompt
 
     e, t0 = cfg.eval, time.perf_counter()
     tasks: dict[str, Any] = {}
@@ -540,8 +539,7 @@ def _evaluate_general(
         )
     own_sequences = []
     for name, items in general["items"].items():
-        messages = [[{"role": "user", "content": generative_prompt(it)}] for it in items]
-        prompts = [render_prompt(m, loaded.template, loaded.tokenizer) for m in messages]
+        prompts = [generative_prompt(it, loaded.template, loaded.tokenizer) for it in items]
         ids, answers = _greedy_answers(
             loaded, prompts, e.general_max_new_tokens, e.general_answers_batch_size, f"{label}: {name}"
         )

@@ -831,13 +831,17 @@ def _generative_tokens(cfg: Config, tokenizer: Any) -> tuple[int | None, int | N
         return None, None
     try:
         from qlora_llm.benchmarks import generative_items, generative_prompt
-        from qlora_llm.templates import render_prompt, resolve_template
+        from qlora_llm.templates import resolve_template
 
         template = resolve_template(cfg.model.template, tokenizer)
         lengths = [
             [
-                len(tokenizer(render_prompt(m, template, tokenizer), add_special_tokens=True)["input_ids"])
-                for m in ([{"role": "user", "content": generative_prompt(it)}] for it in items)
+                len(
+                    tokenizer(generative_prompt(it, template, tokenizer), add_special_tokens=True)[
+                        "input_ids"
+                    ]
+                )
+                for it in items
             ]
             for items in (
                 generative_items(n, e.general_generative_limit, e.general_seed) for n in e.general_generative
