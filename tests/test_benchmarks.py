@@ -291,9 +291,14 @@ def test_report_has_general_ability_beside_the_task_metrics(tiny_run, tmp_path):
         md.index("## General ability: generative"),
     )
     assert likelihood < generative < md.index("## Drift from the base") < md.index("## Benchmark prompts")
-    assert "| piqa_local | acc_norm | 6 |" in md and "Mean per-token KL(base ‖ tuned): **" in md
+    assert (
+        "| piqa | acc_norm | 6 |" in md
+        and "piqa_local" not in md
+        and "Mean per-token KL(base ‖ tuned): **" in md
+    )
     page = (tmp_path / "ev" / "report.html").read_text()
     assert 'id="general-likelihood"' in page and 'id="general-generative"' in page and 'id="kl"' in page
+    assert "<td>piqa</td>" in page and "piqa_local" not in page  # lm-eval's name, not our offline copy's
     assert (
         "Mean per-token KL(base ‖ tuned): <b>" in page and "&lt;b&gt;" not in page
     )  # bold, not printed tags

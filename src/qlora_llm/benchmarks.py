@@ -48,6 +48,12 @@ LOCAL_TASKS = {
 }
 LOCAL_SUFFIX = "_local"
 
+
+def stock_name(task: str) -> str:
+    """The lm-eval task a result is of, as reports name it: arc_easy for our offline copy arc_easy_local."""
+    return task.removesuffix(LOCAL_SUFFIX)
+
+
 # Generative sets: the completion-style ("rc") requests of OLMo's basic skills, one doc per question.
 GENERATIVE_TASKS = {
     f"basic_skills_{s}": f"oe_eval_tasks/basic_skills_{s}/rc_5shot/requests.jsonl.gz"

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_llm.atomic import atomic_file, atomic_write_text
+from qlora_llm.benchmarks import stock_name
 from qlora_llm.config import Config
 from qlora_llm.errors import QloraError
 from qlora_llm.fingerprint import sha256_file
@@ -617,8 +618,8 @@ def _general_table(g: dict[str, Any]) -> list[dict[str, Any]]:
     for r in g["likelihood"] + g["generative"]:
         if r["metric"] != "acc":
             continue
-        # Short enough for the CLI's 34-character column: arc_easy_local -> arc_easy, basic_skills_x -> x.
-        name = r["task"].removesuffix("_local").removeprefix("basic_skills_")
+        # Short enough for the CLI's 34-character column: basic_skills_x -> x.
+        name = stock_name(r["task"]).removeprefix("basic_skills_")
         label = (
             "likelihood tasks mean acc"
             if name == "mean"

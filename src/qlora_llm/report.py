@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_llm.atomic import atomic_file, atomic_write_text
+from qlora_llm.benchmarks import stock_name
 
 
 def interval_text(r: dict[str, Any]) -> str:
@@ -28,7 +29,7 @@ def _general_sentence(g: dict[str, Any]) -> str:
     lik = [r for r in g["likelihood"] if r["metric"] == "acc"]
     mean = next((r for r in lik if r["task"] == "mean"), lik[0] if len(lik) == 1 else None)
     if mean is not None:
-        what = f"mean of {len(lik) - 1} tasks" if mean["task"] == "mean" else mean["task"]
+        what = f"mean of {len(lik) - 1} tasks" if mean["task"] == "mean" else stock_name(mean["task"])
         parts.append(
             f"likelihood benchmarks ({what}, lm-eval) acc {mean['base']:.1%} → {mean['tuned']:.1%}, "
             + interval_text(mean)
@@ -37,9 +38,9 @@ def _general_sentence(g: dict[str, Any]) -> str:
         )
     for r in g["generative"]:
         parts.append(
-            f"generative {r['task']} {r['base']:.1%} → {r['tuned']:.1%}, " + interval_text(r)
+            f"generative {stock_name(r['task'])} {r['base']:.1%} → {r['tuned']:.1%}, " + interval_text(r)
             if r["base"] is not None
-            else f"generative {r['task']} {r['tuned']:.1%}"
+            else f"generative {stock_name(r['task'])} {r['tuned']:.1%}"
         )
     if g["kl"] is not None:
         parts.append(f"KL(base‖tuned) {g['kl']['kl']:.4f} nats/token over {g['kl']['prompts']} prompts")
@@ -159,7 +160,7 @@ def _plot_general(ax: Any, rows: list[dict[str, Any]], has_base: bool, kl: dict[
         label="fine-tuned",
         color="#2f6fdf",
     )
-    ax.set_xticks(list(x), [r["task"] for r in rows], rotation=30, ha="right", fontsize=8)
+    ax.set_xticks(list(x), [stock_name(r["task"]) for r in rows], rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 1)
     title = "general ability (accuracy)"
     if kl is not None:
@@ -243,7 +244,7 @@ def _general_md(g: dict[str, Any]) -> list[str]:
         md.append("|---|---|---|---|---|---|")
         for r in g[kind]:
             md.append(
-                f"| {r['task']} | {r['metric']} | {r['n']} | {fmt_value(r['base'], '{:.1%}')} | "
+                f"| {stock_name(r['task'])} | {r['metric']} | {r['n']} | {fmt_value(r['base'], '{:.1%}')} | "
                 f"{fmt_value(r['tuned'], '{:.1%}')} | {interval_text(r)} |"
             )
         md.append("")
@@ -267,7 +268,7 @@ def _general_html(g: dict[str, Any]) -> str:
         if not g[kind]:
             continue
         rows = "".join(
-            f"<tr><td>{e(r['task'])}</td><td>{e(r['metric'])}</td><td>{r['n']}</td>"
+            f"<tr><td>{e(stock_name(r['task']))}</td><td>{e(r['metric'])}</td><td>{r['n']}</td>"
             f"<td>{fmt_value(r['base'], '{:.1%}')}</td><td>{fmt_value(r['tuned'], '{:.1%}')}</td>"
             f'<td class="{"bad" if r["verdict"] == "measurable loss" else "good" if r["verdict"] else ""}">'
             f"{e(interval_text(r))}</td></tr>"
