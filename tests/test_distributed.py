@@ -65,12 +65,48 @@ def test_launcher_gets_every_multi_node_flag():
         "--node-rank=1",
         "--master-addr=10.0.0.1",
         "--master-port=29600",
+        "--shutdown-timeout=300",
         "-m",
         "qlora_llm.cli",
         "train",
         "c.yaml",
         "lora.r=8",
     ]
+    from torch.distributed.run import parse_args
+
+    # torchrun reads it as its grace period before SIGKILL (its own default, 30 s, killed a saving run).
+    assert parse_args(args).shutdown_timeout == 300
+
+
+def test_a_signal_after_the_ranks_agreed_waits_for_the_next_step_boundary(tmp_path, monkeypatch):
+    """The race behind a CI failure: rank 0's SIGTERM handler ran just after the step's all-reduce, so
+    rank 0 saved and stopped while rank 1, told "go on", waited in the next step until torchrun killed
+    both. Here the handler runs right after the collective of a 1-process gloo group."""
+    import torch.distributed as dist
+
+    from qlora_llm.monitor import make_monitor
+
+    requests: list[str] = []
+    real = dist.all_reduce
+
+    def then_signal(tensor, *a, **k):
+        out = real(tensor, *a, **k)
+        if not requests:
+            requests.append("SIGTERM")  # what monitor.stop_on_signals' handler does
+        return out
+
+    monkeypatch.setattr(dist, "all_reduce", then_signal)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        monitor = make_monitor(tmp_path, "cpu", requests, world_size=2)
+        args, state = SimpleNamespace(device="cpu"), SimpleNamespace(global_step=3)
+        first, second = SimpleNamespace(), SimpleNamespace()
+        monitor.on_step_end(args, state, first)
+        monitor.on_step_end(args, state, second)
+    finally:
+        dist.destroy_process_group()
+    assert requests == ["SIGTERM"] and not hasattr(first, "should_training_stop")
+    assert second.should_save and second.should_training_stop and monitor.stopped_by_signal
 
 
 def test_exit_code_is_the_first_failure_as_a_shell_reports_it():

@@ -64,6 +64,26 @@ def test_sigterm_during_the_final_adapter_write_lets_it_finish(
     assert_same_final(out, straight_9)
 
 
+def test_sigterm_after_the_last_step_boundary_still_writes_the_final_adapter(
+    tiny_mistral, tiny_data, tmp_path, monkeypatch, straight_9
+):
+    """No step is left to save at: the run's result is written, not dropped with a checkpoint 0-2 steps old."""
+
+    class TermInTheLastEvaluation:
+        def evaluate(self, *a, **k):
+            if self.state.global_step == 9:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().evaluate(*a, **k)
+
+    patch_trainer(monkeypatch, TermInTheLastEvaluation)
+    out = tmp_path / "run"
+    result = train(tiny_cfg(tiny_mistral, tiny_data, out, "train.max_steps=9"))
+    assert (result.stopped, result.exit_code, result.global_step) == ("SIGTERM", 143, 9)
+    assert result.final_adapter == out / "final_adapter"
+    no_partial_files(out)
+    assert_same_final(out, straight_9)
+
+
 @pytest.mark.slow
 def test_sigterm_saves_at_step_boundary_and_exits_143(tiny_mistral, tiny_data, tmp_path):
     out = tmp_path / "run"

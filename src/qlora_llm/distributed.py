@@ -33,6 +33,10 @@ class Launch:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
+    # How long a stop (SIGTERM, Ctrl-C) may take before the launcher kills the workers: each finishes
+    # the step or evaluation in flight, then saves a checkpoint. torchrun's own 30 s killed a 2-process
+    # CPU run before it saved; a large model's step and save take longer than that on any hardware.
+    stop_timeout_s: int = 300
 
     @property
     def processes(self) -> int:
@@ -47,6 +51,7 @@ def launcher_args(launch: Launch, cli_args: list[str]) -> list[str]:
         f"--node-rank={launch.node_rank}",
         f"--master-addr={launch.master_addr}",
         f"--master-port={launch.master_port}",
+        f"--shutdown-timeout={launch.stop_timeout_s}",
         "-m",
         "qlora_llm.cli",
         *cli_args,
@@ -91,11 +96,14 @@ def launch(launch: Launch, cli_args: list[str]) -> int:
     return 0
 
 
-def agree_on_stop(requested: list[str], device: Any) -> None:
-    """Make every rank stop at the same step: a signal seen by any rank is taken by all.
+def agree_on_stop(requested: list[str], device: Any) -> bool:
+    """Whether every rank stops at this step boundary: a signal seen by any rank is taken by all.
 
     The launcher signals each worker separately, so ranks can see SIGTERM in different steps; one that
-    saved and stopped while another went on would leave the other waiting in its next all-reduce.
+    saved and stopped while another went on would leave the other waiting in its next all-reduce. The
+    answer is the collective's, never `requested` read again after it: a signal handled after this
+    rank's flag was taken is in `requested` but not in the others' answer, and waits for the next
+    boundary (read afresh, it once stopped one rank alone, and torchrun killed both 30 s later).
     """
     import torch
     import torch.distributed as dist
@@ -103,5 +111,7 @@ def agree_on_stop(requested: list[str], device: Any) -> None:
     mine = int(signal.Signals[requested[0]]) if requested else 0
     flag = torch.tensor([mine], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item() and not requested:
-        requested.append(signal.Signals(int(flag.item())).name)
+    agreed = int(flag.item())
+    if agreed and not requested:
+        requested.append(signal.Signals(agreed).name)
+    return bool(agreed)

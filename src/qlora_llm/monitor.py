@@ -118,6 +118,7 @@ def make_monitor(run_dir: Path, device: str, stop_requests: list[str], world_siz
             self.shown: dict[str, str] = {}  # the bar's postfix from the last log
             self.eval_batches = 0
             self.eval_shown_at = 0.0
+            self.stopped_by_signal = False  # training ended at a step boundary because of a signal
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.mark = (self.train_seconds, self.trainer.tokens_seen)
@@ -165,11 +166,13 @@ def make_monitor(run_dir: Path, device: str, stop_requests: list[str], world_siz
             self.train_seconds += time.perf_counter() - self.step_start
             if self.bar is not None:
                 self.bar.update(state.global_step - self.bar.n)
+            stop = bool(stop_requests)
             if world_size > 1:
                 from qlora_llm.distributed import agree_on_stop
 
-                agree_on_stop(stop_requests, args.device)
-            if stop_requests:
+                stop = agree_on_stop(stop_requests, args.device)
+            if stop:
+                self.stopped_by_signal = True
                 control.should_save = True
                 control.should_training_stop = True
 

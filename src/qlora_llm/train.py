@@ -330,7 +330,7 @@ def train(cfg: Config, *, resume: str | None = None, force: bool = False) -> Tra
 
     try:
         stopped, final, elapsed = _fit(
-            trainer, cfg, tokenizer, manifest, checkpoint, stop_requests, device, main
+            trainer, cfg, tokenizer, manifest, checkpoint, stop_requests, monitor, device, main
         )
     finally:
         for key in tracker_env:  # the next run in this process picks its own folders
@@ -747,6 +747,7 @@ def _fit(
     manifest: dict[str, Any],
     checkpoint: Path | None,
     stop_requests: list[str],
+    monitor: Any,
     device: str,
     main: bool,
 ) -> tuple[str, Path | None, float]:
@@ -767,13 +768,17 @@ def _fit(
         with stop_on_signals(stop_requests), _cpu_loss_tiles(device):
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
             elapsed = time.perf_counter() - start
-            stopped: str = stop_requests[0] if stop_requests else "completed"
             state = trainer.state
-            if not stop_requests and state.max_steps and state.global_step < state.max_steps:
+            stopped = "completed"
+            if state.max_steps and state.global_step < state.max_steps:
                 stopped = "early_stopping"
-            if not stop_requests:
+            # A signal that stopped training left a checkpoint at that step; one that came after the
+            # last step boundary (in the final evaluation, say) had none left to save at, so the
+            # adapter is written as if it had not come. Decided by the monitor, which all ranks agree
+            # on, not by this rank's signals.
+            if not monitor.stopped_by_signal:
                 final = write_final_adapter(trainer, run_dir, tokenizer, cfg, manifest, main)
-                stopped = stop_requests[0] if stop_requests else stopped
+            stopped = stop_requests[0] if stop_requests else stopped
     except torch.OutOfMemoryError:
         raise TrainError(
             f"out of memory on {device} at step {trainer.state.global_step}. Lower train.batch_size "
