@@ -201,6 +201,23 @@ def test_in_training_evaluation_can_take_the_first_eval_examples_only(
     assert manifest["data"]["eval_examples"] == 3
 
 
+def test_neftune_noises_training_steps_only(tiny_mistral, tiny_data, tmp_path):
+    """train.neftune_noise_alpha: the same run trains on other numbers (loss and adapter differ) while
+    its step-0 evaluation, which runs without noise, is the same to the bit."""
+    from conftest import read_metrics
+
+    extra = ("train.max_steps=2", "train.save_steps=2", "train.eval_steps=2")
+    plain = train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "plain", *extra))
+    noisy = train(
+        tiny_cfg(tiny_mistral, tiny_data, tmp_path / "noisy", *extra, "train.neftune_noise_alpha=15")
+    )
+    a, b = read_metrics(plain.run_dir), read_metrics(noisy.run_dir)
+    assert a[0]["eval_loss"] == b[0]["eval_loss"]  # evaluation runs without noise
+    assert [r["loss"] for r in a if "loss" in r] != [r["loss"] for r in b if "loss" in r]
+    wa, wb = lora_state(plain.final_adapter), lora_state(noisy.final_adapter)
+    assert wa.keys() == wb.keys() and any(not torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def _layer_checkpointing(model) -> list[bool]:
     return [layer.gradient_checkpointing for layer in model.base_model.model.model.layers]
 

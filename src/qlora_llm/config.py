@@ -162,6 +162,9 @@ class TrainConfig(_Section):
     """Share of steps spent warming the learning rate up."""
     weight_decay: float = Field(0.0, ge=0.0)
     """AdamW weight decay."""
+    neftune_noise_alpha: float | None = Field(None, gt=0)
+    """NEFTune: uniform noise of size alpha / sqrt(sequence length x width) added to the input embeddings
+    in training steps only (transformers' own hook; the paper's values are 5-15). None = off."""
     max_grad_norm: float = Field(0.3, gt=0)
     """Gradient clipping norm (QLoRA paper value)."""
     optim: str = "paged_adamw_32bit"

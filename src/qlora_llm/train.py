@@ -457,6 +457,7 @@ def _training_args(cfg: Config, device: str, dtype: Any, *, has_eval: bool, fres
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_ratio,  # transformers 5: a float < 1 is a ratio
         weight_decay=t.weight_decay,
+        neftune_noise_alpha=t.neftune_noise_alpha,
         max_grad_norm=t.max_grad_norm,
         optim=_optimizer_for(t.optim, device),
         bf16=dtype == torch.bfloat16,
