@@ -24,16 +24,22 @@ from qlora_llm.errors import TrainError
 from qlora_llm.train import train
 
 
-def test_sigterm_during_an_evaluation_stops_after_it_and_resumes_exactly(
-    tiny_mistral, tiny_data, tmp_path, monkeypatch, straight_9
-):
-    class TermDuringEval:
+def sigterm_in_the_evaluation_at(monkeypatch, step: int) -> None:
+    """SIGTERM to this process inside the in-training evaluation at `step`, as a user's stop arriving then."""
+
+    class TermInEvaluation:
         def evaluate(self, *a, **k):
-            if self.state.global_step == 3:
+            if self.state.global_step == step:
                 os.kill(os.getpid(), signal.SIGTERM)
             return super().evaluate(*a, **k)
 
-    patch_trainer(monkeypatch, TermDuringEval)
+    patch_trainer(monkeypatch, TermInEvaluation)
+
+
+def test_sigterm_during_an_evaluation_stops_after_it_and_resumes_exactly(
+    tiny_mistral, tiny_data, tmp_path, monkeypatch, straight_9
+):
+    sigterm_in_the_evaluation_at(monkeypatch, 3)
     out = tmp_path / "run"
     first = train(tiny_cfg(tiny_mistral, tiny_data, out, "train.max_steps=9"))
     assert first.stopped == "SIGTERM" and first.exit_code == 143 and first.global_step in (3, 4)
@@ -43,39 +49,25 @@ def test_sigterm_during_an_evaluation_stops_after_it_and_resumes_exactly(
     resume_ends_as_straight(tiny_mistral, tiny_data, out, straight_9)
 
 
-def test_sigterm_during_the_final_adapter_write_lets_it_finish(
-    tiny_mistral, tiny_data, tmp_path, monkeypatch, straight_9
+@pytest.mark.parametrize("when", ["in the last evaluation", "in the final adapter write"])
+def test_sigterm_after_the_last_step_boundary_lets_the_final_adapter_be_written(
+    when, tiny_mistral, tiny_data, tmp_path, monkeypatch, straight_9
 ):
-    import peft
+    """No step is left to save at: the run's result is written (and the exit code says it was stopped),
+    not dropped with a checkpoint up to 2 steps old."""
+    if when == "in the last evaluation":
+        sigterm_in_the_evaluation_at(monkeypatch, 9)
+    else:
+        import peft
 
-    real = peft.PeftModel.save_pretrained
+        real = peft.PeftModel.save_pretrained
 
-    def term_then_save(self, directory, *a, **k):
-        if ".final_adapter." in str(directory):
-            os.kill(os.getpid(), signal.SIGTERM)  # as a user's stop arrives mid-write
-        return real(self, directory, *a, **k)
-
-    monkeypatch.setattr(peft.PeftModel, "save_pretrained", term_then_save)
-    out = tmp_path / "run"
-    result = train(tiny_cfg(tiny_mistral, tiny_data, out, "train.max_steps=9"))
-    assert (result.stopped, result.exit_code, result.global_step) == ("SIGTERM", 143, 9)
-    assert result.final_adapter == out / "final_adapter"
-    no_partial_files(out)
-    assert_same_final(out, straight_9)
-
-
-def test_sigterm_after_the_last_step_boundary_still_writes_the_final_adapter(
-    tiny_mistral, tiny_data, tmp_path, monkeypatch, straight_9
-):
-    """No step is left to save at: the run's result is written, not dropped with a checkpoint 0-2 steps old."""
-
-    class TermInTheLastEvaluation:
-        def evaluate(self, *a, **k):
-            if self.state.global_step == 9:
+        def term_then_save(self, directory, *a, **k):
+            if ".final_adapter." in str(directory):
                 os.kill(os.getpid(), signal.SIGTERM)
-            return super().evaluate(*a, **k)
+            return real(self, directory, *a, **k)
 
-    patch_trainer(monkeypatch, TermInTheLastEvaluation)
+        monkeypatch.setattr(peft.PeftModel, "save_pretrained", term_then_save)
     out = tmp_path / "run"
     result = train(tiny_cfg(tiny_mistral, tiny_data, out, "train.max_steps=9"))
     assert (result.stopped, result.exit_code, result.global_step) == ("SIGTERM", 143, 9)
