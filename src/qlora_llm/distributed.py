@@ -103,7 +103,8 @@ def agree_on_stop(requested: list[str], device: Any) -> bool:
     saved and stopped while another went on would leave the other waiting in its next all-reduce. The
     answer is the collective's, never `requested` read again after it: a signal handled after this
     rank's flag was taken is in `requested` but not in the others' answer, and waits for the next
-    boundary (read afresh, it once stopped one rank alone, and torchrun killed both 30 s later).
+    boundary (read afresh, it could stop one rank alone: the likely cause of a CI run where torchrun
+    killed both ranks 30 s after the signal, before any save).
     """
     import torch
     import torch.distributed as dist
