@@ -79,9 +79,9 @@ def test_launcher_gets_every_multi_node_flag():
 
 
 def test_a_signal_after_the_ranks_agreed_waits_for_the_next_step_boundary(tmp_path, monkeypatch):
-    """The race behind a CI failure: rank 0's SIGTERM handler ran just after the step's all-reduce, so
-    rank 0 saved and stopped while rank 1, told "go on", waited in the next step until torchrun killed
-    both. Here the handler runs right after the collective of a 1-process gloo group."""
+    """The likely race behind a CI failure: rank 0's SIGTERM handler running just after the step's
+    all-reduce made rank 0 save and stop while rank 1, told "go on", waited in its next step until
+    torchrun killed both. Here the handler runs right after the collective of a 1-process gloo group."""
     import torch.distributed as dist
 
     from qlora_llm.monitor import make_monitor

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import lora_state, patch_trainer, tiny_cfg, train_args
+from conftest import lora_state, patch_trainer, read_metrics, tiny_cfg, train_args
 
 from qlora_llm.checkpoint import CHECKPOINT_FILES
 from qlora_llm.config import load_config
@@ -204,8 +204,6 @@ def test_in_training_evaluation_can_take_the_first_eval_examples_only(
 def test_neftune_noises_training_steps_only(tiny_mistral, tiny_data, tmp_path):
     """train.neftune_noise_alpha: the same run trains on other numbers (loss and adapter differ) while
     its step-0 evaluation, which runs without noise, is the same to the bit."""
-    from conftest import read_metrics
-
     extra = ("train.max_steps=2", "train.save_steps=2", "train.eval_steps=2")
     plain = train(tiny_cfg(tiny_mistral, tiny_data, tmp_path / "plain", *extra))
     noisy = train(
