@@ -7,8 +7,10 @@ with random weights, so the exact `[INST]` path is exercised without a download.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,8 +21,10 @@ from pathlib import Path
 
 import pytest
 
-# Caches the code writes under ~ (converted models, reused base evaluations) go to a fresh folder.
+# Caches the code writes under ~ (converted models, reused base evaluations) go to a fresh folder,
+# removed when the suite exits: it holds ~1 GB of converted models, and CI machines share their disk.
 os.environ["HOME"] = tempfile.mkdtemp(prefix="qlora-llm-test-home-")
+atexit.register(shutil.rmtree, os.environ["HOME"], ignore_errors=True)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
