@@ -155,6 +155,31 @@ def test_an_interrupted_run_continues_and_other_settings_are_refused(tiny_mistra
         run(other, columns=columns)
 
 
+def test_a_sigterm_after_the_last_step_stops_run_with_training_kept(
+    tiny_mistral, user_csv, tmp_path, monkeypatch
+):
+    """A SIGTERM in the final evaluation lets training write its final adapter (test_monitor); `run`
+    then stops before evaluating, as asked, and the same command goes on without training again."""
+    from qlora_llm import pipeline
+
+    out = tmp_path / "run"
+    cfg = load_config(None, settings(tiny_mistral, out, f"data.train_file={user_csv}"))
+    columns = {"instruction": "question", "output": "answer"}
+    real = pipeline._train_apart
+    monkeypatch.setattr(pipeline, "_train_apart", lambda cfg: real(cfg) | {"stopped": "SIGTERM"})
+    with pytest.raises(PipelineError) as err:
+        run(cfg, columns=columns)
+    assert str(err.value) == (
+        f"stopped by SIGTERM after training finished (the final adapter is written: {out / 'final_adapter'}); "
+        "run the same command again to evaluate, merge and answer (training is skipped)."
+    )
+    assert not (out / "eval").exists()
+    monkeypatch.setattr(pipeline, "_train_apart", real)
+    result = run(cfg, columns=columns)
+    assert result.stages["train"] == "skipped (unchanged)"
+    assert result.stages["evaluate"].startswith("done in") and (out / "eval" / "metrics.json").is_file()
+
+
 @pytest.mark.slow
 def test_a_run_killed_with_sigkill_leaves_no_orphan_training(tiny_mistral, user_csv, tmp_path):
     """`kill -9` of `qlora-llm run` cannot be forwarded: the training process is told by the kernel

@@ -152,6 +152,13 @@ def _train_stage(cfg: Config, run_dir: Path, stamps: _Stamps) -> tuple[Path, str
             "again to continue from the last checkpoint."
         )
     stamps.mark("train", fingerprint, True)
+    if result["stopped"] in ("SIGTERM", "SIGINT"):
+        # It came after the last step boundary, so training finished; the user still asked `run` to stop.
+        raise PipelineError(
+            f"stopped by {result['stopped']} after training finished (the final adapter is written: "
+            f"{result['final_adapter']}); run the same command again to evaluate, merge and answer "
+            "(training is skipped)."
+        )
     return Path(result["final_adapter"]), "resumed, done" if has_work else "done"
 
 
