@@ -496,13 +496,18 @@ def test_the_evaluate_stage_is_sized_by_the_evaluation_data_and_the_general_benc
     shape_ = ModelShape.from_config(model_config)
     tile = EVAL_LOGITS_TILE_BYTES // (8 * vocab)
     perplexity = cfg.eval.batch_size * 4000 * shape_.hidden * 4 + tile * vocab * 8
+    # ROUGE's greedy answers at eval.answers_batch_size rows: their KV cache, the last position's logits
+    # and the prefill's activations (one layer's at a time), over the longest paper.
+    r = cfg.eval.answers_batch_size
     kv = (
-        _kv_cache_bytes(shape_, cfg.eval.batch_size, 4000 + cfg.eval.max_new_tokens, 4)
-        + cfg.eval.batch_size * vocab * 4
+        _kv_cache_bytes(shape_, r, 4000 + cfg.eval.max_new_tokens, 4)
+        + r * vocab * 4
+        + r * 4000 * (3 * shape_.intermediate + 4 * shape_.hidden) * 4
     )
     long_papers = evaluate(EvaluationShape(4000, 10))
     assert perplexity < cfg.eval.batch_size * 4000 * vocab * 8 / 10
     assert long_papers.components["logits or KV cache"] == max(perplexity, kv, batch * 10 * vocab * 3 * 4)
+    assert f"greedy answers at batch {r} with a KV cache of 4000 + 64 tokens" in long_papers.how
     # The base's fp16 log-probs on the KL prompts are held while the fine-tuned model is evaluated.
     assert 20 < shape.kl_tokens < 400  # a rendered question + eval.general_max_new_tokens
     kl = evaluate(EvaluationShape(100, 10, 80)).components["base's KL log-probs"]
@@ -530,8 +535,9 @@ def test_the_evaluate_stage_is_sized_by_the_evaluation_data_and_the_general_benc
     T = setup["seq_len"]
     assert unmeasured.components["logits or KV cache"] == max(
         cfg.eval.batch_size * T * shape_.hidden * 4 + tile * vocab * 8,
-        _kv_cache_bytes(shape_, cfg.eval.batch_size, T + cfg.eval.max_new_tokens, 4)
-        + cfg.eval.batch_size * vocab * 4,
+        _kv_cache_bytes(shape_, r, T + cfg.eval.max_new_tokens, 4)
+        + r * vocab * 4
+        + r * T * (3 * shape_.intermediate + 4 * shape_.hidden) * 4,
     )
     assert unmeasured.components["base's KL log-probs"] == 0
 

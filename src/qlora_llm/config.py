@@ -224,6 +224,9 @@ class EvalConfig(_Section):
     """Where the report goes; None writes `<run>/eval`."""
     batch_size: int = Field(4, gt=0)
     """Examples per forward pass for perplexity."""
+    answers_batch_size: int = Field(8, gt=0)
+    """Greedy answers per batch for ROUGE (the same answers at any size, up to float rounding; larger is
+    faster on a CPU but holds a KV cache and a prefill of that many long prompts)."""
     max_examples: int | None = None
     """Evaluate at most this many examples; None takes all."""
     max_new_tokens: int = Field(128, gt=0)

@@ -442,7 +442,7 @@ def _evaluate_model(
     ).perplexity()
     rendered = [render(r, loaded.template, loaded.tokenizer).prompt for r in records]
     prompt_ids, answers = _greedy_answers(
-        loaded, rendered, e.max_new_tokens, e.batch_size, f"{label}: answers"
+        loaded, rendered, e.max_new_tokens, e.answers_batch_size, f"{label}: answers"
     )
     references = [to_messages(r)[-1]["content"] for r in records]
     rouge = compute_rouge([a["text"] for a in answers], references)

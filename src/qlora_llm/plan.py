@@ -1103,8 +1103,8 @@ def estimate_stages(
     step's freed memory (measured: no rise in VmHWM, docs/plan.md). Saves copy only the adapter.
     evaluate: the base in eval.quantization (fp32 on CPU under compute_dtype auto) + adapter, and the
     largest of: the perplexity forward at eval.batch_size over the longest evaluation example
-    (`evaluation`, else the training length; its LM head a tile of positions at a time), greedy generation's KV cache over prompt +
-    eval.max_new_tokens, and lm-eval's batch of eval.general_batch_size general-benchmark requests
+    (`evaluation`, else the training length; its LM head a tile of positions at a time), greedy answers at eval.answers_batch_size (their KV cache over prompt +
+    eval.max_new_tokens and the prefill's activations), and lm-eval's batch of eval.general_batch_size general-benchmark requests
     (3 logits-sized tensors in the model's dtype); the base's KL log-probs, kept for the fine-tuned
     model (`qlora-llm run` trains in a process of its own, so nothing training leaves is under the
     evaluation). merge: the base in full precision and the merged copy
@@ -1209,7 +1209,13 @@ def _largest_eval_batch(
     # and cross_entropy's fp32 log-softmax, never the whole (B, T, V).
     tile = min(e.batch_size * t_eval, max(1, EVAL_LOGITS_TILE_BYTES // (8 * V)))
     ev_logits = e.batch_size * t_eval * shape.hidden * ai + tile * V * (ai + (4 if ai < 4 else 0) + 4)
-    kv = _kv_cache_bytes(shape, e.batch_size, t_eval + e.max_new_tokens, ai) + e.batch_size * V * 4
+    # ROUGE's greedy answers: their KV cache, the last position's logits and the prefill's activations.
+    r = e.answers_batch_size
+    kv = (
+        _kv_cache_bytes(shape, r, t_eval + e.max_new_tokens, ai)
+        + r * V * 4
+        + r * t_eval * (3 * shape.intermediate + 4 * shape.hidden) * ai
+    )
     # lm-eval's batch: measured +0.48 / +0.91 GiB at 8 / 16 requests of 116 tokens over a 49k vocabulary
     # in fp32, 2.7-2.8 copies of the (B, T, V) logits (its logits, their log-softmax and a temporary).
     general = e.general_batch_size * t_general * V * LM_EVAL_LOGITS_COPIES * ai if t_general else 0
@@ -1227,7 +1233,7 @@ def _largest_eval_batch(
             ev_logits,
             f"perplexity at batch {e.batch_size} x {t_eval} tokens, its LM head {tile} positions at a time",
         ),
-        (kv, f"greedy answers with a KV cache of {t_eval} + {e.max_new_tokens} tokens"),
+        (kv, f"greedy answers at batch {r} with a KV cache of {t_eval} + {e.max_new_tokens} tokens"),
         (
             general,
             f"lm-eval's logits, log-softmax and a temporary at batch {e.general_batch_size} x {t_general} tokens",
