@@ -25,3 +25,23 @@ def test_a_report_redrawn_from_metrics_json_is_the_same_report(tiny_run, tmp_pat
     md = (again / "report.md").read_text()
     rouge = next(r for r in metrics["table"] if r["metric"] == "rougeL")
     assert f"| {rouge['label']} | {rouge['base']:.4f} | {rouge['tuned']:.4f} |" in md
+
+
+def test_speed_and_memory_within_five_percent_get_no_verdict_but_quality_does():
+    from qlora_llm.report import _change_text
+
+    def row(metric, better, base, tuned, fmt="{:.3f}"):
+        return {
+            "metric": metric,
+            "better": better,
+            "base": base,
+            "tuned": tuned,
+            "change": tuned - base,
+            "relative": (tuned - base) / base,
+            "format": fmt,
+        }
+
+    assert _change_text(row("ttft_s", "lower", 0.241, 0.242)) == "+0.001 (+0%)"
+    assert _change_text(row("peak_memory_gib", "lower", 2.39, 2.47, "{:.2f}")) == "+0.08 (+3%)"
+    assert _change_text(row("tokens_per_s", "higher", 24.6, 20.0, "{:.1f}")) == "-4.6 (-19%) ✗"
+    assert _change_text(row("perplexity_completion", "lower", 26.769, 26.7)) == "-0.069 (-0%) ✓"
