@@ -82,13 +82,18 @@ def _change_text(row: dict[str, Any]) -> str:
 MEASUREMENT_NOISE = {"tokens_per_s": 0.05, "ttft_s": 0.05, "peak_memory_gib": 0.05}
 
 
-def _verdict(row: dict[str, Any]) -> str:
+def _improved(row: dict[str, Any]) -> bool | None:
+    """Whether the change is better (True), worse (False), or neither / within a measurement's noise."""
     if not row["change"] or row["better"] == "neither":
-        return ""
+        return None
     noise = MEASUREMENT_NOISE.get(row["metric"])
     if noise is not None and row["relative"] is not None and abs(row["relative"]) < noise:
-        return ""
-    improved = (row["change"] < 0) == (row["better"] == "lower")
+        return None
+    return (row["change"] < 0) == (row["better"] == "lower")
+
+
+def _verdict(row: dict[str, Any]) -> str:
+    improved = _improved(row)
     return "" if improved is None else (" ✓" if improved else " ✗")
 
 
@@ -378,9 +383,8 @@ def _html_page(metrics: dict[str, Any], has_base: bool) -> str:
     for r in table:
         cells = _row_cells(r)
         cells = cells if has_base else [cells[0], cells[2]]
-        cls = ""
-        if has_base and r["change"] and r["better"] != "neither":
-            cls = ' class="good"' if (r["change"] < 0) == (r["better"] == "lower") else ' class="bad"'
+        improved = _improved(r) if has_base else None
+        cls = "" if improved is None else (' class="good"' if improved else ' class="bad"')
         body.append(
             "<tr>" + "".join(f"<td>{e(c)}</td>" for c in cells[:-1]) + f"<td{cls}>{e(cells[-1])}</td></tr>"
         )
