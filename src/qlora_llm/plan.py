@@ -1198,6 +1198,16 @@ def estimate_stages(
     return [train, evaluate, merge, serve]
 
 
+def _greedy_batch_bytes(shape: ModelShape, rows: int, prompt: int, total: int, ai: int) -> int:
+    """A batch of greedy answers: the KV cache over `total` tokens a row, the last position's fp32
+    logits, and the prefill's activations over `prompt` tokens (one layer's at a time)."""
+    return (
+        _kv_cache_bytes(shape, rows, total, ai)
+        + rows * shape.vocab * 4
+        + rows * prompt * (3 * shape.intermediate + 4 * shape.hidden) * ai
+    )
+
+
 def _largest_eval_batch(
     cfg: Config, shape: ModelShape, t_eval: int, t_general: int | None, t_answers: int | None, ai: int
 ) -> tuple[int, str]:
@@ -1209,25 +1219,13 @@ def _largest_eval_batch(
     # and cross_entropy's fp32 log-softmax, never the whole (B, T, V).
     tile = min(e.batch_size * t_eval, max(1, EVAL_LOGITS_TILE_BYTES // (8 * V)))
     ev_logits = e.batch_size * t_eval * shape.hidden * ai + tile * V * (ai + (4 if ai < 4 else 0) + 4)
-    # ROUGE's greedy answers: their KV cache, the last position's logits and the prefill's activations.
     r = e.answers_batch_size
-    kv = (
-        _kv_cache_bytes(shape, r, t_eval + e.max_new_tokens, ai)
-        + r * V * 4
-        + r * t_eval * (3 * shape.intermediate + 4 * shape.hidden) * ai
-    )
+    kv = _greedy_batch_bytes(shape, r, t_eval, t_eval + e.max_new_tokens, ai)  # ROUGE's answers
     # lm-eval's batch: measured +0.48 / +0.91 GiB at 8 / 16 requests of 116 tokens over a 49k vocabulary
     # in fp32, 2.7-2.8 copies of the (B, T, V) logits (its logits, their log-softmax and a temporary).
     general = e.general_batch_size * t_general * V * LM_EVAL_LOGITS_COPIES * ai if t_general else 0
-    # Generative answers: their KV cache, the last position's logits, and the prefill's activations.
     n = e.general_answers_batch_size
-    answers = (
-        _kv_cache_bytes(shape, n, t_answers, ai)
-        + n * V * 4
-        + n * t_answers * (3 * shape.intermediate + 4 * shape.hidden) * ai
-        if t_answers
-        else 0
-    )
+    answers = _greedy_batch_bytes(shape, n, t_answers, t_answers, ai) if t_answers else 0  # generative
     return max(
         (
             ev_logits,
