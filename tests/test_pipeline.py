@@ -5,15 +5,19 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from qlora_llm.cli import main
 from qlora_llm.config import load_config
 from qlora_llm.pipeline import PipelineError, run
+
+ROOT = Path(__file__).resolve().parents[1]
 
 WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
 
@@ -166,7 +170,7 @@ def test_a_sigterm_after_the_last_step_stops_run_with_training_kept(
     cfg = load_config(None, settings(tiny_mistral, out, f"data.train_file={user_csv}"))
     columns = {"instruction": "question", "output": "answer"}
     real = pipeline._train_apart
-    monkeypatch.setattr(pipeline, "_train_apart", lambda cfg: real(cfg) | {"stopped": "SIGTERM"})
+    monkeypatch.setattr(pipeline, "_train_apart", lambda cfg, force: real(cfg, force) | {"stopped": "SIGTERM"})
     with pytest.raises(PipelineError) as err:
         run(cfg, columns=columns)
     assert str(err.value) == (
@@ -224,3 +228,60 @@ def test_a_run_killed_with_sigkill_leaves_no_orphan_training(tiny_mistral, user_
     stopped_at = summary["steps"]
     assert 0 < stopped_at < 400 and (out / f"checkpoint-{stopped_at}").is_dir()
     assert not (out / "final_adapter").exists()
+
+
+def test_run_stops_before_training_when_evaluation_will_not_fit(
+    tiny_mistral, user_csv, tmp_path, monkeypatch
+):
+    """Evaluation comes after the whole training run: `run` checks its planned peak first and trains
+    nothing when it will not fit; --force goes on to train."""
+    import qlora_llm.plan as planning
+    from qlora_llm import pipeline
+
+    out = tmp_path / "run"
+    cfg = load_config(None, settings(tiny_mistral, out, f"data.train_file={user_csv}"))
+    columns = {"instruction": "question", "output": "answer"}
+    monkeypatch.setattr(planning, "_device_memory", lambda device: 2**20)  # 1 MiB: nothing fits
+    with pytest.raises(
+        PipelineError, match=r"evaluation is estimated not to fit: it needs \d+\.\d\d GiB"
+    ) as refused:
+        run(cfg, columns=columns)
+    # A tiny model's 4-bit evaluation is no smaller (bitsandbytes' own runtime): the batches are the fix.
+    assert "Stopped before training: lower the batch it names (eval.batch_size" in str(refused.value)
+    assert {p.name for p in out.iterdir()} == {"data", "pipeline.json"}  # prepared, nothing trained
+
+    trained = []
+
+    def train_apart(cfg, force):
+        trained.append(force)
+        raise KeyboardInterrupt  # training itself is the other tests'
+
+    monkeypatch.setattr(pipeline, "_train_apart", train_apart)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, columns=columns, force=True)
+    assert trained == [True]
+
+
+def test_the_seeds_8gb_config_evaluates_in_4bit_where_plain_weights_would_not_fit(monkeypatch):
+    """configs/mistral-7b-8gb.yaml on 8 GiB: plain bf16 evaluation (15 GiB planned) is refused before
+    training with the 4-bit fix and its planned peak; the shipped config, 4-bit, passes the check."""
+    import qlora_llm.plan as planning
+    from qlora_llm.pipeline import _check_evaluation_fits
+
+    monkeypatch.setattr(planning, "_device_memory", lambda device: 8 * 2**30)
+    shipped = load_config(str(ROOT / "configs" / "mistral-7b-8gb.yaml"), [])
+    assert shipped.eval.quantization == "nf4"
+    _check_evaluation_fits(shipped, force=False)
+    four_bit = planning.plan(shipped, measure_evaluation=True).stages[1]
+    assert four_bit.name == "evaluate" and four_bit.peak <= planning.FIT_MARGIN * 8 * 2**30
+    plain = load_config(str(ROOT / "configs" / "mistral-7b-8gb.yaml"), ["eval.quantization=none"])
+    with pytest.raises(PipelineError) as refused:
+        _check_evaluation_fits(plain, force=False)
+    need = re.search(
+        r"it needs (\d+\.\d\d) GiB \(plain weights in bfloat16, base and tuned", str(refused.value)
+    )
+    assert need and float(need[1]) > planning.FIT_MARGIN * 8  # ~15 GiB
+    assert (
+        f"set eval.quantization=nf4 (base and fine-tuned in 4-bit, as trained: {four_bit.peak / 2**30:.2f} GiB)"
+        in str(refused.value)
+    )

@@ -409,7 +409,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     columns = _columns(args.map)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    result = run(cfg, columns=columns, prompt=prompt)
+    result = run(cfg, columns=columns, prompt=prompt, force=args.force)
     print()
     for stage, what in result.stages.items():
         print(f"{stage:9} {what}")
@@ -571,6 +571,11 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--test-data", metavar="FILE", help="data for the final base vs fine-tuned evaluation")
     p.add_argument("--map", action="append", default=[], metavar="FIELD=COLUMN", help="as in prepare")
     p.add_argument("--prompt", help="what the fine-tuned model answers at the end (- reads stdin)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="run even if the memory plan says training or evaluation won't fit",
+    )
 
 
 def _add_plan(sub: Any) -> None:

@@ -119,7 +119,38 @@ def _prepare_stage(
     return prepared, f"done: {report.train_written} train / {report.eval_written} eval examples"
 
 
-def _train_stage(cfg: Config, run_dir: Path, stamps: _Stamps) -> tuple[Path, str]:
+def _check_evaluation_fits(cfg: Config, force: bool) -> None:
+    """Refuse before training when the plan says evaluation will not fit this device: it comes after the
+    whole training run, and a kill for memory there wastes it. Training checks its own fit."""
+    from qlora_llm.plan import PlanError, plan
+
+    try:
+        report = plan(cfg, measure_evaluation=True, under_run=True)
+    except PlanError as err:  # an architecture the planner cannot read: train.py warns about it too
+        log.debug("evaluation's memory not checked: %s", err)
+        return
+    for stage in report.too_large(("evaluate",)):
+        need = (
+            f"{stage.peak / 2**30:.2f} GiB ({stage.how}), more than the "
+            f"{report.usable_memory / 2**30:.2f} GiB usable on {report.device}"
+        )
+        if force:
+            log.warning("evaluation is estimated not to fit, running anyway (--force): it needs %s", need)
+            return
+        fix = "lower the batch it names (eval.batch_size, eval.answers_batch_size, eval.general_batch_size)"
+        if cfg.eval.quantization == "none":
+            four_bit = cfg.model_copy(deep=True)
+            four_bit.eval.quantization = "nf4"
+            nf4 = plan(four_bit, measure_evaluation=True).stages[1]  # (train, evaluate, merge, serve)
+            if nf4.peak <= report.usable_memory:
+                fix = f"set eval.quantization=nf4 (base and fine-tuned in 4-bit, as trained: {nf4.peak / 2**30:.2f} GiB)"
+        raise PipelineError(
+            f"evaluation is estimated not to fit: it needs {need}. Stopped before training: {fix}, or "
+            "pass --force. `qlora-llm plan CONFIG` shows every stage."
+        )
+
+
+def _train_stage(cfg: Config, run_dir: Path, stamps: _Stamps, force: bool) -> tuple[Path, str]:
     from qlora_llm.checkpoint import complete_checkpoints
 
     fingerprint = digest(
@@ -145,7 +176,7 @@ def _train_stage(cfg: Config, run_dir: Path, stamps: _Stamps) -> tuple[Path, str
             "Set train.output_dir to a new folder, or delete this one to start over."
         )
     stamps.mark("train", fingerprint, False)
-    result = _train_apart(cfg)
+    result = _train_apart(cfg, force)
     if result["final_adapter"] is None:
         raise PipelineError(
             f"training stopped by {result['stopped']} at step {result['global_step']}; run the same command "
@@ -162,8 +193,8 @@ def _train_stage(cfg: Config, run_dir: Path, stamps: _Stamps) -> tuple[Path, str
     return Path(result["final_adapter"]), "resumed, done" if has_work else "done"
 
 
-def _train_apart(cfg: Config) -> dict[str, Any]:
-    """`train(cfg, resume="auto")` in a process of its own; its final_adapter, global_step and stopped.
+def _train_apart(cfg: Config, force: bool = False) -> dict[str, Any]:
+    """`train(cfg, resume="auto", force=force)` in a process of its own; its final_adapter, global_step and stopped.
 
     Why apart: training leaves memory in the process that ran it (~0.35 GiB measured on CPU after the
     demo's bf16 training; kernel caches of oneDNN are the likeliest holder, and no API empties them), and
@@ -199,7 +230,9 @@ def _train_apart(cfg: Config) -> dict[str, Any]:
         try:
             assert child.stdin is not None
             child.stdin.write(
-                json.dumps({"parent": os.getpid(), "config": cfg.model_dump(mode="json")}).encode()
+                json.dumps(
+                    {"parent": os.getpid(), "config": cfg.model_dump(mode="json"), "force": force}
+                ).encode()
             )
             child.stdin.close()
             code = child.wait()
@@ -264,7 +297,7 @@ def _train_child(out: Path, level: int, install_filters: bool) -> int:
     if install_filters:
         quiet.install()
     try:
-        result = train(Config.model_validate(request["config"]), resume="auto")
+        result = train(Config.model_validate(request["config"]), resume="auto", force=request["force"])
         answer: dict[str, Any] = {
             "result": {
                 "final_adapter": str(result.final_adapter) if result.final_adapter else None,
@@ -286,12 +319,14 @@ def run(
     columns: dict[str, str] | None = None,
     prompt: str | None = None,
     max_new_tokens: int | None = None,
+    force: bool = False,
 ) -> PipelineResult:
     """Prepare, train, evaluate (base vs fine-tuned), merge and answer one prompt; skip what is done.
 
     `columns` maps CSV columns (as `prepare --map`); `prompt` is answered at the end by the merged model
     (default: the first evaluation example's question), greedily, at most `max_new_tokens` (default
-    `serve.max_new_tokens`).
+    `serve.max_new_tokens`). `force`: train and evaluate even where the memory plan says a stage will
+    not fit (as `train --force`).
     """
     from qlora_llm.data import load_examples
     from qlora_llm.evaluate import evaluate
@@ -316,9 +351,10 @@ def run(
     trained_cfg.data.train_file = result.prepared["train"]
     trained_cfg.data.eval_file = result.prepared.get("eval")
 
-    # 2. train on them (resuming an interrupted run of the same settings).
+    # 2. train on them (resuming an interrupted run of the same settings), once evaluation will fit too.
     start = time.perf_counter()
-    result.adapter, what = _train_stage(trained_cfg, run_dir, stamps)
+    _check_evaluation_fits(trained_cfg, force)
+    result.adapter, what = _train_stage(trained_cfg, run_dir, stamps, force)
     timed("train", start, what)
 
     # 3. evaluate base vs fine-tuned on the test data, else the held-out split (never on training data).

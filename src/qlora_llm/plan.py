@@ -1281,6 +1281,10 @@ class PlanReport:
     def usable_memory(self) -> int:
         return int(FIT_MARGIN * self.device_memory)
 
+    def too_large(self, names: tuple[str, ...]) -> list[StagePeak]:
+        """The stages among `names` planned above the usable memory."""
+        return [st for st in self.stages if st.name in names and st.peak > self.usable_memory]
+
     @property
     def verdict(self) -> str:
         """One sentence: the peak against the usable memory."""
