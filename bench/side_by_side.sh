@@ -20,6 +20,8 @@
 #                    of the CPU dropout (src/qlora_llm/dropout.py)
 #   ours-qlora-gc-bf16, ours-qlora-bf16   ours-qlora-gc / ours-qlora with model.upcast_layers=false: embeddings,
 #                    norms and head in bf16 as in LLaMA-Factory's bf16 run (the like-for-like of lf-qlora-bf16)
+#   ours-qlora-gc-bf16-pinned   the same with bf16 pinned: where `auto` keeps fp32 (a CPU whose bf16 matmul
+#                    probe is slow), what bf16 would have given
 #   ours-qlora-gc-compiled, ours-qlora-gc-bf16-compiled, ours-lora-compiled   the same with
 #                    lora.dropout_masks=compiled: what `auto` picks for a run longer than this 30-step one
 #                    (it compiles when the run would spend over 10 s in eager masks: from ~22 steps here
@@ -45,6 +47,7 @@ for RUN in $RUNS; do
     ours-lora-fp32)     EXTRA="train.gradient_checkpointing=auto model.quantization=none model.compute_dtype=float32" ;;
     ours-qlora-gc-torchdrop) EXTRA="train.gradient_checkpointing=true lora.dropout_masks=torch" ;;
     ours-qlora-gc-bf16) EXTRA="train.gradient_checkpointing=true model.upcast_layers=false" ;;
+    ours-qlora-gc-bf16-pinned) EXTRA="train.gradient_checkpointing=true model.upcast_layers=false model.compute_dtype=bfloat16" ;;
     ours-qlora-bf16)    EXTRA="train.gradient_checkpointing=auto model.upcast_layers=false" ;;
     ours-qlora-gc-compiled) EXTRA="train.gradient_checkpointing=true lora.dropout_masks=compiled" ;;
     ours-qlora-gc-bf16-compiled) EXTRA="train.gradient_checkpointing=true model.upcast_layers=false lora.dropout_masks=compiled" ;;

@@ -170,7 +170,9 @@ def test_a_sigterm_after_the_last_step_stops_run_with_training_kept(
     cfg = load_config(None, settings(tiny_mistral, out, f"data.train_file={user_csv}"))
     columns = {"instruction": "question", "output": "answer"}
     real = pipeline._train_apart
-    monkeypatch.setattr(pipeline, "_train_apart", lambda cfg, force: real(cfg, force) | {"stopped": "SIGTERM"})
+    monkeypatch.setattr(
+        pipeline, "_train_apart", lambda cfg, force: real(cfg, force) | {"stopped": "SIGTERM"}
+    )
     with pytest.raises(PipelineError) as err:
         run(cfg, columns=columns)
     assert str(err.value) == (
