@@ -129,25 +129,31 @@ def _check_evaluation_fits(cfg: Config, force: bool) -> None:
     except PlanError as err:  # an architecture the planner cannot read: train.py warns about it too
         log.debug("evaluation's memory not checked: %s", err)
         return
-    for stage in report.too_large(("evaluate",)):
-        need = (
-            f"{stage.peak / 2**30:.2f} GiB ({stage.how}), more than the "
-            f"{report.usable_memory / 2**30:.2f} GiB usable on {report.device}"
-        )
-        if force:
-            log.warning("evaluation is estimated not to fit, running anyway (--force): it needs %s", need)
-            return
-        fix = "lower the batch it names (eval.batch_size, eval.answers_batch_size, eval.general_batch_size)"
-        if cfg.eval.quantization == "none":
-            four_bit = cfg.model_copy(deep=True)
-            four_bit.eval.quantization = "nf4"
-            nf4 = plan(four_bit, measure_evaluation=True).stages[1]  # (train, evaluate, merge, serve)
-            if nf4.peak <= report.usable_memory:
-                fix = f"set eval.quantization=nf4 (base and fine-tuned in 4-bit, as trained: {nf4.peak / 2**30:.2f} GiB)"
-        raise PipelineError(
-            f"evaluation is estimated not to fit: it needs {need}. Stopped before training: {fix}, or "
-            "pass --force. `qlora-llm plan CONFIG` shows every stage."
-        )
+    too_large = report.too_large(("evaluate",))
+    if not too_large:
+        return
+    [stage] = too_large
+    need = (
+        f"{stage.peak / 2**30:.2f} GiB ({stage.how}), more than the "
+        f"{report.usable_memory / 2**30:.2f} GiB usable on {report.device}"
+    )
+    if force:
+        log.warning("evaluation is estimated not to fit, running anyway (--force): it needs %s", need)
+        return
+    fix = "lower the batch it names (eval.batch_size, eval.answers_batch_size, eval.general_batch_size)"
+    if cfg.eval.quantization == "none":
+        four_bit = cfg.model_copy(deep=True)
+        four_bit.eval.quantization = "nf4"
+        stages = plan(four_bit, measure_evaluation=True).stages
+        nf4 = next(st.peak for st in stages if st.name == "evaluate")
+        if nf4 <= report.usable_memory:
+            fix = (
+                f"set eval.quantization=nf4 (base and fine-tuned in 4-bit, as trained: {nf4 / 2**30:.2f} GiB)"
+            )
+    raise PipelineError(
+        f"evaluation is estimated not to fit: it needs {need}. Stopped before training: {fix}, or "
+        "pass --force. `qlora-llm plan CONFIG` shows every stage."
+    )
 
 
 def _train_stage(cfg: Config, run_dir: Path, stamps: _Stamps, force: bool) -> tuple[Path, str]:
