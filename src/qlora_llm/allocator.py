@@ -73,6 +73,24 @@ def bound_kernel_caches(env: MutableMapping[str, str] | None = None) -> None:
         env.setdefault(name, KERNEL_CACHE_CAPACITY)
 
 
+def release_free_memory() -> None:
+    """Hand the allocator's free pages back to the system: after a model is dropped, before the next loads.
+
+    mimalloc keeps freed pages for reuse by the same sizes, and the next model's evaluation allocates
+    others. Measured on the demo's evaluation (base, then the fine-tuned model in the same process): the
+    fine-tuned model's peak 2.46 GiB without this call after the base, 2.32 with it (the base's: 2.13).
+    """
+    import ctypes
+
+    if active_allocator() == "mimalloc":
+        ctypes.CDLL(None).mi_collect(True)  # force: also the pages of threads that have exited
+    elif sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).malloc_trim(0)  # glibc's heap; absent from other C libraries
+        except AttributeError:
+            pass
+
+
 def active_allocator() -> str:
     """'mimalloc' when it is mapped into this process (Linux), else 'system'."""
     try:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qlora_llm.allocator import release_free_memory
 from qlora_llm.atomic import atomic_file, atomic_write_text
 from qlora_llm.benchmarks import stock_name
 from qlora_llm.config import Config
@@ -893,6 +894,7 @@ def _score_models(
         results[label]["memory"] = memory
         del loaded
         gc.collect()
+        release_free_memory()  # or the fine-tuned model's evaluation stacks on what the base's freed
         if cache is not None:
             if base_logps is not None:
                 _save_logps(cache.with_suffix(".kl.pt"), base_logps)

@@ -78,6 +78,9 @@ def base_answers(cfg: Config, base_identity: dict[str, Any]) -> Path:
     if cache.is_file():
         log.info("self-replay: the base model's answers from %s", cache)
         return cache
+    import gc
+
+    from qlora_llm.allocator import release_free_memory
     from qlora_llm.generate import generate_greedy
     from qlora_llm.model import load_target
     from qlora_llm.templates import render_prompt
@@ -103,6 +106,10 @@ def base_answers(cfg: Config, base_identity: dict[str, Any]) -> Path:
     ]
     cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cache, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    # Training loads its own model next in this process: the plain one and its KV caches go back first.
+    del loaded, answers
+    gc.collect()
+    release_free_memory()
     return cache
 
 
