@@ -6,12 +6,14 @@ torch.distributed.run on a free port; each takes ~15 s on 2 cores.
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,10 +36,17 @@ def overrides(tiny_mistral, tiny_data, out, *extra) -> list[str]:
 
 
 def cli(tmp_path: Path, args: list[str], nproc: int = 2) -> subprocess.Popen:
-    """`qlora-llm train` with `nproc` processes, as a user would start it."""
+    """`qlora-llm train` with `nproc` processes, as a user would start it, with a temporary directory of
+    its own (`finish` checks the run left nothing there)."""
     (tmp_path / "empty.yaml").write_text("{}\n")
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
+    tmp = tmp_path / "tmp"
+    tmp.mkdir(exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)}
+    # torch.compile's cache stays where it was (inductor's default is in the temporary directory): warm.
+    env.setdefault(
+        "TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}")
+    )
+    proc = subprocess.Popen(
         [sys.executable, "-m", "qlora_llm.cli", "train", str(tmp_path / "empty.yaml"), *args]
         + ["--nproc", str(nproc), "--master-port", str(free_port())],
         env=env,
@@ -45,11 +54,15 @@ def cli(tmp_path: Path, args: list[str], nproc: int = 2) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         text=True,
     )
+    proc.tmp_dir = tmp  # type: ignore[attr-defined]
+    return proc
 
 
 def finish(proc: subprocess.Popen, code: int = 0) -> str:
     log = proc.communicate(timeout=300)[0]
     assert proc.returncode == code, log[-4000:]
+    left = sorted(p.name for p in proc.tmp_dir.iterdir())  # type: ignore[attr-defined]
+    assert not left, f"left in the temporary directory: {left}"  # torchrun's torchelastic_* included
     return log
 
 
@@ -58,8 +71,9 @@ def finish(proc: subprocess.Popen, code: int = 0) -> str:
 
 
 def test_launcher_gets_every_multi_node_flag():
-    args = launcher_args(Launch(4, 2, 1, "10.0.0.1", 29600), ["train", "c.yaml", "lora.r=8"])
+    args = launcher_args(Launch(4, 2, 1, "10.0.0.1", 29600), ["train", "c.yaml", "lora.r=8"], "/tmp/logs")
     assert args == [
+        "--log-dir=/tmp/logs",
         "--nproc-per-node=4",
         "--nnodes=2",
         "--node-rank=1",

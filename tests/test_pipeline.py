@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import getpass
 import json
 import os
 import re
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -211,8 +213,14 @@ def test_a_run_killed_with_sigkill_leaves_no_orphan_training(tiny_mistral, user_
     command = [sys.executable, "-m", "qlora_llm.cli", "run", str(tmp_path / "config.yaml")]
     command += ["--map", "instruction=question"]
     command += ["--map", "output=answer", *args]
+    tmp = tmp_path / "tmp"  # run's temporary folder for the training process's answer goes here
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    env.setdefault(
+        "TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}")
+    )
     with open(tmp_path / "log.txt", "w") as log:
-        parent = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+        parent = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=env)
     deadline = time.monotonic() + 300
     while '"loss"' not in ((out / "metrics.jsonl").read_text() if (out / "metrics.jsonl").is_file() else ""):
         assert parent.poll() is None and time.monotonic() < deadline, (tmp_path / "log.txt").read_text()[
@@ -230,6 +238,8 @@ def test_a_run_killed_with_sigkill_leaves_no_orphan_training(tiny_mistral, user_
     stopped_at = summary["steps"]
     assert 0 < stopped_at < 400 and (out / f"checkpoint-{stopped_at}").is_dir()
     assert not (out / "final_adapter").exists()
+    # The folder `run` would have read the answer from and removed: the orphan removes it itself.
+    assert not list(tmp.iterdir()), sorted(p.name for p in tmp.iterdir())
 
 
 def test_run_stops_before_training_when_evaluation_will_not_fit(
@@ -283,6 +293,11 @@ def test_the_seeds_8gb_config_evaluates_in_4bit_where_plain_weights_would_not_fi
         r"it needs (\d+\.\d\d) GiB \(plain weights in bfloat16, base and tuned", str(refused.value)
     )
     assert need and float(need[1]) > planning.FIT_MARGIN * 8  # ~15 GiB
+    # `qlora-llm plan` (its verdict is on training) says the same of the run.
+    [note] = [
+        n for n in planning.plan(plain, measure_evaluation=True).notes if n.startswith("evaluate needs")
+    ]
+    assert note.endswith("`qlora-llm run` stops before training for it unless given --force"), note
     assert (
         f"set eval.quantization=nf4 (base and fine-tuned in 4-bit, as trained: {four_bit.peak / 2**30:.2f} GiB)"
         in str(refused.value)

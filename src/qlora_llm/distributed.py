@@ -43,9 +43,14 @@ class Launch:
         return self.nproc * self.nnodes
 
 
-def launcher_args(launch: Launch, cli_args: list[str]) -> list[str]:
-    """torch.distributed.run's command line that runs `qlora-llm <cli_args>` in every process."""
+def launcher_args(launch: Launch, cli_args: list[str], log_dir: str) -> list[str]:
+    """torch.distributed.run's command line that runs `qlora-llm <cli_args>` in every process.
+
+    `log_dir` holds the launcher's per-worker error files; without one it makes a `torchelastic_*`
+    folder in the temporary directory and never removes it (one more with every run).
+    """
     return [
+        f"--log-dir={log_dir}",
         f"--nproc-per-node={launch.nproc}",
         f"--nnodes={launch.nnodes}",
         f"--node-rank={launch.node_rank}",
@@ -75,24 +80,27 @@ def launch(launch: Launch, cli_args: list[str]) -> int:
     checkpoint at the next step boundary, agreed on by all ranks, and exits); the exit code is then
     128 + the signal, as for a one-process run.
     """
+    import tempfile
+
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    args = launcher_args(launch, cli_args)
-    log.info(
-        "launching %d processes on node %d of %d: torchrun %s",
-        launch.nproc,
-        launch.node_rank,
-        launch.nnodes,
-        " ".join(args),
-    )
-    try:
-        run(parse_args(args))
-    except ChildFailedError as err:
-        return exit_code_of(err.failures)
-    except SignalException as err:
-        return 128 + int(signal.Signals(err.sigval))
+    with tempfile.TemporaryDirectory(prefix="qlora-llm-torchrun-") as logs:
+        args = launcher_args(launch, cli_args, logs)
+        log.info(
+            "launching %d processes on node %d of %d: torchrun %s",
+            launch.nproc,
+            launch.node_rank,
+            launch.nnodes,
+            " ".join(args[1:]),  # not the temporary log folder: gone when the run ends
+        )
+        try:
+            run(parse_args(args))
+        except ChildFailedError as err:
+            return exit_code_of(err.failures)
+        except SignalException as err:
+            return 128 + int(signal.Signals(err.sigval))
     return 0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -316,6 +317,8 @@ def _train_child(out: Path, level: int, install_filters: bool) -> int:
     except QloraError as err:
         answer = {"error": str(err), "kind": f"{type(err).__module__}.{type(err).__qualname__}"}
     atomic_write_text(out, json.dumps(answer))
+    if os.getppid() != request["parent"]:  # the `run` that reads the answer and removes its folder died
+        shutil.rmtree(out.parent, ignore_errors=True)
     return 0 if "result" in answer else 1
 
 
