@@ -77,6 +77,25 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch, tiny_mistr
     assert "converted on first use" in qmodel.model_status(SMOL, tmp_path)
 
 
+def test_the_conversion_parses_the_gguf_file_once_and_restores_gguf(monkeypatch):
+    """transformers opens the file for the config, the tokenizer and the weights: one parse serves all."""
+    import gguf
+
+    made = []
+
+    class Reader:
+        def __init__(self, path, mode="r"):
+            made.append(path)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Reader)
+    with qmodel._gguf_parsed_once():
+        first, again = gguf.GGUFReader("m.gguf"), gguf.GGUFReader("m.gguf")
+        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is names
+    assert first is again and made == ["m.gguf"]
+    assert gguf.GGUFReader is Reader and gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is not names
+
+
 def test_models_lists_builtin_and_seed_model(tmp_path, capsys):
     names = [r["name"] for r in list_models(tmp_path)]
     assert names == [SMOL, "mistralai/Mistral-7B-Instruct-v0.2"]
