@@ -1399,7 +1399,9 @@ def plan(
     for st in stages:
         if st.name not in VERDICT_STAGES and st.peak > usable:
             hint = {
-                "evaluate": " (eval.quantization=nf4 loads it in 4-bit)",
+                # pipeline._check_evaluation_fits: `run` refuses what this note warns of, and says so.
+                "evaluate": " (eval.quantization=nf4 loads it in 4-bit); `qlora-llm run` stops before "
+                "training for it unless given --force",
                 "serve": " (serve.quantization=nf4)",
             }
             notes.append(
