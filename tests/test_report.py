@@ -22,6 +22,8 @@ def test_a_report_redrawn_from_metrics_json_is_the_same_report(tiny_run, tmp_pat
         assert (again / name).read_text() == (out / name).read_text()
     assert (again / "metrics.png").stat().st_size > 10_000
     assert headline(metrics["table"], metrics["general"]) == metrics["headline"]
+    # Named without a direction: the tuned model is as often the faster one.
+    assert ". Speed: generation tokens/s (p50) " in metrics["headline"], metrics["headline"]
     md = (again / "report.md").read_text()
     rouge = next(r for r in metrics["table"] if r["metric"] == "rougeL")
     assert f"| {rouge['label']} | {rouge['base']:.4f} | {rouge['tuned']:.4f} |" in md

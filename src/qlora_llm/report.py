@@ -183,7 +183,7 @@ def _plot_general(ax: Any, rows: list[dict[str, Any]], has_base: bool, kl: dict[
 
 def headline(table: list[dict[str, Any]], general: dict[str, Any] | None = None) -> str:
     """Did it help (answer perplexity, ROUGE-L), what ROUGE rewarded (precision, recall, length), what
-    regressed, what did it cost; then general ability (benchmarks with paired intervals, KL)."""
+    regressed, how fast it answers; then general ability (benchmarks with paired intervals, KL)."""
     by_key = {r["metric"]: r for r in table}
     tail = (" " + _general_sentence(general)) if general else ""
     if by_key["perplexity_completion"]["base"] is None:
@@ -219,7 +219,8 @@ def headline(table: list[dict[str, Any]], general: dict[str, Any] | None = None)
     ]
     if regressed:
         text += ". Regressed: " + "; ".join(regressed)
-    return text + f". Cost: {moved('tokens_per_s')}." + tail
+    # "Speed", not "cost": shorter answers or a merged adapter often make the tuned model the faster one.
+    return text + f". Speed: {moved('tokens_per_s')}." + tail
 
 
 def _short(text: str, n: int = 400) -> str:
