@@ -317,6 +317,10 @@ def test_the_base_evaluation_is_computed_once_per_model_data_and_settings(tiny_r
     assert again["base"] == first["base"] and again["tuned"]["speed"] != first["tuned"]["speed"]
     assert any("reusing its evaluation" in r.getMessage() for r in caplog.records)
     assert any("computed by an earlier evaluation" in n for n in again["notes"])
+    assert any(
+        n.startswith("Peak memory: both models were evaluated in this one process") for n in first["notes"]
+    )
+    assert not any(n.startswith("Peak memory:") for n in again["notes"])  # the base's was measured apart
     caplog.clear()
     other = load_config(
         tiny_run / "config.yaml", [f"eval.output_dir={tmp_path / 'b'}", "eval.max_new_tokens=3"]
