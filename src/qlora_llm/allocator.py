@@ -79,8 +79,9 @@ def release_free_memory() -> None:
     mimalloc keeps freed pages for reuse by the same sizes, and the next model's evaluation allocates
     others. Measured on the demo's evaluation in a process that only evaluates (base, then fine-tuned):
     the fine-tuned model's peak 2.46 GiB without this call after the base, 2.32 and 2.36 with it (the
-    base's 2.02-2.13). Inside `make demo`'s `run` it did not show (2.65 GiB before, 2.64 with it): what
-    the base leaves there is live, not free (docs/plan.md).
+    base's 2.02-2.13). Inside `make demo`'s `run` it did not show (2.65 GiB before, 2.64 with it): most
+    of what stays is free pages of other threads (OpenMP's workers), which mi_collect from this thread
+    does not reach; MIMALLOC_PURGE_DELAY=0 returns them, at 35% more evaluation time (docs/plan.md).
     """
     import ctypes
 

@@ -894,7 +894,7 @@ def _score_models(
         results[label]["memory"] = memory
         del loaded
         gc.collect()
-        release_free_memory()  # or the fine-tuned model's evaluation stacks on what the base's freed
+        release_free_memory()  # this thread's free pages; other threads keep theirs (allocator.py)
         if cache is not None:
             if base_logps is not None:
                 _save_logps(cache.with_suffix(".kl.pt"), base_logps)

@@ -106,7 +106,8 @@ def base_answers(cfg: Config, base_identity: dict[str, Any]) -> Path:
     ]
     cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cache, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    # Training loads its own model next in this process: the plain one and its KV caches go back first.
+    # Training loads its own model next in this process: the plain one and its KV caches go back first
+    # (30-step runs of the demo config peaked the same with the answers cached: docs/plan.md).
     del loaded, answers
     gc.collect()
     release_free_memory()
