@@ -8,6 +8,7 @@ with random weights, so the exact `[INST]` path is exercised without a download.
 from __future__ import annotations
 
 import atexit
+import getpass
 import json
 import os
 import shutil
@@ -51,6 +52,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def own_tmpdir_env(tmp: Path) -> dict[str, str]:
+    """os.environ for a subprocess whose temporary directory is `tmp` (made here), so a test can check the
+    process left nothing there; torch.compile's cache stays where it was (inductor's default is in the
+    temporary directory), warm."""
+    tmp.mkdir(exist_ok=True)
+    inductor = Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}"
+    return {"TORCHINDUCTOR_CACHE_DIR": str(inductor), **os.environ, "TMPDIR": str(tmp)}
 
 
 def lora_state(folder: Path) -> dict:

@@ -6,21 +6,19 @@ torch.distributed.run on a free port; each takes ~15 s on 2 cores.
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import free_port, lora_state, read_metrics, tiny_overrides
+from conftest import free_port, lora_state, own_tmpdir_env, read_metrics, tiny_overrides
 
 from qlora_llm.checkpoint import complete_checkpoints, write_checksums
 from qlora_llm.config import ConfigError, load_config
@@ -40,12 +38,7 @@ def cli(tmp_path: Path, args: list[str], nproc: int = 2) -> subprocess.Popen:
     its own (`finish` checks the run left nothing there)."""
     (tmp_path / "empty.yaml").write_text("{}\n")
     tmp = tmp_path / "tmp"
-    tmp.mkdir(exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)}
-    # torch.compile's cache stays where it was (inductor's default is in the temporary directory): warm.
-    env.setdefault(
-        "TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}")
-    )
+    env = own_tmpdir_env(tmp) | {"PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "qlora_llm.cli", "train", str(tmp_path / "empty.yaml"), *args]
         + ["--nproc", str(nproc), "--master-port", str(free_port())],

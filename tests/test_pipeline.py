@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import csv
-import getpass
 import json
 import os
 import re
 import signal
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from conftest import own_tmpdir_env
 
 from qlora_llm.cli import main
 from qlora_llm.config import load_config
@@ -214,11 +213,7 @@ def test_a_run_killed_with_sigkill_leaves_no_orphan_training(tiny_mistral, user_
     command += ["--map", "instruction=question"]
     command += ["--map", "output=answer", *args]
     tmp = tmp_path / "tmp"  # run's temporary folder for the training process's answer goes here
-    tmp.mkdir()
-    env = {**os.environ, "TMPDIR": str(tmp)}
-    env.setdefault(
-        "TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}")
-    )
+    env = own_tmpdir_env(tmp)
     with open(tmp_path / "log.txt", "w") as log:
         parent = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=env)
     deadline = time.monotonic() + 300
