@@ -6,6 +6,8 @@ from __future__ import annotations
 import html.parser
 import json
 import math
+import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -326,9 +328,14 @@ def test_the_base_evaluation_is_computed_once_per_model_data_and_settings(tiny_r
         changed = evaluate(other, tiny_run).metrics
     assert not any("reusing its evaluation" in r.getMessage() for r in caplog.records)
     assert not any("computed by an earlier evaluation" in n for n in changed["notes"])
-    # Both models measured here, one after the other (`first` may reuse another test's base figures).
+    # The base computed here (`first` may reuse another test's base figures), in a process of its own.
+    [apart] = [
+        r.getMessage() for r in caplog.records if "evaluated in a process of its own" in r.getMessage()
+    ]
+    assert int(re.search(r"pid (\d+)", apart).group(1)) != os.getpid()
     assert any(
-        n.startswith("Peak memory: both models were evaluated in this one process") for n in changed["notes"]
+        n.startswith("Peak memory: each model's is the resident peak of the process")
+        for n in changed["notes"]
     )
 
 

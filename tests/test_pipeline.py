@@ -102,7 +102,7 @@ def _is_training_process(process) -> bool:
     import psutil
 
     try:
-        return "qlora_llm.pipeline" in process.cmdline()
+        return "qlora_llm.pipeline:train_in_child" in process.cmdline()
     except psutil.Error:  # gone, or a zombie
         return False
 
@@ -227,7 +227,7 @@ def test_a_run_killed_with_sigkill_leaves_no_orphan_training(tiny_mistral, user_
     parent.wait()
     trainer.wait(timeout=120)
     said = (tmp_path / "log.txt").read_text()
-    assert "the `run` process that started this training died: stopping it" in said, said[-3000:]
+    assert "the process that started this one died: stopping" in said, said[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped"] == "SIGTERM", said[-3000:]
     stopped_at = summary["steps"]

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qlora_llm.allocator import release_free_memory
 from qlora_llm.atomic import atomic_file, atomic_write_text
 from qlora_llm.benchmarks import stock_name
 from qlora_llm.config import Config
@@ -861,45 +860,118 @@ def _score_models(
     prompts: list[dict],
     general: dict[str, Any] | None,
 ) -> tuple[dict[str, Any], Path | None]:
-    """Each model's figures, base first (reused from the cache when the same evaluation was made)."""
-    import gc
-
+    """Each model's figures, the base first: reused from the cache when the same evaluation was made, else
+    computed in a process of its own (apart.py), so the fine-tuned model's evaluation does not stack on
+    what the base's left in this one (0.25 GiB in the demo: the allocator's free pages in other threads)."""
     results: dict[str, Any] = {}
     reused: Path | None = None
     base_logps = None  # the base's next-token log-probs on the KL prompts, for KL(base || tuned)
-    for label, t in (("base", base_target), ("tuned", found)):
-        if t is None:
-            continue
+    if base_target is not None:
         # The base scores the same for every run of the same model, data and settings: computed once.
-        cache = _base_cache_file(cfg, t, pairs or records) if label == "base" else None
+        cache = _base_cache_file(cfg, base_target, pairs or records)
         if cache is not None and cache.is_file():
-            results[label], reused = json.loads(cache.read_text()), cache
+            results["base"], reused = json.loads(cache.read_text()), cache
             log.info("base model: reusing its evaluation with the same model, data and settings (%s)", cache)
             base_logps = _load_logps(cache.with_suffix(".kl.pt")) if general else None
-            continue
-        # Merged in memory: the model `merge` ships, and its greedy answers ~3x as fast on a CPU.
-        loaded = load_target(t, device=cfg.model.device, quantization=cfg.eval.quantization, merge=True)
-        peak = PeakMemory(loaded.device)  # after loading: the model's own use while it is evaluated
-        try:
-            results[label] = _evaluate_model(loaded, records, cfg, prompts, label)
-            if pairs:
-                results[label] |= pair_scores(loaded, pairs, cfg)
-            if general:
-                results[label]["general"], logps = _evaluate_general(
-                    loaded, general, cfg, label, results.get("base") if label == "tuned" else None, base_logps
-                )
-                base_logps = logps if label == "base" else base_logps
-        finally:
-            memory = peak.stop()
-        results[label]["memory"] = memory
-        del loaded
-        gc.collect()
-        release_free_memory()  # this thread's free pages; other threads keep theirs (allocator.py)
-        if cache is not None:
-            if base_logps is not None:
-                _save_logps(cache.with_suffix(".kl.pt"), base_logps)
-            atomic_write_text(cache, json.dumps(results[label], ensure_ascii=False) + "\n")
+        else:
+            results["base"], base_logps = _score_base_apart(cfg, base_target, records, pairs, prompts)
+            if cache is not None:
+                if base_logps is not None:
+                    _save_logps(cache.with_suffix(".kl.pt"), base_logps)
+                atomic_write_text(cache, json.dumps(results["base"], ensure_ascii=False) + "\n")
+    results["tuned"], _ = _score_model(
+        cfg,
+        "tuned",
+        found,
+        records,
+        pairs,
+        prompts,
+        general,
+        results.get("base"),
+        base_logps,
+    )
     return results, reused
+
+
+def _score_model(
+    cfg: Config,
+    label: str,
+    target: Target,
+    records: list[dict],
+    pairs: list[dict] | None,
+    prompts: list[dict],
+    general: dict[str, Any] | None,
+    base: dict[str, Any] | None = None,
+    base_logps: list[Any] | None = None,
+) -> tuple[dict[str, Any], list[Any] | None]:
+    """One model's figures and, for the base, its log-probs on the KL prompts; compared with `base` where
+    given (the fine-tuned model, or a target with no comparison, is "tuned")."""
+    # Merged in memory: the model `merge` ships, and its greedy answers ~3x as fast on a CPU.
+    loaded = load_target(target, device=cfg.model.device, quantization=cfg.eval.quantization, merge=True)
+    peak = PeakMemory(loaded.device)  # after loading: the model's own use while it is evaluated
+    logps = None
+    try:
+        result = _evaluate_model(loaded, records, cfg, prompts, label)
+        if pairs:
+            result |= pair_scores(loaded, pairs, cfg)
+        if general:
+            result["general"], logps = _evaluate_general(loaded, general, cfg, label, base, base_logps)
+    finally:
+        memory = peak.stop()
+    result["memory"] = memory
+    return result, logps
+
+
+def _score_base_apart(
+    cfg: Config, base: Target, records: list[dict], pairs: list[dict] | None, prompts: list[dict]
+) -> tuple[dict[str, Any], list[Any] | None]:
+    """`_score_model` of the base in a process of its own; its figures and KL log-probs."""
+    import tempfile
+
+    from qlora_llm.apart import call
+
+    with tempfile.TemporaryDirectory(prefix="qlora-llm-base-") as tmp:
+        logps_file = Path(tmp) / "kl.pt"
+        target = {
+            "kind": base.kind,
+            "path": str(base.path) if base.path else None,
+            "model_cfg": base.model_cfg.model_dump(mode="json"),
+            "adapter_dir": str(base.adapter_dir) if base.adapter_dir else None,
+            "manifest": base.manifest,
+        }
+        request = {"config": cfg.model_dump(mode="json"), "target": target, "records": records}
+        request |= {"pairs": pairs, "prompts": prompts, "logps_file": str(logps_file)}
+        result = call(
+            "qlora_llm.evaluate:score_base_in_child",
+            request,
+            what="base model's evaluation",
+            again="Run the same command again to evaluate again.",
+        )
+        log.info("base model: evaluated in a process of its own (pid %d)", result["pid"])
+        return result["figures"], _load_logps(logps_file)
+
+
+def score_base_in_child(request: dict[str, Any]) -> dict[str, Any]:
+    """What `_score_base_apart`'s process runs: the base's figures (its log-probs go to a file)."""
+    import os
+
+    from qlora_llm.config import ModelConfig
+
+    cfg = Config.model_validate(request["config"])
+    t = request["target"]
+    target = Target(
+        t["kind"],
+        Path(t["path"]) if t["path"] else None,
+        ModelConfig.model_validate(t["model_cfg"]),
+        Path(t["adapter_dir"]) if t["adapter_dir"] else None,
+        t["manifest"],
+    )
+    figures, logps = _score_model(
+        cfg, "base", target, request["records"], request["pairs"], request["prompts"], _general_plan(cfg)
+    )
+    if logps is not None:
+        _save_logps(Path(request["logps_file"]), logps)
+    return {"figures": figures, "pid": os.getpid()}
 
 
 def _notes(cfg: Config, found: Target, results: dict[str, Any], reused: Path | None) -> list[str]:
@@ -927,12 +999,10 @@ def _notes(cfg: Config, found: Target, results: dict[str, Any], reused: Path | N
             f"settings and reused ({reused}); its speed and memory were measured then."
         )
     elif "base" in results:
-        # Measured in the demo (make demo, Intel Xeon without AMX): 2.41 vs 2.64 GiB, where the fine-tuned
-        # model's evaluation alone (the base's reused) peaked at 2.39.
         notes.append(
-            "Peak memory: both models were evaluated in this one process, the base first; the fine-tuned "
-            "model's peak also holds the base's log-probs it is compared with for KL and what the base's "
-            "evaluation left allocated, so the difference is not the fine-tune's own cost."
+            "Peak memory: each model's is the resident peak of the process it was evaluated in (the base's "
+            "a process of its own), libraries included; the fine-tuned model's also holds the base's "
+            "log-probs it is compared with for KL."
         )
     notes.append(
         "Perplexity is exp(mean NLL) over every scored token of the set (token-weighted); 'answers' scores only "

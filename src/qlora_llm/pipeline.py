@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,125 +199,28 @@ def _train_stage(cfg: Config, run_dir: Path, stamps: _Stamps, force: bool) -> tu
 
 
 def _train_apart(cfg: Config, force: bool = False) -> dict[str, Any]:
-    """`train(cfg, resume="auto", force=force)` in a process of its own; its final_adapter, global_step and stopped.
+    """`train(cfg, resume="auto", force=force)` in a process of its own (apart.py: training leaves ~0.35 GiB
+    in the process that ran it, and the evaluation would stack on it); final_adapter, global_step, stopped."""
+    from qlora_llm.apart import call
 
-    Why apart: training leaves memory in the process that ran it (~0.35 GiB measured on CPU after the
-    demo's bf16 training; kernel caches of oneDNN are the likeliest holder, and no API empties them), and
-    the evaluation that follows would stack on it. A child process returns all of it when it exits.
-    The child is in a session of its own, so a Ctrl-C at the terminal reaches it once, through us:
-    SIGINT and SIGTERM are forwarded (the first stops training at the next step with a checkpoint, a
-    second stops now, as with `qlora-llm train`), and if this process dies it stops as on one SIGTERM.
-    """
-    import signal
-    import subprocess
-    import sys
-    import tempfile
-    import threading
-
-    from qlora_llm import quiet
-
-    with tempfile.TemporaryDirectory(prefix="qlora-llm-train-") as tmp:
-        out = Path(tmp) / "result.json"
-        level = logging.getLogger("qlora_llm").getEffectiveLevel()
-        command = [
-            sys.executable,
-            "-m",
-            "qlora_llm.pipeline",
-            str(out),
-            str(level),
-            str(int(quiet.installed())),
-        ]
-        child = subprocess.Popen(command, stdin=subprocess.PIPE, start_new_session=True)
-        handlers = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                handlers[sig] = signal.signal(sig, lambda signum, _frame: child.send_signal(signum))
-        try:
-            assert child.stdin is not None
-            child.stdin.write(
-                json.dumps(
-                    {"parent": os.getpid(), "config": cfg.model_dump(mode="json"), "force": force}
-                ).encode()
-            )
-            child.stdin.close()
-            code = child.wait()
-        finally:
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
-        answer = json.loads(out.read_text()) if out.is_file() else {}
-    if "result" in answer:
-        return answer["result"]
-    if answer.get("interrupted"):
-        raise KeyboardInterrupt
-    if "error" in answer:
-        raise _library_error(answer["kind"], answer["error"])
-    how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
-    hint = (
-        " (out of memory? `qlora-llm plan CONFIG` shows what the run needs)"
-        if code == -signal.SIGKILL
-        else ""
-    )
-    raise PipelineError(
-        f"the training process {how}{hint}; its own messages are above. Run the same command again to continue from the last checkpoint."
+    return call(
+        "qlora_llm.pipeline:train_in_child",
+        {"config": cfg.model_dump(mode="json"), "force": force},
+        what="training",
+        again="Run the same command again to continue from the last checkpoint.",
     )
 
 
-def _library_error(kind: str, message: str) -> Exception:
-    """The child's refusal as the same error class here where it takes a message alone, else PipelineError."""
-    import importlib
-
-    module, _, name = kind.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-        err = cls(message)
-    except Exception:  # a class with other constructor arguments: its message is what the user reads
-        return PipelineError(message)
-    return err if isinstance(err, QloraError) else PipelineError(message)
-
-
-def _train_child(out: Path, level: int, install_filters: bool) -> int:
-    """The training process of `_train_apart`: the config on stdin, the outcome as JSON in `out`."""
-    import ctypes
-    import signal
-    import sys
-
-    from qlora_llm import quiet
+def train_in_child(request: dict[str, Any]) -> dict[str, Any]:
+    """What `_train_apart`'s process runs (SIGTERM, or the death of `run`, stops it with a checkpoint)."""
     from qlora_llm.train import train
 
-    request = json.loads(sys.stdin.read())
-    if sys.platform.startswith("linux"):
-        # Told when the parent dies (even by SIGKILL), so no orphan trains on; checked after. Not as SIGTERM:
-        # the kernel repeats the notice as each of the dying parent's threads exits, and a second SIGTERM
-        # means "stop now, no checkpoint". The first notice asks once for the stop with a checkpoint.
-        def parent_died(_signum: int, _frame: Any) -> None:
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
-            log.warning("the `run` process that started this training died: stopping it")
-            signal.raise_signal(signal.SIGTERM)
-
-        signal.signal(signal.SIGHUP, parent_died)
-        ctypes.CDLL(None).prctl(1, signal.SIGHUP)  # PR_SET_PDEATHSIG
-    if os.getppid() != request["parent"]:
-        return 1
-    quiet.setup_logging(level)
-    if install_filters:
-        quiet.install()
-    try:
-        result = train(Config.model_validate(request["config"]), resume="auto", force=request["force"])
-        answer: dict[str, Any] = {
-            "result": {
-                "final_adapter": str(result.final_adapter) if result.final_adapter else None,
-                "global_step": result.global_step,
-                "stopped": result.stopped,
-            }
-        }
-    except KeyboardInterrupt:
-        answer = {"interrupted": True}
-    except QloraError as err:
-        answer = {"error": str(err), "kind": f"{type(err).__module__}.{type(err).__qualname__}"}
-    atomic_write_text(out, json.dumps(answer))
-    if os.getppid() != request["parent"]:  # the `run` that reads the answer and removes its folder died
-        shutil.rmtree(out.parent, ignore_errors=True)
-    return 0 if "result" in answer else 1
+    result = train(Config.model_validate(request["config"]), resume="auto", force=request["force"])
+    return {
+        "final_adapter": str(result.final_adapter) if result.final_adapter else None,
+        "global_step": result.global_step,
+        "stopped": result.stopped,
+    }
 
 
 def run(
@@ -427,9 +328,3 @@ def run(
     result.prompt, result.answer = prompt, generator.generate(prompt, params).text
     timed("answer", start)
     return result
-
-
-if __name__ == "__main__":  # the training process `_train_apart` starts
-    import sys
-
-    sys.exit(_train_child(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"))
