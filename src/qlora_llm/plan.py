@@ -1106,8 +1106,8 @@ def estimate_stages(
     (`evaluation`, else the training length; its LM head a tile of positions at a time), greedy answers at eval.answers_batch_size (their KV cache over prompt +
     eval.max_new_tokens and the prefill's activations), and lm-eval's batch of eval.general_batch_size general-benchmark requests
     (3 logits-sized tensors in the model's dtype); the base's KL log-probs, kept for the fine-tuned
-    model (`qlora-llm run` trains in a process of its own, so nothing training leaves is under the
-    evaluation). merge: the base in full precision and the merged copy
+    model (`qlora-llm run` trains, and `evaluate` scores the base, in a process of its own: nothing
+    training or the base's evaluation leaves is under the fine-tuned model's). merge: the base in full precision and the merged copy
     beside it. serve: the weights in serve.quantization and the KV cache of serve.max_batch_size rows.
     """
     shape = ModelShape.from_config(model_config)
@@ -1173,7 +1173,8 @@ def estimate_stages(
             "evaluation libraries": EVAL_LIBRARIES if e.general_tasks and setup["device"] == "cpu" else 0,
             "base's KL log-probs": kl,
         },
-        f"{_weights_kind(e.quantization)} weights in {infer_dtype}, base and tuned one after another; "
+        f"{_weights_kind(e.quantization)} weights in {infer_dtype}, the base (in a process of its own) "
+        "then the tuned model; "
         f"the largest batch: {largest[1]}",
     )
     overhead = CUDA_OVERHEAD if setup["device"] == "cuda" else CPU_OVERHEAD
