@@ -74,14 +74,15 @@ def bound_kernel_caches(env: MutableMapping[str, str] | None = None) -> None:
 
 
 def release_free_memory() -> None:
-    """Hand the allocator's free pages back to the system: after a model is dropped, before the next loads.
+    """Hand the allocator's free pages back to the system: after a model is dropped, before the next loads
+    (self-replay's base model, before training loads its own).
 
-    mimalloc keeps freed pages for reuse by the same sizes, and the next model's evaluation allocates
-    others. Measured on the demo's evaluation in a process that only evaluates (base, then fine-tuned):
-    the fine-tuned model's peak 2.46 GiB without this call after the base, 2.32 and 2.36 with it (the
-    base's 2.02-2.13). Inside `make demo`'s `run` it did not show (2.65 GiB before, 2.64 with it): most
-    of what stays is free pages of other threads (OpenMP's workers), which mi_collect from this thread
-    does not reach; MIMALLOC_PURGE_DELAY=0 returns them, at 35% more evaluation time (docs/plan.md).
+    mimalloc keeps freed pages for reuse by the same sizes, and the next model allocates others. Measured
+    when evaluate scored the base and then the fine-tuned model in one process: the fine-tuned model's
+    peak 2.46 GiB without this call after the base, 2.32 and 2.36 with it. Inside `make demo`'s `run` it
+    did not show (2.65 GiB before, 2.64 with it): most of what stays is free pages of other threads
+    (OpenMP's workers), which mi_collect from this thread does not reach, so evaluate now scores the base
+    in a process of its own (apart.py; docs/plan.md).
     """
     import ctypes
 
