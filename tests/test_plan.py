@@ -427,8 +427,9 @@ def test_plan_is_within_15_percent_of_the_measured_peak_on_cpu(point, smollm2_ca
 def test_plan_is_within_15_percent_of_a_whole_runs_peak_on_cpu(smollm2_cache, tmp_path):
     """`qlora-llm run` of the demo config, shortened (2 steps with evaluations at 0, 1 and 2, a checkpoint
     and the final save, in a process of its own; then `evaluate` of base and tuned on 8 test papers, 32
-    new tokens, fewer general items): the max RSS of the whole command vs the largest planned stage it goes through
-    (bench/plan_accuracy.py --whole; the full demo's figures are in docs/plan.md)."""
+    new tokens, fewer general items): what the command's process tree held at once (`run` waits beside its
+    training and base-evaluation processes), at least its largest process's max RSS, vs the largest planned
+    stage it goes through (bench/plan_accuracy.py --whole; the full demo's figures are in docs/plan.md)."""
     accuracy = _plan_accuracy()
     row = accuracy.whole_run(
         [
@@ -449,8 +450,10 @@ def test_plan_is_within_15_percent_of_a_whole_runs_peak_on_cpu(smollm2_cache, tm
     )
     assert row["returncode"] == 0, row["last_line"]
     error = (row["planned"] - row["measured"]) / row["measured"]
+    assert row["measured"] >= row["max_rss"] > 0
     assert abs(error) <= 0.15, (
-        f"planned {row['planned'] / GIB:.2f} GiB ({row['planned_stage']}), measured {row['measured'] / GIB:.2f} GiB"
+        f"planned {row['planned'] / GIB:.2f} GiB ({row['planned_stage']}), measured {row['measured'] / GIB:.2f} GiB "
+        f"(max RSS {row['max_rss'] / GIB:.2f})"
     )
 
 

@@ -123,7 +123,9 @@ EVAL_LIBRARIES = GIB // 10
 RUN_PARENT = int(0.38 * GIB)
 """`qlora-llm run` while its training process trains (pipeline.py trains apart): its imports and the prepared
 data, 0.38 GiB measured (proportional set size: 0.33 private + its share of the mapped libraries; RSS 0.42)
-beside a demo-recipe training, on CPU. Counted on training's stage in the plan of a `run`."""
+beside a demo-recipe training, on CPU. Counted on training's stage in the plan of a `run`; and on
+evaluate's, beside the base's evaluation in its own process (the demo's `run` waited there with 0.39 GiB
+of its own memory, RssAnon, and 0.23 of mapped files it shares with the base's process)."""
 QUANT_BLOCK = 64  # bitsandbytes 4-bit blocksize (BitsAndBytesConfig default)
 DOUBLE_QUANT_BLOCK = 256  # absmax values per second-level fp32 constant with double quant
 FUSED_TOKEN_TILE = 4096  # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE
@@ -1160,6 +1162,9 @@ def estimate_stages(
     kl_t = evaluation.kl_tokens if evaluation and e.general_generative else None
     kl = e.kl_prompts * kl_t * V * 2 if kl_t else 0
     weights = ev.base_weights + est.lora_weights
+    # The base is evaluated apart (evaluate._score_base_apart) with the evaluating process waiting beside it
+    # (RUN_PARENT on CPU), where the fine-tuned model's window holds the base's KL log-probs instead.
+    beside = RUN_PARENT if setup["device"] == "cpu" and e.compare != "none" else 0
     evaluate = StagePeak(
         "evaluate",
         {
@@ -1172,9 +1177,10 @@ def estimate_stages(
             # lm-eval, its tasks and rouge-score imported on top of training's libraries (RSS, CPU only).
             "evaluation libraries": EVAL_LIBRARIES if e.general_tasks and setup["device"] == "cpu" else 0,
             "base's KL log-probs": kl,
+            "the evaluating process beside the base": max(0, beside - kl),
         },
-        f"{_weights_kind(e.quantization)} weights in {infer_dtype}, the base (in a process of its own) "
-        "then the tuned model; "
+        f"{_weights_kind(e.quantization)} weights in {infer_dtype}, the base (in a process of its own, "
+        "the evaluating process waiting beside it) then the tuned model (with the base's KL log-probs); "
         f"the largest batch: {largest[1]}",
     )
     overhead = CUDA_OVERHEAD if setup["device"] == "cuda" else CPU_OVERHEAD
