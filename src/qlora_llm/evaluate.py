@@ -1001,7 +1001,7 @@ def _notes(cfg: Config, found: Target, results: dict[str, Any], reused: Path | N
     elif "base" in results:
         notes.append(
             "Peak memory: each model's is the resident peak of the process it was evaluated in (the base's "
-            "a process of its own), libraries included; the fine-tuned model's also holds the base's "
+            "in a process of its own), libraries included; the fine-tuned model's also holds the base's "
             "log-probs it is compared with for KL."
         )
     notes.append(
