@@ -71,3 +71,19 @@ def test_answers_come_back_in_the_callers_order(tiny):
     assert len({tuple(a["ids"]) for a in alone}) == 3  # distinct answers, so a reordering would show
     with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
         generate_greedy(loaded, prompts, max_new_tokens=4, batch_size=0)
+
+
+def test_the_speed_benchmark_times_the_same_number_of_tokens_whatever_the_answer_length(tiny):
+    from qlora_llm.evaluate import speed_benchmark
+
+    model, tokenizer = tiny
+    prompt = prompts_of([9], seed=2)[0]
+    stop = one_by_one(model, prompt, 1, set())[0]  # the model's first answer token: it stops at once
+    ensure_pad_token(tokenizer)
+    loaded = SimpleNamespace(model=model, tokenizer=tokenizer, stop_ids=[stop], device="cpu")
+    answered = generate_greedy(loaded, [prompt], max_new_tokens=6, batch_size=1)[0]
+    assert answered["tokens"] == 1 and answered["finish_reason"] == "stop"
+    # A model that stops early is timed on as many tokens as one that runs to the limit.
+    speed = speed_benchmark(loaded, prompt, max_new_tokens=6, runs=2, warmup=0)
+    assert speed["generated_tokens"] == [6, 6]
+    assert speed["tokens_per_s"]["p50"] > 0 and speed["time_per_output_token_s"]["p50"] > 0

@@ -35,6 +35,8 @@ class SamplingParams:
     top_p: float = 0.9
     seed: int | None = None
     """Seed for sampling; None draws from the global RNG."""
+    ignore_eos: bool = False
+    """Generate exactly max_new_tokens, stop tokens suppressed: a fixed amount of work, for timing."""
 
     @property
     def greedy(self) -> bool:
@@ -132,6 +134,8 @@ class Generator:
             "eos_token_id": self.stop_ids,
             "pad_token_id": self.tokenizer.pad_token_id,
         }
+        if params.ignore_eos:
+            kwargs["min_new_tokens"] = params.max_new_tokens
         if params.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
