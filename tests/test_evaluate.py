@@ -213,6 +213,13 @@ def test_evaluate_run_writes_the_comparison_report(tiny_run, tmp_path):
     assert ppl["change"] == pytest.approx(ppl["tuned"] - ppl["base"]) and ppl["change"] != 0
     assert [b["id"] for b in m["benchmark_prompts"]] == ["next"]
     assert {"base", "tuned"} <= set(m["benchmark_prompts"][0])
+    # Merged in memory, the fine-tune runs the base's shapes: its speed rows are timing noise, no verdict.
+    timed = {r["metric"]: r.get("timing_noise") for r in m["table"]}
+    assert timed["tokens_per_s"] and timed["ttft_s"] and not timed["peak_memory_gib"] and not timed["rougeL"]
+    assert "(the base's shapes, merged: timing noise)" in m["headline"]
+    assert any(
+        n.startswith("Speed: the fine-tuned model computes with the base's exact shapes") for n in m["notes"]
+    )
     examples = [json.loads(line) for line in (out / "examples.jsonl").read_text().splitlines()]
     assert len(examples) == 4 and {"reference", "base", "tuned"} <= set(examples[0])
     md = (out / "report.md").read_text()
@@ -356,3 +363,17 @@ def test_evaluation_measures_its_peak_without_erasing_the_process_peak(tiny_run,
     m = evaluate(cfg, tiny_run).metrics
     assert _vm_hwm() >= before
     assert 0 < m["tuned"]["memory"]["peak_bytes"] < before  # the model's own peak, not the process's
+
+
+def test_only_a_merged_fine_tune_against_its_own_base_is_timed_as_the_same_computation(tiny_run):
+    from qlora_llm.evaluate import _same_computation
+    from qlora_llm.model import find_target
+
+    cfg = load_config(tiny_run / "config.yaml")
+    found = find_target(str(tiny_run), cfg.model)
+    assert _same_computation(cfg, found, None) and _same_computation(cfg, found, "auto")
+    assert not _same_computation(cfg, found, "another-model")  # other shapes, perhaps
+    # On a 4-bit base the adapter stays unmerged: extra matmuls, a real difference in speed.
+    assert not _same_computation(
+        load_config(tiny_run / "config.yaml", ["eval.quantization=nf4"]), found, None
+    )

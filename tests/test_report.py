@@ -46,4 +46,7 @@ def test_speed_and_memory_within_five_percent_get_no_verdict_but_quality_does():
     assert _change_text(row("ttft_s", "lower", 0.241, 0.242)) == "+0.001 (+0%)"
     assert _change_text(row("peak_memory_gib", "lower", 2.39, 2.47, "{:.2f}")) == "+0.08 (+3%)"
     assert _change_text(row("tokens_per_s", "higher", 24.6, 20.0, "{:.1f}")) == "-4.6 (-19%) ✗"
+    # The same computation on both sides (a merged fine-tune): whatever the timing says, no verdict.
+    noise = row("tokens_per_s", "higher", 24.6, 20.0, "{:.1f}") | {"timing_noise": True}
+    assert _change_text(noise) == "-4.6 (-19%)"
     assert _change_text(row("perplexity_completion", "lower", 26.769, 26.7)) == "-0.069 (-0%) ✓"

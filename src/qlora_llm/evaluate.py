@@ -721,7 +721,15 @@ def _flat(m: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def comparison_table(tuned: dict[str, Any], base: dict[str, Any] | None) -> list[dict[str, Any]]:
+TIMED = ("tokens_per_s", "ttft_s")
+"""The table's rows that are a timing: with the same computation on both sides, only the host moves them."""
+
+
+def comparison_table(
+    tuned: dict[str, Any], base: dict[str, Any] | None, *, same_computation: bool = False
+) -> list[dict[str, Any]]:
+    """Base vs tuned, row by row. `same_computation`: the tuned model runs the base's exact shapes (the
+    adapter merged), so its timed rows are marked `timing_noise` and get no verdict."""
     rows = []
     t, b = _flat(tuned), _flat(base) if base else {}
     for key, label, better, fmt in TABLE:
@@ -742,6 +750,7 @@ def comparison_table(tuned: dict[str, Any], base: dict[str, Any] | None) -> list
                 "relative": change / bv if change is not None and bv else None,
                 "format": fmt,
             }
+            | ({"timing_noise": True} if same_computation and key in TIMED and change is not None else {})
         )
     return rows
 
@@ -805,11 +814,13 @@ def evaluate(
     results, reused = _score_models(cfg, found, base_target, records, pairs, prompts, general)
     if pairs and "base" in results:
         add_rewards(results, _run_beta(found))
-    table = comparison_table(results["tuned"], results.get("base"))
+    table = comparison_table(
+        results["tuned"], results.get("base"), same_computation=_same_computation(cfg, found, compare)
+    )
     general_metrics = _general_metrics(general, results, cfg) if general else None
     if general_metrics:
         table += _general_table(general_metrics)
-    notes = _notes(cfg, found, results, reused)
+    notes = _notes(cfg, found, results, reused, table)
     metrics = {
         "target": str(found.name),
         "kind": found.kind,
@@ -835,6 +846,14 @@ def evaluate(
     write_report(metrics, out)
     log.info("%s", metrics["headline"])
     return EvalResult(out, metrics)
+
+
+def _same_computation(cfg: Config, found: Target, compare: str | None) -> bool:
+    """Whether the fine-tuned model computes with its base's exact shapes: a merged model, or an adapter
+    merged in memory (a plain base), compared with the base it was trained from."""
+    if (compare or cfg.eval.compare) != "auto":
+        return False
+    return found.kind == "merged" or (found.adapter_dir is not None and cfg.eval.quantization == "none")
 
 
 def _output_dir(cfg: Config, found: Target, output_dir: Path | None) -> Path:
@@ -986,7 +1005,9 @@ def score_base_in_child(request: dict[str, Any]) -> dict[str, Any]:
     return {"figures": figures, "pid": os.getpid(), "logps": logps is not None}
 
 
-def _notes(cfg: Config, found: Target, results: dict[str, Any], reused: Path | None) -> list[str]:
+def _notes(
+    cfg: Config, found: Target, results: dict[str, Any], reused: Path | None, table: list[dict[str, Any]]
+) -> list[str]:
     """What a reader needs to read the figures right."""
     notes = []
     non_ascii = max(r["rouge_texts_mostly_non_ascii"] for r in results.values())
@@ -1004,6 +1025,12 @@ def _notes(cfg: Config, found: Target, results: dict[str, Any], reused: Path | N
         notes.append(
             "The fine-tuned model ran with its LoRA adapter merged into the weights in memory, as "
             "`qlora-llm merge` writes it."
+        )
+    if any(r.get("timing_noise") for r in table):
+        notes.append(
+            "Speed: the fine-tuned model computes with the base's exact shapes (merged), and each was timed "
+            "once, minutes apart, on the same fixed-length answer: a difference in its speed rows is this "
+            "machine's timing noise, so they carry no verdict."
         )
     if reused is not None:
         notes.append(

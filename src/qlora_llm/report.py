@@ -84,7 +84,7 @@ MEASUREMENT_NOISE = {"tokens_per_s": 0.05, "ttft_s": 0.05, "peak_memory_gib": 0.
 
 def _improved(row: dict[str, Any]) -> bool | None:
     """Whether the change is better (True), worse (False), or neither / within a measurement's noise."""
-    if not row["change"] or row["better"] == "neither":
+    if not row["change"] or row["better"] == "neither" or row.get("timing_noise"):
         return None
     noise = MEASUREMENT_NOISE.get(row["metric"])
     if noise is not None and row["relative"] is not None and abs(row["relative"]) < noise:
@@ -220,7 +220,10 @@ def headline(table: list[dict[str, Any]], general: dict[str, Any] | None = None)
     if regressed:
         text += ". Regressed: " + "; ".join(regressed)
     # "Speed", not "cost": shorter answers or a merged adapter often make the tuned model the faster one.
-    return text + f". Speed: {moved('tokens_per_s')}." + tail
+    speed = moved("tokens_per_s")
+    if by_key["tokens_per_s"].get("timing_noise"):
+        speed += " (the base's shapes, merged: timing noise)"
+    return text + f". Speed: {speed}." + tail
 
 
 def _short(text: str, n: int = 400) -> str:
