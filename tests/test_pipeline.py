@@ -298,3 +298,55 @@ def test_the_seeds_8gb_config_evaluates_in_4bit_where_plain_weights_would_not_fi
         f"set eval.quantization=nf4 (base and fine-tuned in 4-bit, as trained: {four_bit.peak / 2**30:.2f} GiB)"
         in str(refused.value)
     )
+
+
+def test_the_seeds_8gb_config_would_not_merge_on_its_gpu_and_run_says_so_before_training(monkeypatch):
+    """A merge loads the base in 16-bit on CUDA (Mistral-7B: ~14 GiB), in place; on the seed's 8 GiB it
+    cannot, and `run` knows it before training; on 24 GiB it can."""
+    import qlora_llm.plan as planning
+    from qlora_llm.pipeline import _merge_will_not_fit
+
+    shipped = load_config(str(ROOT / "configs" / "mistral-7b-8gb.yaml"), [])
+    monkeypatch.setattr(planning, "_device_memory", lambda device: 8 * 2**30)
+    why = _merge_will_not_fit(shipped)
+    need = re.fullmatch(
+        r"merging needs (\d+\.\d\d) GiB \(the base loaded in bfloat16 and merged in place; the copy that is "
+        r"written goes through host memory\), more than the 7\.36 GiB usable on cuda",
+        why or "",
+    )
+    assert need and 13.5 < float(need[1]) < 16, why  # 7.24B x 2 bytes + CUDA's own, not 4 bytes twice
+    [note] = [n for n in planning.plan(shipped).notes if n.startswith("merge needs")]
+    assert note.endswith("`qlora-llm run` skips it and keeps the adapter as the run's model"), note
+    monkeypatch.setattr(planning, "_device_memory", lambda device: 24 * 2**30)
+    assert _merge_will_not_fit(shipped) is None
+
+
+def test_a_run_whose_merge_will_not_fit_keeps_the_adapter_and_answers_with_it(
+    tiny_mistral, user_csv, tmp_path, monkeypatch, capsys
+):
+    import qlora_llm.plan as planning
+
+    estimate = planning.estimate_stages
+
+    def merge_too_large(*a, **kw):  # as on an 8 GB GPU: everything fits but the full-precision merge
+        stages = estimate(*a, **kw)
+        for st in stages:
+            if st.name == "merge":
+                st.components["base, full precision"] = 10**15
+        return stages
+
+    monkeypatch.setattr(planning, "estimate_stages", merge_too_large)
+    out = tmp_path / "run"
+    (tmp_path / "empty.yaml").write_text("{}\n")
+    args = ["run", str(tmp_path / "empty.yaml"), "--data", str(user_csv)]
+    args += ["--map", "instruction=question", "--map", "output=answer"]
+    assert main([*args, *settings(tiny_mistral, out)]) == 0
+    printed, logged = capsys.readouterr()
+    assert re.search(r"merge     skipped: merging needs \d+\.\d\d GiB \(the base loaded in float32", printed)
+    assert "merged model         not made: it does not fit this device" in printed
+    assert f"qlora-llm chat {out}" in printed and "answer    done in" in printed
+    assert "merged" not in {p.name for p in out.iterdir()}
+    # Said before training, not found out after it.
+    warned = logged.index("WARNING qlora_llm.pipeline: the merge stage will be skipped: merging needs")
+    assert logged.index("stage 1/5 prepare") < warned < logged.index("stage 2/5 train")
+    assert f"merge it on a machine with that memory: `qlora-llm merge {out}`" in logged[warned:]

@@ -417,8 +417,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         ("prepared data", result.prepared["train"].parent),
         ("LoRA adapter (PEFT)", result.adapter),
         ("evaluation report", result.report),
-        ("merged model", result.merged),
-        ("chat with it", f"qlora-llm chat {result.merged}"),
+        ("merged model", result.merged or "not made: it does not fit this device (the warning above)"),
+        ("chat with it", f"qlora-llm chat {result.merged or result.run_dir}"),
         ("serve it", f"qlora-llm serve {result.run_dir}"),
     ]
     width = max(len(k) for k, _ in rows)

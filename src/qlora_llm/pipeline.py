@@ -155,6 +155,55 @@ def _check_evaluation_fits(cfg: Config, force: bool) -> None:
     )
 
 
+def _merge_will_not_fit(cfg: Config) -> str | None:
+    """Why the merge stage will not fit this device, by the plan, or None. A merge loads the base in full
+    precision, which the seed's 8 GB GPU cannot hold (Mistral-7B in bf16: 14.5 GiB): `run` then keeps
+    the adapter as its model instead of failing after training and evaluation."""
+    from qlora_llm.plan import PlanError, plan
+
+    try:
+        report = plan(cfg)
+    except PlanError:  # an architecture the planner cannot read: merge and see
+        return None
+    too_large = report.too_large(("merge",))
+    if not too_large:
+        return None
+    [stage] = too_large
+    return (
+        f"merging needs {stage.peak / 2**30:.2f} GiB ({stage.how}), more than the "
+        f"{report.usable_memory / 2**30:.2f} GiB usable on {report.device}"
+    )
+
+
+def _merge_stage(
+    cfg: Config, run_dir: Path, stamps: _Stamps, adapter: Path, no_merge: str | None
+) -> tuple[Path | None, str]:
+    """The merged model (None when `no_merge` says why it will not fit) and what the stage did."""
+    from qlora_llm.merge import merge
+
+    if no_merge:
+        return None, f"skipped: {no_merge}"
+    merged = run_dir / "merged"
+    fingerprint = digest(
+        {
+            "adapter": file_digest(adapter / "adapter_model.safetensors"),
+            "model": cfg.model.model_dump(mode="json"),
+        }
+    )
+    if stamps.matches("merge", fingerprint) and (merged / "config.json").is_file():
+        return merged, "skipped (unchanged)"
+    merge(
+        run_dir,
+        merged,
+        model_cfg=cfg.model,
+        device=cfg.model.device,
+        force=True,
+        benchmark_prompts=cfg.eval.benchmark_prompts,
+    )
+    stamps.mark("merge", fingerprint, True)
+    return merged, "done"
+
+
 def _train_stage(cfg: Config, run_dir: Path, stamps: _Stamps, force: bool) -> tuple[Path, str]:
     from qlora_llm.checkpoint import complete_checkpoints
 
@@ -241,7 +290,6 @@ def run(
     from qlora_llm.data import load_examples
     from qlora_llm.evaluate import evaluate
     from qlora_llm.generate import Generator, SamplingParams
-    from qlora_llm.merge import merge
 
     run_dir = Path(cfg.train.output_dir)
     result = PipelineResult(run_dir)
@@ -264,6 +312,15 @@ def run(
     # 2. train on them (resuming an interrupted run of the same settings), once evaluation will fit too.
     start = time.perf_counter()
     _check_evaluation_fits(trained_cfg, force)
+    no_merge = _merge_will_not_fit(trained_cfg)
+    if no_merge:
+        log.warning(
+            "the merge stage will be skipped: %s. The LoRA adapter will be this run's model (evaluated, "
+            "served and answering on the base as evaluation loads it); merge it on a machine with that "
+            "memory: `qlora-llm merge %s`",
+            no_merge,
+            run_dir,
+        )
     result.adapter, what = _train_stage(trained_cfg, run_dir, stamps, force)
     timed("train", start, what)
 
@@ -293,29 +350,10 @@ def run(
         timed("evaluate", start)
     result.report = run_dir / "eval" / "report.html"
 
-    # 4. merge into a full-precision copy of the base, verified.
+    # 4. merge into a full-precision copy of the base, verified (unless the plan says it will not fit).
     start = time.perf_counter()
-    merged = run_dir / "merged"
-    merge_fp = digest(
-        {
-            "adapter": file_digest(result.adapter / "adapter_model.safetensors"),
-            "model": cfg.model.model_dump(mode="json"),
-        }
-    )
-    if stamps.matches("merge", merge_fp) and (merged / "config.json").is_file():
-        timed("merge", start, "skipped (unchanged)")
-    else:
-        merge(
-            run_dir,
-            merged,
-            model_cfg=cfg.model,
-            device=cfg.model.device,
-            force=True,
-            benchmark_prompts=cfg.eval.benchmark_prompts,
-        )
-        stamps.mark("merge", merge_fp, True)
-        timed("merge", start)
-    result.merged = merged
+    result.merged, what = _merge_stage(cfg, run_dir, stamps, result.adapter, no_merge)
+    timed("merge", start, what)
 
     # 5. one answer from the merged model: the fine-tuned model, usable without this package.
     start = time.perf_counter()
@@ -323,7 +361,12 @@ def run(
         from qlora_llm.templates import to_messages
 
         prompt = to_messages(load_examples(Path(test_file))[0])[0]["content"]
-    generator = Generator.load(merged, model_cfg=cfg.model, device=cfg.model.device)
+    if result.merged is not None:
+        generator = Generator.load(result.merged, model_cfg=cfg.model, device=cfg.model.device)
+    else:  # the adapter on the base, loaded as evaluation loaded it (the plan said that fits)
+        generator = Generator.load(
+            run_dir, model_cfg=cfg.model, device=cfg.model.device, quantization=cfg.eval.quantization
+        )
     params = SamplingParams(max_new_tokens=max_new_tokens or cfg.serve.max_new_tokens, temperature=0.0)
     result.prompt, result.answer = prompt, generator.generate(prompt, params).text
     timed("answer", start)
