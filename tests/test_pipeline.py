@@ -304,11 +304,11 @@ def test_the_seeds_8gb_config_would_not_merge_on_its_gpu_and_run_says_so_before_
     """A merge loads the base in 16-bit on CUDA (Mistral-7B: ~14 GiB), in place; on the seed's 8 GiB it
     cannot, and `run` knows it before training; on 24 GiB it can."""
     import qlora_llm.plan as planning
-    from qlora_llm.pipeline import _merge_will_not_fit
+    from qlora_llm.pipeline import _check_evaluation_fits, _merge_will_not_fit
 
     shipped = load_config(str(ROOT / "configs" / "mistral-7b-8gb.yaml"), [])
     monkeypatch.setattr(planning, "_device_memory", lambda device: 8 * 2**30)
-    why = _merge_will_not_fit(shipped)
+    why = _merge_will_not_fit(_check_evaluation_fits(shipped, force=False))
     need = re.fullmatch(
         r"merging needs (\d+\.\d\d) GiB \(the base loaded in bfloat16 and merged in place; the copy that is "
         r"written goes through host memory\), more than the 7\.36 GiB usable on cuda",
@@ -318,7 +318,7 @@ def test_the_seeds_8gb_config_would_not_merge_on_its_gpu_and_run_says_so_before_
     [note] = [n for n in planning.plan(shipped).notes if n.startswith("merge needs")]
     assert note.endswith("`qlora-llm run` skips it and keeps the adapter as the run's model"), note
     monkeypatch.setattr(planning, "_device_memory", lambda device: 24 * 2**30)
-    assert _merge_will_not_fit(shipped) is None
+    assert _merge_will_not_fit(_check_evaluation_fits(shipped, force=False)) is None
 
 
 def test_a_run_whose_merge_will_not_fit_keeps_the_adapter_and_answers_with_it(

@@ -118,19 +118,20 @@ def _prepare_stage(
     return prepared, f"done: {report.train_written} train / {report.eval_written} eval examples"
 
 
-def _check_evaluation_fits(cfg: Config, force: bool) -> None:
+def _check_evaluation_fits(cfg: Config, force: bool) -> Any:
     """Refuse before training when the plan says evaluation will not fit this device: it comes after the
-    whole training run, and a kill for memory there wastes it. Training checks its own fit."""
+    whole training run, and a kill for memory there wastes it. Training checks its own fit. The plan's
+    report (None where the planner cannot read the architecture)."""
     from qlora_llm.plan import PlanError, plan
 
     try:
         report = plan(cfg, measure_evaluation=True, under_run=True)
     except PlanError as err:  # an architecture the planner cannot read: train.py warns about it too
         log.debug("evaluation's memory not checked: %s", err)
-        return
+        return None
     too_large = report.too_large(("evaluate",))
     if not too_large:
-        return
+        return report
     [stage] = too_large
     need = (
         f"{stage.peak / 2**30:.2f} GiB ({stage.how}), more than the "
@@ -138,7 +139,7 @@ def _check_evaluation_fits(cfg: Config, force: bool) -> None:
     )
     if force:
         log.warning("evaluation is estimated not to fit, running anyway (--force): it needs %s", need)
-        return
+        return report
     fix = "lower the batch it names (eval.batch_size, eval.answers_batch_size, eval.general_batch_size)"
     if cfg.eval.quantization == "none":
         four_bit = cfg.model_copy(deep=True)
@@ -155,17 +156,12 @@ def _check_evaluation_fits(cfg: Config, force: bool) -> None:
     )
 
 
-def _merge_will_not_fit(cfg: Config) -> str | None:
-    """Why the merge stage will not fit this device, by the plan, or None. A merge loads the base in full
-    precision, which the seed's 8 GB GPU cannot hold (Mistral-7B in bf16: 14.5 GiB): `run` then keeps
-    the adapter as its model instead of failing after training and evaluation."""
-    from qlora_llm.plan import PlanError, plan
-
-    try:
-        report = plan(cfg)
-    except PlanError:  # an architecture the planner cannot read: merge and see
-        return None
-    too_large = report.too_large(("merge",))
+def _merge_will_not_fit(report: Any) -> str | None:
+    """Why the merge stage will not fit this device, by the plan `report` (None: no plan), or None. A
+    merge loads the base in full precision, which the seed's 8 GB GPU cannot hold (Mistral-7B in bf16:
+    14.0 GiB planned): `run` then keeps the adapter as its model instead of failing after training and
+    evaluation."""
+    too_large = report.too_large(("merge",)) if report is not None else []
     if not too_large:
         return None
     [stage] = too_large
@@ -311,13 +307,12 @@ def run(
 
     # 2. train on them (resuming an interrupted run of the same settings), once evaluation will fit too.
     start = time.perf_counter()
-    _check_evaluation_fits(trained_cfg, force)
-    no_merge = _merge_will_not_fit(trained_cfg)
+    no_merge = _merge_will_not_fit(_check_evaluation_fits(trained_cfg, force))
     if no_merge:
         log.warning(
-            "the merge stage will be skipped: %s. The LoRA adapter will be this run's model (evaluated, "
-            "served and answering on the base as evaluation loads it); merge it on a machine with that "
-            "memory: `qlora-llm merge %s`",
+            "the merge stage will be skipped: %s. The LoRA adapter will be this run's model (the answer at "
+            "the end comes from it, on the base loaded as evaluation loads it); merge it on a machine with "
+            "that memory: `qlora-llm merge %s`",
             no_merge,
             run_dir,
         )
