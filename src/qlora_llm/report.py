@@ -219,7 +219,8 @@ def headline(table: list[dict[str, Any]], general: dict[str, Any] | None = None)
     ]
     if regressed:
         text += ". Regressed: " + "; ".join(regressed)
-    # "Speed", not "cost": shorter answers or a merged adapter often make the tuned model the faster one.
+    # "Speed", not "cost": timed at a fixed length, a merged fine-tune is the base's computation, an
+    # unmerged adapter more of it.
     speed = moved("tokens_per_s")
     if by_key["tokens_per_s"].get("timing_noise"):
         speed += " (the base's shapes, merged: timing noise)"
